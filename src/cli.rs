@@ -1,0 +1,176 @@
+//! The `sdw` command line.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::device::{self, DeviceChoice};
+use crate::output;
+use crate::pipeline::{GenerationParams, StableDiffusion};
+use crate::sampling::{self, Progress, Sampler};
+
+#[derive(Parser, Debug)]
+#[command(name = "sdw", version, about = "Stable Diffusion 1.x on any GPU (wgpu) or the CPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate an image from a text prompt.
+    Txt2img(Txt2ImgArgs),
+    /// List the samplers with their AUTOMATIC1111 names.
+    Samplers,
+}
+
+#[derive(Args, Debug)]
+struct Txt2ImgArgs {
+    /// Checkpoint: a single-file .safetensors (A1111 layout) or a diffusers folder.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, short = 'p')]
+    prompt: String,
+    #[arg(long, short = 'n', default_value = "")]
+    negative_prompt: String,
+    /// Sampler: euler_a, euler, heun, dpm2, lms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2s_a,
+    /// euler_a_karras, ddim, or an A1111 name such as "DPM++ 2M Karras".
+    #[arg(long, default_value = "euler_a")]
+    sampler: String,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.0)]
+    cfg_scale: f32,
+    /// -1 picks a random seed (printed).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    seed: i64,
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    /// 1 = last CLIP layer, 2 = penultimate (A1111 "Clip skip").
+    #[arg(long, default_value_t = 1)]
+    clip_skip: usize,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// Write to this file (a fresh name is chosen if it exists).
+    #[arg(long, short = 'o', conflicts_with = "outdir")]
+    output: Option<PathBuf>,
+    /// Write `00001-<seed>.png`-style files into this folder.
+    #[arg(long, default_value = "outputs/txt2img")]
+    outdir: PathBuf,
+}
+
+pub fn run() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Txt2img(args) => txt2img(args),
+        Command::Samplers => {
+            for (cli, a1111) in sampling::SAMPLER_NAMES {
+                println!("{cli:<18} {a1111}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn txt2img(a: Txt2ImgArgs) -> anyhow::Result<()> {
+    let sampler = Sampler::parse(&a.sampler).map_err(anyhow::Error::msg)?;
+    let seed = resolve_seed(a.seed)?;
+    let params = GenerationParams {
+        prompt: a.prompt,
+        negative_prompt: a.negative_prompt,
+        sampler,
+        steps: a.steps,
+        cfg_scale: a.cfg_scale,
+        seed,
+        width: a.width,
+        height: a.height,
+        clip_skip: a.clip_skip,
+    };
+    params.validate()?;
+
+    let compute = device::select(a.device)?;
+    eprintln!("device: {}", compute.description);
+    let t0 = Instant::now();
+    let sd = StableDiffusion::load(&a.model, compute).with_context(|| format!("loading {}", a.model.display()))?;
+    eprintln!("loaded {} in {:.1}s", a.model.display(), t0.elapsed().as_secs_f32());
+
+    let t1 = Instant::now();
+    let mut bar = StepBar::new();
+    let out = sd.txt2img(&params, &mut bar)?;
+    bar.finish();
+    let [_, _, h, w] = out.image.shape[..] else { bail!("unexpected image shape") };
+    let img = output::to_rgb8(&out.image.data[..3 * h * w], h, w);
+    let path = match &a.output {
+        Some(p) => output::fresh_path(p),
+        None => output::next_in_dir(&a.outdir, seed)?,
+    };
+    output::write_png(&path, &img, &out.infotext).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("generated in {:.1}s (seed {seed})", t1.elapsed().as_secs_f32());
+    println!("{}", path.display());
+    Ok(())
+}
+
+fn resolve_seed(seed: i64) -> anyhow::Result<u64> {
+    match seed {
+        -1 => {
+            let s = random_u32() as u64;
+            eprintln!("seed: {s}");
+            Ok(s)
+        }
+        s if s >= 0 => Ok(s as u64),
+        s => bail!("--seed must be -1 (random) or a non-negative number, got {s}"),
+    }
+}
+
+/// A random 32-bit seed (A1111's range) from the OS-seeded hasher.
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish() as u32
+}
+
+/// Sampling progress on stderr: step i/N, it/s, ETA. A bar on a terminal, plain
+/// lines otherwise (logs, CI).
+struct StepBar {
+    bar: Option<ProgressBar>,
+    start: Instant,
+}
+
+impl StepBar {
+    fn new() -> Self {
+        Self { bar: None, start: Instant::now() }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}
+
+impl Progress for StepBar {
+    fn step(&mut self, done: usize, total: usize) {
+        if !std::io::stderr().is_terminal() {
+            let secs = self.start.elapsed().as_secs_f64();
+            let rate = done as f64 / secs.max(1e-9);
+            let eta = (total - done) as f64 / rate.max(1e-9);
+            eprintln!("step {done}/{total}  {rate:.2} it/s  ETA {eta:.0}s");
+            return;
+        }
+        let bar = self.bar.get_or_insert_with(|| {
+            let b = ProgressBar::new(total as u64);
+            b.set_style(
+                ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}")
+                    .expect("valid template"),
+            );
+            b
+        });
+        bar.set_position(done as u64);
+    }
+}

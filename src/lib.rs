@@ -1,0 +1,14 @@
+//! sdw: Stable Diffusion 1.x on any GPU through wgpu, or on the CPU.
+//!
+//! Layers, bottom up: [`weights`] reads checkpoints, [`model`] holds the networks,
+//! [`text`] turns prompts into tokens, [`sampling`] holds the noise schedules and
+//! samplers, [`pipeline`] ties them into txt2img, [`output`] saves A1111-style PNGs.
+
+pub mod cli;
+pub mod device;
+pub mod model;
+pub mod output;
+pub mod pipeline;
+pub mod sampling;
+pub mod text;
+pub mod weights;

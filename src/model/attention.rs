@@ -1,0 +1,101 @@
+//! Scaled dot-product attention, computed in query chunks so that no score tensor
+//! exceeds the device's largest storage binding (128 MiB on lavapipe and many iGPUs;
+//! SD 1.5 self-attention at 64x64 latents needs 512 MiB of scores per image).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::Tensor;
+use burn::tensor::activation::softmax;
+
+use crate::weights::WeightsError;
+
+use super::Loader;
+
+/// Largest score tensor (bytes) one attention matmul may produce.
+static SCORE_BUDGET: AtomicUsize = AtomicUsize::new(64 << 20);
+
+/// Caps the attention score tensor (set from the device's binding limit).
+pub fn set_score_budget(bytes: usize) {
+    SCORE_BUDGET.store(bytes.max(1 << 20), Ordering::Relaxed);
+}
+
+pub fn score_budget() -> usize {
+    SCORE_BUDGET.load(Ordering::Relaxed)
+}
+
+/// Query rows per chunk so that `batch * heads * rows * keys` f32 scores fit `budget` bytes.
+pub fn query_chunk(batch_heads: usize, queries: usize, keys: usize, budget: usize) -> usize {
+    let per_row = batch_heads * keys * std::mem::size_of::<f32>();
+    (budget / per_row.max(1)).clamp(1, queries)
+}
+
+/// Multi-head attention over `[B, S, C]` tensors; `mask` is additive `[Sq, Sk]`.
+pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, mask: Option<Tensor<2>>) -> Tensor<3> {
+    attention_with_budget(q, k, v, heads, mask, score_budget())
+}
+
+/// [`attention`] with an explicit score budget in bytes.
+pub fn attention_with_budget(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    mask: Option<Tensor<2>>,
+    budget: usize,
+) -> Tensor<3> {
+    let [b, sq, c] = q.dims();
+    let sk = k.dims()[1];
+    let d = c / heads;
+    let split = |t: Tensor<3>, s: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2); // [B, H, S, D]
+    let scale = (d as f64).powf(-0.5);
+    let (q, k, v) = (split(q, sq).mul_scalar(scale), split(k, sk).swap_dims(2, 3), split(v, sk));
+    let mask = mask.map(|m| m.reshape([1, 1, sq, sk]));
+
+    let step = query_chunk(b * heads, sq, sk, budget);
+    let mut outs = Vec::with_capacity(sq.div_ceil(step));
+    for start in (0..sq).step_by(step) {
+        let end = (start + step).min(sq);
+        let qc = q.clone().slice([0..b, 0..heads, start..end]);
+        let mut scores = qc.matmul(k.clone());
+        if let Some(m) = &mask {
+            scores = scores + m.clone().slice([0..1, 0..1, start..end]);
+        }
+        outs.push(softmax(scores, 3).matmul(v.clone()));
+    }
+    let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
+    out.swap_dims(1, 2).reshape([b, sq, c])
+}
+
+/// The diffusers `Attention` block: q/k/v projections, attention, output projection.
+#[derive(Module, Debug)]
+pub struct CrossAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    #[module(skip)]
+    heads: usize,
+}
+
+impl CrossAttention {
+    pub fn load(l: &Loader, p: &str, heads: usize) -> Result<Self, WeightsError> {
+        Ok(Self {
+            to_q: l.linear(&format!("{p}.to_q"))?,
+            to_k: l.linear(&format!("{p}.to_k"))?,
+            to_v: l.linear(&format!("{p}.to_v"))?,
+            to_out: l.linear(&format!("{p}.to_out.0"))?,
+            heads,
+        })
+    }
+
+    /// Self-attention when `context` is `None`.
+    pub fn forward(&self, x: Tensor<3>, context: Option<&Tensor<3>>) -> Tensor<3> {
+        let ctx = context.cloned().unwrap_or_else(|| x.clone());
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(ctx.clone());
+        let v = self.to_v.forward(ctx);
+        self.to_out.forward(attention(q, k, v, self.heads, None))
+    }
+}

@@ -1,0 +1,141 @@
+//! CLIP ViT-L/14 text encoder (as transformers' `CLIPTextModel`): quick-GELU,
+//! causal mask, final layer norm, and A1111's "Clip skip".
+
+use burn::module::{Module, Param};
+use burn::nn::{LayerNorm, Linear};
+use burn::tensor::activation::sigmoid;
+use burn::tensor::{Device, Tensor};
+
+use crate::weights::{HostTensor, WeightsError};
+
+use super::attention::attention;
+use super::layers::{Loader, to_device};
+
+/// CLIP heads are 64 wide in every SD checkpoint.
+const HEAD_DIM: usize = 64;
+const LN_EPS: f64 = 1e-5;
+
+#[derive(Module, Debug)]
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    #[module(skip)]
+    heads: usize,
+}
+
+impl EncoderLayer {
+    fn load(l: &Loader, p: &str, heads: usize) -> Result<Self, WeightsError> {
+        let a = format!("{p}.self_attn");
+        Ok(Self {
+            layer_norm1: l.layer_norm(&format!("{p}.layer_norm1"), LN_EPS)?,
+            q_proj: l.linear(&format!("{a}.q_proj"))?,
+            k_proj: l.linear(&format!("{a}.k_proj"))?,
+            v_proj: l.linear(&format!("{a}.v_proj"))?,
+            out_proj: l.linear(&format!("{a}.out_proj"))?,
+            layer_norm2: l.layer_norm(&format!("{p}.layer_norm2"), LN_EPS)?,
+            fc1: l.linear(&format!("{p}.mlp.fc1"))?,
+            fc2: l.linear(&format!("{p}.mlp.fc2"))?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: Tensor<3>, mask: &Tensor<2>) -> Tensor<3> {
+        let h = self.layer_norm1.forward(x.clone());
+        let (q, k, v) = (self.q_proj.forward(h.clone()), self.k_proj.forward(h.clone()), self.v_proj.forward(h));
+        let x = x + self.out_proj.forward(attention(q, k, v, self.heads, Some(mask.clone())));
+        let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
+        let h = h.clone() * sigmoid(h.mul_scalar(1.702)); // quick GELU
+        x + self.fc2.forward(h)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ClipTextModel {
+    /// Kept on the host: the 49408 x 768 table (152 MB in f32) exceeds the 128 MiB
+    /// storage binding of many GPUs, and a lookup of 77 rows is cheap anywhere.
+    #[module(skip)]
+    token_embedding: HostTensor,
+    position_embedding: Param<Tensor<2>>,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    pub fn load(l: &Loader) -> Result<Self, WeightsError> {
+        let p = "text_model";
+        let token_embedding = l.host(&format!("{p}.embeddings.token_embedding.weight"))?;
+        let hidden = token_embedding.shape[1];
+        let pos_name = format!("{p}.embeddings.position_embedding.weight");
+        let pos = l.host(&pos_name)?;
+        let positions = pos.shape[0];
+        let heads = hidden / HEAD_DIM.min(hidden);
+        let n = l.count(&format!("{p}.encoder.layers"), "layer_norm1.weight");
+        let layers = (0..n)
+            .map(|i| EncoderLayer::load(l, &format!("{p}.encoder.layers.{i}"), heads))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            token_embedding,
+            position_embedding: Param::from_tensor(to_device(pos.data, [positions, hidden], l.device())),
+            layers,
+            final_layer_norm: l.layer_norm(&format!("{p}.final_layer_norm"), LN_EPS)?,
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.token_embedding.shape[1]
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.token_embedding.shape[0]
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token embeddings for a batch of id sequences, looked up on the host: `[B, S, hidden]`.
+    pub fn embed_tokens(&self, ids: &[Vec<u32>]) -> Vec<f32> {
+        let hidden = self.hidden_size();
+        let mut out = Vec::with_capacity(ids.iter().map(Vec::len).sum::<usize>() * hidden);
+        for &id in ids.iter().flatten() {
+            let id = (id as usize).min(self.vocab_size() - 1);
+            out.extend_from_slice(&self.token_embedding.data[id * hidden..(id + 1) * hidden]);
+        }
+        out
+    }
+
+    /// Hidden states for `ids` (`[B, S]`), after the final layer norm.
+    /// `clip_skip` = 1 is the last layer, 2 the penultimate (A1111's "Clip skip: 2").
+    pub fn forward(&self, ids: &[Vec<u32>], clip_skip: usize, device: &Device) -> Tensor<3> {
+        let embeds = self.embed_tokens(ids);
+        self.forward_embeds(embeds, ids.len(), ids[0].len(), clip_skip, device)
+    }
+
+    /// Same as [`Self::forward`] from token embeddings (textual inversion splices its vectors in here).
+    pub fn forward_embeds(&self, embeds: Vec<f32>, batch: usize, seq: usize, clip_skip: usize, device: &Device) -> Tensor<3> {
+        let hidden = self.hidden_size();
+        let x = to_device(embeds, [batch, seq, hidden], device);
+        let pos = self.position_embedding.val().slice([0..seq]).reshape([1, seq, hidden]);
+        let mut x = x + pos;
+        let mask = causal_mask(seq, device);
+        let run = self.layers.len() + 1 - clip_skip.clamp(1, self.layers.len());
+        for layer in &self.layers[..run] {
+            x = layer.forward(x, &mask);
+        }
+        self.final_layer_norm.forward(x)
+    }
+}
+
+/// Additive mask that hides future tokens (transformers fills with the dtype minimum).
+fn causal_mask(seq: usize, device: &Device) -> Tensor<2> {
+    let data = (0..seq * seq)
+        .map(|i| if i % seq > i / seq { f32::MIN } else { 0.0 })
+        .collect();
+    to_device(data, [seq, seq], device)
+}

@@ -1,0 +1,275 @@
+//! The SD 1.x UNet (diffusers `UNet2DConditionModel`), architecture read from the weights.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, LayerNorm, Linear, PaddingConfig2d};
+use burn::tensor::activation::{gelu, silu};
+use burn::tensor::Tensor;
+
+use crate::weights::WeightsError;
+
+use super::attention::CrossAttention;
+use super::layers::{Loader, ResnetBlock, to_device, upsample_nearest_to};
+
+/// SD 1.x `num_heads: 8` (the head width varies per level); SD 2.x uses 64-wide heads.
+const SD1_HEADS: usize = 8;
+const RESNET_EPS: f64 = 1e-5;
+const TRANSFORMER_NORM_EPS: f64 = 1e-6;
+const LN_EPS: f64 = 1e-5;
+
+/// What the weights say about the network.
+#[derive(Clone, Debug)]
+pub struct UnetConfig {
+    pub in_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub cross_attention_dim: usize,
+    /// Which down levels carry cross-attention (up levels mirror them).
+    pub attention_levels: Vec<bool>,
+}
+
+impl UnetConfig {
+    pub fn from_weights(l: &Loader) -> Result<Self, WeightsError> {
+        let levels = l.count("down_blocks", "resnets.0.conv1.weight");
+        let block_out_channels = (0..levels)
+            .map(|i| l.shape(&format!("down_blocks.{i}.resnets.0.conv1.weight")).map(|s| s[0]))
+            .collect::<Result<Vec<_>, _>>()?;
+        let attention_levels: Vec<bool> =
+            (0..levels).map(|i| l.has(&format!("down_blocks.{i}.attentions.0.proj_in.weight"))).collect();
+        let cross = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight";
+        Ok(Self {
+            in_channels: l.shape("conv_in.weight")?[1],
+            layers_per_block: l.count("down_blocks.0.resnets", "conv1.weight"),
+            cross_attention_dim: l.shape(cross)?[1],
+            block_out_channels,
+            attention_levels,
+        })
+    }
+}
+
+/// GEGLU feed-forward: `proj` yields value and gate halves.
+#[derive(Module, Debug)]
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.proj.forward(x);
+        let half = h.dims()[2] / 2;
+        let mut parts = h.split(half, 2);
+        let gate = parts.pop().unwrap();
+        let value = parts.pop().unwrap();
+        self.out.forward(value * gelu(gate))
+    }
+}
+
+#[derive(Module, Debug)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: CrossAttention,
+    norm2: LayerNorm,
+    attn2: CrossAttention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl TransformerBlock {
+    fn load(l: &Loader, p: &str, heads: usize) -> Result<Self, WeightsError> {
+        Ok(Self {
+            norm1: l.layer_norm(&format!("{p}.norm1"), LN_EPS)?,
+            attn1: CrossAttention::load(l, &format!("{p}.attn1"), heads)?,
+            norm2: l.layer_norm(&format!("{p}.norm2"), LN_EPS)?,
+            attn2: CrossAttention::load(l, &format!("{p}.attn2"), heads)?,
+            norm3: l.layer_norm(&format!("{p}.norm3"), LN_EPS)?,
+            ff: FeedForward { proj: l.linear(&format!("{p}.ff.net.0.proj"))?, out: l.linear(&format!("{p}.ff.net.2"))? },
+        })
+    }
+
+    fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + self.attn1.forward(self.norm1.forward(x), None);
+        let x = x.clone() + self.attn2.forward(self.norm2.forward(x), Some(context));
+        x.clone() + self.ff.forward(self.norm3.forward(x))
+    }
+}
+
+/// Projection into/out of the token space: a 1x1 conv in SD 1.x, a linear layer in SD 2.x.
+#[derive(Module, Debug)]
+enum Proj {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+impl Proj {
+    fn load(l: &Loader, p: &str) -> Result<Self, WeightsError> {
+        Ok(if l.shape(&format!("{p}.weight"))?.len() == 4 { Proj::Conv(l.conv_same(p)?) } else { Proj::Linear(l.linear(p)?) })
+    }
+}
+
+/// diffusers `Transformer2DModel`: norm, proj_in, transformer blocks, proj_out, residual.
+#[derive(Module, Debug)]
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Proj,
+}
+
+impl SpatialTransformer {
+    fn load(l: &Loader, p: &str) -> Result<Self, WeightsError> {
+        let blocks = l.count(&format!("{p}.transformer_blocks"), "norm1.weight");
+        Ok(Self {
+            norm: l.group_norm(&format!("{p}.norm"), TRANSFORMER_NORM_EPS)?,
+            proj_in: Proj::load(l, &format!("{p}.proj_in"))?,
+            blocks: (0..blocks)
+                .map(|i| TransformerBlock::load(l, &format!("{p}.transformer_blocks.{i}"), SD1_HEADS))
+                .collect::<Result<_, _>>()?,
+            proj_out: Proj::load(l, &format!("{p}.proj_out"))?,
+        })
+    }
+
+    fn forward(&self, x: Tensor<4>, context: &Tensor<3>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let hs = self.norm.forward(x.clone());
+        let to_tokens = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
+        let mut t = match &self.proj_in {
+            Proj::Conv(conv) => to_tokens(conv.forward(hs)),
+            Proj::Linear(lin) => lin.forward(to_tokens(hs)),
+        };
+        for block in &self.blocks {
+            t = block.forward(t, context);
+        }
+        let to_image = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
+        let out = match &self.proj_out {
+            Proj::Conv(conv) => conv.forward(to_image(t)),
+            Proj::Linear(lin) => to_image(lin.forward(t)),
+        };
+        out + x
+    }
+}
+
+#[derive(Module, Debug)]
+struct Level {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    sampler: Option<Conv2d>,
+}
+
+impl Level {
+    fn load(l: &Loader, p: &str, sampler_stride: usize) -> Result<Self, WeightsError> {
+        let n = l.count(&format!("{p}.resnets"), "conv1.weight");
+        let resnets = (0..n).map(|j| ResnetBlock::load(l, &format!("{p}.resnets.{j}"), RESNET_EPS)).collect::<Result<_, _>>()?;
+        let attentions = (0..l.count(&format!("{p}.attentions"), "proj_in.weight"))
+            .map(|j| SpatialTransformer::load(l, &format!("{p}.attentions.{j}")))
+            .collect::<Result<_, _>>()?;
+        let kind = if sampler_stride == 2 { "downsamplers" } else { "upsamplers" };
+        let name = format!("{p}.{kind}.0.conv");
+        let sampler = if l.has(&format!("{name}.weight")) {
+            Some(l.conv2d(&name, sampler_stride, PaddingConfig2d::Explicit(1, 1, 1, 1))?)
+        } else {
+            None
+        };
+        Ok(Self { resnets, attentions, sampler })
+    }
+
+    /// Resnet j, then its attention if this level has attention.
+    fn layer(&self, j: usize, x: Tensor<4>, temb: &Tensor<2>, context: &Tensor<3>) -> Tensor<4> {
+        let x = self.resnets[j].forward(x, Some(temb));
+        match self.attentions.get(j) {
+            Some(attn) => attn.forward(x, context),
+            None => x,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Unet {
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    conv_in: Conv2d,
+    down: Vec<Level>,
+    mid_resnet_0: ResnetBlock,
+    mid_attention: SpatialTransformer,
+    mid_resnet_1: ResnetBlock,
+    up: Vec<Level>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    #[module(skip)]
+    config: UnetConfig,
+}
+
+impl Unet {
+    pub fn load(l: &Loader) -> Result<Self, WeightsError> {
+        let config = UnetConfig::from_weights(l)?;
+        let levels = config.block_out_channels.len();
+        Ok(Self {
+            time_linear_1: l.linear("time_embedding.linear_1")?,
+            time_linear_2: l.linear("time_embedding.linear_2")?,
+            conv_in: l.conv_same("conv_in")?,
+            down: (0..levels).map(|i| Level::load(l, &format!("down_blocks.{i}"), 2)).collect::<Result<_, _>>()?,
+            mid_resnet_0: ResnetBlock::load(l, "mid_block.resnets.0", RESNET_EPS)?,
+            mid_attention: SpatialTransformer::load(l, "mid_block.attentions.0")?,
+            mid_resnet_1: ResnetBlock::load(l, "mid_block.resnets.1", RESNET_EPS)?,
+            up: (0..levels).map(|i| Level::load(l, &format!("up_blocks.{i}"), 1)).collect::<Result<_, _>>()?,
+            conv_norm_out: l.group_norm("conv_norm_out", RESNET_EPS)?,
+            conv_out: l.conv_same("conv_out")?,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &UnetConfig {
+        &self.config
+    }
+
+    /// Predicts the noise `eps` for latents `x` `[B, C, H, W]` at float timesteps `t` (one per
+    /// batch item) given `context` `[B, S, cross_dim]`.
+    pub fn forward(&self, x: Tensor<4>, t: &[f32], context: &Tensor<3>) -> Tensor<4> {
+        let device = x.device();
+        let dim = self.config.block_out_channels[0];
+        let t_proj = to_device(timestep_embedding(t, dim), [t.len(), dim], &device);
+        let temb = silu(self.time_linear_2.forward(silu(self.time_linear_1.forward(t_proj))));
+
+        let mut h = self.conv_in.forward(x);
+        let mut skips = vec![h.clone()];
+        for level in &self.down {
+            for j in 0..level.resnets.len() {
+                h = level.layer(j, h, &temb, context);
+                skips.push(h.clone());
+            }
+            if let Some(down) = &level.sampler {
+                h = down.forward(h);
+                skips.push(h.clone());
+            }
+        }
+        h = self.mid_resnet_0.forward(h, Some(&temb));
+        h = self.mid_attention.forward(h, context);
+        h = self.mid_resnet_1.forward(h, Some(&temb));
+        for level in &self.up {
+            for j in 0..level.resnets.len() {
+                let skip = skips.pop().expect("one skip per up-block resnet");
+                h = level.layer(j, Tensor::cat(vec![h, skip], 1), &temb, context);
+            }
+            if let Some(up) = &level.sampler {
+                // Upsample to the next skip's size: odd latent sides round up on the way down.
+                let [_, _, sh, sw] = skips.last().expect("skip below an upsampler").dims();
+                h = up.forward(upsample_nearest_to(h, sh, sw));
+            }
+        }
+        self.conv_out.forward(silu(self.conv_norm_out.forward(h)))
+    }
+}
+
+/// Sinusoidal timestep embedding as diffusers' `Timesteps(dim, flip_sin_to_cos=True,
+/// downscale_freq_shift=0)`: `[cos(t f), sin(t f)]`, f32 throughout like PyTorch.
+pub fn timestep_embedding(t: &[f32], dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let freqs: Vec<f32> =
+        (0..half).map(|i| ((-(10000f32.ln()) * i as f32) / half as f32).exp()).collect();
+    let mut out = Vec::with_capacity(t.len() * dim);
+    for &ti in t {
+        out.extend(freqs.iter().map(|f| (ti * f).cos()));
+        out.extend(freqs.iter().map(|f| (ti * f).sin()));
+    }
+    out
+}

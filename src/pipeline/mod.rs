@@ -1,0 +1,80 @@
+//! Loading a checkpoint and turning prompts into images.
+
+pub mod conditioning;
+pub mod denoiser;
+pub mod txt2img;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Tensor;
+
+use crate::device::Compute;
+use crate::model::clip::ClipTextModel;
+use crate::model::layers::{Loader, to_host};
+use crate::model::unet::Unet;
+use crate::model::vae::{SCALING_FACTOR, Vae};
+use crate::text::ClipTokenizer;
+use crate::weights::{Checkpoint, Component, HostTensor, WeightsError};
+
+pub use txt2img::{GenerationParams, Generated};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("tokenizer: {0}")]
+    Text(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A loaded SD 1.x model on one device.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub clip: ClipTextModel,
+    pub unet: Unet,
+    pub vae: Vae,
+    pub compute: Compute,
+    pub model_path: PathBuf,
+}
+
+impl StableDiffusion {
+    pub fn load(path: &Path, compute: Compute) -> Result<Self, PipelineError> {
+        let ckpt = Checkpoint::open(path)?;
+        let dev = &compute.device;
+        let clip = ClipTextModel::load(&Loader::new(&ckpt, Component::TextEncoder, dev))?;
+        let unet = Unet::load(&Loader::new(&ckpt, Component::Unet, dev))?;
+        let vae = Vae::load(&Loader::new(&ckpt, Component::Vae, dev))?;
+        let tokenizer = ClipTokenizer::new().map_err(|e| PipelineError::Text(e.to_string()))?;
+        Ok(Self { tokenizer, clip, unet, vae, compute, model_path: path.to_owned() })
+    }
+
+    /// The model's name as A1111 shows it: the file stem (or folder name).
+    pub fn model_name(&self) -> String {
+        self.model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// The file A1111's "Model hash" is computed from (the UNet weights of a diffusers folder).
+    pub fn hash_source(&self) -> PathBuf {
+        if self.model_path.is_dir() {
+            let dir = self.model_path.join("unet");
+            for name in ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"] {
+                if dir.join(name).exists() {
+                    return dir.join(name);
+                }
+            }
+        }
+        self.model_path.clone()
+    }
+
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Tensor<3> {
+        conditioning::encode_prompt(&self.tokenizer, &self.clip, prompt, clip_skip, &self.compute.device)
+    }
+
+    /// Scaled latents `[B, 4, h, w]` -> pixels `[B, 3, 8h, 8w]` on the host.
+    pub fn decode(&self, latents: &HostTensor) -> HostTensor {
+        let [b, c, h, w] = latents.shape[..] else { panic!("latents must be 4-D") };
+        let z = crate::model::layers::to_device(latents.data.clone(), [b, c, h, w], &self.compute.device);
+        to_host(self.vae.decode(z.div_scalar(SCALING_FACTOR)))
+    }
+}

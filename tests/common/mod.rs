@@ -1,0 +1,44 @@
+//! Shared helpers for the reference-parity tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use sdw::device::{self, Compute, DeviceChoice};
+use sdw::weights::{HostTensor, SafetensorsFile};
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn golden(name: &str) -> HostTensor {
+    let f = SafetensorsFile::open(&fixture("golden.safetensors")).expect("golden file");
+    f.tensor(name).unwrap_or_else(|e| panic!("golden {name}: {e}"))
+}
+
+pub fn cases() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("cases.json")).unwrap()).unwrap()
+}
+
+/// `||a - b|| / ||b||`.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+pub fn assert_close(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    let e = rel_err(&got.data, &want.data);
+    eprintln!("{what}: rel. error {e:.2e}");
+    assert!(e < tol, "{what}: rel. error {e:.3e} >= {tol:.0e}");
+}
+
+/// The CPU backend, and wgpu (lavapipe in CI) unless `SDW_TEST_SKIP_WGPU=1`.
+pub fn devices() -> Vec<Compute> {
+    let mut out = vec![device::select(DeviceChoice::Cpu).unwrap()];
+    if std::env::var("SDW_TEST_SKIP_WGPU").as_deref() != Ok("1") {
+        out.push(device::select(DeviceChoice::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers, or set SDW_TEST_SKIP_WGPU=1)"));
+    }
+    out
+}

@@ -1,0 +1,128 @@
+//! Whole txt2img runs against the diffusers + k-diffusion references: latents and
+//! decoded images (rel. error < 1e-3), and the CLI's 8-bit PNG (within 2 levels),
+//! from the single-file and the diffusers layouts, on the CPU and on wgpu.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use sdw::pipeline::{GenerationParams, StableDiffusion};
+use sdw::sampling::{NoProgress, Sampler};
+
+const PIPELINE_TOL: f64 = 1e-3;
+const CASES: [&str; 3] = ["txt2img.euler_a", "txt2img.dpmpp_2m_karras", "txt2img.euler"];
+
+fn params(case: &serde_json::Value) -> GenerationParams {
+    GenerationParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
+        sampler: Sampler::parse(case["sampler"].as_str().unwrap()).unwrap(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        cfg_scale: case["cfg_scale"].as_f64().unwrap() as f32,
+        seed: case["seed"].as_u64().unwrap(),
+        width: case["width"].as_u64().unwrap() as usize,
+        height: case["height"].as_u64().unwrap() as usize,
+        clip_skip: 1,
+    }
+}
+
+#[test]
+fn txt2img_latents_and_images_match_reference() {
+    let cases = cases();
+    for c in devices() {
+        for model in [fixture("tiny-sd-fp16.safetensors"), fixture("model")] {
+            let sd = StableDiffusion::load(&model, c.clone()).unwrap();
+            for name in CASES {
+                let out = sd.txt2img(&params(&cases["cases"][name]), &mut NoProgress).unwrap();
+                let what = format!("{name} {} [{}]", model.file_name().unwrap().to_string_lossy(), c.description);
+                assert_close(&format!("{what} latent"), &out.latents, &golden(&format!("{name}.latent")), PIPELINE_TOL);
+                assert_close(&format!("{what} image"), &out.image, &golden(&format!("{name}.image")), PIPELINE_TOL);
+            }
+        }
+    }
+}
+
+fn read_rgb(path: &Path) -> Vec<u8> {
+    image::open(path).unwrap().to_rgb8().into_raw()
+}
+
+/// The binary end to end: PNG pixels within 2 levels of the reference PNG, A1111 infotext.
+#[test]
+fn cli_writes_reference_png_with_infotext() {
+    let cases = cases();
+    let dir = std::env::temp_dir().join(format!("sdw-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let devices: &[&str] = if std::env::var("SDW_TEST_SKIP_WGPU").as_deref() == Ok("1") { &["cpu"] } else { &["cpu", "wgpu"] };
+    for device in devices {
+        for (i, name) in CASES.iter().enumerate() {
+            let case = &cases["cases"][*name];
+            let model = if i % 2 == 0 { fixture("tiny-sd-fp16.safetensors") } else { fixture("model") };
+            let out = dir.join(format!("{device}-{i}.png"));
+            let status = Command::new(env!("CARGO_BIN_EXE_sdw"))
+                .env("SDW_CACHE_DIR", &dir)
+                .args(["txt2img", "--model"])
+                .arg(&model)
+                .args(["--prompt", case["prompt"].as_str().unwrap()])
+                .args(["--negative-prompt", case["negative_prompt"].as_str().unwrap()])
+                .args(["--sampler", case["sampler"].as_str().unwrap()])
+                .args(["--steps", &case["steps"].to_string()])
+                .args(["--cfg-scale", &case["cfg_scale"].to_string()])
+                .args(["--seed", &case["seed"].to_string()])
+                .args(["--width", "64", "--height", "64", "--device", device, "--output"])
+                .arg(&out)
+                .status()
+                .unwrap();
+            assert!(status.success(), "{name} on {device}: sdw failed");
+            let want = read_rgb(&fixture(&format!("{}.png", name.replace('.', "-"))));
+            let got = read_rgb(&out);
+            let worst = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            eprintln!("{name} {device}: max pixel difference {worst}");
+            assert!(worst <= 2, "{name} on {device}: pixels differ by {worst} levels");
+            let text = sdw::output::read_parameters(&out).unwrap().expect("parameters chunk");
+            assert!(text.starts_with(case["prompt"].as_str().unwrap()), "{text}");
+            assert!(text.contains(&format!("Seed: {}", case["seed"])), "{text}");
+            assert!(text.contains("Model hash: ") && text.contains("Steps: "), "{text}");
+        }
+    }
+}
+
+#[test]
+fn cli_rejects_bad_input_with_clear_errors() {
+    let run = |args: &[String]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_sdw")).args(args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let model = fixture("tiny-sd-fp16.safetensors");
+    let m = model.to_str().unwrap();
+    let base = ["txt2img", "--device", "cpu", "--prompt", "x", "--steps", "1"];
+    let with = |extra: &[&str]| base.iter().chain(extra).map(|s| s.to_string()).collect::<Vec<_>>();
+
+    let (ok, err) = run(&with(&["--model", m, "--width", "60"]));
+    assert!(!ok && err.contains("multiple of 8"), "{err}");
+    let (ok, err) = run(&with(&["--model", m, "--sampler", "nope"]));
+    assert!(!ok && err.contains("nope") && err.contains("euler_a"), "{err}");
+    let (ok, err) = run(&with(&["--model", "/no/such/model.safetensors"]));
+    assert!(!ok && err.contains("/no/such/model.safetensors"), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("sdw-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a checkpoint at all").unwrap();
+    let (ok, err) = run(&with(&["--model", garbage.to_str().unwrap()]));
+    assert!(!ok && err.contains("garbage.safetensors") && err.contains("not a safetensors"), "{err}");
+
+    let truncated = dir.join("truncated.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, err) = run(&with(&["--model", truncated.to_str().unwrap()]));
+    assert!(!ok && err.contains("truncated"), "{err}");
+
+    // An SDXL checkpoint is recognised and named.
+    let sdxl = dir.join("sdxl.safetensors");
+    let t = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &[0u8; 4]).unwrap();
+    safetensors::serialize_to_file([("conditioner.embedders.0.transformer.x", t)], None, &sdxl).unwrap();
+    let (ok, err) = run(&with(&["--model", sdxl.to_str().unwrap()]));
+    assert!(!ok && err.contains("XL"), "{err}");
+}
