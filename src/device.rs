@@ -24,6 +24,8 @@ pub struct Compute {
     /// e.g. "Vulkan: NVIDIA H100" or "CPU (burn flex)".
     pub description: String,
     pub is_gpu: bool,
+    /// Largest buffer one kernel may bind (bytes); `None` when unbounded (CPU).
+    pub max_binding: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,7 @@ pub enum DeviceError {
 struct WgpuState {
     device: Device,
     info: wgpu::AdapterInfo,
+    max_binding: usize,
 }
 
 /// wgpu can be initialised once per process; keep the result (or the failure).
@@ -47,12 +50,20 @@ fn wgpu_state() -> &'static Result<WgpuState, String> {
         let binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size) as usize;
         // Score chunks at half the binding limit leave room for the other operands.
         attention::set_score_budget((binding / 2).min(256 << 20));
-        Ok(WgpuState { device, info: setup.adapter.get_info() })
+        Ok(WgpuState { device, info: setup.adapter.get_info(), max_binding: binding })
     })
 }
 
 fn cpu() -> Compute {
-    Compute { device: Device::flex(), description: "CPU (burn flex)".into(), is_gpu: false }
+    Compute { device: Device::flex(), description: "CPU (burn flex)".into(), is_gpu: false, max_binding: None }
+}
+
+fn gpu(s: &WgpuState) -> Compute {
+    Compute { device: s.device.clone(), description: describe(&s.info), is_gpu: true, max_binding: Some(s.max_binding) }
+}
+
+pub fn cpu_compute() -> Compute {
+    cpu()
 }
 
 fn describe(info: &wgpu::AdapterInfo) -> String {
@@ -63,7 +74,7 @@ pub fn select(choice: DeviceChoice) -> Result<Compute, DeviceError> {
     match choice {
         DeviceChoice::Cpu => Ok(cpu()),
         DeviceChoice::Wgpu => match wgpu_state() {
-            Ok(s) => Ok(Compute { device: s.device.clone(), description: describe(&s.info), is_gpu: true }),
+            Ok(s) => Ok(gpu(s)),
             Err(e) => Err(DeviceError::NoAdapter(e.clone())),
         },
         DeviceChoice::Auto => Ok(match wgpu_state() {
@@ -72,7 +83,7 @@ pub fn select(choice: DeviceChoice) -> Result<Compute, DeviceError> {
                 eprintln!("note: only a software GPU ({}) was found; using the CPU backend", describe(&s.info));
                 cpu()
             }
-            Ok(s) => Compute { device: s.device.clone(), description: describe(&s.info), is_gpu: true },
+            Ok(s) => gpu(s),
             Err(e) => {
                 eprintln!("note: no GPU available through wgpu ({e}); using the CPU backend");
                 cpu()

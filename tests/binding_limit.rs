@@ -49,3 +49,17 @@ fn attention_over_the_binding_limit_matches_unchunked() {
         assert_close(&format!("chunked attention [{}]", dev.description), &got, &reference, 1e-5);
     }
 }
+
+/// A device whose binding limit cannot hold the VAE decoder's activations decodes on the
+/// CPU instead, with the same result.
+#[test]
+fn vae_decode_falls_back_to_cpu_under_a_small_binding_limit() {
+    let mut small = sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap();
+    small.max_binding = Some(4096);
+    let sd = sdw::pipeline::StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), small).unwrap();
+    let z = golden("vae.latent");
+    assert!(sd.vae.decode_peak_bytes(1, 8, 8) > 4096);
+    let scaled = sdw::weights::HostTensor::new(z.shape.clone(), z.data.clone());
+    let image = sd.decode(&scaled).unwrap();
+    assert_close("vae decode via CPU fallback", &image, &golden("vae.decoded"), 1e-4);
+}

@@ -133,6 +133,9 @@ pub struct Vae {
     quant_conv: Conv2d,
     decoder: Coder,
     post_quant_conv: Conv2d,
+    /// Output channels of each decoder level, top (latent resolution) first.
+    #[module(skip)]
+    decoder_channels: Vec<usize>,
 }
 
 /// The encoder's diagonal Gaussian over latents (unscaled).
@@ -148,7 +151,23 @@ impl Vae {
             quant_conv: l.conv_same("quant_conv")?,
             decoder: Coder::load(l, "decoder", false)?,
             post_quant_conv: l.conv_same("post_quant_conv")?,
+            decoder_channels: (0..l.count("decoder.up_blocks", "resnets.0.conv1.weight"))
+                .map(|i| l.shape(&format!("decoder.up_blocks.{i}.resnets.0.conv2.weight")).map(|s| s[0]))
+                .collect::<Result<_, _>>()?,
         })
+    }
+
+    /// Bytes of the largest f32 activation the decoder makes for `[b, _, h, w]` latents:
+    /// each level's upsampler output (channels x the doubled resolution).
+    pub fn decode_peak_bytes(&self, b: usize, h: usize, w: usize) -> usize {
+        let mut side = 1;
+        let mut peak = 0;
+        for &c in &self.decoder_channels {
+            peak = peak.max(b * c * h * w * side * side * 4);
+            side *= 2;
+            peak = peak.max(b * c * h * w * side * side * 4);
+        }
+        peak
     }
 
     /// Pixels `[B, 3, H, W]` in [-1, 1] -> latent distribution `[B, 4, H/8, W/8]`.

@@ -10,7 +10,7 @@ use burn::tensor::Tensor;
 
 use crate::device::Compute;
 use crate::model::clip::ClipTextModel;
-use crate::model::layers::{Loader, to_host};
+use crate::model::layers::{Loader, to_device, to_host};
 use crate::model::unet::Unet;
 use crate::model::vae::{SCALING_FACTOR, Vae};
 use crate::text::ClipTokenizer;
@@ -72,9 +72,22 @@ impl StableDiffusion {
     }
 
     /// Scaled latents `[B, 4, h, w]` -> pixels `[B, 3, 8h, 8w]` on the host.
-    pub fn decode(&self, latents: &HostTensor) -> HostTensor {
+    ///
+    /// On a GPU whose largest binding cannot hold the decoder's activations (128 MiB on
+    /// lavapipe and many iGPUs; SD 1.5 at 512x512 needs 256 MiB), the VAE runs on the CPU
+    /// instead: exact, and far better than a failed allocation.
+    pub fn decode(&self, latents: &HostTensor) -> Result<HostTensor, PipelineError> {
         let [b, c, h, w] = latents.shape[..] else { panic!("latents must be 4-D") };
-        let z = crate::model::layers::to_device(latents.data.clone(), [b, c, h, w], &self.compute.device);
-        to_host(self.vae.decode(z.div_scalar(SCALING_FACTOR)))
+        let scaled: Vec<f32> = latents.data.iter().map(|v| v / SCALING_FACTOR).collect();
+        let fits = self.compute.max_binding.is_none_or(|max| self.vae.decode_peak_bytes(b, h, w) <= max);
+        if fits {
+            let z = to_device(scaled, [b, c, h, w], &self.compute.device);
+            return Ok(to_host(self.vae.decode(z)));
+        }
+        eprintln!("note: the VAE decode does not fit this GPU's buffer limit; decoding on the CPU");
+        let cpu = crate::device::cpu_compute();
+        let ckpt = Checkpoint::open(&self.model_path)?;
+        let vae = Vae::load(&Loader::new(&ckpt, Component::Vae, &cpu.device))?;
+        Ok(to_host(vae.decode(to_device(scaled, [b, c, h, w], &cpu.device))))
     }
 }

@@ -26,7 +26,7 @@ impl GenerationParams {
     pub fn validate(&self) -> Result<(), PipelineError> {
         let bad = |m: String| Err(PipelineError::Invalid(m));
         if self.width % 8 != 0 || self.height % 8 != 0 || self.width == 0 || self.height == 0 {
-            return bad(format!("width and height must be positive multiples of 8 (got {}x{})", self.width, self.height));
+            return bad(format!("width and height must each be a multiple of 8 (got {}x{})", self.width, self.height));
         }
         if self.steps == 0 {
             return bad("--steps must be at least 1".into());
@@ -70,7 +70,7 @@ impl StableDiffusion {
         let noise = rng.randn(shape.iter().product());
         let latents = sampling::sample(&p.sampler, p.steps, &schedule, &mut den, noise, &mut rng, progress);
         let latents = HostTensor::new(shape.to_vec(), latents);
-        let image = self.decode(&latents);
+        let image = self.decode(&latents)?;
         Ok(Generated { latents, image, infotext: self.infotext(p) })
     }
 
