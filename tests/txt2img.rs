@@ -126,3 +126,24 @@ fn cli_rejects_bad_input_with_clear_errors() {
     let (ok, err) = run(&with(&["--model", sdxl.to_str().unwrap()]));
     assert!(!ok && err.contains("XL"), "{err}");
 }
+
+/// A diffusers folder's configs are read: a v-prediction model is refused by name.
+#[test]
+fn diffusers_v_prediction_model_is_refused() {
+    let dir = std::env::temp_dir().join(format!("sdw-vpred-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for sub in ["unet", "vae", "text_encoder", "scheduler"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        for f in std::fs::read_dir(fixture("model").join(sub)).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), dir.join(sub).join(f.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(fixture("model/model_index.json"), dir.join("model_index.json")).unwrap();
+    let cfg = dir.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"epsilon\"", "\"v_prediction\"");
+    std::fs::write(&cfg, text).unwrap();
+    let cpu = sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap();
+    let err = StableDiffusion::load(&dir, cpu).err().expect("refused").to_string();
+    assert!(err.contains("v_prediction"), "{err}");
+}

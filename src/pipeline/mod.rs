@@ -36,17 +36,28 @@ pub struct StableDiffusion {
     pub vae: Vae,
     pub compute: Compute,
     pub model_path: PathBuf,
+    /// Latent scale (`vae/config.json` `scaling_factor` of a diffusers folder; SD 1.x: 0.18215).
+    pub scaling_factor: f32,
 }
 
 impl StableDiffusion {
     pub fn load(path: &Path, compute: Compute) -> Result<Self, PipelineError> {
         let ckpt = Checkpoint::open(path)?;
+        if let Some(p) = ckpt.config_string("scheduler", "scheduler_config.json", "prediction_type") {
+            if p != "epsilon" {
+                return Err(PipelineError::Invalid(format!(
+                    "{}: a {p}-prediction model (SD 2.x 768-v style); sdw supports epsilon-prediction SD 1.x models",
+                    path.display()
+                )));
+            }
+        }
+        let scaling_factor = ckpt.config_number("vae", "scaling_factor").map_or(SCALING_FACTOR, |v| v as f32);
         let dev = &compute.device;
         let clip = ClipTextModel::load(&Loader::new(&ckpt, Component::TextEncoder, dev))?;
         let unet = Unet::load(&Loader::new(&ckpt, Component::Unet, dev))?;
         let vae = Vae::load(&Loader::new(&ckpt, Component::Vae, dev))?;
         let tokenizer = ClipTokenizer::new().map_err(|e| PipelineError::Text(e.to_string()))?;
-        Ok(Self { tokenizer, clip, unet, vae, compute, model_path: path.to_owned() })
+        Ok(Self { tokenizer, clip, unet, vae, compute, model_path: path.to_owned(), scaling_factor })
     }
 
     /// The model's name as A1111 shows it: the file stem (or folder name).
@@ -78,7 +89,7 @@ impl StableDiffusion {
     /// instead: exact, and far better than a failed allocation.
     pub fn decode(&self, latents: &HostTensor) -> Result<HostTensor, PipelineError> {
         let [b, c, h, w] = latents.shape[..] else { panic!("latents must be 4-D") };
-        let scaled: Vec<f32> = latents.data.iter().map(|v| v / SCALING_FACTOR).collect();
+        let scaled: Vec<f32> = latents.data.iter().map(|v| v / self.scaling_factor).collect();
         let fits = self.compute.max_binding.is_none_or(|max| self.vae.decode_peak_bytes(b, h, w) <= max);
         if fits {
             let z = to_device(scaled, [b, c, h, w], &self.compute.device);

@@ -149,6 +149,22 @@ impl Checkpoint {
         self.files[loc.file].tensor(&loc.key)
     }
 
+    /// A number from a diffusers sub-folder's `config.json` (e.g. `vae`, `scaling_factor`);
+    /// `None` for single files, which carry no config.
+    pub fn config_number(&self, sub: &str, key: &str) -> Option<f64> {
+        if !self.path.is_dir() {
+            return None;
+        }
+        let text = std::fs::read_to_string(self.path.join(sub).join("config.json")).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?.get(key)?.as_f64()
+    }
+
+    /// A string from a diffusers sub-folder's config (scheduler: `scheduler_config.json`).
+    pub fn config_string(&self, sub: &str, file: &str, key: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.path.join(sub).join(file)).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?.get(key)?.as_str().map(str::to_owned)
+    }
+
     /// Names present for a component (for diagnostics and architecture probing).
     pub fn names(&self, component: Component) -> impl Iterator<Item = &str> {
         self.index.keys().filter(move |(c, _)| *c == component).map(|(_, n)| n.as_str())
