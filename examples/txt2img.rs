@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         width: size,
         height: size,
         clip_skip: 1,
+        lora_hashes: Vec::new(),
     };
     let t = Instant::now();
     let out = sd.txt2img(&params, &mut NoProgress)?;

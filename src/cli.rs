@@ -1,7 +1,7 @@
 //! The `sdw` command line.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{self, DeviceChoice};
+use crate::lora::{self, Lora, Strength};
 use crate::output;
 use crate::pipeline::{GenerationParams, StableDiffusion};
 use crate::sampling::{self, Progress, Sampler};
@@ -63,6 +64,12 @@ struct Txt2ImgArgs {
     /// Write `00001-<seed>.png`-style files into this folder.
     #[arg(long, default_value = "outputs/txt2img")]
     outdir: PathBuf,
+    /// A LoRA to merge, `PATH[:WEIGHT]` (repeatable; weight 1 if omitted).
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    loras: Vec<String>,
+    /// Where `<lora:NAME:WEIGHT>` prompt tags look for `NAME.safetensors`.
+    #[arg(long, default_value = "models/Lora")]
+    lora_dir: PathBuf,
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -79,6 +86,11 @@ pub fn run() -> anyhow::Result<()> {
 
 fn txt2img(a: Txt2ImgArgs) -> anyhow::Result<()> {
     let sampler = Sampler::parse(&a.sampler).map_err(anyhow::Error::msg)?;
+    let loras = resolve_loras(&a.loras, &a.prompt, &a.lora_dir)?;
+    let lora_hashes = loras
+        .iter()
+        .map(|(l, _)| Ok((l.name(), lora::addnet_hash(&l.path)?)))
+        .collect::<std::io::Result<Vec<_>>>()?;
     let seed = resolve_seed(a.seed)?;
     let params = GenerationParams {
         prompt: a.prompt,
@@ -90,13 +102,15 @@ fn txt2img(a: Txt2ImgArgs) -> anyhow::Result<()> {
         width: a.width,
         height: a.height,
         clip_skip: a.clip_skip,
+        lora_hashes,
     };
     params.validate()?;
 
     let compute = device::select(a.device)?;
     eprintln!("device: {}", compute.description);
     let t0 = Instant::now();
-    let sd = StableDiffusion::load(&a.model, compute).with_context(|| format!("loading {}", a.model.display()))?;
+    let sd = StableDiffusion::load_with_loras(&a.model, compute, &loras)
+        .with_context(|| format!("loading {}", a.model.display()))?;
     eprintln!("loaded {} in {:.1}s", a.model.display(), t0.elapsed().as_secs_f32());
 
     let t1 = Instant::now();
@@ -113,6 +127,27 @@ fn txt2img(a: Txt2ImgArgs) -> anyhow::Result<()> {
     eprintln!("generated in {:.1}s (seed {seed})", t1.elapsed().as_secs_f32());
     println!("{}", path.display());
     Ok(())
+}
+
+/// LoRAs from `--lora PATH[:W]` and from `<lora:NAME:W>` tags (looked up in `dir`).
+fn resolve_loras(args: &[String], prompt: &str, dir: &Path) -> anyhow::Result<Vec<(Lora, Strength)>> {
+    let mut out = Vec::new();
+    for arg in args {
+        let (path, weight) = match arg.rsplit_once(':') {
+            Some((p, w)) if w.parse::<f32>().is_ok() => (p, w.parse::<f32>()?),
+            _ => (arg.as_str(), 1.0),
+        };
+        out.push((Lora::open(Path::new(path))?, Strength::both(weight)));
+    }
+    let (_, tags) = lora::extract_tags(prompt).map_err(anyhow::Error::msg)?;
+    for tag in tags {
+        let path = dir.join(format!("{}.safetensors", tag.name));
+        if !path.exists() {
+            bail!("<lora:{}> not found: no {} (set --lora-dir)", tag.name, path.display());
+        }
+        out.push((Lora::open(&path)?, tag.strength));
+    }
+    Ok(out)
 }
 
 fn resolve_seed(seed: i64) -> anyhow::Result<u64> {

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod device;
+pub mod lora;
 pub mod model;
 pub mod output;
 pub mod pipeline;

@@ -25,6 +25,7 @@ fn params(case: &serde_json::Value) -> GenerationParams {
         width: case["width"].as_u64().unwrap() as usize,
         height: case["height"].as_u64().unwrap() as usize,
         clip_skip: 1,
+        lora_hashes: Vec::new(),
     }
 }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Tensor;
 
 use crate::device::Compute;
+use crate::lora::{Lora, LoraError, Strength};
 use crate::model::clip::ClipTextModel;
 use crate::model::layers::{Loader, to_device, to_host};
 use crate::model::unet::Unet;
@@ -22,6 +23,8 @@ pub use txt2img::{GenerationParams, Generated};
 pub enum PipelineError {
     #[error(transparent)]
     Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Lora(#[from] LoraError),
     #[error("tokenizer: {0}")]
     Text(String),
     #[error("{0}")]
@@ -42,7 +45,15 @@ pub struct StableDiffusion {
 
 impl StableDiffusion {
     pub fn load(path: &Path, compute: Compute) -> Result<Self, PipelineError> {
-        let ckpt = Checkpoint::open(path)?;
+        Self::load_with_loras(path, compute, &[])
+    }
+
+    /// Loads the checkpoint with LoRAs merged into its weights (the file stays untouched).
+    pub fn load_with_loras(path: &Path, compute: Compute, loras: &[(Lora, Strength)]) -> Result<Self, PipelineError> {
+        let mut ckpt = Checkpoint::open(path)?;
+        for (lora, strength) in loras {
+            lora.merge_into(&mut ckpt, *strength)?;
+        }
         if let Some(p) = ckpt.config_string("scheduler", "scheduler_config.json", "prediction_type") {
             if p != "epsilon" {
                 return Err(PipelineError::Invalid(format!(

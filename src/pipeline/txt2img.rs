@@ -20,6 +20,8 @@ pub struct GenerationParams {
     pub width: usize,
     pub height: usize,
     pub clip_skip: usize,
+    /// LoRAs merged into the model, as (name, A1111 addnet hash) for the infotext.
+    pub lora_hashes: Vec<(String, String)>,
 }
 
 impl GenerationParams {
@@ -60,8 +62,8 @@ impl StableDiffusion {
         let shape = [1, 4, p.height / 8, p.width / 8];
         let mut den = CfgDenoiser {
             unet: &self.unet,
-            cond: self.encode_prompt(&p.prompt, p.clip_skip),
-            uncond: self.encode_prompt(&p.negative_prompt, p.clip_skip),
+            cond: self.encode_prompt(&strip_lora_tags(&p.prompt)?, p.clip_skip),
+            uncond: self.encode_prompt(&strip_lora_tags(&p.negative_prompt)?, p.clip_skip),
             cfg_scale: p.cfg_scale,
             shape,
             calls: 0,
@@ -93,6 +95,10 @@ impl StableDiffusion {
         if p.clip_skip > 1 {
             fields.push(("Clip skip", p.clip_skip.to_string()));
         }
+        if !p.lora_hashes.is_empty() {
+            let list = p.lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect::<Vec<_>>().join(", ");
+            fields.push(("Lora hashes", format!("\"{list}\"")));
+        }
         // Our noise is torch's CUDA Philox stream: A1111 reproduces it with its "NV" source.
         fields.push(("RNG", "NV".into()));
         fields.push(("Version", format!("sdw {}", env!("CARGO_PKG_VERSION"))));
@@ -107,3 +113,8 @@ impl StableDiffusion {
     }
 }
 
+
+/// The prompt without its `<lora:...>` tags (the LoRAs were merged at load time).
+fn strip_lora_tags(prompt: &str) -> Result<String, PipelineError> {
+    crate::lora::extract_tags(prompt).map(|(text, _)| text).map_err(PipelineError::Invalid)
+}

@@ -1,0 +1,223 @@
+//! LoRA files as users download them (kohya-ss layout: `lora_unet_*` / `lora_te_*` with
+//! `.lora_down.weight`, `.lora_up.weight`, `.alpha`), merged into the base weights the way
+//! A1111 does: `W += multiplier * alpha / rank * up @ down`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use crate::weights::{Checkpoint, Component, HostTensor, SafetensorsFile, WeightsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("{path}: not a LoRA file (no lora_down/lora_up tensors)")]
+    NotLora { path: PathBuf },
+    #[error("{path}: this LoRA does not fit the model: `{key}` {why}")]
+    Mismatch { path: PathBuf, key: String, why: String },
+}
+
+/// One low-rank update: `delta = alpha / rank * up @ down`.
+struct Pair {
+    down: HostTensor,
+    up: HostTensor,
+    alpha: Option<f32>,
+}
+
+/// A LoRA file, opened and grouped by target module.
+pub struct Lora {
+    pub path: PathBuf,
+    modules: BTreeMap<String, Pair>,
+}
+
+/// How strongly to apply a LoRA to each network (A1111's `te=` / `unet=`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Strength {
+    pub text_encoder: f32,
+    pub unet: f32,
+}
+
+impl Strength {
+    pub fn both(m: f32) -> Self {
+        Self { text_encoder: m, unet: m }
+    }
+}
+
+impl Lora {
+    pub fn open(path: &Path) -> Result<Self, LoraError> {
+        let file = SafetensorsFile::open(path)?;
+        let mut parts: BTreeMap<String, (Option<HostTensor>, Option<HostTensor>, Option<f32>)> = BTreeMap::new();
+        for key in file.keys() {
+            let Some((module, what)) = key.split_once('.') else { continue };
+            let entry = parts.entry(module.to_owned()).or_default();
+            match what {
+                "lora_down.weight" => entry.0 = Some(file.tensor(key)?),
+                "lora_up.weight" => entry.1 = Some(file.tensor(key)?),
+                "alpha" => entry.2 = file.tensor(key)?.data.first().copied(),
+                _ => {}
+            }
+        }
+        let modules: BTreeMap<String, Pair> = parts
+            .into_iter()
+            .filter_map(|(m, (d, u, a))| Some((m, Pair { down: d?, up: u?, alpha: a })))
+            .collect();
+        if modules.is_empty() {
+            return Err(LoraError::NotLora { path: path.to_owned() });
+        }
+        Ok(Self { path: path.to_owned(), modules })
+    }
+
+    /// The name A1111 shows: the file stem.
+    pub fn name(&self) -> String {
+        self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// Adds this LoRA's updates to the checkpoint's weights (as an overlay, so the
+    /// file on disk is untouched). Returns how many modules were merged.
+    pub fn merge_into(&self, ckpt: &mut Checkpoint, strength: Strength) -> Result<usize, LoraError> {
+        let targets = kohya_targets(ckpt);
+        let mut merged = 0;
+        let mut unmatched = Vec::new();
+        for (module, pair) in &self.modules {
+            let Some((component, weight_name)) = targets.get(module) else {
+                unmatched.push(module.clone());
+                continue;
+            };
+            let m = match component {
+                Component::TextEncoder => strength.text_encoder,
+                _ => strength.unet,
+            };
+            let mut w = ckpt.tensor(*component, weight_name)?;
+            let delta = pair.delta().ok_or_else(|| self.mismatch(module, "has inconsistent down/up ranks"))?;
+            if delta.len() != w.data.len() {
+                return Err(self.mismatch(module, &format!("has shape {:?}, the model's weight {:?}", pair.shape(), w.shape)));
+            }
+            for (x, d) in w.data.iter_mut().zip(&delta) {
+                *x += m * d;
+            }
+            ckpt.set_overlay(*component, weight_name, w);
+            merged += 1;
+        }
+        if merged == 0 {
+            let first = unmatched.first().cloned().unwrap_or_default();
+            let hint = if first.contains("input_blocks") || first.contains("lora_te2") { " (an SDXL LoRA?)" } else { "" };
+            return Err(self.mismatch(&first, &format!("matches no layer of this SD 1.x model{hint}")));
+        }
+        if !unmatched.is_empty() {
+            eprintln!(
+                "warning: {}: {} of {} LoRA modules match no layer of the model (first: {})",
+                self.path.display(),
+                unmatched.len(),
+                self.modules.len(),
+                unmatched[0]
+            );
+        }
+        Ok(merged)
+    }
+
+    fn mismatch(&self, key: &str, why: &str) -> LoraError {
+        LoraError::Mismatch { path: self.path.clone(), key: key.to_owned(), why: why.to_owned() }
+    }
+}
+
+impl Pair {
+    fn shape(&self) -> Vec<usize> {
+        let mut s = vec![self.up.shape[0]];
+        s.extend_from_slice(&self.down.shape[1..]);
+        s
+    }
+
+    /// `alpha / rank * up @ down`, flattened like the weight (`[out, in * kh * kw]`).
+    fn delta(&self) -> Option<Vec<f32>> {
+        let rank = self.down.shape[0];
+        let out = self.up.shape[0];
+        if self.up.data.len() != out * rank {
+            return None;
+        }
+        let inner = self.down.data.len() / rank;
+        let scale = self.alpha.unwrap_or(rank as f32) / rank as f32;
+        let mut d = vec![0f32; out * inner];
+        for o in 0..out {
+            for r in 0..rank {
+                let u = self.up.data[o * rank + r] * scale;
+                let row = &self.down.data[r * inner..(r + 1) * inner];
+                for (x, dv) in d[o * inner..(o + 1) * inner].iter_mut().zip(row) {
+                    *x += u * dv;
+                }
+            }
+        }
+        Some(d)
+    }
+}
+
+/// kohya module name (`lora_unet_down_blocks_0_attentions_0_proj_in`) -> the weight it
+/// updates, built from the model's own diffusers names (dots became underscores).
+fn kohya_targets(ckpt: &Checkpoint) -> HashMap<String, (Component, String)> {
+    let mut map = HashMap::new();
+    for (component, prefix) in [(Component::Unet, "lora_unet_"), (Component::TextEncoder, "lora_te_")] {
+        for name in ckpt.names(component) {
+            if let Some(stem) = name.strip_suffix(".weight") {
+                map.insert(format!("{prefix}{}", stem.replace('.', "_")), (component, name.to_owned()));
+            }
+        }
+    }
+    map
+}
+
+/// A1111's LoRA hash ("addnet" hash): SHA-256 of a safetensors file past its header,
+/// first 12 hex digits — what `Lora hashes:` in an infotext holds.
+pub fn addnet_hash(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    f.seek(SeekFrom::Start(8 + u64::from_le_bytes(len)))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut f, &mut hasher)?;
+    Ok(hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
+}
+
+/// A `<lora:NAME:0.8>` or `<lora:NAME:te=0.5:unet=1.0>` tag found in a prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraTag {
+    pub name: String,
+    pub strength: Strength,
+}
+
+/// Removes A1111 `<lora:...>` tags from `prompt`, returning the cleaned text and the tags.
+pub fn extract_tags(prompt: &str) -> Result<(String, Vec<LoraTag>), String> {
+    let mut out = String::new();
+    let mut tags = Vec::new();
+    let mut rest = prompt;
+    while let Some(start) = rest.find("<lora:") {
+        out.push_str(&rest[..start]);
+        let body_start = start + "<lora:".len();
+        let end = rest[body_start..].find('>').ok_or_else(|| format!("unclosed LoRA tag in prompt: {}", &rest[start..]))?;
+        tags.push(parse_tag(&rest[body_start..body_start + end])?);
+        rest = &rest[body_start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok((out, tags))
+}
+
+fn parse_tag(body: &str) -> Result<LoraTag, String> {
+    let mut parts = body.split(':');
+    let name = parts.next().unwrap_or_default().trim().to_owned();
+    let mut strength = Strength::both(1.0);
+    let num = |v: &str| v.trim().parse::<f32>().map_err(|_| format!("bad LoRA weight `{v}` in <lora:{body}>"));
+    for (i, p) in parts.enumerate() {
+        match p.split_once('=') {
+            Some(("te", v)) => strength.text_encoder = num(v)?,
+            Some(("unet", v)) => strength.unet = num(v)?,
+            Some((k, _)) => return Err(format!("unknown LoRA option `{k}` in <lora:{body}>")),
+            // A1111: a first bare number sets both, a second one the UNet alone.
+            None if i == 0 => strength = Strength::both(num(p)?),
+            None => strength.unet = num(p)?,
+        }
+    }
+    if name.is_empty() {
+        return Err(format!("LoRA tag without a name: <lora:{body}>"));
+    }
+    Ok(LoraTag { name, strength })
+}

@@ -1,0 +1,140 @@
+//! kohya-ss LoRA merged at generation time, against diffusers with the same merge
+//! (`W += m * alpha / rank * up @ down`, m = 0.8).
+
+mod common;
+
+use common::*;
+use sdw::lora::{Lora, LoraTag, Strength, extract_tags};
+use sdw::model::layers::{to_device, to_host};
+use sdw::pipeline::{GenerationParams, StableDiffusion};
+use sdw::sampling::{NoProgress, Sampler};
+
+fn lora() -> Lora {
+    Lora::open(&fixture("tiny-lora-kohya.safetensors")).unwrap()
+}
+
+#[test]
+fn kohya_lora_matches_diffusers_merge() {
+    let cases = cases();
+    let case = &cases["cases"]["txt2img_lora.euler_a"];
+    for c in devices() {
+        let sd = StableDiffusion::load_with_loras(&fixture("tiny-sd-fp16.safetensors"), c.clone(), &[(lora(), Strength::both(0.8))])
+            .unwrap();
+        let dev = &c.device;
+        let (x, ctx) = (golden("unet.x"), golden("unet.context"));
+        let eps = sd.unet.forward(to_device(x.data, [2, 4, 8, 12], dev), &golden("unet.t").data, &to_device(ctx.data, [2, 77, 128], dev));
+        assert_close(&format!("lora.unet_eps [{}]", c.description), &to_host(eps), &golden("lora.unet_eps"), 1e-4);
+
+        let ids = golden("clip.input_ids");
+        let ids: Vec<Vec<u32>> = ids.data.chunks(77).map(|r| r.iter().map(|&v| v as u32).collect()).collect();
+        let h = to_host(sd.clip.forward(&ids, 1, dev));
+        assert_close(&format!("lora.clip [{}]", c.description), &h, &golden("lora.clip_last_hidden_state"), 1e-4);
+
+        let p = GenerationParams {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
+            sampler: Sampler::parse("euler_a").unwrap(),
+            steps: 8,
+            cfg_scale: 7.0,
+            seed: case["seed"].as_u64().unwrap(),
+            width: 64,
+            height: 64,
+            clip_skip: 1,
+            lora_hashes: Vec::new(),
+        };
+        let out = sd.txt2img(&p, &mut NoProgress).unwrap();
+        assert_close(&format!("txt2img_lora latent [{}]", c.description), &out.latents, &golden("txt2img_lora.euler_a.latent"), 1e-3);
+    }
+}
+
+#[test]
+fn lora_tags_are_parsed_and_removed() {
+    let (text, tags) = extract_tags("photo of sks person <lora:me:0.8>, <lora:style:te=0.5:unet=1.0> astronaut").unwrap();
+    // The tag text goes, as in A1111; CLIP's normaliser folds the leftover spaces.
+    assert_eq!(text, "photo of sks person ,  astronaut");
+    assert_eq!(tags[0], LoraTag { name: "me".into(), strength: Strength::both(0.8) });
+    assert_eq!(tags[1], LoraTag { name: "style".into(), strength: Strength { text_encoder: 0.5, unet: 1.0 } });
+    let (_, tags) = extract_tags("<lora:plain>").unwrap();
+    assert_eq!(tags[0].strength, Strength::both(1.0));
+    assert!(extract_tags("<lora:x:abc>").unwrap_err().contains("abc"));
+    assert!(extract_tags("<lora:open").is_err());
+}
+
+#[test]
+fn a_lora_that_does_not_fit_is_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("sdw-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let down = f32s(&[0.0; 4 * 32]);
+    let up = f32s(&[0.0; 32 * 4]);
+    let write = |name: &str, key: &str| {
+        let path = dir.join(name);
+        let d = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 32], &down).unwrap();
+        let u = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![32, 4], &up).unwrap();
+        safetensors::serialize_to_file(
+            [(format!("{key}.lora_down.weight"), d), (format!("{key}.lora_up.weight"), u)],
+            None,
+            &path,
+        )
+        .unwrap();
+        path
+    };
+    let cpu = sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap();
+    let model = fixture("tiny-sd-fp16.safetensors");
+
+    let sdxl = write("sdxl.safetensors", "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q");
+    let err = StableDiffusion::load_with_loras(&model, cpu.clone(), &[(Lora::open(&sdxl).unwrap(), Strength::both(1.0))])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("sdxl.safetensors") && err.contains("input_blocks") && err.contains("SDXL"), "{err}");
+
+    // attn2.to_k takes 128-wide context, not 32: a shape mismatch, named.
+    let wrong = write("wrong.safetensors", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k");
+    let err = StableDiffusion::load_with_loras(&model, cpu, &[(Lora::open(&wrong).unwrap(), Strength::both(1.0))])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("wrong.safetensors") && err.contains("attn2_to_k"), "{err}");
+}
+
+/// `<lora:NAME:0.8>` in the prompt and `--lora PATH:0.8` both reproduce the reference
+/// image, and the infotext carries A1111's `Lora hashes`.
+#[test]
+fn cli_applies_lora_from_tag_and_flag() {
+    let cases = cases();
+    let case = &cases["cases"]["txt2img_lora.euler_a"];
+    let dir = std::env::temp_dir().join(format!("sdw-lora-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let want = image::open(fixture("txt2img-lora-euler_a.png")).unwrap().to_rgb8().into_raw();
+    let prompt = case["prompt"].as_str().unwrap();
+    let lora_file = fixture("tiny-lora-kohya.safetensors");
+    let flag = format!("{}:0.8", lora_file.display());
+    for (i, (p, extra)) in [
+        (format!("{prompt} <lora:tiny-lora-kohya:0.8>"), vec!["--lora-dir", fixture("").to_str().unwrap()].into_iter().map(String::from).collect::<Vec<_>>()),
+        (prompt.to_owned(), vec!["--lora".to_owned(), flag.clone()]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.join(format!("lora-{i}.png"));
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdw"))
+            .env("SDW_CACHE_DIR", &dir)
+            .args(["txt2img", "--device", "cpu", "--model"])
+            .arg(fixture("tiny-sd-fp16.safetensors"))
+            .args(["--prompt", &p, "--negative-prompt", case["negative_prompt"].as_str().unwrap()])
+            .args(["--sampler", "euler_a", "--steps", "8", "--cfg-scale", "7", "--seed", &case["seed"].to_string()])
+            .args(["--width", "64", "--height", "64", "-o"])
+            .arg(&out)
+            .args(&extra)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let got = image::open(&out).unwrap().to_rgb8().into_raw();
+        let worst = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        assert!(worst <= 2, "run {i}: pixels differ by {worst}");
+        let text = sdw::output::read_parameters(&out).unwrap().unwrap();
+        let hash = sdw::lora::addnet_hash(&lora_file).unwrap();
+        assert!(text.contains(&format!("Lora hashes: \"tiny-lora-kohya: {hash}\"")), "{text}");
+    }
+}
