@@ -46,6 +46,11 @@ static WGPU: OnceLock<Result<WgpuState, String>> = OnceLock::new();
 fn wgpu_state() -> &'static Result<WgpuState, String> {
     WGPU.get_or_init(|| {
         let (device, setup) = Device::wgpu_options().init_with_setup().map_err(|e| e.to_string())?;
+        // wgpu falls back to OpenGL when there is no Vulkan/Metal/DX12 driver; its GL
+        // backend cannot run burn's compute kernels (it dead-locks), so treat it as absent.
+        if setup.backend == wgpu::Backend::Gl {
+            return Err(format!("only an OpenGL adapter ({}) was found; sdw needs Vulkan, Metal or DX12", setup.adapter.get_info().name));
+        }
         let limits = setup.device.limits();
         let binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size) as usize;
         // Score chunks at half the binding limit leave room for the other operands.
