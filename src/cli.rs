@@ -27,6 +27,11 @@ enum Command {
     Txt2img(Txt2ImgArgs),
     /// List the samplers with their AUTOMATIC1111 names.
     Samplers,
+    /// List the LoRA files in a folder: rank, alpha, target model, A1111 hash.
+    Loras {
+        #[arg(long, default_value = "models/Lora")]
+        lora_dir: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -81,7 +86,33 @@ pub fn run() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Loras { lora_dir } => list_loras(&lora_dir),
     }
+}
+
+fn list_loras(dir: &Path) -> anyhow::Result<()> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    paths.sort();
+    println!("{:<32} {:>5} {:>6} {:>8} {:<8} hash", "name", "rank", "alpha", "modules", "target");
+    for p in paths {
+        match lora::LoraInfo::inspect(&p) {
+            Ok(i) => println!(
+                "{:<32} {:>5} {:>6} {:>8} {:<8} {}",
+                i.name,
+                i.rank.map_or("-".into(), |r| r.to_string()),
+                i.alpha.map_or("-".into(), |a| output::fmt_num(a)),
+                i.modules,
+                i.target,
+                lora::addnet_hash(&p)?
+            ),
+            Err(_) => continue, // not a LoRA (e.g. a checkpoint in the same folder)
+        }
+    }
+    Ok(())
 }
 
 fn txt2img(a: Txt2ImgArgs) -> anyhow::Result<()> {

@@ -221,3 +221,37 @@ fn parse_tag(body: &str) -> Result<LoraTag, String> {
     }
     Ok(LoraTag { name, strength })
 }
+
+/// What `sdw loras` shows about a file, read from its header alone.
+#[derive(Debug)]
+pub struct LoraInfo {
+    pub name: String,
+    pub modules: usize,
+    pub rank: Option<usize>,
+    pub alpha: Option<f32>,
+    /// "SD 1.x", "SDXL" or "unknown", from the key names.
+    pub target: &'static str,
+}
+
+impl LoraInfo {
+    pub fn inspect(path: &Path) -> Result<Self, LoraError> {
+        let file = SafetensorsFile::open(path)?;
+        let downs: Vec<&str> =
+            file.keys().filter(|k| k.starts_with("lora_") && k.ends_with(".lora_down.weight")).collect();
+        if downs.is_empty() {
+            return Err(LoraError::NotLora { path: path.to_owned() });
+        }
+        let rank = downs.iter().filter_map(|k| file.shape(k)).map(|s| s[0]).max();
+        let alpha = file.keys().find(|k| k.ends_with(".alpha")).and_then(|k| file.tensor(k).ok()).and_then(|t| t.data.first().copied());
+        let any = |p: &str| downs.iter().any(|k| k.contains(p));
+        let target = if any("lora_te1_") || any("lora_te2_") || any("input_blocks") {
+            "SDXL"
+        } else if any("lora_unet_down_blocks") || any("lora_unet_up_blocks") || any("lora_te_text_model") {
+            "SD 1.x"
+        } else {
+            "unknown"
+        };
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(Self { name, modules: downs.len(), rank, alpha, target })
+    }
+}

@@ -138,3 +138,15 @@ fn cli_applies_lora_from_tag_and_flag() {
         assert!(text.contains(&format!("Lora hashes: \"tiny-lora-kohya: {hash}\"")), "{text}");
     }
 }
+
+#[test]
+fn loras_command_lists_rank_alpha_target_and_hash() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdw")).args(["loras", "--lora-dir"]).arg(fixture("")).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hash = sdw::lora::addnet_hash(&fixture("tiny-lora-kohya.safetensors")).unwrap();
+    let line = text.lines().find(|l| l.starts_with("tiny-lora-kohya")).unwrap_or_else(|| panic!("{text}"));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cols, ["tiny-lora-kohya", "4", "2", "211", "SD", "1.x", hash.as_str()], "{text}");
+    assert!(!text.contains("golden"), "non-LoRA files are skipped: {text}");
+}
