@@ -60,14 +60,9 @@ impl StableDiffusion {
         }
         let schedule = Schedule::new();
         let shape = [1, 4, p.height / 8, p.width / 8];
-        let mut den = CfgDenoiser {
-            unet: &self.unet,
-            cond: self.encode_prompt(&strip_lora_tags(&p.prompt)?, p.clip_skip),
-            uncond: self.encode_prompt(&strip_lora_tags(&p.negative_prompt)?, p.clip_skip),
-            cfg_scale: p.cfg_scale,
-            shape,
-            calls: 0,
-        };
+        let cond = self.encode_prompt(&strip_lora_tags(&p.prompt)?, p.clip_skip);
+        let uncond = self.encode_prompt(&strip_lora_tags(&p.negative_prompt)?, p.clip_skip);
+        let mut den = CfgDenoiser::new(&self.unet, cond, uncond, p.cfg_scale, shape);
         let mut rng = Philox::new(p.seed);
         let noise = rng.randn(shape.iter().product());
         let latents = sampling::sample(&p.sampler, p.steps, &schedule, &mut den, noise, &mut rng, progress);
@@ -112,7 +107,6 @@ impl StableDiffusion {
         text
     }
 }
-
 
 /// The prompt without its `<lora:...>` tags (the LoRAs were merged at load time).
 fn strip_lora_tags(prompt: &str) -> Result<String, PipelineError> {
