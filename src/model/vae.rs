@@ -158,14 +158,16 @@ impl Vae {
     }
 
     /// Bytes of the largest f32 activation the decoder makes for `[b, _, h, w]` latents:
-    /// each level's upsampler output (channels x the doubled resolution).
+    /// each level's output, at twice the resolution after a level with an upsampler.
     pub fn decode_peak_bytes(&self, b: usize, h: usize, w: usize) -> usize {
         let mut side = 1;
         let mut peak = 0;
-        for &c in &self.decoder_channels {
+        for (&c, level) in self.decoder_channels.iter().zip(&self.decoder.levels) {
             peak = peak.max(b * c * h * w * side * side * 4);
-            side *= 2;
-            peak = peak.max(b * c * h * w * side * side * 4);
+            if level.sampler.is_some() {
+                side *= 2;
+                peak = peak.max(b * c * h * w * side * side * 4);
+            }
         }
         peak
     }
