@@ -59,16 +59,13 @@ fn wgpu_state() -> &'static Result<WgpuState, String> {
     })
 }
 
-fn cpu() -> Compute {
+/// burn's flex CPU backend.
+pub fn cpu() -> Compute {
     Compute { device: Device::flex(), description: "CPU (burn flex)".into(), is_gpu: false, max_binding: None }
 }
 
 fn gpu(s: &WgpuState) -> Compute {
     Compute { device: s.device.clone(), description: describe(&s.info), is_gpu: true, max_binding: Some(s.max_binding) }
-}
-
-pub fn cpu_compute() -> Compute {
-    cpu()
 }
 
 fn describe(info: &wgpu::AdapterInfo) -> String {

@@ -5,6 +5,7 @@ pub mod denoiser;
 pub mod txt2img;
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use burn::tensor::Tensor;
 
@@ -41,6 +42,8 @@ pub struct StableDiffusion {
     pub model_path: PathBuf,
     /// Latent scale (`vae/config.json` `scaling_factor` of a diffusers folder; SD 1.x: 0.18215).
     pub scaling_factor: f32,
+    /// A CPU copy of the VAE, loaded the first time a decode does not fit the GPU.
+    cpu_vae: OnceLock<Vae>,
 }
 
 impl StableDiffusion {
@@ -68,7 +71,7 @@ impl StableDiffusion {
         let unet = Unet::load(&Loader::new(&ckpt, Component::Unet, dev))?;
         let vae = Vae::load(&Loader::new(&ckpt, Component::Vae, dev))?;
         let tokenizer = ClipTokenizer::new().map_err(|e| PipelineError::Text(e.to_string()))?;
-        Ok(Self { tokenizer, clip, unet, vae, compute, model_path: path.to_owned(), scaling_factor })
+        Ok(Self { tokenizer, clip, unet, vae, compute, model_path: path.to_owned(), scaling_factor, cpu_vae: OnceLock::new() })
     }
 
     /// The model's name as A1111 shows it: the file stem (or folder name).
@@ -106,10 +109,16 @@ impl StableDiffusion {
             let z = to_device(scaled, [b, c, h, w], &self.compute.device);
             return Ok(to_host(self.vae.decode(z)));
         }
-        eprintln!("note: the VAE decode does not fit this GPU's buffer limit; decoding on the CPU");
-        let cpu = crate::device::cpu_compute();
-        let ckpt = Checkpoint::open(&self.model_path)?;
-        let vae = Vae::load(&Loader::new(&ckpt, Component::Vae, &cpu.device))?;
+        let cpu = crate::device::cpu();
+        let vae = match self.cpu_vae.get() {
+            Some(vae) => vae,
+            None => {
+                eprintln!("note: the VAE decode does not fit this GPU's buffer limit; decoding on the CPU");
+                let ckpt = Checkpoint::open(&self.model_path)?;
+                let vae = Vae::load(&Loader::new(&ckpt, Component::Vae, &cpu.device))?;
+                self.cpu_vae.get_or_init(|| vae)
+            }
+        };
         Ok(to_host(vae.decode(to_device(scaled, [b, c, h, w], &cpu.device))))
     }
 }
