@@ -167,15 +167,12 @@ fn kohya_targets(ckpt: &Checkpoint) -> HashMap<String, (Component, String)> {
 /// A1111's LoRA hash ("addnet" hash): SHA-256 of a safetensors file past its header,
 /// first 12 hex digits — what `Lora hashes:` in an infotext holds.
 pub fn addnet_hash(path: &Path) -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(path)?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len)?;
     f.seek(SeekFrom::Start(8 + u64::from_le_bytes(len)))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut f, &mut hasher)?;
-    Ok(hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
+    Ok(crate::output::sha256_hex(f)?[..12].to_owned())
 }
 
 /// A `<lora:NAME:0.8>` or `<lora:NAME:te=0.5:unet=1.0>` tag found in a prompt.

@@ -145,6 +145,8 @@ fn loras_command_lists_rank_alpha_target_and_hash() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     let hash = sdw::lora::addnet_hash(&fixture("tiny-lora-kohya.safetensors")).unwrap();
+    // hashlib.sha256(data[8 + header_len:]).hexdigest()[:12], as A1111 computes it.
+    assert_eq!(hash, "b75c031dd7b8");
     let line = text.lines().find(|l| l.starts_with("tiny-lora-kohya")).unwrap_or_else(|| panic!("{text}"));
     let cols: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(cols, ["tiny-lora-kohya", "4", "2", "211", "SD", "1.x", hash.as_str()], "{text}");
