@@ -164,8 +164,9 @@ fn txt2img(a: Txt2ImgArgs) -> anyhow::Result<()> {
 fn resolve_loras(args: &[String], prompt: &str, dir: &Path) -> anyhow::Result<Vec<(Lora, Strength)>> {
     let mut out = Vec::new();
     for arg in args {
-        let (path, weight) = match arg.rsplit_once(':') {
-            Some((p, w)) if w.parse::<f32>().is_ok() => (p, w.parse::<f32>()?),
+        // `PATH:0.8`; a colon not followed by a number belongs to the path.
+        let (path, weight) = match arg.rsplit_once(':').map(|(p, w)| (p, w.parse::<f32>())) {
+            Some((p, Ok(w))) => (p, w),
             _ => (arg.as_str(), 1.0),
         };
         out.push((Lora::open(Path::new(path))?, Strength::both(weight)));

@@ -17,6 +17,21 @@ pub enum LoraError {
     Mismatch { path: PathBuf, key: String, why: String },
 }
 
+/// kohya module name -> (component, diffusers weight name).
+type Targets = HashMap<String, (Component, String)>;
+
+/// Merges every LoRA into the checkpoint's weights, in order (they add up).
+pub fn merge_all(ckpt: &mut Checkpoint, loras: &[(Lora, Strength)]) -> Result<(), LoraError> {
+    if loras.is_empty() {
+        return Ok(());
+    }
+    let targets = kohya_targets(ckpt);
+    for (lora, strength) in loras {
+        lora.merge_into(ckpt, &targets, *strength)?;
+    }
+    Ok(())
+}
+
 /// One low-rank update: `delta = alpha / rank * up @ down`.
 struct Pair {
     down: HostTensor,
@@ -74,8 +89,7 @@ impl Lora {
 
     /// Adds this LoRA's updates to the checkpoint's weights (as an overlay, so the
     /// file on disk is untouched). Returns how many modules were merged.
-    pub fn merge_into(&self, ckpt: &mut Checkpoint, strength: Strength) -> Result<usize, LoraError> {
-        let targets = kohya_targets(ckpt);
+    fn merge_into(&self, ckpt: &mut Checkpoint, targets: &Targets, strength: Strength) -> Result<usize, LoraError> {
         let mut merged = 0;
         let mut unmatched = Vec::new();
         for (module, pair) in &self.modules {
@@ -100,7 +114,7 @@ impl Lora {
         }
         if merged == 0 {
             let first = unmatched.first().cloned().unwrap_or_default();
-            let hint = if first.contains("input_blocks") || first.contains("lora_te2") { " (an SDXL LoRA?)" } else { "" };
+            let hint = if family(&unmatched) == "SDXL" { " (an SDXL LoRA)" } else { "" };
             return Err(self.mismatch(&first, &format!("matches no layer of this SD 1.x model{hint}")));
         }
         if !unmatched.is_empty() {
@@ -150,9 +164,22 @@ impl Pair {
     }
 }
 
+/// Which model family a LoRA was made for, from its kohya key names:
+/// "SDXL", "SD 1.x" or "unknown".
+fn family(keys: &[impl AsRef<str>]) -> &'static str {
+    let any = |p: &str| keys.iter().any(|k| k.as_ref().contains(p));
+    if any("lora_te1_") || any("lora_te2_") || any("input_blocks") {
+        "SDXL"
+    } else if any("lora_unet_down_blocks") || any("lora_unet_up_blocks") || any("lora_te_text_model") {
+        "SD 1.x"
+    } else {
+        "unknown"
+    }
+}
+
 /// kohya module name (`lora_unet_down_blocks_0_attentions_0_proj_in`) -> the weight it
 /// updates, built from the model's own diffusers names (dots became underscores).
-fn kohya_targets(ckpt: &Checkpoint) -> HashMap<String, (Component, String)> {
+fn kohya_targets(ckpt: &Checkpoint) -> Targets {
     let mut map = HashMap::new();
     for (component, prefix) in [(Component::Unet, "lora_unet_"), (Component::TextEncoder, "lora_te_")] {
         for name in ckpt.names(component) {
@@ -240,14 +267,7 @@ impl LoraInfo {
         }
         let rank = downs.iter().filter_map(|k| file.shape(k)).map(|s| s[0]).max();
         let alpha = file.keys().find(|k| k.ends_with(".alpha")).and_then(|k| file.tensor(k).ok()).and_then(|t| t.data.first().copied());
-        let any = |p: &str| downs.iter().any(|k| k.contains(p));
-        let target = if any("lora_te1_") || any("lora_te2_") || any("input_blocks") {
-            "SDXL"
-        } else if any("lora_unet_down_blocks") || any("lora_unet_up_blocks") || any("lora_te_text_model") {
-            "SD 1.x"
-        } else {
-            "unknown"
-        };
+        let target = family(&downs);
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(Self { name, modules: downs.len(), rank, alpha, target })
     }

@@ -54,9 +54,7 @@ impl StableDiffusion {
     /// Loads the checkpoint with LoRAs merged into its weights (the file stays untouched).
     pub fn load_with_loras(path: &Path, compute: Compute, loras: &[(Lora, Strength)]) -> Result<Self, PipelineError> {
         let mut ckpt = Checkpoint::open(path)?;
-        for (lora, strength) in loras {
-            lora.merge_into(&mut ckpt, *strength)?;
-        }
+        crate::lora::merge_all(&mut ckpt, loras)?;
         if let Some(p) = ckpt.config_string("scheduler", "scheduler_config.json", "prediction_type") {
             if p != "epsilon" {
                 return Err(PipelineError::Invalid(format!(
