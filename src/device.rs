@@ -23,7 +23,6 @@ pub struct Compute {
     pub device: Device,
     /// e.g. "Vulkan: NVIDIA H100" or "CPU (burn flex)".
     pub description: String,
-    pub is_gpu: bool,
     /// Largest buffer one kernel may bind (bytes); `None` when unbounded (CPU).
     pub max_binding: Option<usize>,
 }
@@ -61,11 +60,11 @@ fn wgpu_state() -> &'static Result<WgpuState, String> {
 
 /// burn's flex CPU backend.
 pub fn cpu() -> Compute {
-    Compute { device: Device::flex(), description: "CPU (burn flex)".into(), is_gpu: false, max_binding: None }
+    Compute { device: Device::flex(), description: "CPU (burn flex)".into(), max_binding: None }
 }
 
 fn gpu(s: &WgpuState) -> Compute {
-    Compute { device: s.device.clone(), description: describe(&s.info), is_gpu: true, max_binding: Some(s.max_binding) }
+    Compute { device: s.device.clone(), description: describe(&s.info), max_binding: Some(s.max_binding) }
 }
 
 fn describe(info: &wgpu::AdapterInfo) -> String {

@@ -54,8 +54,8 @@ impl StableDiffusion {
     /// Loads the checkpoint with LoRAs merged into its weights (the file stays untouched).
     pub fn load_with_loras(path: &Path, compute: Compute, loras: &[(Lora, Strength)]) -> Result<Self, PipelineError> {
         let mut ckpt = Checkpoint::open(path)?;
-        crate::lora::merge_all(&mut ckpt, loras)?;
-        if let Some(p) = ckpt.config_string("scheduler", "scheduler_config.json", "prediction_type") {
+        let prediction = ckpt.config("scheduler", "scheduler_config.json", "prediction_type");
+        if let Some(p) = prediction.as_ref().and_then(|v| v.as_str()) {
             if p != "epsilon" {
                 return Err(PipelineError::Invalid(format!(
                     "{}: a {p}-prediction model (SD 2.x 768-v style); sdw supports epsilon-prediction SD 1.x models",
@@ -63,7 +63,9 @@ impl StableDiffusion {
                 )));
             }
         }
-        let scaling_factor = ckpt.config_number("vae", "scaling_factor").map_or(SCALING_FACTOR, |v| v as f32);
+        crate::lora::merge_all(&mut ckpt, loras)?;
+        let scaling_factor =
+            ckpt.config("vae", "config.json", "scaling_factor").and_then(|v| v.as_f64()).map_or(SCALING_FACTOR, |v| v as f32);
         let dev = &compute.device;
         let clip = ClipTextModel::load(&Loader::new(&ckpt, Component::TextEncoder, dev))?;
         let unet = Unet::load(&Loader::new(&ckpt, Component::Unet, dev))?;

@@ -159,20 +159,14 @@ impl Checkpoint {
         self.files[loc.file].tensor(&loc.key)
     }
 
-    /// A number from a diffusers sub-folder's `config.json` (e.g. `vae`, `scaling_factor`);
-    /// `None` for single files, which carry no config.
-    pub fn config_number(&self, sub: &str, key: &str) -> Option<f64> {
+    /// A value from a diffusers sub-folder's JSON config (`vae/config.json`,
+    /// `scheduler/scheduler_config.json`); `None` for single files, which carry none.
+    pub fn config(&self, sub: &str, file: &str, key: &str) -> Option<serde_json::Value> {
         if !self.path.is_dir() {
             return None;
         }
-        let text = std::fs::read_to_string(self.path.join(sub).join("config.json")).ok()?;
-        serde_json::from_str::<serde_json::Value>(&text).ok()?.get(key)?.as_f64()
-    }
-
-    /// A string from a diffusers sub-folder's config (scheduler: `scheduler_config.json`).
-    pub fn config_string(&self, sub: &str, file: &str, key: &str) -> Option<String> {
         let text = std::fs::read_to_string(self.path.join(sub).join(file)).ok()?;
-        serde_json::from_str::<serde_json::Value>(&text).ok()?.get(key)?.as_str().map(str::to_owned)
+        serde_json::from_str::<serde_json::Value>(&text).ok()?.get(key).cloned()
     }
 
     /// Names present for a component (for diagnostics and architecture probing).
