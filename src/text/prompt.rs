@@ -22,8 +22,7 @@ enum Tok<'a> {
 fn scan(text: &str) -> Vec<Tok<'_>> {
     let mut out = Vec::new();
     let mut i = 0;
-    let b = text.as_bytes();
-    while i < b.len() {
+    while i < text.len() {
         let rest = &text[i..];
         let c = rest.chars().next().unwrap();
         if c == '\\' {
@@ -113,6 +112,16 @@ fn split_break(text: &str) -> Vec<&str> {
     parts
 }
 
+/// Appends literal text, splitting it at `BREAK`s.
+fn push_text(res: &mut Vec<(String, f64)>, text: &str) {
+    for (i, part) in split_break(text).into_iter().enumerate() {
+        if i > 0 {
+            res.push(("BREAK".into(), -1.0));
+        }
+        res.push((part.to_owned(), 1.0));
+    }
+}
+
 /// Emphasis runs of `text` with their weights; `("BREAK", -1.0)` marks a BREAK.
 pub fn parse_prompt_attention(text: &str) -> Vec<(String, f64)> {
     let mut res: Vec<(String, f64)> = Vec::new();
@@ -139,19 +148,9 @@ pub fn parse_prompt_attention(text: &str) -> Vec<(String, f64)> {
                 let start = square.pop().unwrap();
                 multiply(&mut res, start, 1.0 / 1.1);
             }
-            other => {
-                let t = match other {
-                    Tok::Text(t) | Tok::WeightClose(_, t) => t.to_owned(),
-                    Tok::Close(c) | Tok::Open(c) => c.to_string(),
-                    Tok::Escaped(t) => t.to_owned(),
-                };
-                for (i, part) in split_break(&t).into_iter().enumerate() {
-                    if i > 0 {
-                        res.push(("BREAK".into(), -1.0));
-                    }
-                    res.push((part.to_owned(), 1.0));
-                }
-            }
+            // Text, and a `:w)` or bracket with nothing open to close, stay literal.
+            Tok::Text(t) | Tok::WeightClose(_, t) => push_text(&mut res, t),
+            Tok::Close(c) => push_text(&mut res, &c.to_string()),
         }
     }
     for start in round {
