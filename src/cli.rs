@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Generate an image from a text prompt.
     Txt2img(Txt2ImgArgs),
+    /// Fine-tune a LoRA on photos of a subject (DreamBooth-LoRA).
+    Train(Box<crate::train::TrainOptions>),
     /// List the samplers with their AUTOMATIC1111 names.
     Samplers,
     /// List the LoRA files in a folder: rank, alpha, target model, A1111 hash.
@@ -87,6 +89,11 @@ pub fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Loras { lora_dir } => list_loras(&lora_dir),
+        Command::Train(opts) => {
+            let path = crate::train::train(*opts)?;
+            println!("{}", path.display());
+            Ok(())
+        }
     }
 }
 

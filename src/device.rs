@@ -92,3 +92,14 @@ pub fn select(choice: DeviceChoice) -> Result<Compute, DeviceError> {
         }),
     }
 }
+
+static OOM_REMEDY: std::sync::Mutex<&'static str> = std::sync::Mutex::new("Try a smaller --width/--height, or --device cpu.");
+
+/// What to suggest when the GPU runs out of memory (the command knows best).
+pub fn set_oom_remedy(remedy: &'static str) {
+    *OOM_REMEDY.lock().unwrap_or_else(|e| e.into_inner()) = remedy;
+}
+
+pub fn oom_remedy() -> &'static str {
+    *OOM_REMEDY.lock().unwrap_or_else(|e| e.into_inner())
+}

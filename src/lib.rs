@@ -12,4 +12,5 @@ pub mod output;
 pub mod pipeline;
 pub mod sampling;
 pub mod text;
+pub mod train;
 pub mod weights;

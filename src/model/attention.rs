@@ -12,6 +12,7 @@ use burn::tensor::activation::softmax;
 use crate::weights::WeightsError;
 
 use super::Loader;
+use super::adapter::{Adaptable, AttentionAdapters, Projection};
 
 /// Largest score tensor (bytes) one attention matmul may produce.
 static SCORE_BUDGET: AtomicUsize = AtomicUsize::new(64 << 20);
@@ -75,8 +76,12 @@ pub struct CrossAttention {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
+    /// Trainable LoRA adapters (DreamBooth training only; merged LoRA files change the weights).
+    adapters: AttentionAdapters,
     #[module(skip)]
     heads: usize,
+    #[module(skip)]
+    name: String,
 }
 
 impl CrossAttention {
@@ -86,16 +91,57 @@ impl CrossAttention {
             to_k: l.linear(&format!("{p}.to_k"))?,
             to_v: l.linear(&format!("{p}.to_v"))?,
             to_out: l.linear(&format!("{p}.to_out.0"))?,
+            adapters: AttentionAdapters::default(),
             heads,
+            name: p.to_owned(),
         })
     }
 
     /// Self-attention when `context` is `None`.
     pub fn forward(&self, x: Tensor<3>, context: Option<&Tensor<3>>) -> Tensor<3> {
         let ctx = context.cloned().unwrap_or_else(|| x.clone());
-        let q = self.to_q.forward(x);
-        let k = self.to_k.forward(ctx.clone());
-        let v = self.to_v.forward(ctx);
-        self.to_out.forward(attention(q, k, v, self.heads, None))
+        let a = &self.adapters;
+        let q = a.apply(Projection::Q, self.to_q.forward(x.clone()), x);
+        let k = a.apply(Projection::K, self.to_k.forward(ctx.clone()), ctx.clone());
+        let v = a.apply(Projection::V, self.to_v.forward(ctx.clone()), ctx);
+        let h = attention(q, k, v, self.heads, None);
+        a.apply(Projection::Out, self.to_out.forward(h.clone()), h)
+    }
+
+    fn linear(&self, p: Projection) -> &Linear {
+        match p {
+            Projection::Q => &self.to_q,
+            Projection::K => &self.to_k,
+            Projection::V => &self.to_v,
+            Projection::Out => &self.to_out,
+        }
+    }
+}
+
+impl Adaptable for CrossAttention {
+    fn module_name(&self) -> &str {
+        &self.name
+    }
+
+    fn projection_name(&self, p: Projection) -> &'static str {
+        match p {
+            Projection::Q => "to_q",
+            Projection::K => "to_k",
+            Projection::V => "to_v",
+            Projection::Out => "to_out.0",
+        }
+    }
+
+    fn projection_shape(&self, p: Projection) -> [usize; 2] {
+        let [inp, out] = self.linear(p).weight.dims();
+        [out, inp]
+    }
+
+    fn adapters(&self) -> &AttentionAdapters {
+        &self.adapters
+    }
+
+    fn adapters_mut(&mut self) -> &mut AttentionAdapters {
+        &mut self.adapters
     }
 }

@@ -8,6 +8,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::weights::{HostTensor, WeightsError};
 
+use super::adapter::{Adaptable, AttentionAdapters, Projection};
 use super::attention::attention;
 use super::layers::{Loader, to_device};
 
@@ -25,8 +26,13 @@ struct EncoderLayer {
     layer_norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+    /// Trainable LoRA adapters on the attention projections (`--train-text-encoder`).
+    adapters: AttentionAdapters,
     #[module(skip)]
     heads: usize,
+    /// `text_model.encoder.layers.{i}.self_attn`.
+    #[module(skip)]
+    attn_name: String,
 }
 
 impl EncoderLayer {
@@ -41,17 +47,57 @@ impl EncoderLayer {
             layer_norm2: l.layer_norm(&format!("{p}.layer_norm2"), LN_EPS)?,
             fc1: l.linear(&format!("{p}.mlp.fc1"))?,
             fc2: l.linear(&format!("{p}.mlp.fc2"))?,
+            adapters: AttentionAdapters::default(),
             heads,
+            attn_name: a,
         })
     }
 
     fn forward(&self, x: Tensor<3>, mask: &Tensor<2>) -> Tensor<3> {
         let h = self.layer_norm1.forward(x.clone());
-        let (q, k, v) = (self.q_proj.forward(h.clone()), self.k_proj.forward(h.clone()), self.v_proj.forward(h));
-        let x = x + self.out_proj.forward(attention(q, k, v, self.heads, Some(mask.clone())));
+        let a = &self.adapters;
+        let q = a.apply(Projection::Q, self.q_proj.forward(h.clone()), h.clone());
+        let k = a.apply(Projection::K, self.k_proj.forward(h.clone()), h.clone());
+        let v = a.apply(Projection::V, self.v_proj.forward(h.clone()), h);
+        let o = attention(q, k, v, self.heads, Some(mask.clone()));
+        let x = x + a.apply(Projection::Out, self.out_proj.forward(o.clone()), o);
         let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
         let h = h.clone() * sigmoid(h.mul_scalar(1.702)); // quick GELU
         x + self.fc2.forward(h)
+    }
+}
+
+impl Adaptable for EncoderLayer {
+    fn module_name(&self) -> &str {
+        &self.attn_name
+    }
+
+    fn projection_name(&self, p: Projection) -> &'static str {
+        match p {
+            Projection::Q => "q_proj",
+            Projection::K => "k_proj",
+            Projection::V => "v_proj",
+            Projection::Out => "out_proj",
+        }
+    }
+
+    fn projection_shape(&self, p: Projection) -> [usize; 2] {
+        let lin = match p {
+            Projection::Q => &self.q_proj,
+            Projection::K => &self.k_proj,
+            Projection::V => &self.v_proj,
+            Projection::Out => &self.out_proj,
+        };
+        let [inp, out] = lin.weight.dims();
+        [out, inp]
+    }
+
+    fn adapters(&self) -> &AttentionAdapters {
+        &self.adapters
+    }
+
+    fn adapters_mut(&mut self) -> &mut AttentionAdapters {
+        &mut self.adapters
     }
 }
 
@@ -97,6 +143,15 @@ impl ClipTextModel {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// The self-attention of every layer, where `--train-text-encoder` attaches adapters.
+    pub fn attentions(&self) -> Vec<&dyn Adaptable> {
+        self.layers.iter().map(|l| l as &dyn Adaptable).collect()
+    }
+
+    pub fn attentions_mut(&mut self) -> Vec<&mut dyn Adaptable> {
+        self.layers.iter_mut().map(|l| l as &mut dyn Adaptable).collect()
     }
 
     /// Token embeddings for a batch of id sequences, looked up on the host: `[B, S, hidden]`.

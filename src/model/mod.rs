@@ -4,6 +4,7 @@
 //! the architecture is read off the tensor shapes, with SD 1.x conventions where shapes
 //! cannot tell (8 UNet heads, 64-wide CLIP heads, 32 GroupNorm groups).
 
+pub mod adapter;
 pub mod attention;
 pub mod clip;
 pub mod layers;

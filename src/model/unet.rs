@@ -8,6 +8,7 @@ use burn::tensor::Tensor;
 
 use crate::weights::WeightsError;
 
+use super::adapter::Adaptable;
 use super::attention::CrossAttention;
 use super::layers::{Loader, ResnetBlock, to_device, upsample_nearest_to};
 
@@ -220,6 +221,22 @@ impl Unet {
 
     pub fn config(&self) -> &UnetConfig {
         &self.config
+    }
+
+    /// Every attention block (self and cross), where DreamBooth-LoRA attaches its adapters.
+    pub fn attentions(&self) -> Vec<&dyn Adaptable> {
+        let transformers = self.down.iter().flat_map(|l| &l.attentions).chain([&self.mid_attention]).chain(self.up.iter().flat_map(|l| &l.attentions));
+        transformers.flat_map(|t| &t.blocks).flat_map(|b| [&b.attn1 as &dyn Adaptable, &b.attn2]).collect()
+    }
+
+    pub fn attentions_mut(&mut self) -> Vec<&mut dyn Adaptable> {
+        let transformers = self
+            .down
+            .iter_mut()
+            .flat_map(|l| &mut l.attentions)
+            .chain([&mut self.mid_attention])
+            .chain(self.up.iter_mut().flat_map(|l| &mut l.attentions));
+        transformers.flat_map(|t| &mut t.blocks).flat_map(|b| [&mut b.attn1 as &mut dyn Adaptable, &mut b.attn2]).collect()
     }
 
     /// Predicts the noise `eps` for latents `x` `[B, C, H, W]` at float timesteps `t` (one per

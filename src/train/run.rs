@@ -1,0 +1,314 @@
+//! The training run: data prepared once, then optimiser steps with progress, loss log,
+//! validation images and resumable checkpoints.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
+use rand_distr::StandardNormal;
+
+use crate::model::adapter::LowRank;
+use crate::model::layers::to_device;
+use crate::pipeline::{GenerationParams, StableDiffusion};
+use crate::sampling::schedule::alphas_cumprod;
+use crate::sampling::{NoProgress, Sampler};
+use crate::weights::HostTensor;
+
+use super::adapters::{self, TEXT_PREFIX, UNET_PREFIX};
+use super::data::{self, CachedLatent};
+use super::options::TrainOptions;
+use super::state::{self, Checkpoint};
+use super::step::{self, AdamWOptimizer, Batch};
+use super::TrainError;
+
+/// DDPM training timesteps.
+const TIMESTEPS: usize = 1000;
+
+/// Losses of one optimiser step (averaged over accumulation).
+#[derive(Clone, Copy, Debug)]
+pub struct StepLoss {
+    pub loss: f32,
+    pub instance: f32,
+    pub prior: f32,
+    pub lr: f64,
+}
+
+pub struct Trainer {
+    pub sd: StableDiffusion,
+    pub opts: TrainOptions,
+    instances: Vec<Vec<CachedLatent>>,
+    classes: Vec<Vec<CachedLatent>>,
+    /// Prompt embeddings, computed once when the text encoder is frozen.
+    instance_context: Option<Tensor<3>>,
+    class_context: Option<Tensor<3>>,
+    optim: AdamWOptimizer,
+    /// Optimiser steps done.
+    pub step: usize,
+    acp: Vec<f32>,
+}
+
+impl Trainer {
+    /// Loads the model, encodes the images, and attaches fresh adapters (or a checkpoint's).
+    pub fn new(opts: TrainOptions, mut sd: StableDiffusion, resume: Option<&Checkpoint>) -> Result<Self, TrainError> {
+        opts.validate().map_err(TrainError::Options)?;
+        let instance_files = data::list_images(&opts.instance_dir)?;
+        let class_files = match &opts.class_dir {
+            Some(dir) => data::list_images(dir)?,
+            None => Vec::new(),
+        };
+        let device = sd.compute.device.clone();
+        let mut crop_rng = StdRng::seed_from_u64(opts.seed);
+        let (size, center, flip) = (opts.resolution, opts.center_crop, opts.random_flip);
+        let instances = data::encode_folder(&sd.vae, &instance_files, size, center, flip, &mut crop_rng, &device)?;
+        let classes = data::encode_folder(&sd.vae, &class_files, size, center, flip, &mut crop_rng, &device)?;
+        let grad_device = device.clone().autodiff();
+        match resume {
+            Some(ck) => {
+                adapters::attach_from(sd.unet.attentions_mut(), UNET_PREFIX, &ck.lora, &grad_device).map_err(TrainError::Resume)?;
+                if opts.train_text_encoder {
+                    adapters::attach_from(sd.clip.attentions_mut(), TEXT_PREFIX, &ck.lora, &grad_device).map_err(TrainError::Resume)?;
+                }
+            }
+            None => {
+                let mut init_rng = StdRng::seed_from_u64(opts.seed ^ 0x5eed_1a7e);
+                adapters::attach_new(sd.unet.attentions_mut(), opts.rank, opts.alpha(), &mut init_rng, &grad_device);
+                if opts.train_text_encoder {
+                    adapters::attach_new(sd.clip.attentions_mut(), opts.rank, opts.alpha(), &mut init_rng, &grad_device);
+                }
+            }
+        }
+        let mut optim = AdamWOptimizer::new(opts.adam_weight_decay);
+        if let Some(ck) = resume {
+            ck.restore_optimizer(&mut optim, &device);
+        }
+        let (instance_context, class_context) = if opts.train_text_encoder {
+            (None, None)
+        } else {
+            (Some(sd.encode_prompt(&opts.instance_prompt, 1)), opts.class_prompt.as_ref().map(|p| sd.encode_prompt(p, 1)))
+        };
+        let step = resume.map_or(0, |c| c.step);
+        Ok(Self { sd, opts, instances, classes, instance_context, class_context, optim, step, acp: alphas_cumprod() })
+    }
+
+    fn device(&self) -> Device {
+        self.sd.compute.device.clone()
+    }
+
+    /// One optimiser step (over `gradient_accumulation_steps` micro-batches).
+    pub fn train_step(&mut self) -> StepLoss {
+        let accum = self.opts.gradient_accumulation_steps;
+        let mut grads = HashMap::new();
+        let (mut inst, mut prior, mut total) = (0.0, 0.0, 0.0);
+        for micro in 0..accum {
+            let batch = self.batch(micro);
+            let l = step::losses(&self.sd.unet, &batch, &self.acp, self.opts.prior_loss_weight);
+            let g = step::factor_grads(&self.adapters(), &l.total.backward());
+            step::accumulate(&mut grads, g);
+            inst += l.instance / accum as f32;
+            prior += l.prior / accum as f32;
+            total += (l.instance + self.opts.prior_loss_weight * l.prior) / accum as f32;
+        }
+        if accum > 1 {
+            // The loss is a mean over the accumulated batches, as accelerate divides it.
+            grads = grads.into_iter().map(|(k, g)| (k, g.div_scalar(accum as f32))).collect();
+        }
+        let o = &self.opts;
+        let lr = o.lr_scheduler.lr(o.learning_rate, self.step, o.lr_warmup_steps, o.max_train_steps);
+        let adapters = adapters_mut(&mut self.sd, o.train_text_encoder);
+        self.optim.step(lr, adapters, &grads);
+        self.step += 1;
+        StepLoss { loss: total, instance: inst, prior, lr }
+    }
+
+    /// The adapters being trained, by kohya name.
+    pub fn adapters(&self) -> Vec<(String, &LowRank)> {
+        let mut v = adapters::named(self.sd.unet.attentions(), UNET_PREFIX);
+        v.extend(adapters::named(self.sd.clip.attentions(), TEXT_PREFIX));
+        v
+    }
+
+    /// Micro-batch `micro` of the current step: its images, latent draws, noise and
+    /// timesteps all come from generators seeded by (seed, step, micro), so a resumed run
+    /// draws exactly what an uninterrupted one would.
+    fn batch(&self, micro: usize) -> Batch {
+        let o = &self.opts;
+        let bs = o.batch_size;
+        let first = (self.step * o.gradient_accumulation_steps + micro) * bs;
+        let mut rng = StdRng::seed_from_u64(mix(o.seed, (self.step * o.gradient_accumulation_steps + micro) as u64));
+        let mut latents = Vec::new();
+        let mut picks: Vec<&[CachedLatent]> = (0..bs).map(|i| self.instances[epoch_index(o.seed, self.instances.len(), first + i)].as_slice()).collect();
+        let with_prior = o.prior_preservation() && !self.classes.is_empty();
+        if with_prior {
+            picks.extend((0..bs).map(|i| self.classes[epoch_index(o.seed ^ 1, self.classes.len(), first + i)].as_slice()));
+        }
+        for views in &picks {
+            let view = &views[if views.len() > 1 && rng.random_bool(0.5) { 1 } else { 0 }];
+            let eps = normal(&mut rng, view.mean.len());
+            latents.extend(view.sample(&eps, self.sd.scaling_factor));
+        }
+        let n = picks.len();
+        let side = o.resolution / 8;
+        let noise = normal(&mut rng, latents.len());
+        let timesteps = (0..n).map(|_| rng.random_range(0..TIMESTEPS)).collect();
+        let device = self.device();
+        let mut contexts = vec![self.context(true); bs];
+        if with_prior {
+            contexts.extend(vec![self.context(false); bs]);
+        }
+        Batch {
+            latents: to_device(latents, [n, 4, side, side], &device),
+            noise: to_device(noise, [n, 4, side, side], &device),
+            timesteps,
+            context: Tensor::cat(contexts, 0),
+            instances: bs,
+        }
+    }
+
+    fn context(&self, instance: bool) -> Tensor<3> {
+        let cached = if instance { &self.instance_context } else { &self.class_context };
+        match cached {
+            Some(c) => c.clone(),
+            None => {
+                let prompt = if instance { &self.opts.instance_prompt } else { self.opts.class_prompt.as_ref().expect("class prompt") };
+                self.sd.encode_prompt(prompt, 1)
+            }
+        }
+    }
+
+    /// Instance loss on a fixed evaluation set: every instance image (encoder mean) under the
+    /// same `draws` (timestep, noise) pairs each time. Unlike the training loss, which jumps
+    /// with the random timestep of each step, this shows whether the model learnt the subject.
+    pub fn eval_instance_loss(&mut self, draws: usize) -> f32 {
+        let mut rng = StdRng::seed_from_u64(mix(self.opts.seed, u64::MAX));
+        let mut latents = Vec::new();
+        for views in &self.instances {
+            for _ in 0..draws {
+                latents.extend(views[0].mean.iter().map(|m| m * self.sd.scaling_factor));
+            }
+        }
+        let n = self.instances.len() * draws;
+        let side = self.opts.resolution / 8;
+        let noise = normal(&mut rng, latents.len());
+        let timesteps = (0..n).map(|_| rng.random_range(0..TIMESTEPS)).collect();
+        let device = self.device();
+        let train_te = self.opts.train_text_encoder;
+        adapters::set_trainable(adapters_mut(&mut self.sd, train_te), false);
+        let batch = Batch {
+            latents: to_device(latents, [n, 4, side, side], &device),
+            noise: to_device(noise, [n, 4, side, side], &device),
+            timesteps,
+            context: Tensor::cat(vec![self.context(true); n], 0),
+            instances: n,
+        };
+        let loss = step::losses(&self.sd.unet, &batch, &self.acp, 0.0).instance;
+        adapters::set_trainable(adapters_mut(&mut self.sd, train_te), true);
+        loss
+    }
+
+    /// The LoRA as kohya tensors.
+    pub fn lora_tensors(&self) -> Vec<(String, HostTensor)> {
+        adapters::to_kohya(&self.adapters())
+    }
+
+    /// Writes the kohya LoRA with the metadata A1111 and kohya tools show.
+    pub fn save_lora(&self, path: &Path) -> Result<(), TrainError> {
+        let o = &self.opts;
+        let mut meta = HashMap::new();
+        let mut put = |k: &str, v: String| meta.insert(k.to_owned(), v);
+        put("ss_network_module", "networks.lora".into());
+        put("ss_network_dim", o.rank.to_string());
+        put("ss_network_alpha", crate::output::fmt_num(o.alpha()));
+        put("ss_base_model_version", "sd_v1".into());
+        put("ss_v2", "False".into());
+        put("ss_steps", self.step.to_string());
+        put("ss_max_train_steps", o.max_train_steps.to_string());
+        put("ss_learning_rate", o.learning_rate.to_string());
+        put("ss_lr_scheduler", format!("{:?}", o.lr_scheduler).to_lowercase());
+        put("ss_batch_size_per_device", o.batch_size.to_string());
+        put("ss_gradient_accumulation_steps", o.gradient_accumulation_steps.to_string());
+        put("ss_resolution", format!("({}, {})", o.resolution, o.resolution));
+        put("ss_seed", o.seed.to_string());
+        put("ss_num_train_images", self.instances.len().to_string());
+        put("ss_prior_loss_weight", o.prior_loss_weight.to_string());
+        put("ss_text_encoder_lr", if o.train_text_encoder { o.learning_rate.to_string() } else { "0".into() });
+        put("ss_output_name", path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        put("ss_sd_model_name", self.sd.model_name());
+        put("ss_training_comment", format!("DreamBooth-LoRA by sdw; instance prompt: {}", o.instance_prompt));
+        put("sdw_instance_prompt", o.instance_prompt.clone());
+        if let Some(c) = &o.class_prompt {
+            put("sdw_class_prompt", c.clone());
+        }
+        state::write_safetensors(path, &self.lora_tensors(), meta)
+    }
+
+    pub fn save_checkpoint(&self, path: &Path) -> Result<(), TrainError> {
+        let meta = HashMap::from([
+            ("sdw_rank".to_owned(), self.opts.rank.to_string()),
+            ("sdw_seed".to_owned(), self.opts.seed.to_string()),
+            ("sdw_train_text_encoder".to_owned(), self.opts.train_text_encoder.to_string()),
+        ]);
+        state::save_checkpoint(path, self.step, self.lora_tensors(), &self.optim, meta)
+    }
+
+    /// Images from the prompt with the LoRA as trained so far (fixed seeds), `[n][3*s*s]`.
+    pub fn sample_images(&mut self, prompt: &str, count: usize) -> Result<Vec<Vec<f32>>, TrainError> {
+        let train_te = self.opts.train_text_encoder;
+        adapters::set_trainable(adapters_mut(&mut self.sd, train_te), false);
+        let result = (0..count)
+            .map(|i| {
+                let p = GenerationParams {
+                    prompt: prompt.to_owned(),
+                    negative_prompt: String::new(),
+                    sampler: Sampler::parse("euler_a").expect("known sampler"),
+                    steps: self.opts.sample_steps,
+                    cfg_scale: 7.0,
+                    seed: self.opts.seed + i as u64,
+                    width: self.opts.resolution,
+                    height: self.opts.resolution,
+                    clip_skip: 1,
+                    lora_hashes: Vec::new(),
+                };
+                self.sd.txt2img(&p, &mut NoProgress).map(|g| g.image.data).map_err(|e| TrainError::Model(e.to_string()))
+            })
+            .collect();
+        adapters::set_trainable(adapters_mut(&mut self.sd, train_te), true);
+        result
+    }
+}
+
+fn adapters_mut(sd: &mut StableDiffusion, text_encoder: bool) -> Vec<(String, &mut LowRank)> {
+    let mut v = adapters::named_mut(sd.unet.attentions_mut(), UNET_PREFIX);
+    if text_encoder {
+        v.extend(adapters::named_mut(sd.clip.attentions_mut(), TEXT_PREFIX));
+    }
+    v
+}
+
+/// Sample `k` of an endless sequence of shuffled epochs over `n` items.
+fn epoch_index(seed: u64, n: usize, k: usize) -> usize {
+    let (epoch, pos) = (k / n, k % n);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(mix(seed, epoch as u64 | 1 << 63)));
+    order[pos]
+}
+
+/// A well-spread seed for stream `k` of `seed` (splitmix64 finaliser).
+fn mix(seed: u64, k: u64) -> u64 {
+    let mut z = seed ^ k.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+}
+
+/// Where a run keeps its log, plots, validation images and checkpoints: `<output stem>-training/`.
+pub fn run_dir(output: &Path) -> PathBuf {
+    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "lora".into());
+    output.with_file_name(format!("{stem}-training"))
+}

