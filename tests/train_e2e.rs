@@ -26,11 +26,27 @@ fn instance_photos(dir: &Path) {
     }
 }
 
-fn tmp(name: &str) -> PathBuf {
+/// A scratch folder removed when the test ends.
+struct Tmp(PathBuf);
+
+impl std::ops::Deref for Tmp {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmp(name: &str) -> Tmp {
     let dir = std::env::temp_dir().join(format!("sdw-train-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Tmp(dir)
 }
 
 fn train_args(dir: &Path, extra: &[&str]) -> Vec<String> {
@@ -176,4 +192,24 @@ fn empty_photo_folder_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken.png") && err.contains("cannot read"), "{err}");
     assert!(!err.contains("generating"), "bad photos are reported before any class image is made: {err}");
+}
+
+/// `--train-text-encoder` adds trained `lora_te_*` adapters on every CLIP attention, and the
+/// file loads back through the LoRA loader used for generation.
+#[test]
+fn text_encoder_adapters_are_trained_and_saved() {
+    let dir = tmp("te");
+    instance_photos(&dir.join("photos"));
+    let out = dir.join("te.safetensors");
+    let mut args = train_args(&dir, &["--max-train-steps", "3", "--train-text-encoder", "--batch-size", "2"]);
+    args.extend(["--output".into(), out.to_str().unwrap().into()]);
+    assert!(sdw(&args).status.success());
+    let t = read_tensors(&out).unwrap();
+    let te_up: Vec<_> = t.iter().filter(|(k, _)| k.starts_with("lora_te_") && k.ends_with("lora_up.weight")).collect();
+    let layers = StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), device::cpu()).unwrap().clip.num_layers();
+    assert_eq!(te_up.len(), 4 * layers, "q/k/v/out of every CLIP layer");
+    assert!(te_up.iter().all(|(_, v)| v.data.iter().any(|x| *x != 0.0)), "up factors start at 0 and must have moved");
+    let lora = sdw::lora::Lora::open(&out).unwrap();
+    let sd = StableDiffusion::load_with_loras(&fixture("tiny-sd-fp16.safetensors"), device::cpu(), &[(lora, sdw::lora::Strength::both(1.0))]);
+    assert!(sd.is_ok(), "the trained file loads for generation");
 }
