@@ -12,9 +12,9 @@ use rand_distr::StandardNormal;
 
 use crate::model::adapter::LowRank;
 use crate::model::layers::to_device;
-use crate::pipeline::{GenerationParams, StableDiffusion};
+use crate::pipeline::StableDiffusion;
 use crate::sampling::schedule::alphas_cumprod;
-use crate::sampling::{NoProgress, Sampler};
+use crate::sampling::NoProgress;
 use crate::weights::HostTensor;
 
 use super::adapters::{self, TEXT_PREFIX, UNET_PREFIX};
@@ -259,18 +259,7 @@ impl Trainer {
         adapters::set_trainable(adapters_mut(&mut self.sd, train_te), false);
         let result = (0..count)
             .map(|i| {
-                let p = GenerationParams {
-                    prompt: prompt.to_owned(),
-                    negative_prompt: String::new(),
-                    sampler: Sampler::parse("euler_a").expect("known sampler"),
-                    steps: self.opts.sample_steps,
-                    cfg_scale: 7.0,
-                    seed: self.opts.seed + i as u64,
-                    width: self.opts.resolution,
-                    height: self.opts.resolution,
-                    clip_skip: 1,
-                    lora_hashes: Vec::new(),
-                };
+                let p = self.opts.sample_params(prompt, self.opts.seed + i as u64);
                 self.sd.txt2img(&p, &mut NoProgress).map(|g| g.image.data).map_err(|e| TrainError::Model(e.to_string()))
             })
             .collect();

@@ -121,18 +121,7 @@ pub fn generate_class_images(sd: &mut StableDiffusion, opts: &TrainOptions, prom
     eprintln!("generating {missing} class images for \"{prompt}\" in {}", dir.display());
     for i in 0..missing {
         let seed = opts.seed.wrapping_add((have + i) as u64);
-        let p = crate::pipeline::GenerationParams {
-            prompt: prompt.to_owned(),
-            negative_prompt: String::new(),
-            sampler: crate::sampling::Sampler::parse("euler_a").expect("known sampler"),
-            steps: opts.sample_steps,
-            cfg_scale: 7.0,
-            seed,
-            width: opts.resolution,
-            height: opts.resolution,
-            clip_skip: 1,
-            lora_hashes: Vec::new(),
-        };
+        let p = opts.sample_params(prompt, seed);
         let g = sd.txt2img(&p, &mut crate::sampling::NoProgress).map_err(|e| TrainError::Model(e.to_string()))?;
         let img = output::to_rgb8(&g.image.data, opts.resolution, opts.resolution);
         let path = output::fresh_path(&dir.join(format!("class-{:05}.png", have + i)));
