@@ -89,3 +89,32 @@ fn three_adamw_steps_match_the_reference() {
         eprintln!("[{}] LoRA after 3 AdamW steps: worst rel. error {:.2e} after the bottleneck, {:.2e} upstream", c.description, worst[0], worst[1]);
     }
 }
+
+/// burn's gradient checkpointing (`--gradient-checkpointing`) recomputes instead of storing;
+/// the gradients must not change.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let ckpt = Checkpoint::open(&fixture("tiny-sd-fp16.safetensors")).unwrap();
+    let init = read_tensors(&fixture("train-lora-init.safetensors")).unwrap();
+    let dev = &sdw::device::cpu().device;
+    let grads = |checkpointing: bool| {
+        let mut unet = Unet::load(&Loader::new(&ckpt, Component::Unet, dev)).unwrap();
+        let ad = if checkpointing { dev.clone().autodiff().gradient_checkpointing() } else { dev.clone().autodiff() };
+        attach_from(unet.attentions_mut(), UNET_PREFIX, &init, &ad).unwrap();
+        let batch = Batch {
+            latents: to_device(golden("train.latents").data, [2, 4, 8, 8], dev),
+            noise: to_device(golden("train.noise").data, [2, 4, 8, 8], dev),
+            timesteps: vec![10, 700],
+            context: to_device(golden("train.context").data, [2, 77, 128], dev),
+            instances: 1,
+        };
+        let l = losses(&unet, &batch, &alphas_cumprod(), 1.0);
+        let g = factor_grads(&named(unet.attentions(), UNET_PREFIX), &l.total.backward());
+        g.into_iter().map(|(k, t)| (k, sdw::model::layers::to_host(t).data)).collect::<std::collections::HashMap<_, _>>()
+    };
+    let (a, b) = (grads(false), grads(true));
+    for (k, v) in &a {
+        let e = if norm(v) == 0.0 { norm(&b[k]) } else { rel_err(&b[k], v) };
+        assert!(e < 1e-6, "{k}: {e:.2e}");
+    }
+}

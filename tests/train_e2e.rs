@@ -213,3 +213,25 @@ fn text_encoder_adapters_are_trained_and_saved() {
     let sd = StableDiffusion::load_with_loras(&fixture("tiny-sd-fp16.safetensors"), device::cpu(), &[(lora, sdw::lora::Strength::both(1.0))]);
     assert!(sd.is_ok(), "the trained file loads for generation");
 }
+
+/// Ctrl-C (SIGINT) saves a checkpoint at the current step and exits non-zero, saying how to
+/// resume.
+#[test]
+fn ctrl_c_saves_a_checkpoint() {
+    let dir = tmp("sigint");
+    instance_photos(&dir.join("photos"));
+    let mut args = train_args(&dir, &["--max-train-steps", "100000", "--checkpoint-every", "0"]);
+    args.extend(["--output".into(), dir.join("c.safetensors").to_str().unwrap().into()]);
+    let child = Command::new(env!("CARGO_BIN_EXE_sdw")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let csv = dir.join("c-training/loss.csv");
+    while std::fs::read_to_string(&csv).map_or(0, |t| t.lines().count()) < 5 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("interrupted at step") && err.contains("--resume"), "{err}");
+    let saved: Vec<_> = std::fs::read_dir(dir.join("c-training/checkpoints")).unwrap().collect();
+    assert_eq!(saved.len(), 1, "one checkpoint, written on Ctrl-C");
+}

@@ -63,6 +63,10 @@ pub struct TrainOptions {
     pub batch_size: usize,
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
+    /// Recompute cheap activations in the backward pass instead of storing them (burn's
+    /// balanced checkpointing): less memory, a little more time.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Also train LoRA adapters on the CLIP text encoder's q/k/v/out projections.
     #[arg(long)]
     pub train_text_encoder: bool,

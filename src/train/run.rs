@@ -64,7 +64,9 @@ impl Trainer {
         let (size, center, flip) = (opts.resolution, opts.center_crop, opts.random_flip);
         let instances = data::encode_folder(&sd.vae, &instance_files, size, center, flip, &mut crop_rng, &device)?;
         let classes = data::encode_folder(&sd.vae, &class_files, size, center, flip, &mut crop_rng, &device)?;
-        let grad_device = device.clone().autodiff();
+        // Only the adapters live on the autodiff device: the frozen base weights stay plain
+        // tensors, so the graph starts at the first adapter and no base gradient is made.
+        let grad_device = if opts.gradient_checkpointing { device.clone().autodiff().gradient_checkpointing() } else { device.clone().autodiff() };
         match resume {
             Some(ck) => {
                 adapters::attach_from(sd.unet.attentions_mut(), UNET_PREFIX, &ck.lora, &grad_device).map_err(TrainError::Resume)?;

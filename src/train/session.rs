@@ -43,6 +43,9 @@ pub fn train(opts: TrainOptions) -> Result<PathBuf, TrainError> {
         eprintln!("note: {} exists; writing {} instead", t.opts.output.display(), out.display());
     }
     t.save_lora(&out)?;
+    if let Some(peak) = peak_host_memory() {
+        eprintln!("peak host memory: {:.0} MiB", peak as f64 / (1 << 20) as f64);
+    }
     Ok(out)
 }
 
@@ -129,4 +132,11 @@ pub fn generate_class_images(sd: &mut StableDiffusion, opts: &TrainOptions, prom
         eprintln!("class image {}/{missing}", i + 1);
     }
     Ok(())
+}
+
+/// The process's peak resident memory (Linux `VmHWM`), the training peak on the CPU backend.
+fn peak_host_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+    Some(kb * 1024)
 }
