@@ -48,6 +48,8 @@ pub struct Trainer {
     /// Optimiser steps done.
     pub step: usize,
     acp: Vec<f32>,
+    /// Largest device memory the allocator held after a backward pass (GPU backends).
+    pub peak_device_bytes: u64,
 }
 
 impl Trainer {
@@ -92,7 +94,7 @@ impl Trainer {
             (Some(sd.encode_prompt(&opts.instance_prompt, 1)), opts.class_prompt.as_ref().map(|p| sd.encode_prompt(p, 1)))
         };
         let step = resume.map_or(0, |c| c.step);
-        Ok(Self { sd, opts, instances, classes, instance_context, class_context, optim, step, acp: alphas_cumprod() })
+        Ok(Self { sd, opts, instances, classes, instance_context, class_context, optim, step, acp: alphas_cumprod(), peak_device_bytes: 0 })
     }
 
     fn device(&self) -> Device {
@@ -109,6 +111,9 @@ impl Trainer {
             let l = step::losses(&self.sd.unet, &batch, &self.acp, self.opts.prior_loss_weight);
             let g = step::factor_grads(&self.adapters(), &l.total.backward());
             step::accumulate(&mut grads, g);
+            if let Some(usage) = self.sd.compute.device.memory_pool_usage() {
+                self.peak_device_bytes = self.peak_device_bytes.max(usage.bytes_reserved);
+            }
             inst += l.instance / accum as f32;
             prior += l.prior / accum as f32;
             total += (l.instance + self.opts.prior_loss_weight * l.prior) / accum as f32;

@@ -43,8 +43,12 @@ pub fn train(opts: TrainOptions) -> Result<PathBuf, TrainError> {
         eprintln!("note: {} exists; writing {} instead", t.opts.output.display(), out.display());
     }
     t.save_lora(&out)?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     if let Some(peak) = peak_host_memory() {
-        eprintln!("peak host memory: {:.0} MiB", peak as f64 / (1 << 20) as f64);
+        eprintln!("peak host memory: {:.0} MiB", mib(peak));
+    }
+    if t.peak_device_bytes > 0 {
+        eprintln!("peak device memory held by the allocator: {:.0} MiB", mib(t.peak_device_bytes));
     }
     Ok(out)
 }
