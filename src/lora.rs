@@ -1,6 +1,7 @@
 //! LoRA files as users download them (kohya-ss layout: `lora_unet_*` / `lora_te_*` with
-//! `.lora_down.weight`, `.lora_up.weight`, `.alpha`), merged into the base weights the way
-//! A1111 does: `W += multiplier * alpha / rank * up @ down`.
+//! `.lora_down.weight`, `.lora_up.weight`, `.alpha`; diffusers/PEFT layouts are read into the
+//! same kohya names), merged into the base weights the way A1111 does:
+//! `W += multiplier * alpha / rank * up @ down` (no alpha: alpha = rank, i.e. scale 1).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -63,13 +64,12 @@ impl Lora {
         let file = SafetensorsFile::open(path)?;
         let mut parts: BTreeMap<String, (Option<HostTensor>, Option<HostTensor>, Option<f32>)> = BTreeMap::new();
         for key in file.keys() {
-            let Some((module, what)) = key.split_once('.') else { continue };
-            let entry = parts.entry(module.to_owned()).or_default();
-            match what {
-                "lora_down.weight" => entry.0 = Some(file.tensor(key)?),
-                "lora_up.weight" => entry.1 = Some(file.tensor(key)?),
-                "alpha" => entry.2 = file.tensor(key)?.data.first().copied(),
-                _ => {}
+            let Some((module, part)) = parse_key(key) else { continue };
+            let entry = parts.entry(module).or_default();
+            match part {
+                Part::Down => entry.0 = Some(file.tensor(key)?),
+                Part::Up => entry.1 = Some(file.tensor(key)?),
+                Part::Alpha => entry.2 = file.tensor(key)?.data.first().copied(),
             }
         }
         let modules: BTreeMap<String, Pair> = parts
@@ -162,6 +162,49 @@ impl Pair {
         }
         Some(d)
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Down,
+    Up,
+    Alpha,
+}
+
+/// A LoRA tensor name in any layout users have -> (kohya module name, which tensor):
+/// kohya (`lora_unet_…_to_q.lora_down.weight`), PEFT as diffusers' DreamBooth-LoRA script
+/// writes it (`unet.….to_q.lora_A.weight` / `lora_B`, `text_encoder.….q_proj.lora_A.weight`),
+/// diffusers' `….lora.down.weight`, and the older attention-processor names
+/// (`unet.….attn1.processor.to_q_lora.down.weight`). PEFT and diffusers modules are named by
+/// their diffusers path, which becomes the kohya name with dots turned into underscores.
+pub fn parse_key(key: &str) -> Option<(String, Part)> {
+    const SUFFIXES: [(&str, Part); 7] = [
+        (".lora_down.weight", Part::Down),
+        (".lora_up.weight", Part::Up),
+        (".lora_A.weight", Part::Down),
+        (".lora_B.weight", Part::Up),
+        (".lora.down.weight", Part::Down),
+        (".lora.up.weight", Part::Up),
+        (".alpha", Part::Alpha),
+    ];
+    let processor = [(".down.weight", Part::Down), (".up.weight", Part::Up)];
+    let (module, part) = SUFFIXES
+        .iter()
+        .find_map(|(suffix, part)| key.strip_suffix(suffix).map(|m| (m.to_owned(), *part)))
+        .or_else(|| {
+            processor.iter().find_map(|(suffix, part)| {
+                let m = key.strip_suffix(suffix)?.strip_suffix("_lora")?;
+                Some((m.replace(".processor.", ".").replace(".to_out", ".to_out.0"), *part))
+            })
+        })?;
+    if module.starts_with("lora_") {
+        return Some((module, part));
+    }
+    let module = module.strip_prefix("base_model.model.").unwrap_or(&module);
+    let (prefix, path) = [("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te_"), ("unet.", "lora_unet_")]
+        .iter()
+        .find_map(|(from, to)| module.strip_prefix(from).map(|rest| (*to, rest)))?;
+    Some((format!("{prefix}{}", path.replace('.', "_")), part))
 }
 
 /// Which model family a LoRA was made for, from its kohya key names:
@@ -260,14 +303,19 @@ pub struct LoraInfo {
 impl LoraInfo {
     pub fn inspect(path: &Path) -> Result<Self, LoraError> {
         let file = SafetensorsFile::open(path)?;
-        let downs: Vec<&str> =
-            file.keys().filter(|k| k.starts_with("lora_") && k.ends_with(".lora_down.weight")).collect();
+        let downs: Vec<(&str, String)> = file
+            .keys()
+            .filter_map(|k| match parse_key(k) {
+                Some((module, Part::Down)) => Some((k, module)),
+                _ => None,
+            })
+            .collect();
         if downs.is_empty() {
             return Err(LoraError::NotLora { path: path.to_owned() });
         }
-        let rank = downs.iter().filter_map(|k| file.shape(k)).map(|s| s[0]).max();
+        let rank = downs.iter().filter_map(|(k, _)| file.shape(k)).map(|s| s[0]).max();
         let alpha = file.keys().find(|k| k.ends_with(".alpha")).and_then(|k| file.tensor(k).ok()).and_then(|t| t.data.first().copied());
-        let target = family(&downs);
+        let target = family(&downs.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>());
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(Self { name, modules: downs.len(), rank, alpha, target })
     }

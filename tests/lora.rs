@@ -152,3 +152,79 @@ fn loras_command_lists_rank_alpha_target_and_hash() {
     assert_eq!(cols, ["tiny-lora-kohya", "4", "2", "211", "SD", "1.x", hash.as_str()], "{text}");
     assert!(!text.contains("golden"), "non-LoRA files are skipped: {text}");
 }
+
+#[test]
+fn lora_key_layouts_map_to_kohya_names() {
+    use sdw::lora::{Part, parse_key};
+    let k = |s: &str| parse_key(s).map(|(m, p)| (m, p));
+    let unet = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    assert_eq!(k(&format!("{unet}.lora_down.weight")), Some((unet.into(), Part::Down)));
+    let peft = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    assert_eq!(k(&format!("{peft}.lora_A.weight")), Some((unet.into(), Part::Down)));
+    assert_eq!(k(&format!("{peft}.lora_B.weight")), Some((unet.into(), Part::Up)));
+    assert_eq!(k(&format!("{peft}.lora.up.weight")), Some((unet.into(), Part::Up)));
+    assert_eq!(k(&format!("{peft}.alpha")), Some((unet.into(), Part::Alpha)));
+    assert_eq!(
+        k("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight"),
+        Some((unet.into(), Part::Down))
+    );
+    assert_eq!(
+        k("unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up.weight"),
+        Some(("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0".into(), Part::Up))
+    );
+    assert_eq!(
+        k("text_encoder.text_model.encoder.layers.3.self_attn.q_proj.lora_A.weight"),
+        Some(("lora_te_text_model_encoder_layers_3_self_attn_q_proj".into(), Part::Down))
+    );
+    assert_eq!(k("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight").unwrap().0, "lora_te2_text_model_encoder_layers_0_self_attn_q_proj");
+    assert_eq!(k("unet.conv_in.weight"), None);
+}
+
+/// The kohya fixture's tensors renamed to the PEFT layout diffusers' `train_dreambooth_lora.py`
+/// writes (`unet.<module>.lora_A/lora_B.weight`, `text_encoder.<module>…`, `.alpha` kept):
+/// the same merge, so the same goldens.
+#[test]
+fn peft_lora_gives_the_kohya_result() {
+    use sdw::weights::{Checkpoint, Component};
+    let ckpt = Checkpoint::open(&fixture("tiny-sd-fp16.safetensors")).unwrap();
+    let mut diffusers_name = std::collections::HashMap::new();
+    for (component, kohya, peft) in [(Component::Unet, "lora_unet_", "unet."), (Component::TextEncoder, "lora_te_", "text_encoder.")] {
+        for name in ckpt.names(component) {
+            if let Some(stem) = name.strip_suffix(".weight") {
+                diffusers_name.insert(format!("{kohya}{}", stem.replace('.', "_")), format!("{peft}{stem}"));
+            }
+        }
+    }
+    let kohya = sdw::train::adapters::read_tensors(&fixture("tiny-lora-kohya.safetensors")).unwrap();
+    let renamed: Vec<(String, sdw::weights::HostTensor)> = kohya
+        .into_iter()
+        .map(|(key, t)| {
+            let (module, part) = key.split_once('.').unwrap();
+            let part = match part {
+                "lora_down.weight" => "lora_A.weight",
+                "lora_up.weight" => "lora_B.weight",
+                other => other,
+            };
+            (format!("{}.{part}", diffusers_name[module]), t)
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("sdw-peft-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny-lora-peft.safetensors");
+    sdw::train::state::write_safetensors(&path, &renamed, Default::default()).unwrap();
+    let info = sdw::lora::LoraInfo::inspect(&path).unwrap();
+    assert_eq!(info.target, "SD 1.x");
+    for c in devices() {
+        let peft = Lora::open(&path).unwrap();
+        let sd = StableDiffusion::load_with_loras(&fixture("tiny-sd-fp16.safetensors"), c.clone(), &[(peft, Strength::both(0.8))]).unwrap();
+        let dev = &c.device;
+        let (x, ctx) = (golden("unet.x"), golden("unet.context"));
+        let eps = sd.unet.forward(to_device(x.data, [2, 4, 8, 12], dev), &golden("unet.t").data, &to_device(ctx.data, [2, 77, 128], dev));
+        assert_close(&format!("PEFT lora.unet_eps [{}]", c.description), &to_host(eps), &golden("lora.unet_eps"), 1e-4);
+        let ids = golden("clip.input_ids");
+        let ids: Vec<Vec<u32>> = ids.data.chunks(77).map(|r| r.iter().map(|&v| v as u32).collect()).collect();
+        let h = to_host(sd.clip.forward(&ids, 1, dev));
+        assert_close(&format!("PEFT lora.clip [{}]", c.description), &h, &golden("lora.clip_last_hidden_state"), 1e-4);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
