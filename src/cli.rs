@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{self, DeviceChoice};
+use crate::embeddings;
 use crate::lora::{self, Lora, Strength};
 use crate::output;
 use crate::pipeline::{GenerationParams, StableDiffusion};
@@ -34,7 +35,15 @@ enum Command {
         #[arg(long, default_value = "models/Lora")]
         lora_dir: PathBuf,
     },
+    /// List the textual-inversion embeddings in a folder: vectors, width, target model, A1111 hash.
+    Embeddings {
+        #[arg(long, default_value = EMBEDDINGS_DIR)]
+        embeddings_dir: PathBuf,
+    },
 }
+
+/// A1111's embeddings folder.
+const EMBEDDINGS_DIR: &str = "embeddings";
 
 #[derive(Args, Debug)]
 struct Txt2ImgArgs {
@@ -77,6 +86,10 @@ struct Txt2ImgArgs {
     /// Where `<lora:NAME:WEIGHT>` prompt tags look for `NAME.safetensors`.
     #[arg(long, default_value = "models/Lora")]
     lora_dir: PathBuf,
+    /// Textual-inversion embeddings: a prompt word equal to a file's name (`NAME.safetensors`)
+    /// stands for its vectors. [default: embeddings, if it exists]
+    #[arg(long)]
+    embeddings_dir: Option<PathBuf>,
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -89,6 +102,7 @@ pub fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Loras { lora_dir } => list_loras(&lora_dir),
+        Command::Embeddings { embeddings_dir } => list_embeddings(&embeddings_dir),
         Command::Train(opts) => {
             let path = crate::train::train(*opts)?;
             println!("{}", path.display());
@@ -122,6 +136,35 @@ fn list_loras(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn list_embeddings(dir: &Path) -> anyhow::Result<()> {
+    println!("{:<32} {:>7} {:>6} {:<8} hash", "name", "vectors", "width", "target");
+    for (path, loaded) in embeddings::scan_dir(dir)? {
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        match loaded.and_then(|e| Ok((e.shorthash()?, e))) {
+            Ok((hash, e)) => println!("{:<32} {:>7} {:>6} {:<8} {hash}", e.name, e.count(), e.width, e.target),
+            // Listed rather than fatal: one bad file should not hide the others.
+            Err(err) => println!("{name:<32} error: {err}"),
+        }
+    }
+    Ok(())
+}
+
+/// `--embeddings-dir`, or A1111's `embeddings` folder when there is one.
+fn load_embeddings(sd: &mut StableDiffusion, dir: Option<&Path>) -> anyhow::Result<()> {
+    let dir = match dir {
+        Some(d) => d,
+        None if Path::new(EMBEDDINGS_DIR).is_dir() => Path::new(EMBEDDINGS_DIR),
+        None => return Ok(()),
+    };
+    sd.load_embeddings(dir)?;
+    let refused = sd.embeddings.refused().count();
+    eprintln!("embeddings: {} from {}{}", sd.embeddings.usable(), dir.display(), match refused {
+        0 => String::new(),
+        n => format!(" ({n} unusable: `sdw embeddings --embeddings-dir {}` says why)", dir.display()),
+    });
+    Ok(())
+}
+
 fn txt2img(a: Txt2ImgArgs) -> anyhow::Result<()> {
     let sampler = Sampler::parse(&a.sampler).map_err(anyhow::Error::msg)?;
     let loras = resolve_loras(&a.loras, &a.prompt, &a.lora_dir)?;
@@ -147,8 +190,9 @@ fn txt2img(a: Txt2ImgArgs) -> anyhow::Result<()> {
     let compute = device::select(a.device)?;
     eprintln!("device: {}", compute.description);
     let t0 = Instant::now();
-    let sd = StableDiffusion::load_with_loras(&a.model, compute, &loras)
+    let mut sd = StableDiffusion::load_with_loras(&a.model, compute, &loras)
         .with_context(|| format!("loading {}", a.model.display()))?;
+    load_embeddings(&mut sd, a.embeddings_dir.as_deref())?;
     eprintln!("loaded {} in {:.1}s", a.model.display(), t0.elapsed().as_secs_f32());
 
     let t1 = Instant::now();

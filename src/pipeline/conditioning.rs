@@ -1,19 +1,30 @@
 //! Prompt -> UNet conditioning, the AUTOMATIC1111 way: emphasis weights scale the
 //! CLIP hidden states, which are then rescaled to their original mean, per 77-token
-//! chunk; chunks are concatenated along the sequence.
+//! chunk; chunks are concatenated along the sequence. Textual-inversion vectors replace
+//! the token embeddings of their placeholders before CLIP runs.
 
 use burn::tensor::Tensor;
 
+use crate::embeddings::EmbeddingDb;
 use crate::model::clip::ClipTextModel;
-use crate::text::{ClipTokenizer, weighted_chunks};
+use crate::text::{Chunk, ClipTokenizer, weighted_chunks_with};
 
 use crate::model::layers::to_device;
 
 /// Encodes `prompt` to `[1, 77 * chunks, hidden]`.
-pub fn encode_prompt(tok: &ClipTokenizer, clip: &ClipTextModel, prompt: &str, clip_skip: usize, device: &burn::tensor::Device) -> Tensor<3> {
-    let chunks = weighted_chunks(tok, prompt);
+pub fn encode_prompt(
+    tok: &ClipTokenizer,
+    clip: &ClipTextModel,
+    embeddings: &EmbeddingDb,
+    prompt: &str,
+    clip_skip: usize,
+    device: &burn::tensor::Device,
+) -> Tensor<3> {
+    let chunks = weighted_chunks_with(tok, prompt, embeddings);
     let ids: Vec<Vec<u32>> = chunks.iter().map(|c| c.ids.clone()).collect();
-    let z = clip.forward(&ids, clip_skip, device); // [k, 77, D]
+    let mut embeds = clip.embed_tokens(&ids);
+    splice_embeddings(&chunks, embeddings, &mut embeds, clip.hidden_size());
+    let z = clip.forward_embeds(embeds, ids.len(), ids[0].len(), clip_skip, device); // [k, 77, D]
     let [k, s, d] = z.dims();
     let weights: Vec<f32> = chunks.iter().flat_map(|c| c.weights.iter().copied()).collect();
     let w = to_device(weights, [k, s, 1], device);
@@ -22,4 +33,22 @@ pub fn encode_prompt(tok: &ClipTokenizer, clip: &ClipTextModel, prompt: &str, cl
     let mean_after = weighted.clone().mean_dim(2).mean_dim(1);
     let z = weighted * (mean_before / mean_after);
     z.reshape([1, k * s, d])
+}
+
+/// Writes each chunk's embedding vectors over the token embeddings (`[chunks, seq, hidden]`)
+/// from the position after the fix's offset on, cut at the chunk's end, as A1111's
+/// `EmbeddingsWithFixes` does.
+pub fn splice_embeddings(chunks: &[Chunk], db: &EmbeddingDb, embeds: &mut [f32], hidden: usize) {
+    let mut base = 0;
+    for chunk in chunks {
+        let seq = chunk.ids.len();
+        for fix in &chunk.fixes {
+            let Some(e) = db.get(fix.embedding) else { continue };
+            let start = fix.offset + 1;
+            let n = e.count().min(seq.saturating_sub(start));
+            let dst = &mut embeds[(base + start) * hidden..(base + start + n) * hidden];
+            dst.copy_from_slice(&e.vectors.data[..n * hidden]);
+        }
+        base += seq;
+    }
 }

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use burn::tensor::Tensor;
 
 use crate::device::Compute;
+use crate::embeddings::{Embedding, EmbeddingDb, EmbeddingError};
 use crate::lora::{Lora, LoraError, Strength};
 use crate::model::clip::ClipTextModel;
 use crate::model::layers::{Loader, to_device, to_host};
@@ -26,6 +27,8 @@ pub enum PipelineError {
     Weights(#[from] WeightsError),
     #[error(transparent)]
     Lora(#[from] LoraError),
+    #[error(transparent)]
+    Embedding(#[from] EmbeddingError),
     #[error("tokenizer: {0}")]
     Text(String),
     #[error("{0}")]
@@ -42,6 +45,8 @@ pub struct StableDiffusion {
     pub model_path: PathBuf,
     /// Latent scale (`vae/config.json` `scaling_factor` of a diffusers folder; SD 1.x: 0.18215).
     pub scaling_factor: f32,
+    /// Textual-inversion embeddings prompts can use (none until [`Self::load_embeddings`]).
+    pub embeddings: EmbeddingDb,
     /// A CPU copy of the VAE, loaded the first time a decode does not fit the GPU.
     cpu_vae: OnceLock<Vae>,
 }
@@ -71,7 +76,7 @@ impl StableDiffusion {
         let unet = Unet::load(&Loader::new(&ckpt, Component::Unet, dev))?;
         let vae = Vae::load(&Loader::new(&ckpt, Component::Vae, dev))?;
         let tokenizer = ClipTokenizer::new().map_err(|e| PipelineError::Text(e.to_string()))?;
-        Ok(Self { tokenizer, clip, unet, vae, compute, model_path: path.to_owned(), scaling_factor, cpu_vae: OnceLock::new() })
+        Ok(Self { tokenizer, clip, unet, vae, compute, model_path: path.to_owned(), scaling_factor, embeddings: EmbeddingDb::default(), cpu_vae: OnceLock::new() })
     }
 
     /// The model's name as A1111 shows it: the file stem (or folder name).
@@ -93,7 +98,20 @@ impl StableDiffusion {
     }
 
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Tensor<3> {
-        conditioning::encode_prompt(&self.tokenizer, &self.clip, prompt, clip_skip, &self.compute.device)
+        conditioning::encode_prompt(&self.tokenizer, &self.clip, &self.embeddings, prompt, clip_skip, &self.compute.device)
+    }
+
+    /// Makes the textual-inversion embeddings in `dir` (A1111's `embeddings` folder)
+    /// available to prompts. Files that fail to load or do not fit this model are kept
+    /// by name: a prompt that uses one is refused (see [`Self::embeddings_used`]).
+    pub fn load_embeddings(&mut self, dir: &Path) -> Result<(), EmbeddingError> {
+        self.embeddings = EmbeddingDb::load_dir(dir, &self.tokenizer, self.clip.hidden_size())?;
+        Ok(())
+    }
+
+    /// The embeddings `prompt` uses; an error if it names one that cannot be used.
+    pub fn embeddings_used(&self, prompt: &str) -> Result<Vec<&Embedding>, EmbeddingError> {
+        self.embeddings.used_in(&self.tokenizer, prompt)
     }
 
     /// Scaled latents `[B, 4, h, w]` -> pixels `[B, 3, 8h, 8w]` on the host.

@@ -60,8 +60,12 @@ impl StableDiffusion {
         }
         let schedule = Schedule::new();
         let shape = [1, 4, p.height / 8, p.width / 8];
-        let cond = self.encode_prompt(&strip_lora_tags(&p.prompt)?, p.clip_skip);
-        let uncond = self.encode_prompt(&strip_lora_tags(&p.negative_prompt)?, p.clip_skip);
+        let (prompt, negative) = (strip_lora_tags(&p.prompt)?, strip_lora_tags(&p.negative_prompt)?);
+        // Refuses a prompt naming an embedding file that failed to load or does not fit.
+        self.embeddings_used(&prompt)?;
+        self.embeddings_used(&negative)?;
+        let cond = self.encode_prompt(&prompt, p.clip_skip);
+        let uncond = self.encode_prompt(&negative, p.clip_skip);
         let mut den = CfgDenoiser::new(&self.unet, cond, uncond, p.cfg_scale, shape);
         let mut rng = Philox::new(p.seed);
         let noise = rng.randn(shape.iter().product());
@@ -94,6 +98,9 @@ impl StableDiffusion {
             let list = p.lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect::<Vec<_>>().join(", ");
             fields.push(("Lora hashes", format!("\"{list}\"")));
         }
+        if let Some(ti) = self.ti_hashes(p) {
+            fields.push(("TI hashes", ti));
+        }
         // Our noise is torch's CUDA Philox stream: A1111 reproduces it with its "NV" source.
         fields.push(("RNG", "NV".into()));
         fields.push(("Version", format!("sdw {}", env!("CARGO_PKG_VERSION"))));
@@ -105,6 +112,24 @@ impl StableDiffusion {
         text.push('\n');
         text.push_str(&params);
         text
+    }
+
+    /// A1111's `TI hashes` value, `"name: shorthash, ..."`, for the embeddings the prompt
+    /// and then the negative prompt use; quoted as A1111 quotes values holding `:`.
+    fn ti_hashes(&self, p: &GenerationParams) -> Option<String> {
+        let mut used = Vec::new();
+        for prompt in [&p.prompt, &p.negative_prompt] {
+            let text = strip_lora_tags(prompt).unwrap_or_else(|_| prompt.clone());
+            for e in self.embeddings_used(&text).unwrap_or_default() {
+                if !used.iter().any(|u| std::ptr::eq(*u, e)) {
+                    used.push(e);
+                }
+            }
+        }
+        // A1111 drops `:` and `,` from names so the list stays parseable.
+        let list: Vec<String> =
+            used.iter().filter_map(|e| Some(format!("{}: {}", e.name.replace([':', ','], ""), e.shorthash().ok()?))).collect();
+        (!list.is_empty()).then(|| serde_json::to_string(&list.join(", ")).unwrap_or_default())
     }
 }
 

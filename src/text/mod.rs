@@ -3,7 +3,7 @@
 pub mod prompt;
 pub mod tokenizer;
 
-pub use prompt::{Chunk, parse_prompt_attention, weighted_chunks};
+pub use prompt::{Chunk, EmbeddingLookup, EmbeddingMatch, Fix, NoEmbeddings, parse_prompt_attention, weighted_chunks, weighted_chunks_with};
 pub use tokenizer::ClipTokenizer;
 
 #[derive(Debug, thiserror::Error)]

@@ -179,7 +179,46 @@ pub fn parse_prompt_attention(text: &str) -> Vec<(String, f64)> {
 pub struct Chunk {
     pub ids: Vec<u32>,
     pub weights: Vec<f32>,
+    /// Textual-inversion vectors to splice into the CLIP input after the token lookup.
+    pub fixes: Vec<Fix>,
 }
+
+/// An embedding's place in a chunk (A1111's `PromptChunkFix`): its vectors replace the
+/// token embeddings from `ids[offset + 1]` on (`offset` counts from after BOS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fix {
+    pub offset: usize,
+    pub embedding: usize,
+}
+
+/// A textual-inversion embedding whose name starts a run of tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmbeddingMatch {
+    /// The caller's index for the embedding (it comes back in [`Fix::embedding`]).
+    pub embedding: usize,
+    /// How many prompt tokens the name takes.
+    pub name_tokens: usize,
+    /// How many positions its vectors take (at most [`CHUNK_TOKENS`]).
+    pub vectors: usize,
+}
+
+/// Finds embeddings by name in tokenized prompt text (A1111's `find_embedding_at_position`).
+pub trait EmbeddingLookup {
+    /// The embedding whose name's tokens begin `tokens`, longest name first.
+    fn find_at(&self, tokens: &[u32]) -> Option<EmbeddingMatch>;
+}
+
+/// A prompt without textual inversion.
+pub struct NoEmbeddings;
+
+impl EmbeddingLookup for NoEmbeddings {
+    fn find_at(&self, _: &[u32]) -> Option<EmbeddingMatch> {
+        None
+    }
+}
+
+/// The token id A1111 puts where embedding vectors go (`!`); its embedding is replaced.
+const PLACEHOLDER: u32 = 0;
 
 /// Builds chunks as A1111 does; `last_comma` is the position of the last comma in `ids`.
 #[derive(Default)]
@@ -187,6 +226,7 @@ struct Chunker {
     chunks: Vec<Chunk>,
     ids: Vec<u32>,
     weights: Vec<f32>,
+    fixes: Vec<Fix>,
     last_comma: Option<usize>,
 }
 
@@ -199,15 +239,20 @@ impl Chunker {
         let mut weights = vec![1.0];
         weights.append(&mut self.weights);
         weights.extend(std::iter::repeat_n(1.0, pad + 1));
-        self.chunks.push(Chunk { ids, weights });
+        self.chunks.push(Chunk { ids, weights, fixes: std::mem::take(&mut self.fixes) });
         self.last_comma = None;
     }
 
-    fn push(&mut self, id: u32, weight: f32) {
+    /// A1111's bookkeeping before the token at hand (`id`, the first of an embedding's
+    /// name too): note a comma, or close a full chunk, cut after its last comma if that is
+    /// within the last 20 tokens.
+    fn make_room(&mut self, id: u32) {
         if id == COMMA {
             self.last_comma = Some(self.ids.len());
         } else if let Some(comma) = self.last_comma.filter(|&c| self.ids.len() == CHUNK_TOKENS && CHUNK_TOKENS - c <= COMMA_BACKTRACK) {
-            // A full chunk: move the words after its last comma on to the next chunk.
+            // Move the words after the comma on to the next chunk. Like A1111, an embedding's
+            // fix stays behind (its vectors land in the padding; placeholders move on), so
+            // images match A1111's.
             let moved_ids = self.ids.split_off(comma + 1);
             let moved_weights = self.weights.split_off(comma + 1);
             self.close();
@@ -217,21 +262,55 @@ impl Chunker {
         if self.ids.len() == CHUNK_TOKENS {
             self.close();
         }
+    }
+
+    fn push_token(&mut self, id: u32, weight: f32) {
         self.ids.push(id);
         self.weights.push(weight);
+    }
+
+    /// An embedding is never split: it opens a new chunk if it does not fit this one.
+    fn push_embedding(&mut self, m: EmbeddingMatch, weight: f32) {
+        // Lookups refuse longer embeddings; the clamp keeps every chunk 77 long regardless.
+        let n = m.vectors.min(CHUNK_TOKENS);
+        if self.ids.len() + n > CHUNK_TOKENS {
+            self.close();
+        }
+        self.fixes.push(Fix { offset: self.ids.len(), embedding: m.embedding });
+        self.ids.extend(std::iter::repeat_n(PLACEHOLDER, n));
+        self.weights.extend(std::iter::repeat_n(weight, n));
     }
 }
 
 /// The prompt as 77-token CLIP chunks with per-token emphasis weights.
 pub fn weighted_chunks(tok: &ClipTokenizer, prompt: &str) -> Vec<Chunk> {
+    weighted_chunks_with(tok, prompt, &NoEmbeddings)
+}
+
+/// [`weighted_chunks`] with textual-inversion embeddings found by name in each emphasis
+/// run (`sd_hijack_clip.tokenize_line`): their vectors take one position each, weighted
+/// like the run.
+pub fn weighted_chunks_with(tok: &ClipTokenizer, prompt: &str, embeddings: &dyn EmbeddingLookup) -> Vec<Chunk> {
     let mut c = Chunker::default();
     for (text, weight) in parse_prompt_attention(prompt) {
         if text == "BREAK" && weight == -1.0 {
             c.close();
             continue;
         }
-        for id in tok.encode(&text) {
-            c.push(id, weight as f32);
+        let tokens = tok.encode(&text);
+        let mut pos = 0;
+        while pos < tokens.len() {
+            c.make_room(tokens[pos]);
+            match embeddings.find_at(&tokens[pos..]) {
+                Some(m) => {
+                    c.push_embedding(m, weight as f32);
+                    pos += m.name_tokens.max(1);
+                }
+                None => {
+                    c.push_token(tokens[pos], weight as f32);
+                    pos += 1;
+                }
+            }
         }
     }
     if !c.ids.is_empty() || c.chunks.is_empty() {
