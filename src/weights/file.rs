@@ -46,12 +46,7 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self, WeightsError> {
-        let io = |source| WeightsError::Io { path: path.to_owned(), source };
-        let file = File::open(path).map_err(io)?;
-        // SAFETY: the file is opened read-only; a checkpoint modified while sdw runs is
-        // the user's doing and at worst yields garbage weights, not memory unsafety in Rust
-        // code that only reads bytes.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let mmap = map_file(path)?;
         let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| WeightsError::NotSafetensors {
             path: path.to_owned(),
             why: describe_header_error(&e, mmap.len()),
@@ -94,7 +89,18 @@ impl SafetensorsFile {
     }
 }
 
-fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+/// Maps a weights file read-only.
+pub(super) fn map_file(path: &Path) -> Result<Mmap, WeightsError> {
+    let io = |source| WeightsError::Io { path: path.to_owned(), source };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: the file is opened read-only; a checkpoint modified while sdw runs is
+    // the user's doing and at worst yields garbage weights, not memory unsafety in Rust
+    // code that only reads bytes.
+    unsafe { Mmap::map(&file) }.map_err(io)
+}
+
+/// Little-endian elements of `dtype` -> f32; `None` for types sdw does not read.
+pub(super) fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
@@ -106,6 +112,10 @@ fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
         // Integer tensors only appear as ids and counters, exact in f32 below 2^24.
         Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
         Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+        Dtype::I16 => bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as f32).collect(),
+        Dtype::I8 => bytes.iter().map(|&b| b as i8 as f32).collect(),
+        Dtype::U8 => bytes.iter().map(|&b| b as f32).collect(),
+        Dtype::BOOL => bytes.iter().map(|&b| (b != 0) as u8 as f32).collect(),
         _ => return None,
     })
 }

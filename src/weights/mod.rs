@@ -2,15 +2,21 @@
 //!
 //! The models ask for tensors by their diffusers name (`down_blocks.0.resnets.0.conv1.weight`)
 //! within a [`Component`]; a [`Checkpoint`] answers from whatever layout is on disk.
-//! All LDM <-> diffusers name mapping lives in [`names`].
+//! All LDM <-> diffusers name mapping lives in [`names`]. Files are safetensors or
+//! PyTorch pickles ([`WeightsFile`]); pickles go through a reader that never runs code.
 
 mod file;
 pub mod names;
+pub mod pickle;
+mod source;
+mod torch;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use file::{HostTensor, SafetensorsFile};
+pub use source::WeightsFile;
+pub use torch::{TorchFile, load_torch_tensors};
 
 /// The three networks of an SD 1.x checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,6 +44,13 @@ pub enum WeightsError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a safetensors checkpoint ({why})")]
     NotSafetensors { path: PathBuf, why: String },
+    #[error("{path}: cannot read this PyTorch file: {why}")]
+    Torch { path: PathBuf, why: String },
+    #[error(
+        "{path}: refusing to load: the pickle calls `{global}` (only tensors and plain containers are allowed); \
+         convert the file to .safetensors with a trusted tool"
+    )]
+    UnsafePickle { path: PathBuf, global: String },
     #[error("{path}: unsupported checkpoint format ({why})")]
     UnknownFormat { path: PathBuf, why: String },
     #[error("{path}: this is a {family} checkpoint; sdw runs Stable Diffusion 1.x models")]
@@ -60,14 +73,15 @@ struct Location {
 /// An opened checkpoint (single file or diffusers folder), memory-mapped.
 pub struct Checkpoint {
     path: PathBuf,
-    files: Vec<SafetensorsFile>,
+    files: Vec<WeightsFile>,
     index: HashMap<(Component, String), Location>,
     /// Tensors that replace the file's (LoRA-merged weights).
     overlay: HashMap<(Component, String), HostTensor>,
 }
 
 impl Checkpoint {
-    /// Opens a single-file `.safetensors` (LDM layout) or a diffusers folder.
+    /// Opens a single file in the LDM layout (`.safetensors`, or a PyTorch `.ckpt` /
+    /// `.pt` / `.pth` read by the restricted unpickler) or a diffusers folder.
     pub fn open(path: &Path) -> Result<Self, WeightsError> {
         if !path.exists() {
             return Err(WeightsError::NotFound { path: path.to_owned() });
@@ -84,8 +98,7 @@ impl Checkpoint {
     }
 
     fn open_single_file(path: &Path) -> Result<Self, WeightsError> {
-        check_extension(path)?;
-        let file = SafetensorsFile::open(path)?;
+        let file = WeightsFile::open(path)?;
         names::detect_family(path, file.keys())?;
         let mut index = HashMap::new();
         for key in file.keys() {
@@ -117,7 +130,7 @@ impl Checkpoint {
             (Component::TextEncoder, "text_encoder", &["model"][..]),
         ] {
             let file_path = find_weights(&dir.join(sub), stems)?;
-            let file = SafetensorsFile::open(&file_path)?;
+            let file = WeightsFile::open(&file_path)?;
             for key in file.keys() {
                 let name = match component {
                     // Old exports omit the `text_model.` prefix; the model asks with it.
@@ -172,18 +185,6 @@ impl Checkpoint {
     /// Names present for a component (for diagnostics and architecture probing).
     pub fn names(&self, component: Component) -> impl Iterator<Item = &str> {
         self.index.keys().filter(move |(c, _)| *c == component).map(|(_, n)| n.as_str())
-    }
-}
-
-fn check_extension(path: &Path) -> Result<(), WeightsError> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    match ext.as_str() {
-        "safetensors" | "st" => Ok(()),
-        "ckpt" | "pt" | "pth" | "bin" => Err(WeightsError::UnknownFormat {
-            path: path.to_owned(),
-            why: "PyTorch pickle checkpoints are not supported yet; convert it to .safetensors".into(),
-        }),
-        _ => Ok(()), // sniffed by the header parser
     }
 }
 
