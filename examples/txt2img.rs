@@ -36,13 +36,14 @@ fn main() -> anyhow::Result<()> {
         height: size,
         clip_skip: 1,
         lora_hashes: Vec::new(),
+        ..Default::default()
     };
     let t = Instant::now();
     let out = sd.txt2img(&params, &mut NoProgress)?;
     println!("{} steps in {:.2}s", params.steps, t.elapsed().as_secs_f64());
     let img = output::to_rgb8(&out.image.data, size, size);
     let path = output::fresh_path(Path::new("example.png"));
-    output::write_png(&path, &img, &out.infotext)?;
+    output::write_png(&path, &img, &out.infotexts[0])?;
     println!("wrote {}", path.display());
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use crate::text::prompt::CHUNK_TOKENS;
 use crate::text::{ClipTokenizer, EmbeddingLookup, EmbeddingMatch, parse_prompt_attention};
-use crate::weights::{HostTensor, SafetensorsFile, WeightsError};
+use crate::weights::{HostTensor, SafetensorsFile, TorchFile, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddingError {
@@ -19,8 +19,6 @@ pub enum EmbeddingError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a textual-inversion embedding ({why})")]
     NotEmbedding { path: PathBuf, why: String },
-    #[error("{path}: .pt/.bin embeddings are not yet supported; convert it to .safetensors")]
-    PickleUnsupported { path: PathBuf },
     #[error("{path}: {vectors} vectors; a prompt chunk holds at most {CHUNK_TOKENS}")]
     TooManyVectors { path: PathBuf, vectors: usize },
     #[error("{path}: {width}-wide vectors{made_for}; this model's text encoder is {model_width} wide")]
@@ -81,7 +79,8 @@ impl Embedding {
             return Err(EmbeddingError::WrongWidth { path: self.path, width: self.width, made_for, model_width });
         }
         if self.count() > CHUNK_TOKENS {
-            return Err(EmbeddingError::TooManyVectors { path: self.path, vectors: self.count() });
+            let vectors = self.count();
+            return Err(EmbeddingError::TooManyVectors { path: self.path, vectors });
         }
         Ok(self)
     }
@@ -114,11 +113,16 @@ fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, Embeddi
     file.keys().map(|k| Ok((k.to_owned(), file.tensor(k)?))).collect()
 }
 
-/// PyTorch pickles (A1111's `string_to_param` dict, diffusers' `{token: tensor}`): the one
-/// place a pickle reader plugs in, returning the tensors flattened to dotted names
-/// (`string_to_param.*`).
+/// PyTorch pickles (A1111's `string_to_param` dict, diffusers' `{token: tensor}`), read by
+/// the restricted unpickler (no code runs), flattened to dotted names (`string_to_param.*`).
+/// `string_to_token` (integer ids of the training run's tokenizer) is not needed.
 fn read_pickle(path: &Path) -> Result<BTreeMap<String, HostTensor>, EmbeddingError> {
-    Err(EmbeddingError::PickleUnsupported { path: path.to_owned() })
+    let file = TorchFile::open(path)?;
+    let keys: Vec<&str> = file.keys().filter(|k| !k.starts_with("string_to_token")).collect();
+    if keys.len() > MAX_TENSORS {
+        return Err(not_embedding(path, format!("{} tensors: a checkpoint or LoRA?", keys.len())));
+    }
+    keys.into_iter().map(|k| Ok((k.to_owned(), file.tensor(k)?))).collect()
 }
 
 /// The vectors among the file's tensors, as A1111's `create_embedding_from_data` finds

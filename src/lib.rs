@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod device;
 pub mod embeddings;
+pub mod infotext;
 pub mod lora;
 pub mod model;
 pub mod output;

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::weights::{Checkpoint, Component, HostTensor, SafetensorsFile, WeightsError};
+use crate::weights::{Component, HostTensor, SafetensorsFile, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {
@@ -19,18 +19,24 @@ pub enum LoraError {
 }
 
 /// kohya module name -> (component, diffusers weight name).
-type Targets = HashMap<String, (Component, String)>;
+pub type Targets = HashMap<String, (Component, String)>;
 
-/// Merges every LoRA into the checkpoint's weights, in order (they add up).
-pub fn merge_all(ckpt: &mut Checkpoint, loras: &[(Lora, Strength)]) -> Result<(), LoraError> {
-    if loras.is_empty() {
-        return Ok(());
-    }
-    let targets = kohya_targets(ckpt);
+/// A weight update `multiplier * alpha / rank * up @ down` for one model weight, in
+/// PyTorch layout (`[out, in * kh * kw]` flattened).
+pub type Deltas = HashMap<(Component, String), Vec<f32>>;
+
+/// The summed updates of every LoRA (they add up, as A1111 merges them), checked against
+/// the model's weight shapes (`shape_of`, PyTorch layout).
+pub fn deltas(
+    loras: &[(Lora, Strength)],
+    targets: &Targets,
+    shape_of: impl Fn(Component, &str) -> Option<Vec<usize>>,
+) -> Result<Deltas, LoraError> {
+    let mut sum = Deltas::new();
     for (lora, strength) in loras {
-        lora.merge_into(ckpt, &targets, *strength)?;
+        lora.add_deltas(&mut sum, targets, &shape_of, *strength)?;
     }
-    Ok(())
+    Ok(sum)
 }
 
 /// One low-rank update: `delta = alpha / rank * up @ down`.
@@ -87,9 +93,15 @@ impl Lora {
         self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
     }
 
-    /// Adds this LoRA's updates to the checkpoint's weights (as an overlay, so the
-    /// file on disk is untouched). Returns how many modules were merged.
-    fn merge_into(&self, ckpt: &mut Checkpoint, targets: &Targets, strength: Strength) -> Result<usize, LoraError> {
+    /// Adds this LoRA's updates to `sum`. A file none of whose modules matches the model is
+    /// refused (naming its first key); a partly matching one is reported with a count.
+    fn add_deltas(
+        &self,
+        sum: &mut Deltas,
+        targets: &Targets,
+        shape_of: &dyn Fn(Component, &str) -> Option<Vec<usize>>,
+        strength: Strength,
+    ) -> Result<usize, LoraError> {
         let mut merged = 0;
         let mut unmatched = Vec::new();
         for (module, pair) in &self.modules {
@@ -101,15 +113,15 @@ impl Lora {
                 Component::TextEncoder => strength.text_encoder,
                 _ => strength.unet,
             };
-            let mut w = ckpt.tensor(*component, weight_name)?;
+            let shape = shape_of(*component, weight_name).unwrap_or_default();
             let delta = pair.delta().ok_or_else(|| self.mismatch(module, "has inconsistent down/up ranks"))?;
-            if delta.len() != w.data.len() {
-                return Err(self.mismatch(module, &format!("has shape {:?}, the model's weight {:?}", pair.shape(), w.shape)));
+            if delta.len() != shape.iter().product::<usize>() {
+                return Err(self.mismatch(module, &format!("has shape {:?}, the model's weight {:?}", pair.shape(), shape)));
             }
-            for (x, d) in w.data.iter_mut().zip(&delta) {
-                *x += m * d;
+            let acc = sum.entry((*component, weight_name.clone())).or_insert_with(|| vec![0.0; delta.len()]);
+            for (a, d) in acc.iter_mut().zip(&delta) {
+                *a += m * d;
             }
-            ckpt.set_overlay(*component, weight_name, w);
             merged += 1;
         }
         if merged == 0 {
@@ -222,13 +234,16 @@ fn family(keys: &[impl AsRef<str>]) -> &'static str {
 
 /// kohya module name (`lora_unet_down_blocks_0_attentions_0_proj_in`) -> the weight it
 /// updates, built from the model's own diffusers names (dots became underscores).
-fn kohya_targets(ckpt: &Checkpoint) -> Targets {
+pub fn kohya_targets<'a>(weights: impl Iterator<Item = (Component, &'a str)>) -> Targets {
     let mut map = HashMap::new();
-    for (component, prefix) in [(Component::Unet, "lora_unet_"), (Component::TextEncoder, "lora_te_")] {
-        for name in ckpt.names(component) {
-            if let Some(stem) = name.strip_suffix(".weight") {
-                map.insert(format!("{prefix}{}", stem.replace('.', "_")), (component, name.to_owned()));
-            }
+    for (component, name) in weights {
+        let prefix = match component {
+            Component::Unet => "lora_unet_",
+            Component::TextEncoder => "lora_te_",
+            Component::Vae => continue,
+        };
+        if let Some(stem) = name.strip_suffix(".weight") {
+            map.insert(format!("{prefix}{}", stem.replace('.', "_")), (component, name.to_owned()));
         }
     }
     map

@@ -21,7 +21,7 @@ const COMPONENTS: [Component; 3] = [Component::Unet, Component::Vae, Component::
 const MALICIOUS: [(&str, &str); 5] = [
     ("malicious-os-system.ckpt", "os.system"),
     ("malicious-reduce.ckpt", "posix.system"),
-    ("malicious-eval.ckpt", "builtins.eval"),
+    ("malicious-eval.ckpt", "__builtin__.eval"),
     ("malicious-stack-global.ckpt", "subprocess.call"),
     ("malicious-hidden.ckpt", "posix.system"),
 ];
@@ -55,6 +55,7 @@ fn params(case: &serde_json::Value) -> GenerationParams {
         height: case["height"].as_u64().unwrap() as usize,
         clip_skip: 1,
         lora_hashes: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -41,6 +41,7 @@ fn kohya_lora_matches_diffusers_merge() {
             height: 64,
             clip_skip: 1,
             lora_hashes: Vec::new(),
+            ..Default::default()
         };
         let out = sd.txt2img(&p, &mut NoProgress).unwrap();
         assert_close(&format!("txt2img_lora latent [{}]", c.description), &out.latents, &golden("txt2img_lora.euler_a.latent"), 1e-3);
@@ -227,4 +228,53 @@ fn peft_lora_gives_the_kohya_result() {
         assert_close(&format!("PEFT lora.clip [{}]", c.description), &h, &golden("lora.clip_last_hidden_state"), 1e-4);
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every LoRA-patchable weight of the model, by name.
+fn all_weights(sd: &StableDiffusion) -> Vec<(String, Vec<u32>)> {
+    let mut keys: Vec<_> = sd.patches.slots.keys().cloned().collect();
+    keys.sort_by(|a, b| (a.0 as u8, &a.1).cmp(&(b.0 as u8, &b.1)));
+    keys.into_iter()
+        .map(|(c, n)| {
+            let bits = sd.weight_values(c, &n).unwrap().iter().map(|v| v.to_bits()).collect();
+            (format!("{c:?} {n}"), bits)
+        })
+        .collect()
+}
+
+#[test]
+fn switching_loras_needs_no_reload_and_unmerges_bit_exactly() {
+    let cpu = sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap();
+    // A private copy of the checkpoint, deleted once loaded: switching cannot read it.
+    let dir = std::env::temp_dir().join(format!("sdw-lora-switch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("model.safetensors");
+    std::fs::copy(fixture("tiny-sd-fp16.safetensors"), &model).unwrap();
+    let base = all_weights(&StableDiffusion::load(&model, cpu.clone()).unwrap());
+    let other = Strength { text_encoder: 0.5, unet: 1.25 };
+    let want_other = all_weights(&StableDiffusion::load_with_loras(&model, cpu.clone(), &[(lora(), other)]).unwrap());
+    let mut sd = StableDiffusion::load_with_loras(&model, cpu, &[(lora(), Strength::both(0.8))]).unwrap();
+    std::fs::remove_file(&model).unwrap();
+    let patched = sd.patches.patched();
+    assert!(patched > 0);
+
+    sd.set_loras(&[(lora(), other)]).unwrap();
+    assert!(all_weights(&sd) == want_other, "switching strengths differs from loading with them");
+    sd.set_loras(&[]).unwrap();
+    assert_eq!(sd.patches.patched(), 0);
+    let now = all_weights(&sd);
+    let changed: Vec<&String> = now.iter().zip(&base).filter(|(a, b)| a.1 != b.1).map(|(a, _)| &a.0).collect();
+    assert!(changed.is_empty(), "not restored bit-exactly: {changed:?}");
+    eprintln!("{patched} weights merged, switched and restored bit-exactly ({} weights compared)", base.len());
+
+    // The restored model generates what the LoRA-free model generates, and the LoRA again
+    // what the reference says.
+    let (x, ctx) = (golden("unet.x"), golden("unet.context"));
+    let dev = &sd.compute.device.clone();
+    let eps = |sd: &StableDiffusion| {
+        to_host(sd.unet.forward(to_device(x.data.clone(), [2, 4, 8, 12], dev), &golden("unet.t").data, &to_device(ctx.data.clone(), [2, 77, 128], dev)))
+    };
+    assert_close("unet eps after un-merge", &eps(&sd), &golden("unet.eps"), 1e-4);
+    sd.set_loras(&[(lora(), Strength::both(0.8))]).unwrap();
+    assert_close("lora.unet_eps after re-merge", &eps(&sd), &golden("lora.unet_eps"), 1e-4);
 }

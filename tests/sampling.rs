@@ -3,7 +3,7 @@
 
 use safetensors::{Dtype, SafeTensors};
 use sdw::sampling::schedule::{self, Schedule};
-use sdw::sampling::{
+use sdw::sampling::{Start, 
     CompVisDenoiser, Denoiser, NoProgress, Philox, SampleCtx, Sampler, SamplerKind, ScheduleKind, ddim_timesteps,
     linear_multistep_coeff, parse_sampler, sample, sigmas_for,
 };
@@ -168,7 +168,7 @@ fn run_golden_case(name: &str) -> Vec<f32> {
     let mut model = analytic_eps;
     let mut seen = Vec::new();
     let mut progress = |done: usize, total: usize| seen.push((done, total));
-    let out = sample(&sampler, STEPS, &schedule, &mut model, noise, &mut rng, &mut progress);
+    let out = sample(&sampler, STEPS, &schedule, &mut model, noise, Start::Noise, None, &mut rng, &mut progress);
     assert_eq!(seen, (1..=STEPS).map(|i| (i, STEPS)).collect::<Vec<_>>(), "{name}: progress");
     // One draw for the initial noise, plus one per step with a next sigma > 0.
     let draws = if sampler.kind.is_ancestral() { 1 + STEPS - 1 } else { 1 };
@@ -219,7 +219,7 @@ fn sampler_functions_take_closures() {
     let mut rng = Philox::new(3);
     let noise = rng.randn(16);
     let via_sample =
-        sample(&Sampler::parse("euler_a").unwrap(), 5, &schedule, &mut eps_model, noise, &mut rng, &mut NoProgress);
+        sample(&Sampler::parse("euler_a").unwrap(), 5, &schedule, &mut eps_model, noise, Start::Noise, None, &mut rng, &mut NoProgress);
     assert_eq!(direct, via_sample);
     assert!(SamplerKind::Ddim.k_sampler().is_none());
 }
@@ -340,7 +340,7 @@ fn a_model_struct_plugs_into_sample() {
         let mut model = Model { calls: 0 };
         let mut rng = Philox::new(1);
         let noise = rng.randn(N);
-        let out = sample(&Sampler::parse(name).unwrap(), 6, &schedule, &mut model, noise, &mut rng, progress);
+        let out = sample(&Sampler::parse(name).unwrap(), 6, &schedule, &mut model, noise, Start::Noise, None, &mut rng, progress);
         assert_eq!(out.len(), N);
         assert!(out.iter().all(|v| v.is_finite()), "{name}");
         assert_eq!(model.calls, evals, "{name}: model calls");

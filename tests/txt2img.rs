@@ -26,6 +26,7 @@ fn params(case: &serde_json::Value) -> GenerationParams {
         height: case["height"].as_u64().unwrap() as usize,
         clip_skip: 1,
         lora_hashes: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -1,6 +1,9 @@
 //! Building blocks shared by the UNet, VAE and CLIP, and the loader that fills them.
 
-use burn::module::{Module, Param};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
 use burn::tensor::activation::silu;
@@ -11,16 +14,45 @@ use crate::weights::{Checkpoint, Component, HostTensor, WeightsError};
 /// Every GroupNorm in SD 1.x has 32 groups.
 pub const GROUPS: usize = 32;
 
+/// How a loaded weight is laid out relative to PyTorch's (for patching it in place later).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// burn's `Linear` holds `[in, out]`, PyTorch `[out, in]` (or `[out, in, 1, 1]`).
+    Transposed,
+    /// Convolutions keep PyTorch's `[out, in, kh, kw]`.
+    AsIs,
+}
+
+/// A loaded weight that LoRAs may patch: which parameter it became and how it is laid out.
+#[derive(Clone, Debug)]
+pub struct WeightSlot {
+    pub id: ParamId,
+    pub layout: Layout,
+    /// The PyTorch shape.
+    pub shape: Vec<usize>,
+}
+
 /// Reads tensors of one component by diffusers name and turns them into burn modules.
 pub struct Loader<'a> {
     ckpt: &'a Checkpoint,
     component: Component,
     device: Device,
+    /// Diffusers weight name -> the parameter it was loaded into (linear and conv weights).
+    slots: RefCell<HashMap<String, WeightSlot>>,
 }
 
 impl<'a> Loader<'a> {
     pub fn new(ckpt: &'a Checkpoint, component: Component, device: &Device) -> Self {
-        Self { ckpt, component, device: device.clone() }
+        Self { ckpt, component, device: device.clone(), slots: RefCell::default() }
+    }
+
+    /// The linear and conv weights loaded so far, by diffusers name.
+    pub fn into_slots(self) -> HashMap<String, WeightSlot> {
+        self.slots.into_inner()
+    }
+
+    fn register(&self, name: &str, id: ParamId, layout: Layout, shape: &[usize]) {
+        self.slots.borrow_mut().insert(name.to_owned(), WeightSlot { id, layout, shape: shape.to_vec() });
     }
 
     pub fn device(&self) -> &Device {
@@ -77,8 +109,10 @@ impl<'a> Loader<'a> {
         let w = self.host(&name)?;
         let (out, inp) = (w.shape[0], w.data.len() / w.shape[0]);
         self.check(&name, &w, &[out, inp])?;
+        let pt_shape = w.shape.clone();
         let w = HostTensor::new(vec![out, inp], w.data).transposed_2d();
         let weight = Param::from_tensor(to_device(w.data, [inp, out], &self.device));
+        self.register(&name, weight.id, Layout::Transposed, &pt_shape);
         let bias_name = format!("{prefix}.bias");
         let bias = if self.has(&bias_name) {
             Some(Param::from_tensor(self.tensor(&bias_name, [out])?))
@@ -98,8 +132,11 @@ impl<'a> Loader<'a> {
                 expected: vec![0, 0, 0, 0],
             });
         };
+        let name = format!("{prefix}.weight");
+        let weight = Param::from_tensor(self.tensor(&name, [o, i, kh, kw])?);
+        self.register(&name, weight.id, Layout::AsIs, &shape);
         Ok(Conv2d {
-            weight: Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [o, i, kh, kw])?),
+            weight,
             bias: Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [o])?)),
             stride: [stride, stride],
             kernel_size: [kh, kw],

@@ -7,58 +7,70 @@ use crate::model::layers::{to_device, to_host};
 use crate::model::unet::Unet;
 use crate::sampling::EpsModel;
 
-/// The UNet contexts for both CFG halves, built once per generation.
-enum Context {
-    /// `[uncond; cond]`, each repeated per image: one UNet batch for both halves, as
-    /// A1111 does when the prompt and negative prompt have the same length.
-    Batched(Tensor<3>),
-    /// Different lengths: two UNet calls.
-    Separate { uncond: Tensor<3>, cond: Tensor<3> },
-}
+/// Conditionings in force until a UNet call (A1111's prompt-editing schedule): entry i
+/// holds until call `end_at_step`; the last one to the end.
+pub type CondSchedule = Vec<(usize, Tensor<3>)>;
 
 pub struct CfgDenoiser<'a> {
     unet: &'a Unet,
-    context: Context,
+    /// `[B, S, D]` per schedule entry (each `[1, S, D]` repeated per image).
+    cond: CondSchedule,
+    uncond: CondSchedule,
     cfg_scale: f32,
     /// Latent shape `[B, 4, h, w]`.
     shape: [usize; 4],
-    /// UNet evaluations so far (for progress and benchmarks).
+    /// Extra UNet input channels of an inpainting model (`[B, 5, h, w]`: mask and
+    /// masked-image latent), concatenated after the latent.
+    image_cond: Option<Tensor<4>>,
+    /// UNet evaluations so far: A1111 advances the prompt schedule per call.
     pub calls: usize,
 }
 
 impl<'a> CfgDenoiser<'a> {
     /// `cond` / `uncond` are `[1, S, D]` conditionings of the prompt and negative prompt.
     pub fn new(unet: &'a Unet, cond: Tensor<3>, uncond: Tensor<3>, cfg_scale: f32, shape: [usize; 4]) -> Self {
+        Self::scheduled(unet, vec![(usize::MAX, cond)], vec![(usize::MAX, uncond)], cfg_scale, shape)
+    }
+
+    pub fn scheduled(unet: &'a Unet, cond: CondSchedule, uncond: CondSchedule, cfg_scale: f32, shape: [usize; 4]) -> Self {
         let b = shape[0];
-        let (cond, uncond) = (cond.repeat_dim(0, b), uncond.repeat_dim(0, b));
-        let context = if cond.dims()[1] == uncond.dims()[1] {
-            Context::Batched(Tensor::cat(vec![uncond, cond], 0))
-        } else {
-            Context::Separate { uncond, cond }
-        };
-        Self { unet, context, cfg_scale, shape, calls: 0 }
+        let per_image = |s: CondSchedule| s.into_iter().map(|(end, c)| (end, c.repeat_dim(0, b))).collect();
+        Self { unet, cond: per_image(cond), uncond: per_image(uncond), cfg_scale, shape, image_cond: None, calls: 0 }
+    }
+
+    pub fn with_image_cond(mut self, image_cond: Tensor<4>) -> Self {
+        self.image_cond = Some(image_cond);
+        self
     }
 
     /// Guided noise prediction `eps_u + cfg * (eps_c - eps_u)` at float timestep `t`.
     pub fn eps(&mut self, x: &[f32], t: f32) -> Vec<f32> {
+        let (cond, uncond) = (at(&self.cond, self.calls), at(&self.uncond, self.calls));
         self.calls += 1;
         let [b, c, h, w] = self.shape;
-        let (e_u, e_c) = match &self.context {
-            Context::Batched(ctx) => {
-                let x = to_device(x.to_vec(), [b, c, h, w], &ctx.device());
-                let e = self.unet.forward(Tensor::cat(vec![x.clone(), x], 0), &vec![t; 2 * b], ctx);
-                let mut halves = e.split(b, 0);
-                let e_c = halves.pop().unwrap();
-                (halves.pop().unwrap(), e_c)
-            }
-            Context::Separate { uncond, cond } => {
-                let x = to_device(x.to_vec(), [b, c, h, w], &cond.device());
-                (self.unet.forward(x.clone(), &vec![t; b], uncond), self.unet.forward(x, &vec![t; b], cond))
-            }
+        let mut x = to_device(x.to_vec(), [b, c, h, w], &cond.device());
+        if let Some(ic) = &self.image_cond {
+            x = Tensor::cat(vec![x, ic.clone()], 1);
+        }
+        // One UNet batch for both halves when the prompts are as long, as A1111 does.
+        let (e_u, e_c) = if cond.dims()[1] == uncond.dims()[1] {
+            let ctx = Tensor::cat(vec![uncond.clone(), cond.clone()], 0);
+            let e = self.unet.forward(Tensor::cat(vec![x.clone(), x], 0), &vec![t; 2 * b], &ctx);
+            let mut halves = e.split(b, 0);
+            let e_c = halves.pop().unwrap();
+            (halves.pop().unwrap(), e_c)
+        } else {
+            (self.unet.forward(x.clone(), &vec![t; b], uncond), self.unet.forward(x, &vec![t; b], cond))
         };
         let guided = e_u.clone() + (e_c - e_u).mul_scalar(self.cfg_scale);
         to_host(guided).data
     }
+}
+
+/// The schedule entry in force at UNet call `step` (A1111's `reconstruct_cond_batch`).
+fn at(schedule: &CondSchedule, step: usize) -> &Tensor<3> {
+    let i = schedule.iter().position(|(end, _)| step <= *end).unwrap_or(schedule.len() - 1);
+    &schedule[i].1
 }
 
 impl EpsModel for CfgDenoiser<'_> {

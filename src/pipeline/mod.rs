@@ -2,6 +2,11 @@
 
 pub mod conditioning;
 pub mod denoiser;
+pub mod image_input;
+pub mod img2img;
+pub mod loras;
+pub mod noise;
+pub mod params;
 pub mod txt2img;
 
 use std::path::{Path, PathBuf};
@@ -19,7 +24,12 @@ use crate::model::vae::{SCALING_FACTOR, Vae};
 use crate::text::ClipTokenizer;
 use crate::weights::{Checkpoint, Component, HostTensor, WeightsError};
 
-pub use txt2img::{GenerationParams, Generated};
+pub use loras::WeightPatches;
+pub use image_input::ResizeMode;
+pub use img2img::{InitImage, InpaintingFill, Mask};
+pub use noise::Variation;
+pub use params::{GenerationParams, HiresFix};
+pub use txt2img::Generated;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -47,6 +57,11 @@ pub struct StableDiffusion {
     pub scaling_factor: f32,
     /// Textual-inversion embeddings prompts can use (none until [`Self::load_embeddings`]).
     pub embeddings: EmbeddingDb,
+    /// The `--vae` file's stem, when the VAE is not the checkpoint's (infotext "VAE").
+    pub vae_name: Option<String>,
+    vae_path: Option<PathBuf>,
+    /// Weights LoRAs can patch, and the base values of those patched now.
+    pub patches: WeightPatches,
     /// A CPU copy of the VAE, loaded the first time a decode does not fit the GPU.
     cpu_vae: OnceLock<Vae>,
 }
@@ -56,9 +71,10 @@ impl StableDiffusion {
         Self::load_with_loras(path, compute, &[])
     }
 
-    /// Loads the checkpoint with LoRAs merged into its weights (the file stays untouched).
+    /// Loads the checkpoint with LoRAs merged into its weights (the file stays untouched;
+    /// [`Self::set_loras`] changes them later without reading it again).
     pub fn load_with_loras(path: &Path, compute: Compute, loras: &[(Lora, Strength)]) -> Result<Self, PipelineError> {
-        let mut ckpt = Checkpoint::open(path)?;
+        let ckpt = Checkpoint::open(path)?;
         let prediction = ckpt.config("scheduler", "scheduler_config.json", "prediction_type");
         if let Some(p) = prediction.as_ref().and_then(|v| v.as_str()) {
             if p != "epsilon" {
@@ -68,15 +84,42 @@ impl StableDiffusion {
                 )));
             }
         }
-        crate::lora::merge_all(&mut ckpt, loras)?;
         let scaling_factor =
             ckpt.config("vae", "config.json", "scaling_factor").and_then(|v| v.as_f64()).map_or(SCALING_FACTOR, |v| v as f32);
         let dev = &compute.device;
-        let clip = ClipTextModel::load(&Loader::new(&ckpt, Component::TextEncoder, dev))?;
-        let unet = Unet::load(&Loader::new(&ckpt, Component::Unet, dev))?;
+        let clip_loader = Loader::new(&ckpt, Component::TextEncoder, dev);
+        let clip = ClipTextModel::load(&clip_loader)?;
+        let unet_loader = Loader::new(&ckpt, Component::Unet, dev);
+        let unet = Unet::load(&unet_loader)?;
+        let patches = WeightPatches::new(unet_loader.into_slots(), clip_loader.into_slots());
         let vae = Vae::load(&Loader::new(&ckpt, Component::Vae, dev))?;
         let tokenizer = ClipTokenizer::new().map_err(|e| PipelineError::Text(e.to_string()))?;
-        Ok(Self { tokenizer, clip, unet, vae, compute, model_path: path.to_owned(), scaling_factor, embeddings: EmbeddingDb::default(), cpu_vae: OnceLock::new() })
+        let mut sd = Self {
+            tokenizer,
+            clip,
+            unet,
+            vae,
+            compute,
+            model_path: path.to_owned(),
+            scaling_factor,
+            embeddings: EmbeddingDb::default(),
+            patches,
+            vae_name: None,
+            vae_path: None,
+            cpu_vae: OnceLock::new(),
+        };
+        sd.set_loras(loras)?;
+        Ok(sd)
+    }
+
+    /// Replaces the checkpoint's VAE with a separate VAE file (A1111's "SD VAE").
+    pub fn load_vae(&mut self, path: &Path) -> Result<(), PipelineError> {
+        let ckpt = Checkpoint::open_vae(path)?;
+        self.vae = Vae::load(&Loader::new(&ckpt, Component::Vae, &self.compute.device))?;
+        self.vae_path = Some(path.to_owned());
+        self.vae_name = path.file_name().map(|s| s.to_string_lossy().into_owned());
+        self.cpu_vae = OnceLock::new();
+        Ok(())
     }
 
     /// The model's name as A1111 shows it: the file stem (or folder name).
@@ -132,7 +175,10 @@ impl StableDiffusion {
             Some(vae) => vae,
             None => {
                 eprintln!("note: the VAE decode does not fit this GPU's buffer limit; decoding on the CPU");
-                let ckpt = Checkpoint::open(&self.model_path)?;
+                let ckpt = match &self.vae_path {
+                    Some(p) => Checkpoint::open_vae(p)?,
+                    None => Checkpoint::open(&self.model_path)?,
+                };
                 let vae = Vae::load(&Loader::new(&ckpt, Component::Vae, &cpu.device))?;
                 self.cpu_vae.get_or_init(|| vae)
             }

@@ -388,13 +388,17 @@ pub fn ddim_timesteps(steps: usize) -> Vec<usize> {
 /// space as diffusers works: start from `x = noise` (not `noise * sigma`),
 /// call `model.eps(x, t)` at the integer timesteps of [`ddim_timesteps`].
 /// Its `alphas_cumprod` are diffusers' f32 ones ([`alphas_cumprod_f32`]).
-pub fn ddim(model: &mut dyn EpsModel, mut x: Vec<f32>, steps: usize, progress: &mut dyn Progress) -> Vec<f32> {
+pub fn ddim(model: &mut dyn EpsModel, x: Vec<f32>, steps: usize, progress: &mut dyn Progress) -> Vec<f32> {
     if steps == 0 {
         return x;
     }
+    ddim_steps(model, x, steps, &ddim_timesteps(steps), progress)
+}
+
+/// DDIM over (descending) timesteps of [`ddim_timesteps`]`(steps)` (all, or img2img's tail).
+fn ddim_steps(model: &mut dyn EpsModel, mut x: Vec<f32>, steps: usize, timesteps: &[usize], progress: &mut dyn Progress) -> Vec<f32> {
     let acp = alphas_cumprod_f32();
-    let timesteps = ddim_timesteps(steps);
-    let ratio = 1000 / timesteps.len();
+    let ratio = 1000 / steps.clamp(1, 1000);
     let total = timesteps.len();
     for (i, &t) in timesteps.iter().enumerate() {
         let eps = model.eps(&x, t as f32);
@@ -696,32 +700,82 @@ pub fn schedule_sigmas(model: &Schedule, kind: SamplerKind, schedule: ScheduleKi
     sig
 }
 
-/// txt2img sampling: from unit-variance `noise` to the final latent.
+/// Where sampling starts.
+#[derive(Clone, Copy, Debug)]
+pub enum Start<'a> {
+    /// txt2img: from noise alone.
+    Noise,
+    /// img2img: from an (already scaled) image latent, noised to where `strength` cuts the
+    /// schedule, as A1111 does: `t_enc = int(min(strength, 0.999) * steps)` and the sigmas
+    /// `sigmas[steps - t_enc - 1..]`, starting at `latent + noise * sigma`.
+    Image { latent: &'a [f32], strength: f32 },
+}
+
+/// The number of steps an img2img pass at `strength` runs of `steps` (A1111's `t_enc`).
+pub fn img2img_steps(steps: usize, strength: f32) -> usize {
+    (strength.min(0.999) * steps as f32) as usize
+}
+
+/// Runs `sampler` from `start` and unit-variance `noise` to the final latent.
 ///
-/// k-diffusion samplers start at `noise * sigmas[0]` and see the model
-/// through [`CompVisDenoiser`]; DDIM starts at `noise` itself and calls
-/// `model.eps` at its integer timesteps. Ancestral samplers draw their
-/// per-step noise from `rng` (the generator that made `noise`).
+/// k-diffusion samplers see the model through [`CompVisDenoiser`], then `hook` (which
+/// may change each denoised prediction: inpainting keeps the unmasked latent there).
+/// DDIM works on timesteps as diffusers does (txt2img from `noise` itself; img2img from the
+/// latent noised to its first kept timestep) and takes no hook. Ancestral samplers draw
+/// their per-step noise from `rng` (the generator that made `noise`).
+#[allow(clippy::too_many_arguments)]
 pub fn sample<M: EpsModel + ?Sized>(
     sampler: &Sampler,
     steps: usize,
     schedule: &Schedule,
     model: &mut M,
     noise: Vec<f32>,
+    start: Start<'_>,
+    hook: Option<&mut dyn FnMut(&mut Vec<f32>)>,
     rng: &mut dyn NoiseSource,
     progress: &mut dyn Progress,
 ) -> Vec<f32> {
-    match sampler.kind.k_sampler() {
-        None => {
-            let mut eps = |x: &[f32], t: f32| model.eps(x, t);
-            ddim(&mut eps, noise, steps, progress)
+    let Some(run) = sampler.kind.k_sampler() else {
+        let mut eps = |x: &[f32], t: f32| model.eps(x, t);
+        return ddim_from(&mut eps, noise, steps, start, progress);
+    };
+    let mut sigmas = sampler.sigmas(schedule, steps);
+    let x: Vec<f32> = match start {
+        Start::Noise => noise.iter().map(|v| v * sigmas[0]).collect(),
+        Start::Image { latent, strength } => {
+            let t_enc = img2img_steps(steps, strength);
+            sigmas.drain(..steps - t_enc - 1);
+            latent.iter().zip(&noise).map(|(l, n)| l + n * sigmas[0]).collect()
         }
-        Some(run) => {
-            let sigmas = sampler.sigmas(schedule, steps);
-            let x: Vec<f32> = noise.iter().map(|v| v * sigmas[0]).collect();
-            let mut den = CompVisDenoiser::new(model, schedule);
-            let mut ctx = SampleCtx::new(rng, progress);
-            run(&mut den, x, &sigmas, &mut ctx)
+    };
+    let mut den = CompVisDenoiser::new(model, schedule);
+    let mut ctx = SampleCtx::new(rng, progress);
+    match hook {
+        None => run(&mut den, x, &sigmas, &mut ctx),
+        Some(hook) => {
+            let mut hooked = |x: &[f32], sigma: f32| {
+                let mut d = den.denoise(x, sigma);
+                hook(&mut d);
+                d
+            };
+            run(&mut hooked, x, &sigmas, &mut ctx)
+        }
+    }
+}
+
+/// DDIM from [`Start`]: img2img keeps the last `int(steps * strength)` timesteps
+/// (diffusers' `StableDiffusionImg2ImgPipeline`) and starts from `add_noise(latent, noise, t)`.
+fn ddim_from(model: &mut dyn EpsModel, noise: Vec<f32>, steps: usize, start: Start<'_>, progress: &mut dyn Progress) -> Vec<f32> {
+    let timesteps = ddim_timesteps(steps);
+    match start {
+        Start::Noise => ddim_steps(model, noise, steps, &timesteps, progress),
+        Start::Image { latent, strength } => {
+            let keep = ((steps as f32 * strength) as usize).min(timesteps.len());
+            let kept = &timesteps[timesteps.len() - keep..];
+            let Some(&t) = kept.first() else { return latent.to_vec() };
+            let a = alphas_cumprod_f32()[t];
+            let x = latent.iter().zip(&noise).map(|(l, n)| a.sqrt() * l + (1.0 - a).sqrt() * n).collect();
+            ddim_steps(model, x, steps, kept, progress)
         }
     }
 }

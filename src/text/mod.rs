@@ -1,6 +1,7 @@
 //! Prompt text to CLIP tokens: the tokenizer and AUTOMATIC1111's prompt syntax.
 
 pub mod prompt;
+pub mod schedule;
 pub mod tokenizer;
 
 pub use prompt::{Chunk, EmbeddingLookup, EmbeddingMatch, Fix, NoEmbeddings, parse_prompt_attention, weighted_chunks, weighted_chunks_with};

@@ -117,6 +117,7 @@ impl TrainOptions {
             height: self.resolution,
             clip_skip: 1,
             lora_hashes: Vec::new(),
+            ..Default::default()
         }
     }
 

@@ -132,7 +132,7 @@ pub fn generate_class_images(sd: &mut StableDiffusion, opts: &TrainOptions, prom
         let g = sd.txt2img(&p, &mut crate::sampling::NoProgress).map_err(|e| TrainError::Model(e.to_string()))?;
         let img = output::to_rgb8(&g.image.data, opts.resolution, opts.resolution);
         let path = output::fresh_path(&dir.join(format!("class-{:05}.png", have + i)));
-        output::write_png(&path, &img, &g.infotext).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+        output::write_png(&path, &img, &g.infotexts[0]).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
         eprintln!("class image {}/{missing}", i + 1);
     }
     Ok(())

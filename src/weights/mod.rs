@@ -115,6 +115,34 @@ impl Checkpoint {
         Ok(Self { path: path.to_owned(), files: vec![file], index, overlay: HashMap::new() })
     }
 
+    /// Opens a VAE on its own, as A1111 users download them (`vae-ft-mse-840000.safetensors`,
+    /// `.pt`): LDM names without the `first_stage_model.` prefix, a full checkpoint's VAE,
+    /// or diffusers names (`encoder.down_blocks.…`, a diffusers `vae/` file).
+    pub fn open_vae(path: &Path) -> Result<Self, WeightsError> {
+        if !path.exists() {
+            return Err(WeightsError::NotFound { path: path.to_owned() });
+        }
+        let file = WeightsFile::open(path)?;
+        let mut index = HashMap::new();
+        let diffusers = file.keys().any(|k| k.contains("down_blocks.") || k.contains("mid_block."));
+        for key in file.keys() {
+            let name = if diffusers {
+                key.to_owned()
+            } else {
+                let ldm = if key.starts_with("first_stage_model.") { key.to_owned() } else { format!("first_stage_model.{key}") };
+                match names::ldm_to_diffusers(&ldm) {
+                    Some((Component::Vae, name)) => name,
+                    _ => continue,
+                }
+            };
+            index.insert((Component::Vae, name), Location { file: 0, key: key.to_owned() });
+        }
+        if !index.keys().any(|(_, n)| n.starts_with("decoder.")) {
+            return Err(WeightsError::UnknownFormat { path: path.to_owned(), why: "no VAE decoder tensors found".into() });
+        }
+        Ok(Self { path: path.to_owned(), files: vec![file], index, overlay: HashMap::new() })
+    }
+
     fn open_diffusers(dir: &Path) -> Result<Self, WeightsError> {
         if !dir.join("model_index.json").exists() {
             return Err(WeightsError::UnknownFormat {

@@ -1,0 +1,414 @@
+//! `sdw txt2img` and `sdw img2img`: options named as A1111 names its fields.
+//!
+//! Generation options are optional here so that `--from-png` can fill what the command
+//! line leaves out; the defaults are A1111's.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::device::{self, DeviceChoice};
+use crate::infotext::Infotext;
+use crate::lora::{self, Lora, Strength};
+use crate::output;
+use crate::pipeline::{
+    GenerationParams, Generated, HiresFix, InitImage, InpaintingFill, Mask, ResizeMode, StableDiffusion, Variation,
+    image_input,
+};
+use crate::sampling::{Sampler, ScheduleKind};
+
+use super::progress::StepBar;
+
+/// A1111's embeddings folder.
+pub const EMBEDDINGS_DIR: &str = "embeddings";
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Checkpoint: single-file .safetensors or .ckpt (A1111 layout), or a diffusers folder.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, short = 'p')]
+    prompt: Option<String>,
+    #[arg(long, short = 'n')]
+    negative_prompt: Option<String>,
+    /// Sampler: euler_a, euler, heun, dpm2, lms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2s_a,
+    /// euler_a_karras, ddim, or an A1111 name such as "DPM++ 2M Karras" (`sdw samplers`).
+    #[arg(long)]
+    sampler: Option<String>,
+    /// A1111's "Schedule type" for any k-diffusion sampler: normal (Uniform), karras, exponential.
+    #[arg(long, value_enum)]
+    schedule: Option<ScheduleArg>,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    cfg_scale: Option<f32>,
+    /// -1 picks a random seed (printed). Image i of a batch uses seed + i.
+    #[arg(long, allow_hyphen_values = true)]
+    seed: Option<i64>,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// 1 = last CLIP layer, 2 = penultimate (A1111 "Clip skip").
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    /// Images per UNet batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Batches, one after another (seeds continue).
+    #[arg(long, default_value_t = 1)]
+    batch_count: usize,
+    /// Variation seed: its noise is slerped into the seed's (-1 = random).
+    #[arg(long, allow_hyphen_values = true)]
+    subseed: Option<i64>,
+    /// How much of the variation seed's noise, 0..1.
+    #[arg(long)]
+    subseed_strength: Option<f32>,
+    /// Hires fix: upscale the latents by this factor, then an img2img pass.
+    #[arg(long)]
+    hr_scale: Option<f32>,
+    /// Hires-fix steps (0 = as many as --steps).
+    #[arg(long)]
+    hr_steps: Option<usize>,
+    #[arg(long)]
+    hr_denoising_strength: Option<f32>,
+    /// A separate VAE (.safetensors / .ckpt / .pt, LDM or diffusers names).
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// Write to this file (a fresh name is chosen if it exists; batches add -2, -3, ...).
+    #[arg(long, short = 'o', conflicts_with = "outdir")]
+    output: Option<PathBuf>,
+    /// Write `00001-<seed>.png`-style files into this folder.
+    #[arg(long)]
+    outdir: Option<PathBuf>,
+    /// A LoRA to merge, `PATH[:WEIGHT]` (repeatable; weight 1 if omitted).
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    loras: Vec<String>,
+    /// Where `<lora:NAME:WEIGHT>` prompt tags look for `NAME.safetensors`.
+    #[arg(long, default_value = "models/Lora")]
+    lora_dir: PathBuf,
+    /// Textual-inversion embeddings: a prompt word equal to a file's name stands for its
+    /// vectors. [default: embeddings, if it exists]
+    #[arg(long)]
+    embeddings_dir: Option<PathBuf>,
+    /// Take every setting not given on the command line from this image's parameters
+    /// (an image sdw or A1111 made).
+    #[arg(long)]
+    from_png: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct Img2ImgArgs {
+    #[command(flatten)]
+    common: GenerateArgs,
+    /// The image to start from (any format the `image` crate reads).
+    #[arg(long)]
+    init_image: PathBuf,
+    /// How much to change it: 0 = nothing, 1 = everything.
+    #[arg(long, default_value_t = 0.75)]
+    denoising_strength: f32,
+    /// How an init image of another size is fitted to --width x --height.
+    #[arg(long, value_enum, default_value_t = ResizeMode::JustResize)]
+    resize_mode: ResizeMode,
+    /// Inpainting mask (white = repaint), resized like the init image.
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// Mask blur radius in pixels.
+    #[arg(long, default_value_t = 4.0)]
+    mask_blur: f32,
+    /// What the masked area starts from.
+    #[arg(long, value_enum, default_value_t = InpaintingFill::Original)]
+    inpainting_fill: InpaintingFill,
+    /// Inpaint only the masked region (plus padding) at the full --width x --height, then
+    /// paste it back into the image at its own size (A1111 "Only masked").
+    #[arg(long, requires = "mask")]
+    inpaint_full_res: bool,
+    /// Pixels around the mask included in the --inpaint-full-res region.
+    #[arg(long, default_value_t = 32)]
+    inpaint_full_res_padding: u32,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ScheduleArg {
+    Normal,
+    Karras,
+    Exponential,
+}
+
+pub fn txt2img(a: GenerateArgs) -> anyhow::Result<()> {
+    let png = a.from_png.as_deref().map(read_infotext).transpose()?;
+    let params = build_params(&a, png.as_ref(), None)?;
+    let sd = load_model(&a, &params)?;
+    run_batches(&a, params, |p, bar| checked(sd.txt2img(p, bar)?), "txt2img")
+}
+
+pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
+    let png = a.common.from_png.as_deref().map(read_infotext).transpose()?;
+    let init = image_input::open_rgb(&a.init_image)?;
+    // Without --width/--height: the init image's size, down to a multiple of 8.
+    let size = (init.width() as usize / 8 * 8, init.height() as usize / 8 * 8);
+    let params = build_params(&a.common, png.as_ref(), Some(size))?;
+    let (w, h) = (params.width as u32, params.height as u32);
+    let outdir = if a.mask.is_some() { "inpaint" } else { "img2img" };
+    if a.inpaint_full_res {
+        // The image keeps its size; only the masked region is generated at w x h.
+        let path = a.mask.as_deref().expect("clap requires --mask");
+        let (iw, ih) = init.dimensions();
+        let mask = image_input::resize(&image_input::open_mask(path)?, ResizeMode::JustResize, iw, ih);
+        let mask = Mask { mask, blur: a.mask_blur, fill: a.inpainting_fill };
+        let sd = load_model(&a.common, &params)?;
+        let (strength, pad) = (a.denoising_strength, a.inpaint_full_res_padding);
+        return run_batches(&a.common, params, |p, bar| Ok(sd.inpaint_full_res(p, &init, &mask, strength, pad, bar)?), outdir);
+    }
+    let mask = match &a.mask {
+        Some(path) => Some(Mask {
+            mask: image_input::resize(&image_input::open_mask(path)?, a.resize_mode, w, h),
+            blur: a.mask_blur,
+            fill: a.inpainting_fill,
+        }),
+        None => None,
+    };
+    let init = InitImage { image: image_input::resize(&init, a.resize_mode, w, h), denoising_strength: a.denoising_strength, mask };
+    let sd = load_model(&a.common, &params)?;
+    run_batches(&a.common, params, |p, bar| checked(sd.img2img(p, &init, bar)?), outdir)
+}
+
+/// The batch's 8-bit images and infotexts; a NaN or all-black decode is an error with the
+/// remedy (A1111's NaN check), never a saved black image.
+fn checked(out: Generated) -> anyhow::Result<(Vec<output::RgbImage>, Vec<String>)> {
+    let per_image = out.image.data.len() / out.len().max(1);
+    for (i, img) in out.image.data.chunks(per_image).enumerate() {
+        if img.iter().any(|v| !v.is_finite()) || img.iter().all(|&v| v <= -1.0) {
+            bail!(
+                "image {} of the batch decoded to NaN or pure black: the model or VAE overflowed. \
+                 Try another --vae (e.g. vae-ft-mse-840000-ema-pruned.safetensors), or --device cpu",
+                i + 1
+            );
+        }
+    }
+    Ok(((0..out.len()).map(|i| out.rgb8(i)).collect(), out.infotexts))
+}
+
+/// Generates `--batch-count` batches and saves every image.
+fn run_batches(
+    a: &GenerateArgs,
+    mut params: GenerationParams,
+    mut generate: impl FnMut(&GenerationParams, &mut StepBar) -> anyhow::Result<(Vec<output::RgbImage>, Vec<String>)>,
+    kind: &str,
+) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let mut written = 0;
+    for batch in 0..a.batch_count {
+        if a.batch_count > 1 {
+            eprintln!("batch {}/{}", batch + 1, a.batch_count);
+        }
+        let mut bar = StepBar::new();
+        let (images, infotexts) = generate(&params, &mut bar)?;
+        bar.finish();
+        for ((img, text), seed) in images.iter().zip(&infotexts).zip(params.seeds()) {
+            let path = output_path(a, kind, seed)?;
+            output::write_png(&path, img, text).with_context(|| format!("writing {}", path.display()))?;
+            println!("{}", path.display());
+            written += 1;
+        }
+        params = params.next_batch();
+    }
+    eprintln!("{written} image(s) in {:.1}s", t0.elapsed().as_secs_f32());
+    Ok(())
+}
+
+fn output_path(a: &GenerateArgs, kind: &str, seed: u64) -> anyhow::Result<PathBuf> {
+    Ok(match (&a.output, &a.outdir) {
+        (Some(p), _) => output::fresh_path(p),
+        (None, Some(dir)) => output::next_in_dir(dir, seed)?,
+        (None, None) => output::next_in_dir(&Path::new("outputs").join(kind), seed)?,
+    })
+}
+
+fn read_infotext(path: &Path) -> anyhow::Result<Infotext> {
+    let text = output::read_parameters(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .with_context(|| format!("{}: no generation parameters in this image", path.display()))?;
+    Ok(Infotext::parse(&text))
+}
+
+/// The command line, then the PNG's parameters, then A1111's defaults.
+fn build_params(a: &GenerateArgs, png: Option<&Infotext>, default_size: Option<(usize, usize)>) -> anyhow::Result<GenerationParams> {
+    let num = |key: &str| -> anyhow::Result<Option<f64>> {
+        png.map(|p| p.get_parsed::<f64>(key)).transpose().map_err(anyhow::Error::msg).map(Option::flatten)
+    };
+    let prompt = match (&a.prompt, png) {
+        (Some(p), _) => p.clone(),
+        (None, Some(p)) => p.prompt.clone(),
+        (None, None) => bail!("--prompt is required (or --from-png IMAGE)"),
+    };
+    let negative_prompt = a.negative_prompt.clone().or_else(|| png.map(|p| p.negative_prompt.clone())).unwrap_or_default();
+    let sampler = sampler(a, png)?;
+    let png_size = png.map(|p| p.size()).transpose().map_err(anyhow::Error::msg)?.flatten();
+    let (dw, dh) = png_size.or(default_size).unwrap_or((512, 512));
+    let seed = match a.seed {
+        Some(s) => resolve_seed(s)?,
+        None => match num("Seed")? {
+            Some(s) => s as u64,
+            None => resolve_seed(-1)?,
+        },
+    };
+    let variation = variation(a, png)?;
+    let hires = hires(a, png)?;
+    let loras = resolve_loras(&a.loras, &prompt, &a.lora_dir)?;
+    let lora_hashes = loras.iter().map(|(l, _)| Ok((l.name(), lora::addnet_hash(&l.path)?))).collect::<std::io::Result<Vec<_>>>()?;
+    let params = GenerationParams {
+        prompt,
+        negative_prompt,
+        sampler,
+        steps: a.steps.or(num("Steps")?.map(|v| v as usize)).unwrap_or(20),
+        cfg_scale: a.cfg_scale.or(num("CFG scale")?.map(|v| v as f32)).unwrap_or(7.0),
+        seed,
+        width: a.width.unwrap_or(dw),
+        height: a.height.unwrap_or(dh),
+        clip_skip: a.clip_skip.or(num("Clip skip")?.map(|v| v as usize)).unwrap_or(1),
+        batch_size: a.batch_size.unwrap_or(1),
+        variation,
+        hires,
+        lora_hashes,
+    };
+    params.validate()?;
+    if a.batch_count == 0 {
+        bail!("--batch-count must be at least 1");
+    }
+    Ok(params)
+}
+
+fn sampler(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Sampler> {
+    let name = a.sampler.clone().or_else(|| png.and_then(|p| p.get("Sampler")).map(str::to_owned)).unwrap_or("euler_a".into());
+    let mut s = Sampler::parse(&name).map_err(anyhow::Error::msg)?;
+    let png_schedule = png.and_then(|p| p.get("Schedule type"));
+    if let Some(sch) = a.schedule {
+        s.schedule = match sch {
+            ScheduleArg::Normal => ScheduleKind::Normal,
+            ScheduleArg::Karras => ScheduleKind::Karras,
+            ScheduleArg::Exponential => ScheduleKind::Exponential,
+        };
+    } else if let Some(label) = png_schedule.filter(|_| a.sampler.is_none()) {
+        s.schedule = match label.to_lowercase().as_str() {
+            "karras" => ScheduleKind::Karras,
+            "exponential" => ScheduleKind::Exponential,
+            "uniform" | "normal" => ScheduleKind::Normal,
+            "automatic" => s.kind.automatic_schedule(),
+            other => bail!("Schedule type \"{other}\" in the image is not one sdw has (uniform, karras, exponential)"),
+        };
+    } else if png.is_some() && a.sampler.is_none() && png_schedule.is_none() {
+        // A1111 1.9+ leaves "Automatic" out of the infotext.
+        s.schedule = s.kind.automatic_schedule();
+    }
+    Ok(s)
+}
+
+fn variation(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Option<Variation>> {
+    let parse = |k: &str| png.map(|p| p.get_parsed::<f64>(k)).transpose().map_err(anyhow::Error::msg).map(Option::flatten);
+    let strength = a.subseed_strength.or(parse("Variation seed strength")?.map(|v| v as f32)).unwrap_or(0.0);
+    if strength == 0.0 {
+        return Ok(None);
+    }
+    let subseed = match a.subseed {
+        Some(s) => resolve_seed(s)?,
+        None => match parse("Variation seed")? {
+            Some(s) => s as u64,
+            None => resolve_seed(-1)?,
+        },
+    };
+    Ok(Some(Variation { subseed, strength }))
+}
+
+fn hires(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Option<HiresFix>> {
+    let parse = |k: &str| png.map(|p| p.get_parsed::<f64>(k)).transpose().map_err(anyhow::Error::msg).map(Option::flatten);
+    let Some(scale) = a.hr_scale.or(parse("Hires upscale")?.map(|v| v as f32)) else { return Ok(None) };
+    if let Some(up) = png.and_then(|p| p.get("Hires upscaler")).filter(|_| a.hr_scale.is_none()) {
+        if !up.starts_with("Latent") {
+            eprintln!("note: the image used the \"{up}\" hires upscaler; sdw upscales latents (\"Latent\")");
+        }
+    }
+    Ok(Some(HiresFix {
+        scale,
+        steps: a.hr_steps.or(parse("Hires steps")?.map(|v| v as usize)).unwrap_or(0),
+        denoising_strength: a.hr_denoising_strength.or(parse("Denoising strength")?.map(|v| v as f32)).unwrap_or(0.7),
+    }))
+}
+
+/// Loads the checkpoint with the LoRAs, the VAE override and the embeddings.
+fn load_model(a: &GenerateArgs, params: &GenerationParams) -> anyhow::Result<StableDiffusion> {
+    let loras = resolve_loras(&a.loras, &params.prompt, &a.lora_dir)?;
+    let compute = device::select(a.device)?;
+    eprintln!("device: {}", compute.description);
+    let t0 = Instant::now();
+    let mut sd = StableDiffusion::load_with_loras(&a.model, compute, &loras).with_context(|| format!("loading {}", a.model.display()))?;
+    if let Some(vae) = &a.vae {
+        sd.load_vae(vae).with_context(|| format!("loading the VAE {}", vae.display()))?;
+    }
+    load_embeddings(&mut sd, a.embeddings_dir.as_deref())?;
+    eprintln!("loaded {} in {:.1}s", a.model.display(), t0.elapsed().as_secs_f32());
+    Ok(sd)
+}
+
+/// `--embeddings-dir`, or A1111's `embeddings` folder when there is one.
+fn load_embeddings(sd: &mut StableDiffusion, dir: Option<&Path>) -> anyhow::Result<()> {
+    let dir = match dir {
+        Some(d) => d,
+        None if Path::new(EMBEDDINGS_DIR).is_dir() => Path::new(EMBEDDINGS_DIR),
+        None => return Ok(()),
+    };
+    sd.load_embeddings(dir)?;
+    let refused = sd.embeddings.refused().count();
+    let note = match refused {
+        0 => String::new(),
+        n => format!(" ({n} unusable: `sdw embeddings --embeddings-dir {}` says why)", dir.display()),
+    };
+    eprintln!("embeddings: {} from {}{note}", sd.embeddings.usable(), dir.display());
+    Ok(())
+}
+
+/// LoRAs from `--lora PATH[:W]` and from `<lora:NAME:W>` tags (looked up in `dir`).
+fn resolve_loras(args: &[String], prompt: &str, dir: &Path) -> anyhow::Result<Vec<(Lora, Strength)>> {
+    let mut out = Vec::new();
+    for arg in args {
+        // `PATH:0.8`; a colon not followed by a number belongs to the path.
+        let (path, weight) = match arg.rsplit_once(':').map(|(p, w)| (p, w.parse::<f32>())) {
+            Some((p, Ok(w))) => (p, w),
+            _ => (arg.as_str(), 1.0),
+        };
+        out.push((Lora::open(Path::new(path))?, Strength::both(weight)));
+    }
+    let (_, tags) = lora::extract_tags(prompt).map_err(anyhow::Error::msg)?;
+    for tag in tags {
+        let path = dir.join(format!("{}.safetensors", tag.name));
+        if !path.exists() {
+            bail!("<lora:{}> not found: no {} (set --lora-dir)", tag.name, path.display());
+        }
+        out.push((Lora::open(&path)?, tag.strength));
+    }
+    Ok(out)
+}
+
+fn resolve_seed(seed: i64) -> anyhow::Result<u64> {
+    match seed {
+        -1 => {
+            let s = random_u32() as u64;
+            eprintln!("seed: {s}");
+            Ok(s)
+        }
+        s if s >= 0 => Ok(s as u64),
+        s => bail!("--seed must be -1 (random) or a non-negative number, got {s}"),
+    }
+}
+
+/// A random 32-bit seed (A1111's range) from the OS-seeded hasher.
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish() as u32
+}
