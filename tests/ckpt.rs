@@ -10,8 +10,8 @@ use std::process::Command;
 
 use common::*;
 use sdw::device::{self, DeviceChoice};
-use sdw::pipeline::{GenerationParams, StableDiffusion};
-use sdw::sampling::{NoProgress, Sampler};
+use sdw::pipeline::StableDiffusion;
+use sdw::sampling::NoProgress;
 use sdw::weights::pickle::Value;
 use sdw::weights::{Checkpoint, Component, HostTensor, SafetensorsFile, TorchFile, WeightsFile, load_torch_tensors};
 
@@ -35,28 +35,6 @@ fn pickle_fixture(name: &str) -> PathBuf {
 
 fn bits(t: &HostTensor) -> Vec<u32> {
     t.data.iter().map(|v| v.to_bits()).collect()
-}
-
-fn temp_dir(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sdw-ckpt-{what}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn params(case: &serde_json::Value) -> GenerationParams {
-    GenerationParams {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-        sampler: Sampler::parse(case["sampler"].as_str().unwrap()).unwrap(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        cfg_scale: case["cfg_scale"].as_f64().unwrap() as f32,
-        seed: case["seed"].as_u64().unwrap(),
-        width: case["width"].as_u64().unwrap() as usize,
-        height: case["height"].as_u64().unwrap() as usize,
-        clip_skip: 1,
-        lora_hashes: Vec::new(),
-        ..Default::default()
-    }
 }
 
 #[test]
@@ -96,7 +74,7 @@ fn ckpt_tensors_equal_safetensors_bit_exactly() {
 fn txt2img_from_ckpt_gives_the_same_latents() {
     let cpu = device::select(DeviceChoice::Cpu).unwrap();
     let name = "txt2img.euler_a";
-    let p = params(&cases()["cases"][name]);
+    let p = case_params(&cases()["cases"][name]);
     let run = |model: &str| StableDiffusion::load(&fixture(model), cpu.clone()).unwrap().txt2img(&p, &mut NoProgress).unwrap();
     let (from_ckpt, from_st) = (run("tiny-sd-fp16.ckpt"), run("tiny-sd-fp16.safetensors"));
     assert_eq!(from_ckpt.latents.shape, from_st.latents.shape);
@@ -126,7 +104,7 @@ fn malicious_pickles_are_refused_without_side_effects() {
 
 #[test]
 fn broken_files_give_clear_errors() {
-    let dir = temp_dir("broken");
+    let dir = temp_dir("ckpt-broken");
     let bytes = std::fs::read(fixture("tiny-sd-fp16.ckpt")).unwrap();
     let write = |name: &str, data: &[u8]| {
         let p = dir.join(name);
@@ -175,7 +153,7 @@ fn torch_file_reads_nested_dicts_parameter_dicts_and_strided_views() {
 
 #[test]
 fn cli_runs_a_ckpt_and_refuses_a_malicious_one() {
-    let dir = temp_dir("cli");
+    let dir = temp_dir("ckpt-cli");
     let case = &cases()["cases"]["txt2img.euler_a"];
     let out = dir.join("ckpt.png");
     let sdw = |model: &Path| {

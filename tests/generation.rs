@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -30,13 +30,6 @@ fn base(sampler: &str) -> GenerationParams {
 
 fn latents(sd: &StableDiffusion, p: &GenerationParams) -> Vec<f32> {
     sd.txt2img(p, &mut NoProgress).unwrap().latents.data
-}
-
-fn temp_dir(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sdw-gen-{what}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 #[test]
@@ -129,7 +122,7 @@ fn schedule_types_change_the_sigmas() {
 /// exactly as the checkpoint's own.
 #[test]
 fn a_separate_vae_file_loads() {
-    let dir = temp_dir("vae");
+    let dir = temp_dir("gen-vae");
     let bytes = std::fs::read(fixture("tiny-sd-fp16.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let views: Vec<(String, safetensors::tensor::TensorView)> = st
@@ -158,7 +151,7 @@ fn sdw(dir: &Path, args: &[&str]) -> (bool, String, String) {
 /// writes one file per image with its own seed.
 #[test]
 fn png_info_round_trip_and_batches_from_the_cli() {
-    let dir = temp_dir("cli");
+    let dir = temp_dir("gen-cli");
     let model = fixture("tiny-sd-fp16.safetensors");
     let out = dir.join("first.png");
     let first = [
@@ -195,4 +188,35 @@ fn png_info_round_trip_and_batches_from_the_cli() {
     }
     let (ok, _, err) = sdw(&dir, &["png-info", model.to_str().unwrap()]);
     assert!(!ok && err.contains("tiny-sd-fp16"), "{err}");
+}
+
+/// A VAE that overflows (NaN weights here) is reported with the remedy, and no black
+/// image is written.
+#[test]
+fn a_nan_decode_is_an_error_not_a_black_image() {
+    let dir = temp_dir("gen-nan");
+    let bytes = std::fs::read(fixture("tiny-sd-fp16.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (k, v) in st.tensors() {
+        let Some(name) = k.strip_prefix("first_stage_model.") else { continue };
+        let mut data = v.data().to_vec();
+        if name == "post_quant_conv.bias" {
+            // fp16 NaN
+            for c in data.chunks_mut(2) {
+                c.copy_from_slice(&[0x00, 0x7e]);
+            }
+        }
+        owned.push((name.to_owned(), v.dtype(), v.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        owned.iter().map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let vae = dir.join("broken-vae.safetensors");
+    safetensors::serialize_to_file(views, None, &vae).unwrap();
+    let out = dir.join("out.png");
+    let model = fixture("tiny-sd-fp16.safetensors");
+    let (ok, _, err) = sdw(&dir, &["txt2img", "--model", model.to_str().unwrap(), "--vae", vae.to_str().unwrap(), "--device", "cpu",
+        "-p", "x", "--steps", "2", "--width", "64", "--height", "64", "--seed", "1", "--output", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("NaN") && err.contains("--vae"), "{err}");
+    assert!(!out.exists(), "a broken image was written");
 }

@@ -8,39 +8,22 @@ use std::process::Command;
 use common::*;
 use sdw::model::layers::{to_device, to_host};
 use sdw::pipeline::{GenerationParams, InitImage, InpaintingFill, Mask, StableDiffusion, image_input};
-use sdw::sampling::{NoProgress, Sampler};
+use sdw::sampling::NoProgress;
 
-fn case_params(name: &str) -> (GenerationParams, f32) {
+/// The img2img case and its denoising strength.
+fn img2img_case() -> (GenerationParams, f32) {
     let cases = cases();
-    let c = &cases["cases"][name];
-    let p = GenerationParams {
-        prompt: c["prompt"].as_str().unwrap().into(),
-        negative_prompt: c["negative_prompt"].as_str().unwrap().into(),
-        sampler: Sampler::parse(c["sampler"].as_str().unwrap()).unwrap(),
-        steps: c["steps"].as_u64().unwrap() as usize,
-        cfg_scale: c["cfg_scale"].as_f64().unwrap() as f32,
-        seed: c["seed"].as_u64().unwrap(),
-        width: 64,
-        height: 64,
-        ..Default::default()
-    };
-    (p, c["denoising_strength"].as_f64().unwrap_or(0.75) as f32)
+    let c = &cases["cases"]["img2img.euler_a"];
+    (case_params(c), c["denoising_strength"].as_f64().unwrap() as f32)
 }
 
 fn init_image() -> image::RgbImage {
     image_input::open_rgb(&fixture("img2img-init.png")).unwrap()
 }
 
-fn temp_dir(what: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("sdw-img2img-{what}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn img2img_matches_reference() {
-    let (p, strength) = case_params("img2img.euler_a");
+    let (p, strength) = img2img_case();
     // The PNG read as the reference reads it: x / 255 * 2 - 1.
     assert_close("img2img.init_image", &image_input::to_tensor(&init_image()), &golden("img2img.init_image"), 1e-7);
     for c in devices() {
@@ -53,17 +36,47 @@ fn img2img_matches_reference() {
     }
 }
 
+fn inpaint_eps(sd: &StableDiffusion, x: &[f32], side: usize) -> Vec<f32> {
+    let dev = &sd.compute.device;
+    let ctx = to_device(golden("unet.context").data[..77 * 128].to_vec(), [1, 77, 128], dev);
+    to_host(sd.unet.forward(to_device(x.to_vec(), [1, 9, side, side], dev), &[400.0], &ctx)).data
+}
+
+/// The 9-channel UNet against diffusers (`inpaint.eps`).
+///
+/// That golden input is ill-conditioned: on the CPU, wobbling it by 1e-7 relative (fp32
+/// rounding) moves the output by 2.7e-4 to 5.8e-4 (measured; a random input of the same shape
+/// moves 1.4e-6, the 4-channel golden 1.2e-6). So a device whose fp32 arithmetic merely runs
+/// in another order cannot be held to 1e-4 there: each device meets 1e-4 or, where it does
+/// not, twice the error the input's own rounding causes (measured here, not assumed), and every
+/// device must match the CPU to 1e-4 on well-conditioned random inputs at 8x8 and 16x16.
 #[test]
 fn inpainting_model_unet_matches_reference() {
+    let cpu = StableDiffusion::load(&fixture("tiny-sd-inpaint-fp16.safetensors"), devices()[0].clone()).unwrap();
+    assert!(cpu.is_inpainting());
+    let x = golden("inpaint.x").data;
+    let want = golden("inpaint.eps").data;
+    let at_cpu = inpaint_eps(&cpu, &x, 8);
+    let rounding_effect = (1..=3)
+        .map(|seed| {
+            let n = sdw::sampling::Philox::new(seed).randn(x.len());
+            let wobbled: Vec<f32> = x.iter().zip(n).map(|(v, e)| v * (1.0 + 1e-7 * e)).collect();
+            rel_err(&inpaint_eps(&cpu, &wobbled, 8), &at_cpu)
+        })
+        .fold(0.0, f64::max);
+    eprintln!("inpaint.x: a 1e-7 input wobble moves the output by up to {rounding_effect:.2e}");
+    let tol = 1e-4f64.max(2.0 * rounding_effect);
     for c in devices() {
         let sd = StableDiffusion::load(&fixture("tiny-sd-inpaint-fp16.safetensors"), c.clone()).unwrap();
-        assert!(sd.is_inpainting());
-        let dev = &c.device;
-        let x = golden("inpaint.x");
-        let ctx = golden("unet.context");
-        let ctx1 = to_device(ctx.data[..77 * 128].to_vec(), [1, 77, 128], dev);
-        let eps = sd.unet.forward(to_device(x.data, [1, 9, 8, 8], dev), &[400.0], &ctx1);
-        assert_close(&format!("inpaint.eps [{}]", c.description), &to_host(eps), &golden("inpaint.eps"), 1e-4);
+        let e = rel_err(&inpaint_eps(&sd, &x, 8), &want);
+        eprintln!("inpaint.eps [{}]: rel. error {e:.2e} (bound {tol:.1e})", c.description);
+        assert!(e < tol, "inpaint.eps [{}]: {e:.3e}", c.description);
+        for side in [8, 16] {
+            let r = sdw::sampling::Philox::new(5).randn(9 * side * side);
+            let e = rel_err(&inpaint_eps(&sd, &r, side), &inpaint_eps(&cpu, &r, side));
+            eprintln!("inpaint UNet {side}x{side} random input [{}] vs CPU: {e:.2e}", c.description);
+            assert!(e < 1e-4, "{side}x{side} [{}]: {e:.3e}", c.description);
+        }
     }
 }
 
@@ -74,7 +87,7 @@ fn left_half_mask() -> image::GrayImage {
 #[test]
 fn inpainting_keeps_unmasked_pixels_exactly() {
     let cpu = sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap();
-    let (p, _) = case_params("img2img.euler_a");
+    let (p, _) = img2img_case();
     let init_rgb = init_image();
     let blur = 4.0;
     let blurred = image_input::blur_mask(&left_half_mask(), blur);
@@ -114,7 +127,7 @@ fn resize_modes_fit_any_input_size() {
 /// init image taken at another size with each resize mode.
 #[test]
 fn cli_img2img_and_inpaint() {
-    let dir = temp_dir("cli");
+    let dir = temp_dir("img2img-cli");
     let cases = cases();
     let case = &cases["cases"]["img2img.euler_a"];
     let out = dir.join("img2img.png");
@@ -164,7 +177,7 @@ fn cli_img2img_and_inpaint() {
 fn inpaint_full_res_repaints_only_the_region_at_full_size() {
     let cpu = sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap();
     let sd = StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), cpu).unwrap();
-    let (p, _) = case_params("img2img.euler_a");
+    let (p, _) = img2img_case();
     // A 120x96 photo with a small masked square; the region is generated at 64x64.
     let photo = image::imageops::resize(&init_image(), 120, 96, image::imageops::FilterType::Triangle);
     let mask = image::GrayImage::from_fn(120, 96, |x, y| image::Luma([if (70..90).contains(&x) && (20..40).contains(&y) { 255 } else { 0 }]));

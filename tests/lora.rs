@@ -278,3 +278,32 @@ fn switching_loras_needs_no_reload_and_unmerges_bit_exactly() {
     sd.set_loras(&[(lora(), Strength::both(0.8))]).unwrap();
     assert_close("lora.unet_eps after re-merge", &eps(&sd), &golden("lora.unet_eps"), 1e-4);
 }
+
+/// `--prompts-file`: one model load, each line's LoRA tags switched in; a line without
+/// tags gives the plain model's image bit for bit (the LoRA was un-merged exactly).
+#[test]
+fn prompts_file_switches_loras_between_lines() {
+    let dir = temp_dir("lora-prompts");
+    std::fs::copy(fixture("tiny-lora-kohya.safetensors"), dir.join("tiny.safetensors")).unwrap();
+    let prompt = "a photo of sks person as an astronaut, (stars:1.2)";
+    std::fs::write(dir.join("prompts.txt"), format!("{prompt} <lora:tiny:0.8>\n\n{prompt}\n")).unwrap();
+    let sdw = |extra: &[&str], out: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdw"))
+            .env("SDW_CACHE_DIR", &dir)
+            .args(["txt2img", "--model", fixture("tiny-sd-fp16.safetensors").to_str().unwrap(), "--device", "cpu"])
+            .args(["-n", "blurry, lowres", "--steps", "8", "--seed", "4040056495", "--width", "64", "--height", "64"])
+            .args(["--lora-dir", dir.to_str().unwrap(), "--outdir", dir.join(out).to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| image::open(l).unwrap().to_rgb8().into_raw()).collect::<Vec<_>>()
+    };
+    let both = sdw(&["--prompts-file", dir.join("prompts.txt").to_str().unwrap()], "file");
+    assert_eq!(both.len(), 2);
+    let plain = sdw(&["-p", prompt], "plain");
+    assert!(both[1] == plain[0], "the line without a LoRA differs from a plain run");
+    let want = image::open(fixture("txt2img-lora-euler_a.png")).unwrap().to_rgb8().into_raw();
+    let worst = both[0].iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 2, "LoRA line differs from the reference by {worst} levels");
+}

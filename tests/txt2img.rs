@@ -8,27 +8,11 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use sdw::pipeline::{GenerationParams, StableDiffusion};
-use sdw::sampling::{NoProgress, Sampler};
+use sdw::pipeline::StableDiffusion;
+use sdw::sampling::NoProgress;
 
 const PIPELINE_TOL: f64 = 1e-3;
 const CASES: [&str; 3] = ["txt2img.euler_a", "txt2img.dpmpp_2m_karras", "txt2img.euler"];
-
-fn params(case: &serde_json::Value) -> GenerationParams {
-    GenerationParams {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-        sampler: Sampler::parse(case["sampler"].as_str().unwrap()).unwrap(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        cfg_scale: case["cfg_scale"].as_f64().unwrap() as f32,
-        seed: case["seed"].as_u64().unwrap(),
-        width: case["width"].as_u64().unwrap() as usize,
-        height: case["height"].as_u64().unwrap() as usize,
-        clip_skip: 1,
-        lora_hashes: Vec::new(),
-        ..Default::default()
-    }
-}
 
 #[test]
 fn txt2img_latents_and_images_match_reference() {
@@ -37,7 +21,7 @@ fn txt2img_latents_and_images_match_reference() {
         for model in [fixture("tiny-sd-fp16.safetensors"), fixture("model")] {
             let sd = StableDiffusion::load(&model, c.clone()).unwrap();
             for name in CASES {
-                let out = sd.txt2img(&params(&cases["cases"][name]), &mut NoProgress).unwrap();
+                let out = sd.txt2img(&case_params(&cases["cases"][name]), &mut NoProgress).unwrap();
                 let what = format!("{name} {} [{}]", model.file_name().unwrap().to_string_lossy(), c.description);
                 assert_close(&format!("{what} latent"), &out.latents, &golden(&format!("{name}.latent")), PIPELINE_TOL);
                 assert_close(&format!("{what} image"), &out.image, &golden(&format!("{name}.image")), PIPELINE_TOL);

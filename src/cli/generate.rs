@@ -99,6 +99,10 @@ pub struct GenerateArgs {
     /// (an image sdw or A1111 made).
     #[arg(long)]
     from_png: Option<PathBuf>,
+    /// One prompt per line, each generated in turn (A1111's "Prompts from file"): the model
+    /// is loaded once and each line's `<lora:...>` tags are switched in without reloading it.
+    #[arg(long, conflicts_with_all = ["prompt", "from_png"])]
+    prompts_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -141,9 +145,40 @@ enum ScheduleArg {
 
 pub fn txt2img(a: GenerateArgs) -> anyhow::Result<()> {
     let png = a.from_png.as_deref().map(read_infotext).transpose()?;
-    let params = build_params(&a, png.as_ref(), None)?;
-    let sd = load_model(&a, &params)?;
-    run_batches(&a, params, |p, bar| checked(sd.txt2img(p, bar)?), "txt2img")
+    let prompts = match &a.prompts_file {
+        Some(path) => read_prompts(path)?,
+        None => Vec::new(),
+    };
+    let params = build_params(&a, png.as_ref(), None, prompts.first().map(String::as_str))?;
+    let mut sd = load_model(&a, &params)?;
+    if prompts.is_empty() {
+        return run_batches(&a, params, |p, bar| checked(sd.txt2img(p, bar)?), "txt2img");
+    }
+    for (i, prompt) in prompts.iter().enumerate() {
+        eprintln!("prompt {}/{}: {prompt}", i + 1, prompts.len());
+        let (loras, lora_hashes) = loras_for(&a, prompt)?;
+        sd.set_loras(&loras)?;
+        let p = GenerationParams { prompt: prompt.clone(), lora_hashes, ..params.clone() };
+        run_batches(&a, p, |p, bar| checked(sd.txt2img(p, bar)?), "txt2img")?;
+    }
+    Ok(())
+}
+
+/// The non-empty lines of a prompts file.
+fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let prompts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
+    if prompts.is_empty() {
+        bail!("{}: no prompts in this file", path.display());
+    }
+    Ok(prompts)
+}
+
+/// The LoRAs a prompt asks for (`--lora` and its tags) with their infotext hashes.
+fn loras_for(a: &GenerateArgs, prompt: &str) -> anyhow::Result<(Vec<(Lora, Strength)>, Vec<(String, String)>)> {
+    let loras = resolve_loras(&a.loras, prompt, &a.lora_dir)?;
+    let hashes = loras.iter().map(|(l, _)| Ok((l.name(), lora::addnet_hash(&l.path)?))).collect::<std::io::Result<Vec<_>>>()?;
+    Ok((loras, hashes))
 }
 
 pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
@@ -151,7 +186,7 @@ pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
     let init = image_input::open_rgb(&a.init_image)?;
     // Without --width/--height: the init image's size, down to a multiple of 8.
     let size = (init.width() as usize / 8 * 8, init.height() as usize / 8 * 8);
-    let params = build_params(&a.common, png.as_ref(), Some(size))?;
+    let params = build_params(&a.common, png.as_ref(), Some(size), None)?;
     let (w, h) = (params.width as u32, params.height as u32);
     let outdir = if a.mask.is_some() { "inpaint" } else { "img2img" };
     if a.inpaint_full_res {
@@ -237,14 +272,20 @@ fn read_infotext(path: &Path) -> anyhow::Result<Infotext> {
 }
 
 /// The command line, then the PNG's parameters, then A1111's defaults.
-fn build_params(a: &GenerateArgs, png: Option<&Infotext>, default_size: Option<(usize, usize)>) -> anyhow::Result<GenerationParams> {
+fn build_params(
+    a: &GenerateArgs,
+    png: Option<&Infotext>,
+    default_size: Option<(usize, usize)>,
+    first_prompt: Option<&str>,
+) -> anyhow::Result<GenerationParams> {
     let num = |key: &str| -> anyhow::Result<Option<f64>> {
         png.map(|p| p.get_parsed::<f64>(key)).transpose().map_err(anyhow::Error::msg).map(Option::flatten)
     };
-    let prompt = match (&a.prompt, png) {
-        (Some(p), _) => p.clone(),
-        (None, Some(p)) => p.prompt.clone(),
-        (None, None) => bail!("--prompt is required (or --from-png IMAGE)"),
+    let prompt = match (&a.prompt, png, first_prompt) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(p), _) => p.prompt.clone(),
+        (None, None, Some(p)) => p.to_owned(),
+        (None, None, None) => bail!("--prompt is required (or --from-png IMAGE, or --prompts-file FILE)"),
     };
     let negative_prompt = a.negative_prompt.clone().or_else(|| png.map(|p| p.negative_prompt.clone())).unwrap_or_default();
     let sampler = sampler(a, png)?;
@@ -259,8 +300,7 @@ fn build_params(a: &GenerateArgs, png: Option<&Infotext>, default_size: Option<(
     };
     let variation = variation(a, png)?;
     let hires = hires(a, png)?;
-    let loras = resolve_loras(&a.loras, &prompt, &a.lora_dir)?;
-    let lora_hashes = loras.iter().map(|(l, _)| Ok((l.name(), lora::addnet_hash(&l.path)?))).collect::<std::io::Result<Vec<_>>>()?;
+    let (_, lora_hashes) = loras_for(a, &prompt)?;
     let params = GenerationParams {
         prompt,
         negative_prompt,

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use sdw::device::{self, Compute, DeviceChoice};
+use sdw::pipeline::GenerationParams;
+use sdw::sampling::Sampler;
 use sdw::weights::{HostTensor, SafetensorsFile};
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -41,4 +43,27 @@ pub fn devices() -> Vec<Compute> {
         out.push(device::select(DeviceChoice::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers, or set SDW_TEST_SKIP_WGPU=1)"));
     }
     out
+}
+
+/// The generation parameters of a `cases.json` pipeline case (64x64 unless it says).
+pub fn case_params(case: &serde_json::Value) -> GenerationParams {
+    GenerationParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
+        sampler: Sampler::parse(case["sampler"].as_str().unwrap()).unwrap(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        cfg_scale: case["cfg_scale"].as_f64().unwrap() as f32,
+        seed: case["seed"].as_u64().unwrap(),
+        width: case["width"].as_u64().unwrap_or(64) as usize,
+        height: case["height"].as_u64().unwrap_or(64) as usize,
+        ..Default::default()
+    }
+}
+
+/// A fresh, empty folder for one test.
+pub fn temp_dir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdw-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
