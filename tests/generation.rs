@@ -220,3 +220,28 @@ fn a_nan_decode_is_an_error_not_a_black_image() {
     assert!(!ok && err.contains("NaN") && err.contains("--vae"), "{err}");
     assert!(!out.exists(), "a broken image was written");
 }
+
+/// An inpainting checkpoint also does txt2img (mask 1, grey image latent, as A1111), with
+/// hires fix; DDIM does img2img from the cut schedule.
+#[test]
+fn inpainting_checkpoint_txt2img_and_ddim_img2img() {
+    let cpu = sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap();
+    let sd = StableDiffusion::load(&fixture("tiny-sd-inpaint-fp16.safetensors"), cpu).unwrap();
+    let p = GenerationParams { hires: Some(HiresFix { scale: 2.0, steps: 2, denoising_strength: 0.5 }), ..base("euler_a") };
+    let out = sd.txt2img(&p, &mut NoProgress).unwrap();
+    assert_eq!(out.image.shape, [1, 3, 128, 128]);
+    assert!(out.image.data.iter().all(|v| v.is_finite()));
+
+    let sd = cpu_model();
+    let init = sdw::pipeline::InitImage {
+        image: sdw::pipeline::image_input::open_rgb(&fixture("img2img-init.png")).unwrap(),
+        denoising_strength: 0.5,
+        mask: None,
+    };
+    let mut steps_seen = 0;
+    let mut progress = |done: usize, _total: usize| steps_seen = done;
+    let out = sd.img2img(&base("ddim"), &init, &mut progress).unwrap();
+    assert_eq!(steps_seen, 3, "DDIM img2img at 0.5 runs int(6 * 0.5) steps");
+    let plain = sd.txt2img(&base("ddim"), &mut NoProgress).unwrap();
+    assert!(rel_err(&out.latents.data, &plain.latents.data) > 1e-2);
+}

@@ -18,10 +18,13 @@
 //!
 //! Here a hand-written recursive-descent parser replaces lark. Inside brackets the grammar is
 //! unambiguous; at the top level unmatched `[ ] ( ) :` are kept as literal text, and a bracket
-//! that parses as an element is preferred over reading it as literals, as lark's Earley parser
-//! resolves it. Emphasis and escapes pass through unchanged: the output text is parsed for
-//! emphasis later (`prompt.rs`). A prompt the grammar rejects (a `|` outside an alternation, a
-//! trailing `\`) becomes a single entry holding the whole prompt, like A1111.
+//! that parses as an element is preferred over reading it as literals. For well-formed prompts
+//! that is lark's only parse; where stray brackets make the grammar ambiguous (`([a:3]:`), lark's
+//! Earley resolution varies with Python's hash seed, and this is one of its outcomes.
+//!
+//! Emphasis and escapes pass through unchanged: the output text is parsed for emphasis later
+//! (`prompt.rs`). A prompt the grammar rejects (a `|` outside an alternation, a trailing `\`)
+//! becomes a single entry holding the whole prompt, like A1111.
 //!
 //! Switch points: a NUMBER containing `.` is a fraction of the steps, otherwise a step number;
 //! it is truncated and clamped to `steps`, and only values >= 1 start a new entry. Any
@@ -36,7 +39,8 @@ pub struct ScheduledPrompt {
     pub text: String,
 }
 
-/// The schedule of `prompt` over `steps` sampling steps (A1111's `get_learned_conditioning_prompt_schedules([prompt], steps)[0]`).
+/// The schedule of `prompt` over `steps` sampling steps
+/// (A1111's `get_learned_conditioning_prompt_schedules([prompt], steps)[0]`).
 pub fn prompt_schedule(prompt: &str, steps: usize) -> Vec<ScheduledPrompt> {
     schedule_with(prompt, Timing { steps, int_offset: 0.0, flt_offset: 0.0 })
 }
@@ -439,6 +443,19 @@ mod tests {
     // Further cases, expected values taken from A1111's code run under lark 1.1.2.
 
     #[test]
+    fn hires_step_numbers_count_from_first_pass() {
+        let h = |p| pairs(prompt_schedule_hires(p, 10, 4));
+        assert_eq!(h("[a:b:12]"), expect(&[(2, "a"), (4, "b")]));
+        assert_eq!(h("[a:b:0.9]"), expect(&[(4, "b")]));
+    }
+
+    #[test]
+    fn zero_steps() {
+        assert_eq!(pairs(prompt_schedule("[a|b]", 0)), expect(&[(0, "b")]));
+        assert_eq!(pairs(prompt_schedule("[a:b:3]", 0)), expect(&[(0, "a")]));
+    }
+
+    #[test]
     fn rejected_prompts_fall_back_whole() {
         assert_eq!(g("a | b"), expect(&[(10, "a | b")]));
         assert_eq!(g("a [b:3] \\"), expect(&[(10, "a [b:3] \\")]));
@@ -465,7 +482,10 @@ mod tests {
     #[test]
     fn emphasis_and_escapes_pass_through() {
         assert_eq!(g("[a:(b:1.2):3]"), expect(&[(3, "a"), (10, "(b:1.2)")]));
-        assert_eq!(g(r"\(x\) [\[y\::z:2] <lora:n:0.5>"), expect(&[(2, r"\(x\) \[y\: <lora:n:0.5>"), (10, r"\(x\) z <lora:n:0.5>")]));
+        assert_eq!(
+            g(r"\(x\) [\[y\::z:2] <lora:n:0.5>"),
+            expect(&[(2, r"\(x\) \[y\: <lora:n:0.5>"), (10, r"\(x\) z <lora:n:0.5>")])
+        );
     }
 
     #[test]
