@@ -51,7 +51,7 @@ fn wgpu_state() -> &'static Result<WgpuState, String> {
             return Err(format!("only an OpenGL adapter ({}) was found; sdw needs Vulkan, Metal or DX12", setup.adapter.get_info().name));
         }
         let limits = setup.device.limits();
-        let binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size) as usize;
+        let binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) as usize;
         // Score chunks at half the binding limit leave room for the other operands.
         attention::set_score_budget((binding / 2).min(256 << 20));
         Ok(WgpuState { device, info: setup.adapter.get_info(), max_binding: binding })

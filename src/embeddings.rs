@@ -177,10 +177,13 @@ fn matrix(path: &Path, t: &HostTensor) -> Result<HostTensor, EmbeddingError> {
     Ok(m)
 }
 
+/// The files of a folder, each with its embedding or why it is not one.
+pub type Scanned = Vec<(PathBuf, Result<Embedding, EmbeddingError>)>;
+
 /// Every embedding file under `dir` with what became of it, in A1111's order of
 /// precedence: the folder's own files (sorted), then each subfolder's. Hidden and empty
 /// files, and other extensions (preview images), are not embeddings.
-pub fn scan_dir(dir: &Path) -> Result<Vec<(PathBuf, Result<Embedding, EmbeddingError>)>, EmbeddingError> {
+pub fn scan_dir(dir: &Path) -> Result<Scanned, EmbeddingError> {
     let mut files = Vec::new();
     walk(dir, 0, &mut files).map_err(|source| EmbeddingError::Io { path: dir.to_owned(), source })?;
     Ok(files.into_iter().map(|p| {

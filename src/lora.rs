@@ -39,6 +39,9 @@ pub fn deltas(
     Ok(sum)
 }
 
+/// A module's down, up and alpha as found in a file.
+type PartsFound = (Option<HostTensor>, Option<HostTensor>, Option<f32>);
+
 /// One low-rank update: `delta = alpha / rank * up @ down`.
 struct Pair {
     down: HostTensor,
@@ -68,7 +71,7 @@ impl Strength {
 impl Lora {
     pub fn open(path: &Path) -> Result<Self, LoraError> {
         let file = SafetensorsFile::open(path)?;
-        let mut parts: BTreeMap<String, (Option<HostTensor>, Option<HostTensor>, Option<f32>)> = BTreeMap::new();
+        let mut parts: BTreeMap<String, PartsFound> = BTreeMap::new();
         for key in file.keys() {
             let Some((module, part)) = parse_key(key) else { continue };
             let entry = parts.entry(module).or_default();

@@ -90,7 +90,7 @@ fn malicious_pickles_are_refused_without_side_effects() {
         let path = pickle_fixture(file);
         let errors = [
             Checkpoint::open(&path).err().expect("refused").to_string(),
-            load_torch_tensors(&path).err().expect("refused").to_string(),
+            load_torch_tensors(&path).expect_err("refused").to_string(),
         ];
         for err in errors {
             eprintln!("{err}");

@@ -52,7 +52,8 @@ fn embedding_vectors_replace_the_name_in_the_clip_input() {
     let case = &cases["cases"]["ti"];
     let prompt = case["prompt"].as_str().unwrap();
     let slots: Vec<usize> = case["slots"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let want_ids: Vec<u32> = case["ids_with_slots"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want_ids: Vec<u32> =
+        case["ids_with_slots"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let dir = embeddings_dir("golden", &["tinyti.safetensors"]);
     for c in devices() {
         let sd = load(c.clone(), &dir);
@@ -130,7 +131,8 @@ fn sdw_embeddings_lists_the_folder() {
     let dir = embeddings_dir("list", &["tinyti.safetensors"]);
     std::fs::create_dir_all(dir.join("more")).unwrap();
     std::fs::copy(fixture("pickle/ti/tinyti.pt"), dir.join("more/other.pt")).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_sdw")).args(["embeddings", "--embeddings-dir"]).arg(&dir).output().unwrap();
+    let o =
+        Command::new(env!("CARGO_BIN_EXE_sdw")).args(["embeddings", "--embeddings-dir"]).arg(&dir).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     eprintln!("{text}");

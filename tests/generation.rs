@@ -11,7 +11,11 @@ use sdw::pipeline::{GenerationParams, HiresFix, StableDiffusion, Variation};
 use sdw::sampling::{NoProgress, Sampler};
 
 fn cpu_model() -> StableDiffusion {
-    StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap()).unwrap()
+    StableDiffusion::load(
+        &fixture("tiny-sd-fp16.safetensors"),
+        sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap(),
+    )
+    .unwrap()
 }
 
 fn base(sampler: &str) -> GenerationParams {
@@ -61,12 +65,17 @@ fn variation_seed_slerps_toward_the_subseed() {
     let full = GenerationParams { variation: Some(Variation { subseed: 77, strength: 1.0 }), ..base("euler") };
     let seed77 = latents(&sd, &GenerationParams { seed: 77, ..base("euler") });
     assert!(rel_err(&latents(&sd, &full), &seed77) < 1e-4);
-    let half = GenerationParams { variation: Some(Variation { subseed: 77, strength: 0.3 }), batch_size: 2, ..base("euler") };
+    let half =
+        GenerationParams { variation: Some(Variation { subseed: 77, strength: 0.3 }), batch_size: 2, ..base("euler") };
     let out = sd.txt2img(&half, &mut NoProgress).unwrap();
     assert!(rel_err(&out.latents.data[..256], &plain) > 1e-3);
     // With a variation every image keeps the seed and the subseeds count up (A1111).
     assert_eq!(half.seeds(), [1234, 1234]);
-    assert!(out.infotexts[1].contains("Seed: 1234") && out.infotexts[1].contains("Variation seed: 78"), "{}", out.infotexts[1]);
+    assert!(
+        out.infotexts[1].contains("Seed: 1234") && out.infotexts[1].contains("Variation seed: 78"),
+        "{}",
+        out.infotexts[1]
+    );
     assert!(out.infotexts[1].contains("Variation seed strength: 0.3"), "{}", out.infotexts[1]);
 }
 
@@ -96,15 +105,19 @@ fn prompt_editing_switches_the_conditioning_mid_run() {
 #[test]
 fn hires_fix_upscales_and_refines() {
     let sd = cpu_model();
-    let p = GenerationParams { hires: Some(HiresFix { scale: 1.5, steps: 3, denoising_strength: 0.6 }), ..base("euler_a") };
+    let p =
+        GenerationParams { hires: Some(HiresFix { scale: 1.5, steps: 3, denoising_strength: 0.6 }), ..base("euler_a") };
     let out = sd.txt2img(&p, &mut NoProgress).unwrap();
     assert_eq!(out.latents.shape, [1, 4, 12, 12]);
     assert_eq!(out.image.shape, [1, 3, 96, 96]);
     let info = &out.infotexts[0];
-    for field in ["Size: 64x64", "Denoising strength: 0.6", "Hires upscale: 1.5", "Hires steps: 3", "Hires upscaler: Latent"] {
+    for field in
+        ["Size: 64x64", "Denoising strength: 0.6", "Hires upscale: 1.5", "Hires steps: 3", "Hires upscaler: Latent"]
+    {
         assert!(info.contains(field), "{field} missing: {info}");
     }
-    let bad = GenerationParams { hires: Some(HiresFix { scale: 1.1, steps: 0, denoising_strength: 0.5 }), ..base("euler_a") };
+    let bad =
+        GenerationParams { hires: Some(HiresFix { scale: 1.1, steps: 0, denoising_strength: 0.5 }), ..base("euler_a") };
     assert!(sd.txt2img(&bad, &mut NoProgress).err().unwrap().to_string().contains("multiple of 8"));
 }
 
@@ -144,7 +157,11 @@ fn a_separate_vae_file_loads() {
 
 fn sdw(dir: &Path, args: &[&str]) -> (bool, String, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_sdw")).env("SDW_CACHE_DIR", dir).args(args).output().unwrap();
-    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// `png-info` prints what sdw wrote; `--from-png` makes the same image again; a batch
@@ -155,31 +172,103 @@ fn png_info_round_trip_and_batches_from_the_cli() {
     let model = fixture("tiny-sd-fp16.safetensors");
     let out = dir.join("first.png");
     let first = [
-        "txt2img", "--model", model.to_str().unwrap(), "--device", "cpu", "--prompt", "a [red:blue:0.5] (house:1.2)",
-        "-n", "blurry", "--sampler", "DPM++ 2M", "--schedule", "karras", "--steps", "5", "--cfg-scale", "6.5", "--seed",
-        "321", "--width", "64", "--height", "48", "--subseed", "9", "--subseed-strength", "0.25", "--clip-skip", "2",
-        "--output", out.to_str().unwrap(),
+        "txt2img",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--prompt",
+        "a [red:blue:0.5] (house:1.2)",
+        "-n",
+        "blurry",
+        "--sampler",
+        "DPM++ 2M",
+        "--schedule",
+        "karras",
+        "--steps",
+        "5",
+        "--cfg-scale",
+        "6.5",
+        "--seed",
+        "321",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--subseed",
+        "9",
+        "--subseed-strength",
+        "0.25",
+        "--clip-skip",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
     ];
     let (ok, _, err) = sdw(&dir, &first);
     assert!(ok, "{err}");
     let (ok, info, err) = sdw(&dir, &["png-info", out.to_str().unwrap()]);
     assert!(ok, "{err}");
-    for field in ["a [red:blue:0.5] (house:1.2)\nNegative prompt: blurry\n", "Steps: 5", "Sampler: DPM++ 2M", "Schedule type: Karras",
-        "CFG scale: 6.5", "Seed: 321", "Size: 64x48", "Variation seed: 9", "Variation seed strength: 0.25", "Clip skip: 2"]
-    {
+    for field in [
+        "a [red:blue:0.5] (house:1.2)\nNegative prompt: blurry\n",
+        "Steps: 5",
+        "Sampler: DPM++ 2M",
+        "Schedule type: Karras",
+        "CFG scale: 6.5",
+        "Seed: 321",
+        "Size: 64x48",
+        "Variation seed: 9",
+        "Variation seed strength: 0.25",
+        "Clip skip: 2",
+    ] {
         assert!(info.contains(field), "{field:?} missing: {info}");
     }
     let again = dir.join("again.png");
-    let (ok, _, err) = sdw(&dir, &["txt2img", "--model", model.to_str().unwrap(), "--device", "cpu", "--from-png", out.to_str().unwrap(),
-        "--output", again.to_str().unwrap()]);
+    let (ok, _, err) = sdw(
+        &dir,
+        &[
+            "txt2img",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--from-png",
+            out.to_str().unwrap(),
+            "--output",
+            again.to_str().unwrap(),
+        ],
+    );
     assert!(ok, "{err}");
     let (a, b) = (image::open(&out).unwrap().to_rgb8(), image::open(&again).unwrap().to_rgb8());
     assert!(a == b, "--from-png made a different image");
     assert_eq!(sdw::output::read_parameters(&again).unwrap(), sdw::output::read_parameters(&out).unwrap());
 
     let batch_dir = dir.join("batch");
-    let (ok, stdout, err) = sdw(&dir, &["txt2img", "--model", model.to_str().unwrap(), "--device", "cpu", "--prompt", "x", "--steps", "2",
-        "--width", "64", "--height", "64", "--seed", "40", "--batch-size", "2", "--batch-count", "2", "--outdir", batch_dir.to_str().unwrap()]);
+    let (ok, stdout, err) = sdw(
+        &dir,
+        &[
+            "txt2img",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            "40",
+            "--batch-size",
+            "2",
+            "--batch-count",
+            "2",
+            "--outdir",
+            batch_dir.to_str().unwrap(),
+        ],
+    );
     assert!(ok, "{err}");
     let files: Vec<&str> = stdout.lines().collect();
     assert_eq!(files.len(), 4, "{stdout}");
@@ -209,14 +298,38 @@ fn a_nan_decode_is_an_error_not_a_black_image() {
         }
         owned.push((name.to_owned(), v.dtype(), v.shape().to_vec(), data));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> =
-        owned.iter().map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     let vae = dir.join("broken-vae.safetensors");
     safetensors::serialize_to_file(views, None, &vae).unwrap();
     let out = dir.join("out.png");
     let model = fixture("tiny-sd-fp16.safetensors");
-    let (ok, _, err) = sdw(&dir, &["txt2img", "--model", model.to_str().unwrap(), "--vae", vae.to_str().unwrap(), "--device", "cpu",
-        "-p", "x", "--steps", "2", "--width", "64", "--height", "64", "--seed", "1", "--output", out.to_str().unwrap()]);
+    let (ok, _, err) = sdw(
+        &dir,
+        &[
+            "txt2img",
+            "--model",
+            model.to_str().unwrap(),
+            "--vae",
+            vae.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "-p",
+            "x",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(!ok && err.contains("NaN") && err.contains("--vae"), "{err}");
     assert!(!out.exists(), "a broken image was written");
 }
@@ -227,7 +340,8 @@ fn a_nan_decode_is_an_error_not_a_black_image() {
 fn inpainting_checkpoint_txt2img_and_ddim_img2img() {
     let cpu = sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap();
     let sd = StableDiffusion::load(&fixture("tiny-sd-inpaint-fp16.safetensors"), cpu).unwrap();
-    let p = GenerationParams { hires: Some(HiresFix { scale: 2.0, steps: 2, denoising_strength: 0.5 }), ..base("euler_a") };
+    let p =
+        GenerationParams { hires: Some(HiresFix { scale: 2.0, steps: 2, denoising_strength: 0.5 }), ..base("euler_a") };
     let out = sd.txt2img(&p, &mut NoProgress).unwrap();
     assert_eq!(out.image.shape, [1, 3, 128, 128]);
     assert!(out.image.data.iter().all(|v| v.is_finite()));

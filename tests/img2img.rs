@@ -30,7 +30,12 @@ fn img2img_matches_reference() {
         let sd = StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), c.clone()).unwrap();
         let init = InitImage { image: init_image(), denoising_strength: strength, mask: None };
         let out = sd.img2img(&p, &init, &mut NoProgress).unwrap();
-        assert_close(&format!("img2img latent [{}]", c.description), &out.latents, &golden("img2img.euler_a.latent"), 1e-3);
+        assert_close(
+            &format!("img2img latent [{}]", c.description),
+            &out.latents,
+            &golden("img2img.euler_a.latent"),
+            1e-3,
+        );
         assert_close(&format!("img2img image [{}]", c.description), &out.image, &golden("img2img.euler_a.image"), 1e-3);
         assert!(out.infotexts[0].contains("Denoising strength: 0.6"), "{}", out.infotexts[0]);
     }
@@ -118,7 +123,11 @@ fn inpainting_keeps_unmasked_pixels_exactly() {
 #[test]
 fn resize_modes_fit_any_input_size() {
     let img = image::RgbImage::from_fn(100, 60, |x, y| image::Rgb([x as u8, y as u8, 7]));
-    for mode in [image_input::ResizeMode::JustResize, image_input::ResizeMode::CropAndResize, image_input::ResizeMode::ResizeAndFill] {
+    for mode in [
+        image_input::ResizeMode::JustResize,
+        image_input::ResizeMode::CropAndResize,
+        image_input::ResizeMode::ResizeAndFill,
+    ] {
         assert_eq!(image_input::resize(&img, mode, 64, 64).dimensions(), (64, 64), "{mode:?}");
     }
 }
@@ -156,7 +165,16 @@ fn cli_img2img_and_inpaint() {
 
     let mask = dir.join("mask.png");
     left_half_mask().save(&mask).unwrap();
-    let path = sdw(&["--init-image", init, "--mask", mask.to_str().unwrap(), "--steps", "4", "--outdir", dir.to_str().unwrap()]);
+    let path = sdw(&[
+        "--init-image",
+        init,
+        "--mask",
+        mask.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--outdir",
+        dir.to_str().unwrap(),
+    ]);
     assert!(path.ends_with("-99.png"), "{path}");
 
     // A 100x60 JPEG as init image, fitted to 64x64 with each mode.
@@ -164,11 +182,22 @@ fn cli_img2img_and_inpaint() {
     image::RgbImage::from_fn(100, 60, |x, y| image::Rgb([(x * 2) as u8, (y * 4) as u8, 90])).save(&jpeg).unwrap();
     for mode in ["just-resize", "crop-and-resize", "resize-and-fill"] {
         let o = dir.join(format!("{mode}.png"));
-        sdw(&["--init-image", jpeg.to_str().unwrap(), "--resize-mode", mode, "--width", "64", "--height", "64", "--steps", "2"]
-            .iter()
-            .copied()
-            .chain(["--output", o.to_str().unwrap()])
-            .collect::<Vec<_>>());
+        sdw(&[
+            "--init-image",
+            jpeg.to_str().unwrap(),
+            "--resize-mode",
+            mode,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+        ]
+        .iter()
+        .copied()
+        .chain(["--output", o.to_str().unwrap()])
+        .collect::<Vec<_>>());
         assert_eq!(image::open(&o).unwrap().to_rgb8().dimensions(), (64, 64), "{mode}");
     }
 }
@@ -180,7 +209,9 @@ fn inpaint_full_res_repaints_only_the_region_at_full_size() {
     let (p, _) = img2img_case();
     // A 120x96 photo with a small masked square; the region is generated at 64x64.
     let photo = image::imageops::resize(&init_image(), 120, 96, image::imageops::FilterType::Triangle);
-    let mask = image::GrayImage::from_fn(120, 96, |x, y| image::Luma([if (70..90).contains(&x) && (20..40).contains(&y) { 255 } else { 0 }]));
+    let mask = image::GrayImage::from_fn(120, 96, |x, y| {
+        image::Luma([if (70..90).contains(&x) && (20..40).contains(&y) { 255 } else { 0 }])
+    });
     let blurred = image_input::blur_mask(&mask, 4.0);
     let m = Mask { mask, blur: 4.0, fill: InpaintingFill::Original };
     let (images, infos) = sd.inpaint_full_res(&p, &photo, &m, 0.9, 8, &mut NoProgress).unwrap();
@@ -198,5 +229,9 @@ fn inpaint_full_res_repaints_only_the_region_at_full_size() {
     }
     eprintln!("full-res inpaint: {kept} kept, {changed} repainted");
     assert!(changed > 100, "{changed}");
-    assert!(infos[0].contains("Inpaint area: Only masked") && infos[0].contains("Masked area padding: 8"), "{}", infos[0]);
+    assert!(
+        infos[0].contains("Inpaint area: Only masked") && infos[0].contains("Masked area padding: 8"),
+        "{}",
+        infos[0]
+    );
 }

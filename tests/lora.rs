@@ -157,7 +157,7 @@ fn loras_command_lists_rank_alpha_target_and_hash() {
 #[test]
 fn lora_key_layouts_map_to_kohya_names() {
     use sdw::lora::{Part, parse_key};
-    let k = |s: &str| parse_key(s).map(|(m, p)| (m, p));
+    let k = |s: &str| parse_key(s);
     let unet = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
     assert_eq!(k(&format!("{unet}.lora_down.weight")), Some((unet.into(), Part::Down)));
     let peft = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";

@@ -14,7 +14,7 @@ use crate::infotext::Infotext;
 use crate::lora::{self, Lora, Strength};
 use crate::output;
 use crate::pipeline::{
-    GenerationParams, Generated, HiresFix, InitImage, InpaintingFill, Mask, ResizeMode, StableDiffusion, Variation,
+    Generated, GenerationParams, HiresFix, InitImage, InpaintingFill, Mask, ResizeMode, StableDiffusion, Variation,
     image_input,
 };
 use crate::sampling::{Sampler, ScheduleKind};
@@ -175,9 +175,13 @@ fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// The LoRAs a prompt asks for (`--lora` and its tags) with their infotext hashes.
-fn loras_for(a: &GenerateArgs, prompt: &str) -> anyhow::Result<(Vec<(Lora, Strength)>, Vec<(String, String)>)> {
+/// LoRAs with their strengths, and their (name, hash) for the infotext.
+type LoraSet = (Vec<(Lora, Strength)>, Vec<(String, String)>);
+
+fn loras_for(a: &GenerateArgs, prompt: &str) -> anyhow::Result<LoraSet> {
     let loras = resolve_loras(&a.loras, prompt, &a.lora_dir)?;
-    let hashes = loras.iter().map(|(l, _)| Ok((l.name(), lora::addnet_hash(&l.path)?))).collect::<std::io::Result<Vec<_>>>()?;
+    let hashes =
+        loras.iter().map(|(l, _)| Ok((l.name(), lora::addnet_hash(&l.path)?))).collect::<std::io::Result<Vec<_>>>()?;
     Ok((loras, hashes))
 }
 
@@ -197,7 +201,12 @@ pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
         let mask = Mask { mask, blur: a.mask_blur, fill: a.inpainting_fill };
         let sd = load_model(&a.common, &params)?;
         let (strength, pad) = (a.denoising_strength, a.inpaint_full_res_padding);
-        return run_batches(&a.common, params, |p, bar| Ok(sd.inpaint_full_res(p, &init, &mask, strength, pad, bar)?), outdir);
+        return run_batches(
+            &a.common,
+            params,
+            |p, bar| Ok(sd.inpaint_full_res(p, &init, &mask, strength, pad, bar)?),
+            outdir,
+        );
     }
     let mask = match &a.mask {
         Some(path) => Some(Mask {
@@ -207,7 +216,11 @@ pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
         }),
         None => None,
     };
-    let init = InitImage { image: image_input::resize(&init, a.resize_mode, w, h), denoising_strength: a.denoising_strength, mask };
+    let init = InitImage {
+        image: image_input::resize(&init, a.resize_mode, w, h),
+        denoising_strength: a.denoising_strength,
+        mask,
+    };
     let sd = load_model(&a.common, &params)?;
     run_batches(&a.common, params, |p, bar| checked(sd.img2img(p, &init, bar)?), outdir)
 }
@@ -287,7 +300,8 @@ fn build_params(
         (None, None, Some(p)) => p.to_owned(),
         (None, None, None) => bail!("--prompt is required (or --from-png IMAGE, or --prompts-file FILE)"),
     };
-    let negative_prompt = a.negative_prompt.clone().or_else(|| png.map(|p| p.negative_prompt.clone())).unwrap_or_default();
+    let negative_prompt =
+        a.negative_prompt.clone().or_else(|| png.map(|p| p.negative_prompt.clone())).unwrap_or_default();
     let sampler = sampler(a, png)?;
     let png_size = png.map(|p| p.size()).transpose().map_err(anyhow::Error::msg)?.flatten();
     let (dw, dh) = png_size.or(default_size).unwrap_or((512, 512));
@@ -324,7 +338,8 @@ fn build_params(
 }
 
 fn sampler(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Sampler> {
-    let name = a.sampler.clone().or_else(|| png.and_then(|p| p.get("Sampler")).map(str::to_owned)).unwrap_or("euler_a".into());
+    let name =
+        a.sampler.clone().or_else(|| png.and_then(|p| p.get("Sampler")).map(str::to_owned)).unwrap_or("euler_a".into());
     let mut s = Sampler::parse(&name).map_err(anyhow::Error::msg)?;
     let png_schedule = png.and_then(|p| p.get("Schedule type"));
     if let Some(sch) = a.schedule {
@@ -349,7 +364,8 @@ fn sampler(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Sampler> 
 }
 
 fn variation(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Option<Variation>> {
-    let parse = |k: &str| png.map(|p| p.get_parsed::<f64>(k)).transpose().map_err(anyhow::Error::msg).map(Option::flatten);
+    let parse =
+        |k: &str| png.map(|p| p.get_parsed::<f64>(k)).transpose().map_err(anyhow::Error::msg).map(Option::flatten);
     let strength = a.subseed_strength.or(parse("Variation seed strength")?.map(|v| v as f32)).unwrap_or(0.0);
     if strength == 0.0 {
         return Ok(None);
@@ -365,12 +381,13 @@ fn variation(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Option<
 }
 
 fn hires(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Option<HiresFix>> {
-    let parse = |k: &str| png.map(|p| p.get_parsed::<f64>(k)).transpose().map_err(anyhow::Error::msg).map(Option::flatten);
+    let parse =
+        |k: &str| png.map(|p| p.get_parsed::<f64>(k)).transpose().map_err(anyhow::Error::msg).map(Option::flatten);
     let Some(scale) = a.hr_scale.or(parse("Hires upscale")?.map(|v| v as f32)) else { return Ok(None) };
-    if let Some(up) = png.and_then(|p| p.get("Hires upscaler")).filter(|_| a.hr_scale.is_none()) {
-        if !up.starts_with("Latent") {
-            eprintln!("note: the image used the \"{up}\" hires upscaler; sdw upscales latents (\"Latent\")");
-        }
+    if let Some(up) = png.and_then(|p| p.get("Hires upscaler")).filter(|_| a.hr_scale.is_none())
+        && !up.starts_with("Latent")
+    {
+        eprintln!("note: the image used the \"{up}\" hires upscaler; sdw upscales latents (\"Latent\")");
     }
     Ok(Some(HiresFix {
         scale,
@@ -385,7 +402,8 @@ fn load_model(a: &GenerateArgs, params: &GenerationParams) -> anyhow::Result<Sta
     let compute = device::select(a.device)?;
     eprintln!("device: {}", compute.description);
     let t0 = Instant::now();
-    let mut sd = StableDiffusion::load_with_loras(&a.model, compute, &loras).with_context(|| format!("loading {}", a.model.display()))?;
+    let mut sd = StableDiffusion::load_with_loras(&a.model, compute, &loras)
+        .with_context(|| format!("loading {}", a.model.display()))?;
     if let Some(vae) = &a.vae {
         sd.load_vae(vae).with_context(|| format!("loading the VAE {}", vae.display()))?;
     }

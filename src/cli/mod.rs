@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Generate images from a text prompt.
-    Txt2img(generate::GenerateArgs),
+    Txt2img(Box<generate::GenerateArgs>),
     /// Restyle an image (img2img), or repaint the white part of a --mask (inpainting).
     Img2img(Box<generate::Img2ImgArgs>),
     /// Fine-tune a LoRA on photos of a subject (DreamBooth-LoRA).
@@ -43,7 +43,7 @@ enum Command {
 
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Txt2img(args) => generate::txt2img(args),
+        Command::Txt2img(args) => generate::txt2img(*args),
         Command::Img2img(args) => generate::img2img(*args),
         Command::Samplers => {
             for (cli, a1111) in sampling::SAMPLER_NAMES {
@@ -86,7 +86,7 @@ fn list_loras(dir: &Path) -> anyhow::Result<()> {
                 "{:<32} {:>5} {:>6} {:>8} {:<8} {}",
                 i.name,
                 i.rank.map_or("-".into(), |r| r.to_string()),
-                i.alpha.map_or("-".into(), |a| output::fmt_num(a)),
+                i.alpha.map_or("-".into(), output::fmt_num),
                 i.modules,
                 i.target,
                 lora::addnet_hash(&p)?

@@ -176,7 +176,7 @@ impl ClipTextModel {
     pub fn forward_embeds(&self, embeds: Vec<f32>, batch: usize, seq: usize, clip_skip: usize, device: &Device) -> Tensor<3> {
         let hidden = self.hidden_size();
         let x = to_device(embeds, [batch, seq, hidden], device);
-        let pos = self.position_embedding.val().slice([0..seq]).reshape([1, seq, hidden]);
+        let pos = self.position_embedding.val().narrow(0, 0, seq).reshape([1, seq, hidden]);
         let mut x = x + pos;
         let mask = causal_mask(seq, device);
         let run = self.layers.len() + 1 - clip_skip.clamp(1, self.layers.len());

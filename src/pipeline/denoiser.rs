@@ -32,7 +32,13 @@ impl<'a> CfgDenoiser<'a> {
         Self::scheduled(unet, vec![(usize::MAX, cond)], vec![(usize::MAX, uncond)], cfg_scale, shape)
     }
 
-    pub fn scheduled(unet: &'a Unet, cond: CondSchedule, uncond: CondSchedule, cfg_scale: f32, shape: [usize; 4]) -> Self {
+    pub fn scheduled(
+        unet: &'a Unet,
+        cond: CondSchedule,
+        uncond: CondSchedule,
+        cfg_scale: f32,
+        shape: [usize; 4],
+    ) -> Self {
         let b = shape[0];
         let per_image = |s: CondSchedule| s.into_iter().map(|(end, c)| (end, c.repeat_dim(0, b))).collect();
         Self { unet, cond: per_image(cond), uncond: per_image(uncond), cfg_scale, shape, image_cond: None, calls: 0 }

@@ -32,17 +32,24 @@ impl ResizeMode {
 }
 
 pub fn open_rgb(path: &Path) -> Result<RgbImage, PipelineError> {
-    let img = image::open(path).map_err(|e| PipelineError::Invalid(format!("{}: cannot read the image: {e}", path.display())))?;
+    let img = image::open(path)
+        .map_err(|e| PipelineError::Invalid(format!("{}: cannot read the image: {e}", path.display())))?;
     Ok(img.to_rgb8())
 }
 
 pub fn open_mask(path: &Path) -> Result<GrayImage, PipelineError> {
-    let img = image::open(path).map_err(|e| PipelineError::Invalid(format!("{}: cannot read the mask: {e}", path.display())))?;
+    let img = image::open(path)
+        .map_err(|e| PipelineError::Invalid(format!("{}: cannot read the mask: {e}", path.display())))?;
     Ok(img.to_luma8())
 }
 
 /// `img` fitted to `width` x `height` (Lanczos, as A1111's PIL LANCZOS).
-pub fn resize<P>(img: &image::ImageBuffer<P, Vec<u8>>, mode: ResizeMode, width: u32, height: u32) -> image::ImageBuffer<P, Vec<u8>>
+pub fn resize<P>(
+    img: &image::ImageBuffer<P, Vec<u8>>,
+    mode: ResizeMode,
+    width: u32,
+    height: u32,
+) -> image::ImageBuffer<P, Vec<u8>>
 where
     P: image::Pixel<Subpixel = u8> + 'static,
 {

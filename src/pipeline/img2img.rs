@@ -53,7 +53,12 @@ pub struct Mask {
 }
 
 impl StableDiffusion {
-    pub fn img2img(&self, p: &GenerationParams, init: &InitImage, progress: &mut dyn Progress) -> Result<Generated, PipelineError> {
+    pub fn img2img(
+        &self,
+        p: &GenerationParams,
+        init: &InitImage,
+        progress: &mut dyn Progress,
+    ) -> Result<Generated, PipelineError> {
         self.check(p)?;
         check_strength("--denoising-strength", init.denoising_strength)?;
         if init.image.dimensions() != (p.width as u32, p.height as u32) {
@@ -66,7 +71,9 @@ impl StableDiffusion {
             )));
         }
         if init.mask.is_some() && p.sampler.kind.k_sampler().is_none() {
-            return Err(PipelineError::Invalid("inpainting needs a k-diffusion sampler (not ddim), e.g. euler_a".into()));
+            return Err(PipelineError::Invalid(
+                "inpainting needs a k-diffusion sampler (not ddim), e.g. euler_a".into(),
+            ));
         }
         let b = p.batch_size;
         let shape = [b, 4, p.height / 8, p.width / 8];
@@ -93,7 +100,11 @@ impl StableDiffusion {
         let image_cond = match (self.is_inpainting(), &init.mask) {
             (false, _) => None,
             (true, Some(m)) => Some(self.masked_image_cond(&pixels, &m.mask, shape)?),
-            (true, None) => Some(self.masked_image_cond(&pixels, &GrayImage::from_pixel(p.width as u32, p.height as u32, image::Luma([255])), shape)?),
+            (true, None) => Some(self.masked_image_cond(
+                &pixels,
+                &GrayImage::from_pixel(p.width as u32, p.height as u32, image::Luma([255])),
+                shape,
+            )?),
         };
         let start = Start::Image { latent: &init_latent, strength: init.denoising_strength };
         let keep_pair = keep.as_ref().map(|k| (init_latent.as_slice(), k.as_slice()));
@@ -136,7 +147,12 @@ impl StableDiffusion {
 
     /// An inpainting model's extra input: the rounded mask at latent size and the latent of
     /// the image with the masked area blanked (A1111's `inpainting_image_conditioning`).
-    fn masked_image_cond(&self, pixels: &HostTensor, mask: &GrayImage, shape: [usize; 4]) -> Result<Tensor<4>, PipelineError> {
+    fn masked_image_cond(
+        &self,
+        pixels: &HostTensor,
+        mask: &GrayImage,
+        shape: [usize; 4],
+    ) -> Result<Tensor<4>, PipelineError> {
         let [b, _, h, w] = shape;
         let (pw, ph) = mask.dimensions();
         let round = |v: u8| if v as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 };
@@ -214,14 +230,20 @@ impl StableDiffusion {
             )));
         }
         let blurred = image_input::blur_mask(&mask.mask, mask.blur);
-        let region = crop_region(&blurred, padding).ok_or_else(|| PipelineError::Invalid("the mask is empty: nothing to repaint".into()))?;
+        let region = crop_region(&blurred, padding)
+            .ok_or_else(|| PipelineError::Invalid("the mask is empty: nothing to repaint".into()))?;
         let (x1, y1, x2, y2) = expand_crop_region(region, p.width, p.height, image.width(), image.height());
         let (cw, ch) = (x2 - x1, y2 - y1);
         let (w, h) = (p.width as u32, p.height as u32);
         let fill = image_input::ResizeMode::ResizeAndFill;
-        let crop_mask = image_input::resize(&image::imageops::crop_imm(&blurred, x1, y1, cw, ch).to_image(), fill, w, h);
+        let crop_mask =
+            image_input::resize(&image::imageops::crop_imm(&blurred, x1, y1, cw, ch).to_image(), fill, w, h);
         let crop_image = image_input::resize(&image::imageops::crop_imm(image, x1, y1, cw, ch).to_image(), fill, w, h);
-        let init = InitImage { image: crop_image, denoising_strength, mask: Some(Mask { mask: crop_mask, blur: 0.0, fill: mask.fill }) };
+        let init = InitImage {
+            image: crop_image,
+            denoising_strength,
+            mask: Some(Mask { mask: crop_mask, blur: 0.0, fill: mask.fill }),
+        };
         let out = self.img2img(p, &init, progress)?;
         let overlay = Overlay { original: image.clone(), mask: blurred };
         let mut images = Vec::new();
@@ -232,14 +254,20 @@ impl StableDiffusion {
             let patch = image_input::resize(&generated, image_input::ResizeMode::CropAndResize, cw, ch);
             let mut full = image.clone();
             image::imageops::replace(&mut full, &patch, x1 as i64, y1 as i64);
-            let mut img = crate::output::RgbImage { width: image.width() as usize, height: image.height() as usize, pixels: full.into_raw() };
+            let mut img = crate::output::RgbImage {
+                width: image.width() as usize,
+                height: image.height() as usize,
+                pixels: full.into_raw(),
+            };
             overlay.apply(&mut img);
             images.push(img);
         }
         let infotexts = out
             .infotexts
             .iter()
-            .map(|t| t.replace(", RNG: NV", &format!(", Inpaint area: Only masked, Masked area padding: {padding}, RNG: NV")))
+            .map(|t| {
+                t.replace(", RNG: NV", &format!(", Inpaint area: Only masked, Masked area padding: {padding}, RNG: NV"))
+            })
             .collect();
         Ok((images, infotexts))
     }
@@ -297,7 +325,9 @@ mod tests {
 
     #[test]
     fn crop_region_grows_to_the_aspect_ratio() {
-        let mask = GrayImage::from_fn(100, 80, |x, y| image::Luma([if (40..50).contains(&x) && (30..36).contains(&y) { 255 } else { 0 }]));
+        let mask = GrayImage::from_fn(100, 80, |x, y| {
+            image::Luma([if (40..50).contains(&x) && (30..36).contains(&y) { 255 } else { 0 }])
+        });
         let r = crop_region(&mask, 4).unwrap();
         assert_eq!(r, (36, 26, 54, 40));
         let (x1, y1, x2, y2) = expand_crop_region(r, 64, 64, 100, 80);

@@ -76,14 +76,13 @@ impl StableDiffusion {
     pub fn load_with_loras(path: &Path, compute: Compute, loras: &[(Lora, Strength)]) -> Result<Self, PipelineError> {
         let ckpt = Checkpoint::open(path)?;
         let prediction = ckpt.config("scheduler", "scheduler_config.json", "prediction_type");
-        if let Some(p) = prediction.as_ref().and_then(|v| v.as_str()) {
-            if p != "epsilon" {
+        if let Some(p) = prediction.as_ref().and_then(|v| v.as_str())
+            && p != "epsilon" {
                 return Err(PipelineError::Invalid(format!(
                     "{}: a {p}-prediction model (SD 2.x 768-v style); sdw supports epsilon-prediction SD 1.x models",
                     path.display()
                 )));
             }
-        }
         let scaling_factor =
             ckpt.config("vae", "config.json", "scaling_factor").and_then(|v| v.as_f64()).map_or(SCALING_FACTOR, |v| v as f32);
         let dev = &compute.device;

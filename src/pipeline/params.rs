@@ -59,7 +59,7 @@ impl Default for GenerationParams {
 impl GenerationParams {
     pub fn validate(&self) -> Result<(), PipelineError> {
         let bad = |m: String| Err(PipelineError::Invalid(m));
-        if self.width % 8 != 0 || self.height % 8 != 0 || self.width == 0 || self.height == 0 {
+        if !self.width.is_multiple_of(8) || !self.height.is_multiple_of(8) || self.width == 0 || self.height == 0 {
             return bad(format!("width and height must each be a multiple of 8 (got {}x{})", self.width, self.height));
         }
         if self.steps == 0 {
@@ -71,10 +71,10 @@ impl GenerationParams {
         if self.batch_size == 0 {
             return bad("--batch-size must be at least 1".into());
         }
-        if let Some(v) = self.variation {
-            if !(0.0..=1.0).contains(&v.strength) {
-                return bad(format!("--subseed-strength must be between 0 and 1 (got {})", v.strength));
-            }
+        if let Some(v) = self.variation
+            && !(0.0..=1.0).contains(&v.strength)
+        {
+            return bad(format!("--subseed-strength must be between 0 and 1 (got {})", v.strength));
         }
         if let Some(h) = self.hires {
             check_strength("--hr-denoising-strength", h.denoising_strength)?;

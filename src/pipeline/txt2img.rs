@@ -121,13 +121,19 @@ impl StableDiffusion {
         let mut rng = ImageRng::new(&p.seeds());
         let subseeds = p.subseeds();
         let per_image = shape[1..].iter().product();
-        let noise = rng.first(per_image, [shape[1], shape[2], shape[3]], subseeds.as_ref().map(|(s, st)| (s.as_slice(), *st)));
+        let noise =
+            rng.first(per_image, [shape[1], shape[2], shape[3]], subseeds.as_ref().map(|(s, st)| (s.as_slice(), *st)));
         (noise, rng)
     }
 
     /// Conditioning for the prompts, with A1111's prompt editing over `steps` (a hires pass
     /// after `first_pass` steps continues the schedule).
-    pub(super) fn conditioning(&self, p: &GenerationParams, steps: usize, first_pass: Option<usize>) -> Result<Conditioning, PipelineError> {
+    pub(super) fn conditioning(
+        &self,
+        p: &GenerationParams,
+        steps: usize,
+        first_pass: Option<usize>,
+    ) -> Result<Conditioning, PipelineError> {
         use crate::text::schedule::{prompt_schedule, prompt_schedule_hires};
         let encode = |prompt: &str| -> Result<CondSchedule, PipelineError> {
             let text = strip_lora_tags(prompt)?;
@@ -157,7 +163,8 @@ impl StableDiffusion {
         progress: &mut dyn Progress,
     ) -> Vec<f32> {
         let schedule = Schedule::new();
-        let mut den = CfgDenoiser::scheduled(&self.unet, conds.cond.clone(), conds.uncond.clone(), p.cfg_scale, pass.shape);
+        let mut den =
+            CfgDenoiser::scheduled(&self.unet, conds.cond.clone(), conds.uncond.clone(), p.cfg_scale, pass.shape);
         if let Some(ic) = pass.image_cond {
             den = den.with_image_cond(ic);
         }
@@ -169,7 +176,8 @@ impl StableDiffusion {
             }
         });
         let hook = blend.as_mut().map(|b| b as &mut dyn FnMut(&mut Vec<f32>));
-        let mut latents = sampling::sample(&p.sampler, pass.steps, &schedule, &mut den, noise, pass.start, hook, rng, progress);
+        let mut latents =
+            sampling::sample(&p.sampler, pass.steps, &schedule, &mut den, noise, pass.start, hook, rng, progress);
         if let Some((init, keep)) = pass.keep {
             for ((x, i), k) in latents.iter_mut().zip(init).zip(keep) {
                 *x = *x * (1.0 - k) + *i * k;
@@ -229,7 +237,8 @@ impl StableDiffusion {
             fields.push(("Clip skip", p.clip_skip.to_string()));
         }
         if !p.lora_hashes.is_empty() {
-            let list = p.lora_hashes.iter().map(|(n, h)| format!("{}: {h}", n.replace([':', ','], ""))).collect::<Vec<_>>();
+            let list =
+                p.lora_hashes.iter().map(|(n, h)| format!("{}: {h}", n.replace([':', ','], ""))).collect::<Vec<_>>();
             fields.push(("Lora hashes", quote(&list.join(", "))));
         }
         if let Some(ti) = self.ti_hashes(p) {
@@ -261,8 +270,10 @@ impl StableDiffusion {
             }
         }
         // A1111 drops `:` and `,` from names so the list stays parseable.
-        let list: Vec<String> =
-            used.iter().filter_map(|e| Some(format!("{}: {}", e.name.replace([':', ','], ""), e.shorthash().ok()?))).collect();
+        let list: Vec<String> = used
+            .iter()
+            .filter_map(|e| Some(format!("{}: {}", e.name.replace([':', ','], ""), e.shorthash().ok()?)))
+            .collect();
         (!list.is_empty()).then(|| list.join(", "))
     }
 }

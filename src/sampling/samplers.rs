@@ -711,6 +711,9 @@ pub enum Start<'a> {
     Image { latent: &'a [f32], strength: f32 },
 }
 
+/// Changes each denoised prediction in place (inpainting restores the unmasked latent).
+pub type DenoisedHook<'a> = &'a mut dyn FnMut(&mut Vec<f32>);
+
 /// The number of steps an img2img pass at `strength` runs of `steps` (A1111's `t_enc`).
 pub fn img2img_steps(steps: usize, strength: f32) -> usize {
     (strength.min(0.999) * steps as f32) as usize
@@ -731,7 +734,7 @@ pub fn sample<M: EpsModel + ?Sized>(
     model: &mut M,
     noise: Vec<f32>,
     start: Start<'_>,
-    hook: Option<&mut dyn FnMut(&mut Vec<f32>)>,
+    hook: Option<DenoisedHook<'_>>,
     rng: &mut dyn NoiseSource,
     progress: &mut dyn Progress,
 ) -> Vec<f32> {

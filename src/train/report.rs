@@ -34,7 +34,7 @@ impl Progress {
         let rate = done as f64 / elapsed.max(1e-9);
         let eta = (self.total - step) as f64 / rate.max(1e-9);
         let every = if self.total <= 200 { 1 } else { 10 };
-        if step % every == 0 || step == self.total {
+        if step.is_multiple_of(every) || step == self.total {
             eprintln!(
                 "step {step}/{}  loss {s:.4}  lr {:.2e}  {rate:.2} it/s  ETA {}",
                 self.total,

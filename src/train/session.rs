@@ -88,7 +88,7 @@ fn train_loop(t: &mut Trainer, dir: &Path) -> Result<(), TrainError> {
         let smoothed = progress.update(t.step, &loss);
         report::append_csv(&csv, t.step, &loss, smoothed).map_err(|e| TrainError::Io(format!("{}: {e}", csv.display())))?;
         let step = t.step;
-        let every = |n: usize| n > 0 && step % n == 0;
+        let every = |n: usize| n > 0 && step.is_multiple_of(n);
         if every(t.opts.validation_every) {
             validate(t, dir)?;
         }

@@ -660,7 +660,7 @@ fn pair(items: &[Id]) -> Result<(Id, Id), PickleError> {
 }
 
 fn pairs(items: Vec<Id>) -> Result<Vec<(Id, Id)>, PickleError> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return malformed("an odd number of dict items");
     }
     Ok(items.chunks_exact(2).map(|c| (c[0], c[1])).collect())

@@ -40,7 +40,10 @@ pub fn assert_close(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) {
 pub fn devices() -> Vec<Compute> {
     let mut out = vec![device::select(DeviceChoice::Cpu).unwrap()];
     if std::env::var("SDW_TEST_SKIP_WGPU").as_deref() != Ok("1") {
-        out.push(device::select(DeviceChoice::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers, or set SDW_TEST_SKIP_WGPU=1)"));
+        out.push(
+            device::select(DeviceChoice::Wgpu)
+                .expect("a wgpu adapter (install mesa-vulkan-drivers, or set SDW_TEST_SKIP_WGPU=1)"),
+        );
     }
     out
 }
