@@ -12,11 +12,13 @@ use crate::sampling::Progress;
 pub struct StepBar {
     bar: Option<ProgressBar>,
     start: Instant,
+    last_done: usize,
+    last_at: Instant,
 }
 
 impl StepBar {
     pub fn new() -> Self {
-        Self { bar: None, start: Instant::now() }
+        Self { bar: None, start: Instant::now(), last_done: 0, last_at: Instant::now() }
     }
 
     pub fn finish(&self) {
@@ -28,6 +30,14 @@ impl StepBar {
 
 impl Progress for StepBar {
     fn step(&mut self, done: usize, total: usize) {
+        // A new pass (hires fix) counts from where the last one ended.
+        if done <= self.last_done {
+            self.start = self.last_at;
+            if let Some(b) = self.bar.take() {
+                b.finish();
+            }
+        }
+        (self.last_done, self.last_at) = (done, Instant::now());
         if !std::io::stderr().is_terminal() {
             let secs = self.start.elapsed().as_secs_f64();
             let rate = done as f64 / secs.max(1e-9);
