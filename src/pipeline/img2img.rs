@@ -12,7 +12,7 @@ use crate::weights::HostTensor;
 
 use super::image_input;
 use super::params::{GenerationParams, check_strength};
-use super::txt2img::{Generated, Pass};
+use super::generate::{Generated, Pass};
 use super::{PipelineError, StableDiffusion};
 
 /// What the masked area starts from (A1111's "Masked content").

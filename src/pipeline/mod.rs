@@ -2,6 +2,7 @@
 
 pub mod conditioning;
 pub mod denoiser;
+pub mod generate;
 pub mod image_input;
 pub mod img2img;
 pub mod loras;
@@ -29,7 +30,7 @@ pub use image_input::ResizeMode;
 pub use img2img::{InitImage, InpaintingFill, Mask};
 pub use noise::Variation;
 pub use params::{GenerationParams, HiresFix};
-pub use txt2img::Generated;
+pub use generate::Generated;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
