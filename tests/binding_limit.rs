@@ -50,17 +50,20 @@ fn attention_over_the_binding_limit_matches_unchunked() {
     }
 }
 
-/// A device whose binding limit cannot hold the VAE decoder's activations decodes on the
-/// CPU instead, with the same result.
+/// A device whose binding limit cannot hold the VAE's activations runs the VAE on the CPU
+/// instead (the loaded VAE moved there, from any backend), decoding and encoding alike.
 #[test]
-fn vae_decode_falls_back_to_cpu_under_a_small_binding_limit() {
-    let mut small = sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap();
-    small.max_binding = Some(4096);
-    let sd = sdw::pipeline::StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), small).unwrap();
-    let z = golden("vae.latent");
-    // The tiny decoder ends at 32 channels x 64 x 64; the last level has no upsampler.
-    assert_eq!(sd.vae.decode_peak_bytes(1, 8, 8), 32 * 64 * 64 * 4);
-    let scaled = sdw::weights::HostTensor::new(z.shape.clone(), z.data.clone());
-    let image = sd.decode(&scaled).unwrap();
-    assert_close("vae decode via CPU fallback", &image, &golden("vae.decoded"), 1e-4);
+fn vae_falls_back_to_cpu_under_a_small_binding_limit() {
+    for mut small in devices() {
+        small.max_binding = Some(4096);
+        let what = small.description.clone();
+        let sd = sdw::pipeline::StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), small).unwrap();
+        // The tiny decoder ends at 32 channels x 64 x 64; the last level has no upsampler.
+        assert_eq!(sd.vae.decode_peak_bytes(1, 8, 8), 32 * 64 * 64 * 4);
+        let image = sd.decode(&golden("vae.latent")).unwrap();
+        assert_close(&format!("vae decode via CPU fallback [{what}]"), &image, &golden("vae.decoded"), 1e-4);
+        let mut mean = golden("vae.encoded_mean");
+        mean.data.iter_mut().for_each(|v| *v *= sd.scaling_factor);
+        assert_close(&format!("vae encode via CPU fallback [{what}]"), &sd.encode_mean(&golden("vae.image")), &mean, 1e-4);
+    }
 }

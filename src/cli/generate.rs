@@ -150,13 +150,17 @@ pub fn txt2img(a: GenerateArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let params = build_params(&a, png.as_ref(), None, prompts.first().map(String::as_str))?;
-    let mut sd = load_model(&a, &params)?;
     if prompts.is_empty() {
+        let (loras, lora_hashes) = loras_for(&a, &params.prompt)?;
+        let sd = load_model(&a, &loras)?;
+        let params = GenerationParams { lora_hashes, ..params };
         return run_batches(&a, params, |p, bar| checked(sd.txt2img(p, bar)?), "txt2img");
     }
-    for (i, prompt) in prompts.iter().enumerate() {
+    // Every line's LoRA tags are checked before the model loads.
+    let sets = prompts.iter().map(|p| loras_for(&a, p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut sd = load_model(&a, &[])?;
+    for (i, (prompt, (loras, lora_hashes))) in prompts.iter().zip(sets).enumerate() {
         eprintln!("prompt {}/{}: {prompt}", i + 1, prompts.len());
-        let (loras, lora_hashes) = loras_for(&a, prompt)?;
         sd.set_loras(&loras)?;
         let p = GenerationParams { prompt: prompt.clone(), lora_hashes, ..params.clone() };
         run_batches(&a, p, |p, bar| checked(sd.txt2img(p, bar)?), "txt2img")?;
@@ -191,6 +195,8 @@ pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
     // Without --width/--height: the init image's size, down to a multiple of 8.
     let size = (init.width() as usize / 8 * 8, init.height() as usize / 8 * 8);
     let params = build_params(&a.common, png.as_ref(), Some(size), None)?;
+    let (loras, lora_hashes) = loras_for(&a.common, &params.prompt)?;
+    let params = GenerationParams { lora_hashes, ..params };
     let (w, h) = (params.width as u32, params.height as u32);
     let outdir = if a.mask.is_some() { "inpaint" } else { "img2img" };
     if a.inpaint_full_res {
@@ -199,7 +205,7 @@ pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
         let (iw, ih) = init.dimensions();
         let mask = image_input::resize(&image_input::open_mask(path)?, ResizeMode::JustResize, iw, ih);
         let mask = Mask { mask, blur: a.mask_blur, fill: a.inpainting_fill };
-        let sd = load_model(&a.common, &params)?;
+        let sd = load_model(&a.common, &loras)?;
         let (strength, pad) = (a.denoising_strength, a.inpaint_full_res_padding);
         return run_batches(
             &a.common,
@@ -221,7 +227,7 @@ pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
         denoising_strength: a.denoising_strength,
         mask,
     };
-    let sd = load_model(&a.common, &params)?;
+    let sd = load_model(&a.common, &loras)?;
     run_batches(&a.common, params, |p, bar| checked(sd.img2img(p, &init, bar)?), outdir)
 }
 
@@ -314,7 +320,6 @@ fn build_params(
     };
     let variation = variation(a, png)?;
     let hires = hires(a, png)?;
-    let (_, lora_hashes) = loras_for(a, &prompt)?;
     let params = GenerationParams {
         prompt,
         negative_prompt,
@@ -328,7 +333,7 @@ fn build_params(
         batch_size: a.batch_size.unwrap_or(1),
         variation,
         hires,
-        lora_hashes,
+        lora_hashes: Vec::new(),
     };
     params.validate()?;
     if a.batch_count == 0 {
@@ -397,12 +402,11 @@ fn hires(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Option<Hire
 }
 
 /// Loads the checkpoint with the LoRAs, the VAE override and the embeddings.
-fn load_model(a: &GenerateArgs, params: &GenerationParams) -> anyhow::Result<StableDiffusion> {
-    let loras = resolve_loras(&a.loras, &params.prompt, &a.lora_dir)?;
+fn load_model(a: &GenerateArgs, loras: &[(Lora, Strength)]) -> anyhow::Result<StableDiffusion> {
     let compute = device::select(a.device)?;
     eprintln!("device: {}", compute.description);
     let t0 = Instant::now();
-    let mut sd = StableDiffusion::load_with_loras(&a.model, compute, &loras)
+    let mut sd = StableDiffusion::load_with_loras(&a.model, compute, loras)
         .with_context(|| format!("loading {}", a.model.display()))?;
     if let Some(vae) = &a.vae {
         sd.load_vae(vae).with_context(|| format!("loading the VAE {}", vae.display()))?;

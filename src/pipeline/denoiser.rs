@@ -6,6 +6,7 @@ use burn::tensor::Tensor;
 use crate::model::layers::{to_device, to_host};
 use crate::model::unet::Unet;
 use crate::sampling::EpsModel;
+use crate::text::schedule::entry_at;
 
 /// Conditionings in force until a UNet call (A1111's prompt-editing schedule): entry i
 /// holds until call `end_at_step`; the last one to the end.
@@ -22,6 +23,8 @@ pub struct CfgDenoiser<'a> {
     /// Extra UNet input channels of an inpainting model (`[B, 5, h, w]`: mask and
     /// masked-image latent), concatenated after the latent.
     image_cond: Option<Tensor<4>>,
+    /// `[uncond; cond]` for the schedule entries last used, built when they change.
+    batched: Option<((usize, usize), Tensor<3>)>,
     /// UNet evaluations so far: A1111 advances the prompt schedule per call.
     pub calls: usize,
 }
@@ -41,7 +44,7 @@ impl<'a> CfgDenoiser<'a> {
     ) -> Self {
         let b = shape[0];
         let per_image = |s: CondSchedule| s.into_iter().map(|(end, c)| (end, c.repeat_dim(0, b))).collect();
-        Self { unet, cond: per_image(cond), uncond: per_image(uncond), cfg_scale, shape, image_cond: None, calls: 0 }
+        Self { unet, cond: per_image(cond), uncond: per_image(uncond), cfg_scale, shape, image_cond: None, batched: None, calls: 0 }
     }
 
     pub fn with_image_cond(mut self, image_cond: Tensor<4>) -> Self {
@@ -51,7 +54,9 @@ impl<'a> CfgDenoiser<'a> {
 
     /// Guided noise prediction `eps_u + cfg * (eps_c - eps_u)` at float timestep `t`.
     pub fn eps(&mut self, x: &[f32], t: f32) -> Vec<f32> {
-        let (cond, uncond) = (at(&self.cond, self.calls), at(&self.uncond, self.calls));
+        let at = |s: &CondSchedule| entry_at(s.iter().map(|(end, _)| *end), self.calls);
+        let (ci, ui) = (at(&self.cond), at(&self.uncond));
+        let (cond, uncond) = (&self.cond[ci].1, &self.uncond[ui].1);
         self.calls += 1;
         let [b, c, h, w] = self.shape;
         let mut x = to_device(x.to_vec(), [b, c, h, w], &cond.device());
@@ -60,8 +65,11 @@ impl<'a> CfgDenoiser<'a> {
         }
         // One UNet batch for both halves when the prompts are as long, as A1111 does.
         let (e_u, e_c) = if cond.dims()[1] == uncond.dims()[1] {
-            let ctx = Tensor::cat(vec![uncond.clone(), cond.clone()], 0);
-            let e = self.unet.forward(Tensor::cat(vec![x.clone(), x], 0), &vec![t; 2 * b], &ctx);
+            if self.batched.as_ref().is_none_or(|(key, _)| *key != (ci, ui)) {
+                self.batched = Some(((ci, ui), Tensor::cat(vec![uncond.clone(), cond.clone()], 0)));
+            }
+            let ctx = &self.batched.as_ref().expect("just built").1;
+            let e = self.unet.forward(Tensor::cat(vec![x.clone(), x], 0), &vec![t; 2 * b], ctx);
             let mut halves = e.split(b, 0);
             let e_c = halves.pop().unwrap();
             (halves.pop().unwrap(), e_c)
@@ -71,12 +79,6 @@ impl<'a> CfgDenoiser<'a> {
         let guided = e_u.clone() + (e_c - e_u).mul_scalar(self.cfg_scale);
         to_host(guided).data
     }
-}
-
-/// The schedule entry in force at UNet call `step` (A1111's `reconstruct_cond_batch`).
-fn at(schedule: &CondSchedule, step: usize) -> &Tensor<3> {
-    let i = schedule.iter().position(|(end, _)| step <= *end).unwrap_or(schedule.len() - 1);
-    &schedule[i].1
 }
 
 impl EpsModel for CfgDenoiser<'_> {

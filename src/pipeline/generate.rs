@@ -2,6 +2,8 @@
 //! conditioning schedules, one noise stream per image, one sampling pass, and the A1111
 //! infotext of each image.
 
+use std::collections::HashMap;
+
 use burn::tensor::Tensor;
 
 use crate::output::fmt_num;
@@ -102,11 +104,21 @@ impl StableDiffusion {
                 None => prompt_schedule(&text, steps),
                 Some(base) => prompt_schedule_hires(&text, base, steps),
             };
+            // Alternation repeats a few texts over every step: each is encoded once.
+            let mut encoded: HashMap<String, Tensor<3>> = HashMap::new();
             let mut out = Vec::with_capacity(schedule.len());
             for entry in schedule {
-                // Refuses a prompt naming an embedding file that failed to load or does not fit.
-                self.embeddings_used(&entry.text)?;
-                out.push((entry.end_at_step, self.encode_prompt(&entry.text, p.clip_skip)));
+                let cond = match encoded.get(&entry.text) {
+                    Some(c) => c.clone(),
+                    None => {
+                        // Refuses a prompt naming an embedding file that failed to load or does not fit.
+                        self.embeddings_used(&entry.text)?;
+                        let c = self.encode_prompt(&entry.text, p.clip_skip);
+                        encoded.insert(entry.text, c.clone());
+                        c
+                    }
+                };
+                out.push((entry.end_at_step, cond));
             }
             Ok(out)
         };

@@ -5,7 +5,7 @@
 use burn::tensor::Tensor;
 use image::{GrayImage, RgbImage};
 
-use crate::model::layers::{to_device, to_host};
+use crate::model::layers::to_device;
 use crate::output::fmt_num;
 use crate::sampling::{Progress, Start};
 use crate::weights::HostTensor;
@@ -78,7 +78,7 @@ impl StableDiffusion {
         let b = p.batch_size;
         let shape = [b, 4, p.height / 8, p.width / 8];
         let pixels = image_input::to_tensor(&init.image);
-        let latent1 = self.encode_mean(&pixels)?;
+        let latent1 = self.encode_mean(&pixels);
         let mut init_latent: Vec<f32> = latent1.data.repeat(b);
         let conds = self.conditioning(p, p.steps, None)?;
         let (noise, mut rng) = self.initial_noise(p, shape);
@@ -99,12 +99,9 @@ impl StableDiffusion {
         }
         let image_cond = match (self.is_inpainting(), &init.mask) {
             (false, _) => None,
-            (true, Some(m)) => Some(self.masked_image_cond(&pixels, &m.mask, shape)?),
-            (true, None) => Some(self.masked_image_cond(
-                &pixels,
-                &GrayImage::from_pixel(p.width as u32, p.height as u32, image::Luma([255])),
-                shape,
-            )?),
+            (true, Some(m)) => Some(self.masked_image_cond(&pixels, &m.mask, shape)),
+            // Everything masked: the masked image is all zeros, i.e. the blank conditioning.
+            (true, None) => Some(self.blank_image_cond(shape)),
         };
         let start = Start::Image { latent: &init_latent, strength: init.denoising_strength };
         let keep_pair = keep.as_ref().map(|k| (init_latent.as_slice(), k.as_slice()));
@@ -121,14 +118,6 @@ impl StableDiffusion {
         Ok(Generated { latents, image, infotexts: self.infotexts(p, &extra), overlay })
     }
 
-    /// Pixels `[1, 3, H, W]` -> the VAE mean x scaling factor `[1, 4, H/8, W/8]` (host).
-    pub fn encode_mean(&self, pixels: &HostTensor) -> Result<HostTensor, PipelineError> {
-        let [b, c, h, w] = pixels.shape[..] else { panic!("pixels must be 4-D") };
-        let x = to_device(pixels.data.clone(), [b, c, h, w], &self.compute.device);
-        let mean = self.vae.encode(x).mean.mul_scalar(self.scaling_factor);
-        Ok(to_host(mean))
-    }
-
     /// Does the UNet take the 5 extra channels of an inpainting model?
     pub fn is_inpainting(&self) -> bool {
         self.unet.config().in_channels == 9
@@ -136,23 +125,18 @@ impl StableDiffusion {
 
     /// An inpainting model's extra input when nothing is masked (A1111's txt2img
     /// conditioning): mask 1 everywhere, the latent of a mid-grey image.
-    pub(super) fn blank_image_cond(&self, shape: [usize; 4]) -> Result<Tensor<4>, PipelineError> {
+    pub(super) fn blank_image_cond(&self, shape: [usize; 4]) -> Tensor<4> {
         let [b, _, h, w] = shape;
         let grey = HostTensor::new(vec![1, 3, h * 8, w * 8], vec![0.0; 3 * h * w * 64]);
-        let lat = self.encode_mean(&grey)?;
+        let lat = self.encode_mean(&grey);
         let mut data = vec![1.0; h * w];
         data.extend(lat.data);
-        Ok(to_device(data.repeat(b), [b, 5, h, w], &self.compute.device))
+        to_device(data.repeat(b), [b, 5, h, w], &self.compute.device)
     }
 
     /// An inpainting model's extra input: the rounded mask at latent size and the latent of
     /// the image with the masked area blanked (A1111's `inpainting_image_conditioning`).
-    fn masked_image_cond(
-        &self,
-        pixels: &HostTensor,
-        mask: &GrayImage,
-        shape: [usize; 4],
-    ) -> Result<Tensor<4>, PipelineError> {
+    fn masked_image_cond(&self, pixels: &HostTensor, mask: &GrayImage, shape: [usize; 4]) -> Tensor<4> {
         let [b, _, h, w] = shape;
         let (pw, ph) = mask.dimensions();
         let round = |v: u8| if v as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 };
@@ -164,7 +148,7 @@ impl StableDiffusion {
                 masked.data[c * plane + i] *= keep;
             }
         }
-        let lat = self.encode_mean(&masked)?;
+        let lat = self.encode_mean(&masked);
         // Nearest-neighbour to latent size, as F.interpolate's default.
         let mut data: Vec<f32> = (0..h * w)
             .map(|i| {
@@ -173,7 +157,7 @@ impl StableDiffusion {
             })
             .collect();
         data.extend(lat.data);
-        Ok(to_device(data.repeat(b), [b, 5, h, w], &self.compute.device))
+        to_device(data.repeat(b), [b, 5, h, w], &self.compute.device)
     }
 }
 

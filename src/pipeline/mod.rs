@@ -13,6 +13,7 @@ pub mod txt2img;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use burn::module::Module;
 use burn::tensor::Tensor;
 
 use crate::device::Compute;
@@ -60,7 +61,6 @@ pub struct StableDiffusion {
     pub embeddings: EmbeddingDb,
     /// The `--vae` file's stem, when the VAE is not the checkpoint's (infotext "VAE").
     pub vae_name: Option<String>,
-    vae_path: Option<PathBuf>,
     /// Weights LoRAs can patch, and the base values of those patched now.
     pub patches: WeightPatches,
     /// A CPU copy of the VAE, loaded the first time a decode does not fit the GPU.
@@ -105,7 +105,6 @@ impl StableDiffusion {
             embeddings: EmbeddingDb::default(),
             patches,
             vae_name: None,
-            vae_path: None,
             cpu_vae: OnceLock::new(),
         };
         sd.set_loras(loras)?;
@@ -116,7 +115,6 @@ impl StableDiffusion {
     pub fn load_vae(&mut self, path: &Path) -> Result<(), PipelineError> {
         let ckpt = Checkpoint::open_vae(path)?;
         self.vae = Vae::load(&Loader::new(&ckpt, Component::Vae, &self.compute.device))?;
-        self.vae_path = Some(path.to_owned());
         self.vae_name = path.file_name().map(|s| s.to_string_lossy().into_owned());
         self.cpu_vae = OnceLock::new();
         Ok(())
@@ -158,31 +156,33 @@ impl StableDiffusion {
     }
 
     /// Scaled latents `[B, 4, h, w]` -> pixels `[B, 3, 8h, 8w]` on the host.
-    ///
-    /// On a GPU whose largest binding cannot hold the decoder's activations (128 MiB on
-    /// lavapipe and many iGPUs; SD 1.5 at 512x512 needs 256 MiB), the VAE runs on the CPU
-    /// instead: exact, and far better than a failed allocation.
     pub fn decode(&self, latents: &HostTensor) -> Result<HostTensor, PipelineError> {
         let [b, c, h, w] = latents.shape[..] else { panic!("latents must be 4-D") };
         let scaled: Vec<f32> = latents.data.iter().map(|v| v / self.scaling_factor).collect();
-        let fits = self.compute.max_binding.is_none_or(|max| self.vae.decode_peak_bytes(b, h, w) <= max);
-        if fits {
-            let z = to_device(scaled, [b, c, h, w], &self.compute.device);
-            return Ok(to_host(self.vae.decode(z)));
+        let (vae, device) = self.vae_fitting(b, h, w);
+        Ok(to_host(vae.decode(to_device(scaled, [b, c, h, w], &device))))
+    }
+
+    /// Pixels `[B, 3, H, W]` in [-1, 1] -> the VAE mean x scaling factor `[B, 4, H/8, W/8]` (host).
+    pub fn encode_mean(&self, pixels: &HostTensor) -> HostTensor {
+        let [b, c, h, w] = pixels.shape[..] else { panic!("pixels must be 4-D") };
+        let (vae, device) = self.vae_fitting(b, h / 8, w / 8);
+        to_host(vae.encode(to_device(pixels.data.clone(), [b, c, h, w], &device)).mean.mul_scalar(self.scaling_factor))
+    }
+
+    /// The VAE and device for latents `[b, _, h, w]`. On a GPU whose largest binding cannot
+    /// hold the VAE's activations (128 MiB on lavapipe and many iGPUs; SD 1.5 at 512x512
+    /// needs 256 MiB to decode) it runs on the CPU instead: exact, and far better than a
+    /// failed allocation. The encoder mirrors the decoder, so the decoder's peak bounds both.
+    fn vae_fitting(&self, b: usize, h: usize, w: usize) -> (&Vae, burn::tensor::Device) {
+        if self.compute.max_binding.is_none_or(|max| self.vae.decode_peak_bytes(b, h, w) <= max) {
+            return (&self.vae, self.compute.device.clone());
         }
-        let cpu = crate::device::cpu();
-        let vae = match self.cpu_vae.get() {
-            Some(vae) => vae,
-            None => {
-                eprintln!("note: the VAE decode does not fit this GPU's buffer limit; decoding on the CPU");
-                let ckpt = match &self.vae_path {
-                    Some(p) => Checkpoint::open_vae(p)?,
-                    None => Checkpoint::open(&self.model_path)?,
-                };
-                let vae = Vae::load(&Loader::new(&ckpt, Component::Vae, &cpu.device))?;
-                self.cpu_vae.get_or_init(|| vae)
-            }
-        };
-        Ok(to_host(vae.decode(to_device(scaled, [b, c, h, w], &cpu.device))))
+        let cpu = crate::device::cpu().device;
+        let vae = self.cpu_vae.get_or_init(|| {
+            eprintln!("note: the VAE does not fit this GPU's buffer limit; running it on the CPU");
+            self.vae.clone().to_device(&cpu)
+        });
+        (vae, cpu)
     }
 }

@@ -13,7 +13,7 @@ impl StableDiffusion {
         self.check(p)?;
         let shape = [p.batch_size, 4, p.height / 8, p.width / 8];
         let conds = self.conditioning(p, p.steps, None)?;
-        let image_cond = self.is_inpainting().then(|| self.blank_image_cond(shape)).transpose()?;
+        let image_cond = self.is_inpainting().then(|| self.blank_image_cond(shape));
         let noise = self.initial_noise(p, shape);
         let mut rng = noise.1;
         let pass = Pass { shape, steps: p.steps, start: Start::Noise, keep: None, image_cond };
@@ -42,7 +42,7 @@ impl StableDiffusion {
         let upscaled = upscale_bilinear(&latents, shape, up_shape[2], up_shape[3]);
         let steps = if hr.steps == 0 { p.steps } else { hr.steps };
         let conds = self.conditioning(p, steps, Some(p.steps))?;
-        let image_cond = self.is_inpainting().then(|| self.blank_image_cond(up_shape)).transpose()?;
+        let image_cond = self.is_inpainting().then(|| self.blank_image_cond(up_shape));
         let (noise, mut rng) = self.initial_noise(p, up_shape);
         let start = Start::Image { latent: &upscaled, strength: hr.denoising_strength };
         let pass = Pass { shape: up_shape, steps, start, keep: None, image_cond };

@@ -52,11 +52,12 @@ pub fn prompt_schedule_hires(prompt: &str, base_steps: usize, hires_steps: usize
     schedule_with(prompt, Timing { steps: hires_steps, int_offset: base_steps as f64, flt_offset: 1.0 })
 }
 
-/// Index of the entry in force at 0-based denoiser call `step`, as A1111's
-/// `reconstruct_cond_batch`: the first entry with `step <= end_at_step`, else entry 0 (A1111's
-/// fallback; unreachable for `step < steps`, since the last entry ends at `steps`).
-pub fn entry_at(schedule: &[ScheduledPrompt], step: usize) -> usize {
-    schedule.iter().position(|e| step <= e.end_at_step).unwrap_or(0)
+/// Index of the entry in force at 0-based denoiser call `step`, given each entry's
+/// `end_at_step`, as A1111's `reconstruct_cond_batch`: the first entry with
+/// `step <= end_at_step`, else entry 0. A1111 counts UNet calls, so with a two-call sampler
+/// (Heun, DPM2) the count passes `steps` and the schedule starts over; kept for A1111's images.
+pub fn entry_at(ends: impl IntoIterator<Item = usize>, step: usize) -> usize {
+    ends.into_iter().position(|end| step <= end).unwrap_or(0)
 }
 
 /// How NUMBER tokens map to steps of the pass being scheduled.
@@ -511,11 +512,11 @@ mod tests {
 
     #[test]
     fn entry_at_follows_reconstruct_cond_batch() {
-        let s = prompt_schedule("a [b:3]", 10);
-        assert_eq!((0..=3).map(|i| entry_at(&s, i)).collect::<Vec<_>>(), [0, 0, 0, 0]);
-        assert_eq!(entry_at(&s, 4), 1);
-        assert_eq!(entry_at(&s, 9), 1);
-        assert_eq!(entry_at(&s, 11), 0);
+        let ends: Vec<usize> = prompt_schedule("a [b:3]", 10).iter().map(|e| e.end_at_step).collect();
+        assert_eq!((0..=3).map(|i| entry_at(ends.iter().copied(), i)).collect::<Vec<_>>(), [0, 0, 0, 0]);
+        assert_eq!(entry_at(ends.iter().copied(), 4), 1);
+        assert_eq!(entry_at(ends.iter().copied(), 9), 1);
+        assert_eq!(entry_at(ends.iter().copied(), 11), 0);
     }
 
     #[test]

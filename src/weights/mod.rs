@@ -75,8 +75,6 @@ pub struct Checkpoint {
     path: PathBuf,
     files: Vec<WeightsFile>,
     index: HashMap<(Component, String), Location>,
-    /// Tensors that replace the file's (LoRA-merged weights).
-    overlay: HashMap<(Component, String), HostTensor>,
 }
 
 impl Checkpoint {
@@ -112,7 +110,7 @@ impl Checkpoint {
                 why: "no Stable Diffusion tensors (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*) found".into(),
             });
         }
-        Ok(Self { path: path.to_owned(), files: vec![file], index, overlay: HashMap::new() })
+        Ok(Self { path: path.to_owned(), files: vec![file], index })
     }
 
     /// Opens a VAE on its own, as A1111 users download them (`vae-ft-mse-840000.safetensors`,
@@ -140,7 +138,7 @@ impl Checkpoint {
         if !index.keys().any(|(_, n)| n.starts_with("decoder.")) {
             return Err(WeightsError::UnknownFormat { path: path.to_owned(), why: "no VAE decoder tensors found".into() });
         }
-        Ok(Self { path: path.to_owned(), files: vec![file], index, overlay: HashMap::new() })
+        Ok(Self { path: path.to_owned(), files: vec![file], index })
     }
 
     fn open_diffusers(dir: &Path) -> Result<Self, WeightsError> {
@@ -169,7 +167,7 @@ impl Checkpoint {
             }
             files.push(file);
         }
-        Ok(Self { path: dir.to_owned(), files, index, overlay: HashMap::new() })
+        Ok(Self { path: dir.to_owned(), files, index })
     }
 
     pub fn contains(&self, component: Component, name: &str) -> bool {
@@ -182,16 +180,8 @@ impl Checkpoint {
         self.files[loc.file].shape(&loc.key)
     }
 
-    /// Replaces a tensor for later loads (used to merge LoRAs into the base weights).
-    pub fn set_overlay(&mut self, component: Component, name: &str, t: HostTensor) {
-        self.overlay.insert((component, name.to_owned()), t);
-    }
-
     /// Loads one tensor as f32, whatever its stored float type.
     pub fn tensor(&self, component: Component, name: &str) -> Result<HostTensor, WeightsError> {
-        if let Some(t) = self.overlay.get(&(component, name.to_owned())) {
-            return Ok(t.clone());
-        }
         let loc = self.index.get(&(component, name.to_owned())).ok_or_else(|| WeightsError::Missing {
             path: self.path.clone(),
             component: component.label(),
