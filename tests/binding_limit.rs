@@ -41,7 +41,12 @@ fn attention_over_the_binding_limit_matches_unchunked() {
     }
     let sh = [b, s, c];
     let reference = to_host(attention_with_budget(
-        t(&q, sh, &cpu.device), t(&k, sh, &cpu.device), t(&v, sh, &cpu.device), heads, None, usize::MAX,
+        t(&q, sh, &cpu.device),
+        t(&k, sh, &cpu.device),
+        t(&v, sh, &cpu.device),
+        heads,
+        None,
+        usize::MAX,
     ));
     for dev in devices() {
         let d = &dev.device;
@@ -64,6 +69,11 @@ fn vae_falls_back_to_cpu_under_a_small_binding_limit() {
         assert_close(&format!("vae decode via CPU fallback [{what}]"), &image, &golden("vae.decoded"), 1e-4);
         let mut mean = golden("vae.encoded_mean");
         mean.data.iter_mut().for_each(|v| *v *= sd.scaling_factor);
-        assert_close(&format!("vae encode via CPU fallback [{what}]"), &sd.encode_mean(&golden("vae.image")), &mean, 1e-4);
+        assert_close(
+            &format!("vae encode via CPU fallback [{what}]"),
+            &sd.encode_mean(&golden("vae.image")),
+            &mean,
+            1e-4,
+        );
     }
 }

@@ -75,7 +75,9 @@ fn txt2img_from_ckpt_gives_the_same_latents() {
     let cpu = device::select(DeviceChoice::Cpu).unwrap();
     let name = "txt2img.euler_a";
     let p = case_params(&cases()["cases"][name]);
-    let run = |model: &str| StableDiffusion::load(&fixture(model), cpu.clone()).unwrap().txt2img(&p, &mut NoProgress).unwrap();
+    let run = |model: &str| {
+        StableDiffusion::load(&fixture(model), cpu.clone()).unwrap().txt2img(&p, &mut NoProgress).unwrap()
+    };
     let (from_ckpt, from_st) = (run("tiny-sd-fp16.ckpt"), run("tiny-sd-fp16.safetensors"));
     assert_eq!(from_ckpt.latents.shape, from_st.latents.shape);
     assert!(bits(&from_ckpt.latents) == bits(&from_st.latents), "latents differ");
@@ -161,22 +163,15 @@ fn cli_runs_a_ckpt_and_refuses_a_malicious_one() {
             .env("SDW_CACHE_DIR", &dir)
             .args(["txt2img", "--model"])
             .arg(model)
-            .args(["--prompt", case["prompt"].as_str().unwrap()])
-            .args(["--negative-prompt", case["negative_prompt"].as_str().unwrap()])
-            .args(["--sampler", case["sampler"].as_str().unwrap()])
-            .args(["--steps", &case["steps"].to_string()])
-            .args(["--cfg-scale", &case["cfg_scale"].to_string()])
-            .args(["--seed", &case["seed"].to_string()])
-            .args(["--width", "64", "--height", "64", "--device", "cpu", "--output"])
+            .args(case_cli_args(case))
+            .args(["--device", "cpu", "--output"])
             .arg(&out)
             .output()
             .unwrap()
     };
     let o = sdw(&fixture("tiny-sd-fp16.ckpt"));
     assert!(o.status.success(), "sdw failed: {}", String::from_utf8_lossy(&o.stderr));
-    let got = image::open(&out).unwrap().to_rgb8().into_raw();
-    let want = image::open(fixture("txt2img-euler_a.png")).unwrap().to_rgb8().into_raw();
-    let worst = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    let worst = max_level_diff(&rgb_bytes(&out), &rgb_bytes(&fixture("txt2img-euler_a.png")));
     assert!(worst <= 2, "pixels differ by {worst} levels");
 
     let _ = std::fs::remove_file(MARKER);
@@ -184,6 +179,9 @@ fn cli_runs_a_ckpt_and_refuses_a_malicious_one() {
     let o = sdw(&path);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
-    assert!(err.contains(path.to_str().unwrap()) && err.contains("refusing to load: the pickle calls `os.system`"), "{err}");
+    assert!(
+        err.contains(path.to_str().unwrap()) && err.contains("refusing to load: the pickle calls `os.system`"),
+        "{err}"
+    );
     assert!(!Path::new(MARKER).exists(), "a malicious pickle ran");
 }

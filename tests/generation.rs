@@ -136,15 +136,7 @@ fn schedule_types_change_the_sigmas() {
 #[test]
 fn a_separate_vae_file_loads() {
     let dir = temp_dir("gen-vae");
-    let bytes = std::fs::read(fixture("tiny-sd-fp16.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = st
-        .tensors()
-        .into_iter()
-        .filter_map(|(k, v)| k.strip_prefix("first_stage_model.").map(|k| (k.to_owned(), v)))
-        .collect();
-    let vae = dir.join("my-vae.safetensors");
-    safetensors::serialize_to_file(views, None, &vae).unwrap();
+    let vae = write_vae(&dir.join("my-vae.safetensors"), None);
     let mut sd = cpu_model();
     let before = sd.txt2img(&base("euler"), &mut NoProgress).unwrap();
     sd.load_vae(&vae).unwrap();
@@ -164,6 +156,12 @@ fn sdw(dir: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `sdw txt2img` on the tiny model on the CPU, with `args`.
+fn txt2img_cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let model = fixture("tiny-sd-fp16.safetensors");
+    sdw(dir, &[&["txt2img", "--model", model.to_str().unwrap(), "--device", "cpu"], args].concat())
+}
+
 /// `png-info` prints what sdw wrote; `--from-png` makes the same image again; a batch
 /// writes one file per image with its own seed.
 #[test]
@@ -171,40 +169,14 @@ fn png_info_round_trip_and_batches_from_the_cli() {
     let dir = temp_dir("gen-cli");
     let model = fixture("tiny-sd-fp16.safetensors");
     let out = dir.join("first.png");
+    let out_s = out.to_str().unwrap();
+    #[rustfmt::skip]
     let first = [
-        "txt2img",
-        "--model",
-        model.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--prompt",
-        "a [red:blue:0.5] (house:1.2)",
-        "-n",
-        "blurry",
-        "--sampler",
-        "DPM++ 2M",
-        "--schedule",
-        "karras",
-        "--steps",
-        "5",
-        "--cfg-scale",
-        "6.5",
-        "--seed",
-        "321",
-        "--width",
-        "64",
-        "--height",
-        "48",
-        "--subseed",
-        "9",
-        "--subseed-strength",
-        "0.25",
-        "--clip-skip",
-        "2",
-        "--output",
-        out.to_str().unwrap(),
+        "--prompt", "a [red:blue:0.5] (house:1.2)", "-n", "blurry", "--sampler", "DPM++ 2M", "--schedule", "karras",
+        "--steps", "5", "--cfg-scale", "6.5", "--seed", "321", "--width", "64", "--height", "48",
+        "--subseed", "9", "--subseed-strength", "0.25", "--clip-skip", "2", "--output", out_s,
     ];
-    let (ok, _, err) = sdw(&dir, &first);
+    let (ok, _, err) = txt2img_cli(&dir, &first);
     assert!(ok, "{err}");
     let (ok, info, err) = sdw(&dir, &["png-info", out.to_str().unwrap()]);
     assert!(ok, "{err}");
@@ -223,52 +195,19 @@ fn png_info_round_trip_and_batches_from_the_cli() {
         assert!(info.contains(field), "{field:?} missing: {info}");
     }
     let again = dir.join("again.png");
-    let (ok, _, err) = sdw(
-        &dir,
-        &[
-            "txt2img",
-            "--model",
-            model.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--from-png",
-            out.to_str().unwrap(),
-            "--output",
-            again.to_str().unwrap(),
-        ],
-    );
+    let (ok, _, err) = txt2img_cli(&dir, &["--from-png", out_s, "--output", again.to_str().unwrap()]);
     assert!(ok, "{err}");
     let (a, b) = (image::open(&out).unwrap().to_rgb8(), image::open(&again).unwrap().to_rgb8());
     assert!(a == b, "--from-png made a different image");
     assert_eq!(sdw::output::read_parameters(&again).unwrap(), sdw::output::read_parameters(&out).unwrap());
 
     let batch_dir = dir.join("batch");
-    let (ok, stdout, err) = sdw(
-        &dir,
-        &[
-            "txt2img",
-            "--model",
-            model.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--prompt",
-            "x",
-            "--steps",
-            "2",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--seed",
-            "40",
-            "--batch-size",
-            "2",
-            "--batch-count",
-            "2",
-            "--outdir",
-            batch_dir.to_str().unwrap(),
-        ],
-    );
+    #[rustfmt::skip]
+    let batch = [
+        "--prompt", "x", "--steps", "2", "--width", "64", "--height", "64", "--seed", "40",
+        "--batch-size", "2", "--batch-count", "2", "--outdir", batch_dir.to_str().unwrap(),
+    ];
+    let (ok, stdout, err) = txt2img_cli(&dir, &batch);
     assert!(ok, "{err}");
     let files: Vec<&str> = stdout.lines().collect();
     assert_eq!(files.len(), 4, "{stdout}");
@@ -279,57 +218,39 @@ fn png_info_round_trip_and_batches_from_the_cli() {
     assert!(!ok && err.contains("tiny-sd-fp16"), "{err}");
 }
 
+/// The tiny checkpoint's VAE saved on its own as A1111 users download VAEs (LDM names
+/// without the `first_stage_model.` prefix), with `nan_tensor` set to NaN if given.
+fn write_vae(path: &Path, nan_tensor: Option<&str>) -> std::path::PathBuf {
+    let bytes = std::fs::read(fixture("tiny-sd-fp16.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = Vec::new();
+    for (k, v) in st.tensors() {
+        let Some(name) = k.strip_prefix("first_stage_model.") else { continue };
+        let mut data = v.data().to_vec();
+        if nan_tensor == Some(name) {
+            data.chunks_mut(2).for_each(|c| c.copy_from_slice(&[0x00, 0x7e])); // fp16 NaN
+        }
+        tensors.push((name.to_owned(), v.dtype(), v.shape().to_vec(), data));
+    }
+    let views =
+        tensors.iter().map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()));
+    safetensors::serialize_to_file(views, None, path).unwrap();
+    path.to_owned()
+}
+
 /// A VAE that overflows (NaN weights here) is reported with the remedy, and no black
 /// image is written.
 #[test]
 fn a_nan_decode_is_an_error_not_a_black_image() {
     let dir = temp_dir("gen-nan");
-    let bytes = std::fs::read(fixture("tiny-sd-fp16.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (k, v) in st.tensors() {
-        let Some(name) = k.strip_prefix("first_stage_model.") else { continue };
-        let mut data = v.data().to_vec();
-        if name == "post_quant_conv.bias" {
-            // fp16 NaN
-            for c in data.chunks_mut(2) {
-                c.copy_from_slice(&[0x00, 0x7e]);
-            }
-        }
-        owned.push((name.to_owned(), v.dtype(), v.shape().to_vec(), data));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
-        .iter()
-        .map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    let vae = dir.join("broken-vae.safetensors");
-    safetensors::serialize_to_file(views, None, &vae).unwrap();
+    let vae = write_vae(&dir.join("broken-vae.safetensors"), Some("post_quant_conv.bias"));
     let out = dir.join("out.png");
-    let model = fixture("tiny-sd-fp16.safetensors");
-    let (ok, _, err) = sdw(
-        &dir,
-        &[
-            "txt2img",
-            "--model",
-            model.to_str().unwrap(),
-            "--vae",
-            vae.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "-p",
-            "x",
-            "--steps",
-            "2",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--seed",
-            "1",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-    );
+    #[rustfmt::skip]
+    let args = [
+        "--vae", vae.to_str().unwrap(), "-p", "x", "--steps", "2", "--width", "64", "--height", "64",
+        "--seed", "1", "--output", out.to_str().unwrap(),
+    ];
+    let (ok, _, err) = txt2img_cli(&dir, &args);
     assert!(!ok && err.contains("NaN") && err.contains("--vae"), "{err}");
     assert!(!out.exists(), "a broken image was written");
 }

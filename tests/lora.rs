@@ -13,21 +13,36 @@ fn lora() -> Lora {
     Lora::open(&fixture("tiny-lora-kohya.safetensors")).unwrap()
 }
 
+/// The UNet on the `unet.*` golden inputs.
+fn unet_case(sd: &StableDiffusion) -> sdw::weights::HostTensor {
+    let dev = &sd.compute.device;
+    let (x, ctx) = (golden("unet.x"), golden("unet.context"));
+    let t = golden("unet.t").data;
+    to_host(sd.unet.forward(to_device(x.data, [2, 4, 8, 12], dev), &t, &to_device(ctx.data, [2, 77, 128], dev)))
+}
+
+/// CLIP's last hidden state for the `clip.input_ids` golden.
+fn clip_case(sd: &StableDiffusion) -> sdw::weights::HostTensor {
+    let ids = golden("clip.input_ids");
+    let ids: Vec<Vec<u32>> = ids.data.chunks(77).map(|r| r.iter().map(|&v| v as u32).collect()).collect();
+    to_host(sd.clip.forward(&ids, 1, &sd.compute.device))
+}
+
 #[test]
 fn kohya_lora_matches_diffusers_merge() {
     let cases = cases();
     let case = &cases["cases"]["txt2img_lora.euler_a"];
     for c in devices() {
-        let sd = StableDiffusion::load_with_loras(&fixture("tiny-sd-fp16.safetensors"), c.clone(), &[(lora(), Strength::both(0.8))])
-            .unwrap();
-        let dev = &c.device;
-        let (x, ctx) = (golden("unet.x"), golden("unet.context"));
-        let eps = sd.unet.forward(to_device(x.data, [2, 4, 8, 12], dev), &golden("unet.t").data, &to_device(ctx.data, [2, 77, 128], dev));
-        assert_close(&format!("lora.unet_eps [{}]", c.description), &to_host(eps), &golden("lora.unet_eps"), 1e-4);
+        let sd = StableDiffusion::load_with_loras(
+            &fixture("tiny-sd-fp16.safetensors"),
+            c.clone(),
+            &[(lora(), Strength::both(0.8))],
+        )
+        .unwrap();
+        let eps = unet_case(&sd);
+        assert_close(&format!("lora.unet_eps [{}]", c.description), &eps, &golden("lora.unet_eps"), 1e-4);
 
-        let ids = golden("clip.input_ids");
-        let ids: Vec<Vec<u32>> = ids.data.chunks(77).map(|r| r.iter().map(|&v| v as u32).collect()).collect();
-        let h = to_host(sd.clip.forward(&ids, 1, dev));
+        let h = clip_case(&sd);
         assert_close(&format!("lora.clip [{}]", c.description), &h, &golden("lora.clip_last_hidden_state"), 1e-4);
 
         let p = GenerationParams {
@@ -44,13 +59,19 @@ fn kohya_lora_matches_diffusers_merge() {
             ..Default::default()
         };
         let out = sd.txt2img(&p, &mut NoProgress).unwrap();
-        assert_close(&format!("txt2img_lora latent [{}]", c.description), &out.latents, &golden("txt2img_lora.euler_a.latent"), 1e-3);
+        assert_close(
+            &format!("txt2img_lora latent [{}]", c.description),
+            &out.latents,
+            &golden("txt2img_lora.euler_a.latent"),
+            1e-3,
+        );
     }
 }
 
 #[test]
 fn lora_tags_are_parsed_and_removed() {
-    let (text, tags) = extract_tags("photo of sks person <lora:me:0.8>, <lora:style:te=0.5:unet=1.0> astronaut").unwrap();
+    let (text, tags) =
+        extract_tags("photo of sks person <lora:me:0.8>, <lora:style:te=0.5:unet=1.0> astronaut").unwrap();
     // The tag text goes, as in A1111; CLIP's normaliser folds the leftover spaces.
     assert_eq!(text, "photo of sks person ,  astronaut");
     assert_eq!(tags[0], LoraTag { name: "me".into(), strength: Strength::both(0.8) });
@@ -84,10 +105,11 @@ fn a_lora_that_does_not_fit_is_refused_by_name() {
     let model = fixture("tiny-sd-fp16.safetensors");
 
     let sdxl = write("sdxl.safetensors", "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q");
-    let err = StableDiffusion::load_with_loras(&model, cpu.clone(), &[(Lora::open(&sdxl).unwrap(), Strength::both(1.0))])
-        .err()
-        .unwrap()
-        .to_string();
+    let err =
+        StableDiffusion::load_with_loras(&model, cpu.clone(), &[(Lora::open(&sdxl).unwrap(), Strength::both(1.0))])
+            .err()
+            .unwrap()
+            .to_string();
     assert!(err.contains("sdxl.safetensors") && err.contains("input_blocks") && err.contains("SDXL"), "{err}");
 
     // attn2.to_k takes 128-wide context, not 32: a shape mismatch, named.
@@ -107,12 +129,15 @@ fn cli_applies_lora_from_tag_and_flag() {
     let case = &cases["cases"]["txt2img_lora.euler_a"];
     let dir = std::env::temp_dir().join(format!("sdw-lora-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let want = image::open(fixture("txt2img-lora-euler_a.png")).unwrap().to_rgb8().into_raw();
+    let want = rgb_bytes(&fixture("txt2img-lora-euler_a.png"));
     let prompt = case["prompt"].as_str().unwrap();
     let lora_file = fixture("tiny-lora-kohya.safetensors");
     let flag = format!("{}:0.8", lora_file.display());
     for (i, (p, extra)) in [
-        (format!("{prompt} <lora:tiny-lora-kohya:0.8>"), vec!["--lora-dir", fixture("").to_str().unwrap()].into_iter().map(String::from).collect::<Vec<_>>()),
+        (
+            format!("{prompt} <lora:tiny-lora-kohya:0.8>"),
+            vec!["--lora-dir", fixture("").to_str().unwrap()].into_iter().map(String::from).collect::<Vec<_>>(),
+        ),
         (prompt.to_owned(), vec!["--lora".to_owned(), flag.clone()]),
     ]
     .into_iter()
@@ -131,8 +156,7 @@ fn cli_applies_lora_from_tag_and_flag() {
             .status()
             .unwrap();
         assert!(status.success());
-        let got = image::open(&out).unwrap().to_rgb8().into_raw();
-        let worst = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        let worst = max_level_diff(&rgb_bytes(&out), &want);
         assert!(worst <= 2, "run {i}: pixels differ by {worst}");
         let text = sdw::output::read_parameters(&out).unwrap().unwrap();
         let hash = sdw::lora::addnet_hash(&lora_file).unwrap();
@@ -142,7 +166,11 @@ fn cli_applies_lora_from_tag_and_flag() {
 
 #[test]
 fn loras_command_lists_rank_alpha_target_and_hash() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdw")).args(["loras", "--lora-dir"]).arg(fixture("")).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdw"))
+        .args(["loras", "--lora-dir"])
+        .arg(fixture(""))
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     let hash = sdw::lora::addnet_hash(&fixture("tiny-lora-kohya.safetensors")).unwrap();
@@ -177,7 +205,10 @@ fn lora_key_layouts_map_to_kohya_names() {
         k("text_encoder.text_model.encoder.layers.3.self_attn.q_proj.lora_A.weight"),
         Some(("lora_te_text_model_encoder_layers_3_self_attn_q_proj".into(), Part::Down))
     );
-    assert_eq!(k("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight").unwrap().0, "lora_te2_text_model_encoder_layers_0_self_attn_q_proj");
+    assert_eq!(
+        k("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight").unwrap().0,
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    );
     assert_eq!(k("unet.conv_in.weight"), None);
 }
 
@@ -189,7 +220,9 @@ fn peft_lora_gives_the_kohya_result() {
     use sdw::weights::{Checkpoint, Component};
     let ckpt = Checkpoint::open(&fixture("tiny-sd-fp16.safetensors")).unwrap();
     let mut diffusers_name = std::collections::HashMap::new();
-    for (component, kohya, peft) in [(Component::Unet, "lora_unet_", "unet."), (Component::TextEncoder, "lora_te_", "text_encoder.")] {
+    for (component, kohya, peft) in
+        [(Component::Unet, "lora_unet_", "unet."), (Component::TextEncoder, "lora_te_", "text_encoder.")]
+    {
         for name in ckpt.names(component) {
             if let Some(stem) = name.strip_suffix(".weight") {
                 diffusers_name.insert(format!("{kohya}{}", stem.replace('.', "_")), format!("{peft}{stem}"));
@@ -217,14 +250,15 @@ fn peft_lora_gives_the_kohya_result() {
     assert_eq!(info.target, "SD 1.x");
     for c in devices() {
         let peft = Lora::open(&path).unwrap();
-        let sd = StableDiffusion::load_with_loras(&fixture("tiny-sd-fp16.safetensors"), c.clone(), &[(peft, Strength::both(0.8))]).unwrap();
-        let dev = &c.device;
-        let (x, ctx) = (golden("unet.x"), golden("unet.context"));
-        let eps = sd.unet.forward(to_device(x.data, [2, 4, 8, 12], dev), &golden("unet.t").data, &to_device(ctx.data, [2, 77, 128], dev));
-        assert_close(&format!("PEFT lora.unet_eps [{}]", c.description), &to_host(eps), &golden("lora.unet_eps"), 1e-4);
-        let ids = golden("clip.input_ids");
-        let ids: Vec<Vec<u32>> = ids.data.chunks(77).map(|r| r.iter().map(|&v| v as u32).collect()).collect();
-        let h = to_host(sd.clip.forward(&ids, 1, dev));
+        let sd = StableDiffusion::load_with_loras(
+            &fixture("tiny-sd-fp16.safetensors"),
+            c.clone(),
+            &[(peft, Strength::both(0.8))],
+        )
+        .unwrap();
+        let eps = unet_case(&sd);
+        assert_close(&format!("PEFT lora.unet_eps [{}]", c.description), &eps, &golden("lora.unet_eps"), 1e-4);
+        let h = clip_case(&sd);
         assert_close(&format!("PEFT lora.clip [{}]", c.description), &h, &golden("lora.clip_last_hidden_state"), 1e-4);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -269,14 +303,9 @@ fn switching_loras_needs_no_reload_and_unmerges_bit_exactly() {
 
     // The restored model generates what the LoRA-free model generates, and the LoRA again
     // what the reference says.
-    let (x, ctx) = (golden("unet.x"), golden("unet.context"));
-    let dev = &sd.compute.device.clone();
-    let eps = |sd: &StableDiffusion| {
-        to_host(sd.unet.forward(to_device(x.data.clone(), [2, 4, 8, 12], dev), &golden("unet.t").data, &to_device(ctx.data.clone(), [2, 77, 128], dev)))
-    };
-    assert_close("unet eps after un-merge", &eps(&sd), &golden("unet.eps"), 1e-4);
+    assert_close("unet eps after un-merge", &unet_case(&sd), &golden("unet.eps"), 1e-4);
     sd.set_loras(&[(lora(), Strength::both(0.8))]).unwrap();
-    assert_close("lora.unet_eps after re-merge", &eps(&sd), &golden("lora.unet_eps"), 1e-4);
+    assert_close("lora.unet_eps after re-merge", &unet_case(&sd), &golden("lora.unet_eps"), 1e-4);
 }
 
 /// `--prompts-file`: one model load, each line's LoRA tags switched in; a line without
@@ -297,13 +326,12 @@ fn prompts_file_switches_loras_between_lines() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).lines().map(|l| image::open(l).unwrap().to_rgb8().into_raw()).collect::<Vec<_>>()
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| rgb_bytes(std::path::Path::new(l))).collect::<Vec<_>>()
     };
     let both = sdw(&["--prompts-file", dir.join("prompts.txt").to_str().unwrap()], "file");
     assert_eq!(both.len(), 2);
     let plain = sdw(&["-p", prompt], "plain");
     assert!(both[1] == plain[0], "the line without a LoRA differs from a plain run");
-    let want = image::open(fixture("txt2img-lora-euler_a.png")).unwrap().to_rgb8().into_raw();
-    let worst = both[0].iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    let worst = max_level_diff(&both[0], &rgb_bytes(&fixture("txt2img-lora-euler_a.png")));
     assert!(worst <= 2, "LoRA line differs from the reference by {worst} levels");
 }

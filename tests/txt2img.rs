@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -30,17 +29,14 @@ fn txt2img_latents_and_images_match_reference() {
     }
 }
 
-fn read_rgb(path: &Path) -> Vec<u8> {
-    image::open(path).unwrap().to_rgb8().into_raw()
-}
-
 /// The binary end to end: PNG pixels within 2 levels of the reference PNG, A1111 infotext.
 #[test]
 fn cli_writes_reference_png_with_infotext() {
     let cases = cases();
     let dir = std::env::temp_dir().join(format!("sdw-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let devices: &[&str] = if std::env::var("SDW_TEST_SKIP_WGPU").as_deref() == Ok("1") { &["cpu"] } else { &["cpu", "wgpu"] };
+    let devices: &[&str] =
+        if std::env::var("SDW_TEST_SKIP_WGPU").as_deref() == Ok("1") { &["cpu"] } else { &["cpu", "wgpu"] };
     for device in devices {
         // Every case from both layouts on the CPU; on wgpu (minutes of kernel compilation
         // per process on lavapipe) the layouts alternate, the library test covers the rest.
@@ -57,20 +53,14 @@ fn cli_writes_reference_png_with_infotext() {
                 .env("SDW_CACHE_DIR", &dir)
                 .args(["txt2img", "--model"])
                 .arg(&model)
-                .args(["--prompt", case["prompt"].as_str().unwrap()])
-                .args(["--negative-prompt", case["negative_prompt"].as_str().unwrap()])
-                .args(["--sampler", case["sampler"].as_str().unwrap()])
-                .args(["--steps", &case["steps"].to_string()])
-                .args(["--cfg-scale", &case["cfg_scale"].to_string()])
-                .args(["--seed", &case["seed"].to_string()])
-                .args(["--width", "64", "--height", "64", "--device", device, "--output"])
+                .args(case_cli_args(case))
+                .args(["--device", device, "--output"])
                 .arg(&out)
                 .status()
                 .unwrap();
             assert!(status.success(), "{name} on {device}: sdw failed");
-            let want = read_rgb(&fixture(&format!("{}.png", name.replace('.', "-"))));
-            let got = read_rgb(&out);
-            let worst = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            let worst =
+                max_level_diff(&rgb_bytes(&out), &rgb_bytes(&fixture(&format!("{}.png", name.replace('.', "-")))));
             eprintln!("{name} {device}: max pixel difference {worst}");
             assert!(worst <= 2, "{name} on {device}: pixels differ by {worst} levels");
             let text = sdw::output::read_parameters(&out).unwrap().expect("parameters chunk");

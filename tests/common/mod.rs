@@ -70,3 +70,33 @@ pub fn temp_dir(what: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// The largest difference between two 8-bit images, in levels.
+pub fn max_level_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
+}
+
+/// An image file's RGB bytes.
+pub fn rgb_bytes(path: &std::path::Path) -> Vec<u8> {
+    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8().into_raw()
+}
+
+/// `sdw txt2img` options for a `cases.json` pipeline case.
+pub fn case_cli_args(case: &serde_json::Value) -> Vec<String> {
+    let s = |k: &str| case[k].as_str().unwrap().to_owned();
+    let n = |k: &str| case[k].to_string();
+    [
+        ("--prompt", s("prompt")),
+        ("--negative-prompt", s("negative_prompt")),
+        ("--sampler", s("sampler")),
+        ("--steps", n("steps")),
+        ("--cfg-scale", n("cfg_scale")),
+        ("--seed", n("seed")),
+        ("--width", case["width"].as_u64().unwrap_or(64).to_string()),
+        ("--height", case["height"].as_u64().unwrap_or(64).to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| [k.to_owned(), v])
+    .collect()
+}
