@@ -36,6 +36,8 @@ pub enum DeviceError {
 struct WgpuState {
     device: Device,
     info: wgpu::AdapterInfo,
+    features: wgpu::Features,
+    limits: wgpu::Limits,
     max_binding: usize,
 }
 
@@ -44,6 +46,10 @@ static WGPU: OnceLock<Result<WgpuState, String>> = OnceLock::new();
 
 fn wgpu_state() -> &'static Result<WgpuState, String> {
     WGPU.get_or_init(|| {
+        // Autotune results survive the process here, so the second run starts faster.
+        if let Some(dir) = crate::output::cache_dir() {
+            burn::cubecl::environment::set_root(dir.join("kernels"));
+        }
         let (device, setup) = Device::wgpu_options().init_with_setup().map_err(|e| e.to_string())?;
         // wgpu falls back to OpenGL when there is no Vulkan/Metal/DX12 driver; its GL
         // backend cannot run burn's compute kernels (it dead-locks), so treat it as absent.
@@ -54,13 +60,50 @@ fn wgpu_state() -> &'static Result<WgpuState, String> {
         let binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) as usize;
         // Score chunks at half the binding limit leave room for the other operands.
         attention::set_score_budget((binding / 2).min(256 << 20));
-        Ok(WgpuState { device, info: setup.adapter.get_info(), max_binding: binding })
+        Ok(WgpuState { device, info: setup.adapter.get_info(), features: setup.device.features(), limits, max_binding: binding })
     })
 }
 
 /// burn's flex CPU backend.
 pub fn cpu() -> Compute {
-    Compute { device: Device::flex(), description: "CPU (burn flex)".into(), max_binding: None }
+    let threads = rayon::current_num_threads();
+    let description = format!("CPU (burn flex, {threads} thread{})", if threads == 1 { "" } else { "s" });
+    Compute { device: Device::flex(), description, max_binding: None }
+}
+
+/// Sets how many threads the CPU backend computes on (default: one per core). Call it
+/// before any computation; later calls are ignored.
+pub fn set_cpu_threads(threads: usize) -> Result<(), String> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| format!("cannot set the thread count to {threads}: {e}"))
+}
+
+/// What the wgpu adapter offers, one `key: value` line each (for `sdw doctor` and bug
+/// reports); `None` when there is no usable adapter.
+pub fn adapter_details() -> Result<Vec<(&'static str, String)>, DeviceError> {
+    let s = wgpu_state().as_ref().map_err(|e| DeviceError::NoAdapter(e.clone()))?;
+    let (i, f, l) = (&s.info, s.features, &s.limits);
+    let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+    let subgroups = if f.contains(wgpu::Features::SUBGROUP) {
+        format!("yes, size {}..{}", i.subgroup_min_size, i.subgroup_max_size)
+    } else {
+        "no".into()
+    };
+    Ok(vec![
+        ("adapter", format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)),
+        ("vendor/device", format!("{:#06x}/{:#06x}", i.vendor, i.device)),
+        ("driver", format!("{} {}", i.driver, i.driver_info).trim().to_string()),
+        ("shader f16", yes(f.contains(wgpu::Features::SHADER_F16))),
+        ("subgroups", subgroups),
+        ("cooperative matrix", yes(f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX))),
+        ("max storage binding", format!("{} MiB", l.max_storage_buffer_binding_size >> 20)),
+        ("max buffer", format!("{} MiB", l.max_buffer_size >> 20)),
+        ("max workgroup", format!("{} invocations, {}x{}x{}", l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroup_size_x, l.max_compute_workgroup_size_y, l.max_compute_workgroup_size_z)),
+        ("workgroup memory", format!("{} KiB", l.max_compute_workgroup_storage_size >> 10)),
+    ])
 }
 
 fn gpu(s: &WgpuState) -> Compute {
@@ -102,4 +145,11 @@ pub fn set_oom_remedy(remedy: &'static str) {
 
 pub fn oom_remedy() -> &'static str {
     *OOM_REMEDY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The process's peak resident memory (Linux `VmHWM`); `None` elsewhere.
+pub fn peak_host_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+    Some(kb * 1024)
 }

@@ -4,8 +4,10 @@
 //! [`text`] turns prompts into tokens, [`sampling`] holds the noise schedules and
 //! samplers, [`pipeline`] ties them into txt2img, [`output`] saves A1111-style PNGs.
 
+pub mod bench;
 pub mod cli;
 pub mod device;
+pub mod doctor;
 pub mod embeddings;
 pub mod infotext;
 pub mod lora;
@@ -13,6 +15,7 @@ pub mod model;
 pub mod output;
 pub mod pipeline;
 pub mod sampling;
+pub mod shaders;
 pub mod text;
 pub mod train;
 pub mod weights;

@@ -126,13 +126,19 @@ pub fn sha256_hex(mut reader: impl Read) -> std::io::Result<String> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn cache_file() -> Option<PathBuf> {
+/// sdw's cache folder (`SDW_CACHE_DIR`, else `$XDG_CACHE_HOME/sdw`, else `~/.cache/sdw`),
+/// created on first use: model hashes and the GPU kernel/autotune cache live there.
+pub fn cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("SDW_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("sdw")))
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sdw")))?;
     fs::create_dir_all(&base).ok()?;
-    Some(base.join("hashes.json"))
+    Some(base)
+}
+
+fn cache_file() -> Option<PathBuf> {
+    Some(cache_dir()?.join("hashes.json"))
 }
 
 /// Write to a temporary sibling, then rename: readers never see a half-written file.

@@ -1,5 +1,7 @@
 //! The `sdw` command line.
 
+mod bench;
+mod doctor;
 mod generate;
 mod progress;
 
@@ -15,6 +17,13 @@ use crate::{embeddings, lora, output, sampling};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads the CPU backend computes on (default: one per core).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+    /// Use the WGSL shaders in DIR instead of the built-in ones of the same name (also
+    /// `SDW_SHADER_DIR`); `sdw shaders dump DIR` writes the built-in ones to start from.
+    #[arg(long, global = true)]
+    shader_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -39,10 +48,36 @@ enum Command {
     },
     /// Print the generation parameters stored in an image (sdw's or A1111's).
     PngInfo { image: PathBuf },
+    /// Check that this GPU computes what the CPU computes: adapter details, then every op
+    /// family sdw uses and a tiny random-weight model, against the CPU backend.
+    Doctor(doctor::DoctorArgs),
+    /// Time CLIP, a UNet step, the VAE and a whole txt2img, cold and warm, with peak memory
+    /// (random SD 1.5 weights unless --model is given).
+    Bench(bench::BenchArgs),
+    /// sdw's own WGSL shaders.
+    Shaders {
+        #[command(subcommand)]
+        action: ShadersAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ShadersAction {
+    /// Write the built-in shaders into DIR (files already there are kept), to edit and
+    /// load with --shader-dir DIR.
+    Dump { dir: PathBuf },
 }
 
 pub fn run() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        crate::device::set_cpu_threads(n.into()).map_err(anyhow::Error::msg)?;
+    }
+    crate::shaders::set_shader_dir(cli.shader_dir);
+    match cli.command {
+        Command::Doctor(args) => doctor::run(args),
+        Command::Shaders { action: ShadersAction::Dump { dir } } => dump_shaders(&dir),
+        Command::Bench(args) => bench::run(args),
         Command::Txt2img(args) => generate::txt2img(*args),
         Command::Img2img(args) => generate::img2img(*args),
         Command::Samplers => {
@@ -60,6 +95,17 @@ pub fn run() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn dump_shaders(dir: &Path) -> anyhow::Result<()> {
+    let (written, kept) = crate::shaders::dump(dir).with_context(|| format!("writing into {}", dir.display()))?;
+    for p in written {
+        println!("{}", p.display());
+    }
+    for p in kept {
+        eprintln!("kept {} (already there; delete it to get the built-in one)", p.display());
+    }
+    Ok(())
 }
 
 fn png_info(path: &Path) -> anyhow::Result<()> {

@@ -1,20 +1,23 @@
-//! Scaled dot-product attention, computed in query chunks so that no score tensor
-//! exceeds the device's largest storage binding (128 MiB on lavapipe and many iGPUs;
-//! SD 1.5 self-attention at 64x64 latents needs 512 MiB of scores per image).
+//! Scaled dot-product attention through burn's attention op: flash kernels on the GPU and
+//! the CPU (no `S x S` score tensor), the plain softmax(QK^T)V where burn has no flash
+//! kernel (autodiff). Queries are split into chunks only where a score tensor could exceed
+//! the device's largest storage binding (128 MiB on lavapipe and many iGPUs; SD 1.5
+//! self-attention at 64x64 latents would need 512 MiB of scores per image).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::Tensor;
-use burn::tensor::activation::softmax;
+use burn::tensor::module::attention as sdpa;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Tensor, TensorData};
 
 use crate::weights::WeightsError;
 
 use super::Loader;
 use super::adapter::{Adaptable, AttentionAdapters, Projection};
 
-/// Largest score tensor (bytes) one attention matmul may produce.
+/// Largest score tensor (bytes) one attention call may produce if burn computes it naively.
 static SCORE_BUDGET: AtomicUsize = AtomicUsize::new(64 << 20);
 
 /// Caps the attention score tensor (set from the device's binding limit).
@@ -32,9 +35,9 @@ pub fn query_chunk(batch_heads: usize, queries: usize, keys: usize, budget: usiz
     (budget / per_row.max(1)).clamp(1, queries)
 }
 
-/// Multi-head attention over `[B, S, C]` tensors; `mask` is additive `[Sq, Sk]`.
-pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, mask: Option<Tensor<2>>) -> Tensor<3> {
-    attention_with_budget(q, k, v, heads, mask, score_budget())
+/// Multi-head attention over `[B, S, C]` tensors; `causal` hides later keys (CLIP).
+pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool) -> Tensor<3> {
+    attention_with_budget(q, k, v, heads, causal, score_budget())
 }
 
 /// [`attention`] with an explicit score budget in bytes.
@@ -43,30 +46,32 @@ pub fn attention_with_budget(
     k: Tensor<3>,
     v: Tensor<3>,
     heads: usize,
-    mask: Option<Tensor<2>>,
+    causal: bool,
     budget: usize,
 ) -> Tensor<3> {
     let [b, sq, c] = q.dims();
     let sk = k.dims()[1];
     let d = c / heads;
     let split = |t: Tensor<3>, s: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2); // [B, H, S, D]
-    let scale = (d as f64).powf(-0.5);
-    let (q, k, v) = (split(q, sq).mul_scalar(scale), split(k, sk).swap_dims(2, 3), split(v, sk));
-    let mask = mask.map(|m| m.reshape([1, 1, sq, sk]));
-
+    let (q, k, v) = (split(q, sq), split(k, sk), split(v, sk));
     let step = query_chunk(b * heads, sq, sk, budget);
     let mut outs = Vec::with_capacity(sq.div_ceil(step));
     for start in (0..sq).step_by(step) {
         let end = (start + step).min(sq);
-        let qc = q.clone().slice([0..b, 0..heads, start..end]);
-        let mut scores = qc.matmul(k.clone());
-        if let Some(m) = &mask {
-            scores = scores + m.clone().slice([0..1, 0..1, start..end]);
-        }
-        outs.push(softmax(scores, 3).matmul(v.clone()));
+        let qc = if step == sq { q.clone() } else { q.clone().slice([0..b, 0..heads, start..end]) };
+        let mask = causal.then(|| causal_mask(start..end, sk, [b, heads], &qc.device()));
+        // `scale: None` keeps burn's default 1/sqrt(d) and its flash kernels.
+        outs.push(sdpa(qc, k.clone(), v.clone(), mask, None, AttentionModuleOptions::default()));
     }
     let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
     out.swap_dims(1, 2).reshape([b, sq, c])
+}
+
+/// `true` where key `j` comes after query `i` (hidden), for query rows `rows`.
+fn causal_mask(rows: std::ops::Range<usize>, keys: usize, [b, h]: [usize; 2], device: &burn::tensor::Device) -> Tensor<4, Bool> {
+    let n = rows.len();
+    let data: Vec<bool> = rows.flat_map(|i| (0..keys).map(move |j| j > i)).collect();
+    Tensor::<2, Bool>::from_data(TensorData::new(data, [n, keys]), device).reshape([1, 1, n, keys]).expand([b, h, n, keys])
 }
 
 /// The diffusers `Attention` block: q/k/v projections, attention, output projection.
@@ -104,7 +109,7 @@ impl CrossAttention {
         let q = a.apply(Projection::Q, self.to_q.forward(x.clone()), x);
         let k = a.apply(Projection::K, self.to_k.forward(ctx.clone()), ctx.clone());
         let v = a.apply(Projection::V, self.to_v.forward(ctx.clone()), ctx);
-        let h = attention(q, k, v, self.heads, None);
+        let h = attention(q, k, v, self.heads, false);
         a.apply(Projection::Out, self.to_out.forward(h.clone()), h)
     }
 

@@ -53,13 +53,13 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: Tensor<3>, mask: &Tensor<2>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = self.layer_norm1.forward(x.clone());
         let a = &self.adapters;
         let q = a.apply(Projection::Q, self.q_proj.forward(h.clone()), h.clone());
         let k = a.apply(Projection::K, self.k_proj.forward(h.clone()), h.clone());
         let v = a.apply(Projection::V, self.v_proj.forward(h.clone()), h);
-        let o = attention(q, k, v, self.heads, Some(mask.clone()));
+        let o = attention(q, k, v, self.heads, true);
         let x = x + a.apply(Projection::Out, self.out_proj.forward(o.clone()), o);
         let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
         let h = h.clone() * sigmoid(h.mul_scalar(1.702)); // quick GELU
@@ -178,19 +178,23 @@ impl ClipTextModel {
         let x = to_device(embeds, [batch, seq, hidden], device);
         let pos = self.position_embedding.val().narrow(0, 0, seq).reshape([1, seq, hidden]);
         let mut x = x + pos;
-        let mask = causal_mask(seq, device);
         let run = self.layers.len() + 1 - clip_skip.clamp(1, self.layers.len());
         for layer in &self.layers[..run] {
-            x = layer.forward(x, &mask);
+            x = layer.forward(x);
         }
         self.final_layer_norm.forward(x)
     }
 }
 
-/// Additive mask that hides future tokens (transformers fills with the dtype minimum).
-fn causal_mask(seq: usize, device: &Device) -> Tensor<2> {
-    let data = (0..seq * seq)
-        .map(|i| if i % seq > i / seq { f32::MIN } else { 0.0 })
-        .collect();
-    to_device(data, [seq, seq], device)
+
+/// CLIP's pooled output (transformers' `pooler_output`): each sequence's hidden state at its
+/// first end-of-text token. SD 1.x conditions on the full sequence and does not use it;
+/// SDXL-style models and CLIP scores do.
+pub fn pooled(hidden: Tensor<3>, ids: &[Vec<u32>]) -> Tensor<2> {
+    let [_, seq, width] = hidden.dims();
+    let rows = ids.iter().enumerate().map(|(b, row)| {
+        let eos = row.iter().position(|&t| t == crate::text::tokenizer::EOS).unwrap_or(seq - 1);
+        hidden.clone().slice([b..b + 1, eos..eos + 1, 0..width]).reshape([1, width])
+    });
+    Tensor::cat(rows.collect(), 0)
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
-use burn::tensor::activation::silu;
+use crate::shaders::group_norm;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::weights::{Checkpoint, Component, HostTensor, WeightsError};
@@ -233,12 +233,12 @@ impl ResnetBlock {
 
     /// `temb` is the SiLU-activated time embedding `[B, T]` (UNet only).
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let mut h = self.conv1.forward(group_norm::forward(&self.norm1, x.clone(), true));
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let [b, c] = [h.dims()[0], h.dims()[1]];
             h = h + proj.forward(t.clone()).reshape([b, c, 1, 1]);
         }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.forward(group_norm::forward(&self.norm2, h, true));
         let skip = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
             None => x,

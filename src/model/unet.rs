@@ -6,6 +6,7 @@ use burn::nn::{GroupNorm, LayerNorm, Linear, PaddingConfig2d};
 use burn::tensor::activation::{gelu, silu};
 use burn::tensor::Tensor;
 
+use crate::shaders::group_norm;
 use crate::weights::WeightsError;
 
 use super::adapter::Adaptable;
@@ -132,7 +133,7 @@ impl SpatialTransformer {
 
     fn forward(&self, x: Tensor<4>, context: &Tensor<3>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let hs = self.norm.forward(x.clone());
+        let hs = group_norm::forward(&self.norm, x.clone(), false);
         let to_tokens = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut t = match &self.proj_in {
             Proj::Conv(conv) => to_tokens(conv.forward(hs)),
@@ -273,7 +274,7 @@ impl Unet {
                 h = up.forward(upsample_nearest_to(h, sh, sw));
             }
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(h)))
+        self.conv_out.forward(group_norm::forward(&self.conv_norm_out, h, true))
     }
 }
 

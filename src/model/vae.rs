@@ -4,9 +4,10 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
-use burn::tensor::activation::silu;
+
 use burn::tensor::Tensor;
 
+use crate::shaders::group_norm;
 use crate::weights::WeightsError;
 
 use super::attention::attention;
@@ -39,9 +40,9 @@ impl PixelAttention {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let t = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let t = group_norm::forward(&self.group_norm, x.clone(), false).reshape([b, c, h * w]).swap_dims(1, 2);
         let (q, k, v) = (self.to_q.forward(t.clone()), self.to_k.forward(t.clone()), self.to_v.forward(t));
-        let o = self.to_out.forward(attention(q, k, v, 1, None));
+        let o = self.to_out.forward(attention(q, k, v, 1, false));
         o.swap_dims(1, 2).reshape([b, c, h, w]) + x
     }
 }
@@ -123,7 +124,7 @@ impl Coder {
     }
 
     fn finish(&self, h: Tensor<4>) -> Tensor<4> {
-        self.conv_out.forward(silu(self.conv_norm_out.forward(h)))
+        self.conv_out.forward(group_norm::forward(&self.conv_norm_out, h, true))
     }
 }
 

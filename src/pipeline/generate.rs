@@ -159,36 +159,41 @@ impl StableDiffusion {
         latents
     }
 
-    /// The infotext of each image of the batch; `extra` fields go after the size.
+    /// The infotext of each image of the batch (its own seed and variation seed); `extra`
+    /// fields go after the model. The shared fields (model hash, TI hashes) are made once.
     pub(super) fn infotexts(&self, p: &GenerationParams, extra: &[(&str, String)]) -> Vec<String> {
+        let mut fields = self.infotext_fields(p, extra);
         let subseeds = p.subseeds();
-        p.seeds()
-            .iter()
-            .enumerate()
-            .map(|(i, &seed)| {
-                let mut fields: Vec<(&str, String)> = extra.to_vec();
-                if let Some((subs, strength)) = &subseeds {
-                    fields.insert(0, ("Variation seed strength", fmt_num(*strength)));
-                    fields.insert(0, ("Variation seed", subs[i].to_string()));
-                }
-                self.infotext_with(p, seed, &fields)
-            })
-            .collect()
+        let set = |fields: &mut Vec<(&str, String)>, key: &str, value: String| {
+            if let Some(f) = fields.iter_mut().find(|(k, _)| *k == key) {
+                f.1 = value;
+            }
+        };
+        let mut texts = Vec::with_capacity(p.batch_size);
+        for (i, seed) in p.seeds().into_iter().enumerate() {
+            set(&mut fields, "Seed", seed.to_string());
+            if let Some((subs, _)) = &subseeds {
+                set(&mut fields, "Variation seed", subs[i].to_string());
+            }
+            texts.push(render_infotext(p, &fields));
+        }
+        texts
     }
 
     /// The A1111 "parameters" text for a generation (its first image).
     pub fn infotext(&self, p: &GenerationParams) -> String {
-        self.infotext_with(p, p.seed, &[])
+        render_infotext(p, &self.infotext_fields(p, &[]))
     }
 
-    fn infotext_with(&self, p: &GenerationParams, seed: u64, extra: &[(&str, String)]) -> String {
+    /// A1111's infotext fields, in its order, for the batch's first image.
+    fn infotext_fields<'k>(&self, p: &GenerationParams, extra: &[(&'k str, String)]) -> Vec<(&'k str, String)> {
         use crate::infotext::quote;
         let mut fields = vec![("Steps", p.steps.to_string()), ("Sampler", p.sampler.a1111_name().to_string())];
         if let Some(s) = p.sampler.schedule_label() {
             fields.push(("Schedule type", s.to_string()));
         }
         fields.push(("CFG scale", fmt_num(p.cfg_scale)));
-        fields.push(("Seed", seed.to_string()));
+        fields.push(("Seed", p.seed.to_string()));
         fields.push(("Size", format!("{}x{}", p.width, p.height)));
         if let Ok(hash) = crate::output::model_hash(&self.hash_source()) {
             fields.push(("Model hash", hash[..10].to_string()));
@@ -196,6 +201,10 @@ impl StableDiffusion {
         fields.push(("Model", quote(&self.model_name())));
         if let Some(vae) = &self.vae_name {
             fields.push(("VAE", quote(vae)));
+        }
+        if let Some(v) = p.variation {
+            fields.push(("Variation seed", v.subseed.to_string()));
+            fields.push(("Variation seed strength", fmt_num(v.strength)));
         }
         fields.extend(extra.iter().cloned());
         if let Some(hr) = p.hires {
@@ -220,14 +229,7 @@ impl StableDiffusion {
         // Our noise is torch's CUDA Philox stream: A1111 reproduces it with its "NV" source.
         fields.push(("RNG", "NV".into()));
         fields.push(("Version", format!("sdw {}", env!("CARGO_PKG_VERSION"))));
-        let params = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ");
-        let mut text = p.prompt.clone();
-        if !p.negative_prompt.is_empty() {
-            text.push_str(&format!("\nNegative prompt: {}", p.negative_prompt));
-        }
-        text.push('\n');
-        text.push_str(&params);
-        text
+        fields
     }
 
     /// A1111's `TI hashes` list, `name: shorthash, ...`, for the embeddings the prompt and
@@ -249,6 +251,18 @@ impl StableDiffusion {
             .collect();
         (!list.is_empty()).then(|| list.join(", "))
     }
+}
+
+/// Prompt, negative prompt and the `Key: value, ...` line, as A1111 writes them.
+fn render_infotext(p: &GenerationParams, fields: &[(&str, String)]) -> String {
+    let params = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ");
+    let mut text = p.prompt.clone();
+    if !p.negative_prompt.is_empty() {
+        text.push_str(&format!("\nNegative prompt: {}", p.negative_prompt));
+    }
+    text.push('\n');
+    text.push_str(&params);
+    text
 }
 
 /// The prompt without its `<lora:...>` tags (the LoRAs were merged at load time).

@@ -52,11 +52,28 @@ pub struct Mask {
     pub fill: InpaintingFill,
 }
 
+/// `--inpaint-full-res` as the infotext records it: the user's mask blur and the padding.
+#[derive(Clone, Copy)]
+struct OnlyMasked {
+    blur: f32,
+    padding: u32,
+}
+
 impl StableDiffusion {
     pub fn img2img(
         &self,
         p: &GenerationParams,
         init: &InitImage,
+        progress: &mut dyn Progress,
+    ) -> Result<Generated, PipelineError> {
+        self.img2img_pass(p, init, None, progress)
+    }
+
+    fn img2img_pass(
+        &self,
+        p: &GenerationParams,
+        init: &InitImage,
+        only_masked: Option<OnlyMasked>,
         progress: &mut dyn Progress,
     ) -> Result<Generated, PipelineError> {
         self.check(p)?;
@@ -112,7 +129,11 @@ impl StableDiffusion {
         let overlay = blurred.map(|mask| Overlay { original: init.image.clone(), mask });
         let mut extra = vec![("Denoising strength", fmt_num(init.denoising_strength))];
         if let Some(m) = &init.mask {
-            extra.push(("Mask blur", fmt_num(m.blur)));
+            extra.push(("Mask blur", fmt_num(only_masked.map_or(m.blur, |o| o.blur))));
+            if let Some(o) = only_masked {
+                extra.push(("Inpaint area", "Only masked".into()));
+                extra.push(("Masked area padding", o.padding.to_string()));
+            }
             extra.push(("Masked content", m.fill.a1111_code().to_string()));
         }
         Ok(Generated { latents, image, infotexts: self.infotexts(p, &extra), overlay })
@@ -228,7 +249,7 @@ impl StableDiffusion {
             denoising_strength,
             mask: Some(Mask { mask: crop_mask, blur: 0.0, fill: mask.fill }),
         };
-        let out = self.img2img(p, &init, progress)?;
+        let out = self.img2img_pass(p, &init, Some(OnlyMasked { blur: mask.blur, padding }), progress)?;
         let overlay = Overlay { original: image.clone(), mask: blurred };
         let mut images = Vec::new();
         for i in 0..out.len() {
@@ -246,14 +267,7 @@ impl StableDiffusion {
             overlay.apply(&mut img);
             images.push(img);
         }
-        let infotexts = out
-            .infotexts
-            .iter()
-            .map(|t| {
-                t.replace(", RNG: NV", &format!(", Inpaint area: Only masked, Masked area padding: {padding}, RNG: NV"))
-            })
-            .collect();
-        Ok((images, infotexts))
+        Ok((images, out.infotexts))
     }
 }
 

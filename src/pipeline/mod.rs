@@ -84,15 +84,25 @@ impl StableDiffusion {
                     path.display()
                 )));
             }
+        Self::from_checkpoint(&ckpt, compute, loras)
+    }
+
+    /// A model with random weights of the given layout, made in memory (benchmarks and
+    /// `sdw doctor`: real shapes, no file).
+    pub fn random(arch: &crate::weights::synthetic::Architecture, seed: u64, compute: Compute) -> Result<Self, PipelineError> {
+        Self::from_checkpoint(&Checkpoint::synthetic(arch, seed, "random-weights"), compute, &[])
+    }
+
+    fn from_checkpoint(ckpt: &Checkpoint, compute: Compute, loras: &[(Lora, Strength)]) -> Result<Self, PipelineError> {
         let scaling_factor =
             ckpt.config("vae", "config.json", "scaling_factor").and_then(|v| v.as_f64()).map_or(SCALING_FACTOR, |v| v as f32);
         let dev = &compute.device;
-        let clip_loader = Loader::new(&ckpt, Component::TextEncoder, dev);
+        let clip_loader = Loader::new(ckpt, Component::TextEncoder, dev);
         let clip = ClipTextModel::load(&clip_loader)?;
-        let unet_loader = Loader::new(&ckpt, Component::Unet, dev);
+        let unet_loader = Loader::new(ckpt, Component::Unet, dev);
         let unet = Unet::load(&unet_loader)?;
         let patches = WeightPatches::new(unet_loader.into_slots(), clip_loader.into_slots());
-        let vae = Vae::load(&Loader::new(&ckpt, Component::Vae, dev))?;
+        let vae = Vae::load(&Loader::new(ckpt, Component::Vae, dev))?;
         let tokenizer = ClipTokenizer::new().map_err(|e| PipelineError::Text(e.to_string()))?;
         let mut sd = Self {
             tokenizer,
@@ -100,7 +110,7 @@ impl StableDiffusion {
             unet,
             vae,
             compute,
-            model_path: path.to_owned(),
+            model_path: ckpt.path().to_owned(),
             scaling_factor,
             embeddings: EmbeddingDb::default(),
             patches,
@@ -168,6 +178,11 @@ impl StableDiffusion {
         let [b, c, h, w] = pixels.shape[..] else { panic!("pixels must be 4-D") };
         let (vae, device) = self.vae_fitting(b, h / 8, w / 8);
         to_host(vae.encode(to_device(pixels.data.clone(), [b, c, h, w], &device)).mean.mul_scalar(self.scaling_factor))
+    }
+
+    /// Whether the VAE has had to run on the CPU (see [`Self::vae_fitting`]).
+    pub fn vae_fell_back_to_cpu(&self) -> bool {
+        self.cpu_vae.get().is_some()
     }
 
     /// The VAE and device for latents `[b, _, h, w]`. On a GPU whose largest binding cannot

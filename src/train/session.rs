@@ -44,7 +44,7 @@ pub fn train(opts: TrainOptions) -> Result<PathBuf, TrainError> {
     }
     t.save_lora(&out)?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    if let Some(peak) = peak_host_memory() {
+    if let Some(peak) = crate::device::peak_host_memory() {
         eprintln!("peak host memory: {:.0} MiB", mib(peak));
     }
     if t.peak_device_bytes > 0 {
@@ -136,11 +136,4 @@ pub fn generate_class_images(sd: &mut StableDiffusion, opts: &TrainOptions, prom
         eprintln!("class image {}/{missing}", i + 1);
     }
     Ok(())
-}
-
-/// The process's peak resident memory (Linux `VmHWM`), the training peak on the CPU backend.
-fn peak_host_memory() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
-    Some(kb * 1024)
 }

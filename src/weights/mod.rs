@@ -9,6 +9,7 @@ mod file;
 pub mod names;
 pub mod pickle;
 mod source;
+pub mod synthetic;
 mod torch;
 
 use std::collections::HashMap;
@@ -93,6 +94,21 @@ impl Checkpoint {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Random weights with the layout of `arch` (see [`synthetic`]); `label` stands in for
+    /// the path in messages.
+    pub fn synthetic(arch: &synthetic::Architecture, seed: u64, label: &str) -> Self {
+        let weights = synthetic::SyntheticWeights::new(arch, seed);
+        let index = arch
+            .tensors()
+            .into_iter()
+            .map(|(c, name, _)| {
+                let key = synthetic::SyntheticWeights::key(c, &name);
+                ((c, name), Location { file: 0, key })
+            })
+            .collect();
+        Self { path: PathBuf::from(label), files: vec![WeightsFile::Synthetic(weights)], index }
     }
 
     fn open_single_file(path: &Path) -> Result<Self, WeightsError> {

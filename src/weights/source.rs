@@ -4,15 +4,18 @@ use std::path::Path;
 
 use super::WeightsError;
 use super::file::{HostTensor, SafetensorsFile};
+use super::synthetic::SyntheticWeights;
 use super::torch::{self, TorchFile};
 
 /// Extensions of `torch.save` files.
 const TORCH_EXTENSIONS: &[&str] = &["ckpt", "pt", "pth", "bin"];
 
-/// A safetensors file or a PyTorch pickle checkpoint, read the same way.
+/// A safetensors file or a PyTorch pickle checkpoint, read the same way (or random
+/// weights made in memory, which have no file).
 pub enum WeightsFile {
     Safetensors(SafetensorsFile),
     Torch(TorchFile),
+    Synthetic(SyntheticWeights),
 }
 
 impl WeightsFile {
@@ -31,6 +34,7 @@ impl WeightsFile {
         match self {
             Self::Safetensors(f) => Box::new(f.keys()),
             Self::Torch(f) => Box::new(f.keys()),
+            Self::Synthetic(w) => Box::new(w.keys()),
         }
     }
 
@@ -38,6 +42,7 @@ impl WeightsFile {
         match self {
             Self::Safetensors(f) => f.shape(key),
             Self::Torch(f) => f.shape(key),
+            Self::Synthetic(w) => w.shape(key),
         }
     }
 
@@ -46,6 +51,11 @@ impl WeightsFile {
         match self {
             Self::Safetensors(f) => f.tensor(key),
             Self::Torch(f) => f.tensor(key),
+            Self::Synthetic(w) => w.tensor(key).ok_or_else(|| WeightsError::Missing {
+                path: "<random weights>".into(),
+                component: "model",
+                key: key.to_owned(),
+            }),
         }
     }
 }

@@ -1,9 +1,7 @@
 //! The 128 MiB storage-binding limit of lavapipe and many iGPUs must not break real
 //! SD 1.5: attention is computed in query chunks and the CLIP token table stays on the host.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sdw::model::attention::{attention_with_budget, query_chunk};
 use sdw::model::layers::{to_device, to_host};
 
@@ -45,12 +43,12 @@ fn attention_over_the_binding_limit_matches_unchunked() {
         t(&k, sh, &cpu.device),
         t(&v, sh, &cpu.device),
         heads,
-        None,
+        false,
         usize::MAX,
     ));
     for dev in devices() {
         let d = &dev.device;
-        let got = to_host(attention_with_budget(t(&q, sh, d), t(&k, sh, d), t(&v, sh, d), heads, None, 32 << 20));
+        let got = to_host(attention_with_budget(t(&q, sh, d), t(&k, sh, d), t(&v, sh, d), heads, false, 32 << 20));
         assert_close(&format!("chunked attention [{}]", dev.description), &got, &reference, 1e-5);
     }
 }
@@ -65,7 +63,9 @@ fn vae_falls_back_to_cpu_under_a_small_binding_limit() {
         let sd = sdw::pipeline::StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), small).unwrap();
         // The tiny decoder ends at 32 channels x 64 x 64; the last level has no upsampler.
         assert_eq!(sd.vae.decode_peak_bytes(1, 8, 8), 32 * 64 * 64 * 4);
+        assert!(!sd.vae_fell_back_to_cpu());
         let image = sd.decode(&golden("vae.latent")).unwrap();
+        assert!(sd.vae_fell_back_to_cpu(), "the decode did not take the CPU path [{what}]");
         assert_close(&format!("vae decode via CPU fallback [{what}]"), &image, &golden("vae.decoded"), 1e-4);
         let mut mean = golden("vae.encoded_mean");
         mean.data.iter_mut().for_each(|v| *v *= sd.scaling_factor);
@@ -75,5 +75,11 @@ fn vae_falls_back_to_cpu_under_a_small_binding_limit() {
             &mean,
             1e-4,
         );
+    }
+    // With room to spare the VAE stays on its device.
+    for roomy in devices() {
+        let sd = sdw::pipeline::StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), roomy).unwrap();
+        sd.decode(&golden("vae.latent")).unwrap();
+        assert!(!sd.vae_fell_back_to_cpu());
     }
 }

@@ -36,10 +36,20 @@ pub fn assert_close(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) {
     assert!(e < tol, "{what}: rel. error {e:.3e} >= {tol:.0e}");
 }
 
+/// True when `SDW_TEST_SKIP_WGPU=1` asks for CPU-only tests; says so, so that a skipped
+/// device never passes silently.
+pub fn wgpu_skipped() -> bool {
+    let skip = std::env::var("SDW_TEST_SKIP_WGPU").as_deref() == Ok("1");
+    if skip {
+        eprintln!("SDW_TEST_SKIP_WGPU=1: skipping the wgpu device, checking the CPU only");
+    }
+    skip
+}
+
 /// The CPU backend, and wgpu (lavapipe in CI) unless `SDW_TEST_SKIP_WGPU=1`.
 pub fn devices() -> Vec<Compute> {
     let mut out = vec![device::select(DeviceChoice::Cpu).unwrap()];
-    if std::env::var("SDW_TEST_SKIP_WGPU").as_deref() != Ok("1") {
+    if !wgpu_skipped() {
         out.push(
             device::select(DeviceChoice::Wgpu)
                 .expect("a wgpu adapter (install mesa-vulkan-drivers, or set SDW_TEST_SKIP_WGPU=1)"),

@@ -1,8 +1,6 @@
 //! Tokens and A1111 prompt parsing against transformers' CLIPTokenizer and A1111's code.
 
-mod common;
-
-use common::fixture;
+use crate::common::fixture;
 use sdw::text::{ClipTokenizer, parse_prompt_attention, weighted_chunks};
 
 fn json(name: &str) -> serde_json::Value {

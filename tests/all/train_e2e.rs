@@ -2,12 +2,10 @@
 //! written by `sdw train` changes generated images through `<lora:…>`, and a run killed
 //! mid-way and resumed ends with exactly the weights of an uninterrupted run.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use sdw::device;
 use sdw::pipeline::StableDiffusion;
 use sdw::train::adapters::read_tensors;

@@ -2,11 +2,9 @@
 //! exactly the diffusers names the models load: every float tensor used, every
 //! parameter filled. The tiny diffusers fixture has SD 1.5's exact module structure.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::fixture;
+use crate::common::fixture;
 use sdw::weights::{Component, SafetensorsFile, names};
 
 #[test]
@@ -61,4 +59,42 @@ fn fold_layer(name: &str) -> String {
         Some(rest) => format!("text_model.encoder.layers.N.{}", rest.split_once('.').unwrap().1),
         None => name.to_owned(),
     }
+}
+
+/// The random-weight model `sdw bench` and `sdw doctor` build in memory has exactly the
+/// tensors of a real SD 1.5 checkpoint (names and sizes) and of the tiny fixture (shapes).
+#[test]
+fn synthetic_layouts_match_real_checkpoints() {
+    use sdw::weights::synthetic::Architecture;
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("sd15-single-file-manifest.json")).unwrap()).unwrap();
+    let mut real = BTreeSet::new();
+    for (key, info) in manifest["tensors"].as_object().unwrap() {
+        if let Some((c, n)) = names::ldm_to_diffusers(key) {
+            // LDM stores some linear layers as 1x1 convolutions: compare sizes, not ranks.
+            let size: u64 = info[0].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).product();
+            real.insert((c as u8, n, size));
+        }
+    }
+    let ours: BTreeSet<_> = Architecture::sd15()
+        .tensors()
+        .into_iter()
+        .map(|(c, n, s)| (c as u8, n, s.iter().product::<usize>() as u64))
+        .collect();
+    assert_eq!(ours.difference(&real).collect::<Vec<_>>(), Vec::<&(u8, String, u64)>::new(), "made but not in SD 1.5");
+    assert_eq!(real.difference(&ours).collect::<Vec<_>>(), Vec::<&(u8, String, u64)>::new(), "in SD 1.5 but not made");
+
+    let mut tiny = BTreeSet::new();
+    for (c, file) in [
+        (Component::Unet, "model/unet/diffusion_pytorch_model.safetensors"),
+        (Component::Vae, "model/vae/diffusion_pytorch_model.safetensors"),
+        (Component::TextEncoder, "model/text_encoder/model.safetensors"),
+    ] {
+        let f = SafetensorsFile::open(&fixture(file)).unwrap();
+        for k in f.keys() {
+            tiny.insert((c as u8, k.to_owned(), f.shape(k).unwrap()));
+        }
+    }
+    let ours: BTreeSet<_> = Architecture::tiny().tensors().into_iter().map(|(c, n, s)| (c as u8, n, s)).collect();
+    assert_eq!(ours, tiny);
 }

@@ -2,12 +2,10 @@
 //! transformers (`ti.last_hidden_state`), the `.pt` layout, emphasis, infotext, listing and
 //! the refusals.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use sdw::pipeline::{GenerationParams, StableDiffusion};
 use sdw::sampling::Sampler;
 use sdw::text::weighted_chunks_with;

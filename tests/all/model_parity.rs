@@ -1,9 +1,7 @@
 //! CLIP, UNet and VAE against PyTorch transformers/diffusers (fp32, rel. error < 1e-4
 //! for single modules as the fixture README states), on the CPU and on wgpu.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sdw::model::layers::{Loader, to_device, to_host};
 use sdw::pipeline::StableDiffusion;
 use sdw::weights::{Checkpoint, Component, HostTensor};
@@ -27,6 +25,8 @@ fn clip_matches_transformers() {
         assert_close(&format!("clip last [{}]", c.description), &last, &golden("clip.last_hidden_state"), MODULE_TOL);
         let skip2 = to_host(sd.clip.forward(&ids(&input), 2, &c.device));
         assert_close(&format!("clip skip2 [{}]", c.description), &skip2, &golden("clip.skip2"), MODULE_TOL);
+        let pooled = to_host(sdw::model::clip::pooled(sd.clip.forward(&ids(&input), 1, &c.device), &ids(&input)));
+        assert_close(&format!("clip pooled [{}]", c.description), &pooled, &golden("clip.pooled"), MODULE_TOL);
     }
 }
 

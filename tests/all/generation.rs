@@ -1,12 +1,10 @@
 //! A1111's generation features around the core: batches (seed + i), variation seeds,
 //! prompt editing, hires fix, schedule types, PNG Info and `--from-png`, `--vae`.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use sdw::pipeline::{GenerationParams, HiresFix, StableDiffusion, Variation};
 use sdw::sampling::{NoProgress, Sampler};
 

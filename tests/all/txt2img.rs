@@ -2,11 +2,9 @@
 //! decoded images (rel. error < 1e-3), and the CLI's 8-bit PNG (within 2 levels),
 //! from the single-file and the diffusers layouts, on the CPU and on wgpu.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use sdw::pipeline::StableDiffusion;
 use sdw::sampling::NoProgress;
 
@@ -35,8 +33,7 @@ fn cli_writes_reference_png_with_infotext() {
     let cases = cases();
     let dir = std::env::temp_dir().join(format!("sdw-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let devices: &[&str] =
-        if std::env::var("SDW_TEST_SKIP_WGPU").as_deref() == Ok("1") { &["cpu"] } else { &["cpu", "wgpu"] };
+    let devices: &[&str] = if wgpu_skipped() { &["cpu"] } else { &["cpu", "wgpu"] };
     for device in devices {
         // Every case from both layouts on the CPU; on wgpu (minutes of kernel compilation
         // per process on lavapipe) the layouts alternate, the library test covers the rest.

@@ -3,12 +3,10 @@
 //! effects, broken files explained. Fixtures under `tests/fixtures/pickle/` come from
 //! `make_pickle_fixtures.py` there.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use sdw::device::{self, DeviceChoice};
 use sdw::pipeline::StableDiffusion;
 use sdw::sampling::NoProgress;

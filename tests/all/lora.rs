@@ -1,9 +1,7 @@
 //! kohya-ss LoRA merged at generation time, against diffusers with the same merge
 //! (`W += m * alpha / rank * up @ down`, m = 0.8).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sdw::lora::{Lora, LoraTag, Strength, extract_tags};
 use sdw::model::layers::{to_device, to_host};
 use sdw::pipeline::{GenerationParams, StableDiffusion};
@@ -63,6 +61,12 @@ fn kohya_lora_matches_diffusers_merge() {
             &format!("txt2img_lora latent [{}]", c.description),
             &out.latents,
             &golden("txt2img_lora.euler_a.latent"),
+            1e-3,
+        );
+        assert_close(
+            &format!("txt2img_lora image [{}]", c.description),
+            &out.image,
+            &golden("txt2img_lora.euler_a.image"),
             1e-3,
         );
     }

@@ -1,0 +1,204 @@
+//! `sdw bench`: where the time of one image goes (CLIP, one CFG UNet step, VAE decode, a
+//! whole txt2img), cold (first use in the process: kernel compilation and autotune) and warm,
+//! with peak memory. Without a model file it uses random weights of the exact SD 1.5 shapes,
+//! so any two machines can be compared.
+
+use std::time::Instant;
+
+use burn::tensor::Tensor;
+use rand::{SeedableRng, rngs::StdRng};
+use serde::Serialize;
+
+use crate::device::Compute;
+use crate::model::layers::{to_device, to_host};
+use crate::pipeline::{GenerationParams, PipelineError, StableDiffusion};
+use crate::sampling::{NoProgress, Sampler};
+use crate::train::adapters::{UNET_PREFIX, attach_new, named};
+use crate::train::step::{Batch, factor_grads, losses};
+use crate::weights::HostTensor;
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchSettings {
+    pub size: usize,
+    pub steps: usize,
+    pub batch: usize,
+    /// Warm repetitions of each part (their mean is reported).
+    pub repeats: usize,
+    /// Also time one DreamBooth-LoRA training step (rank 4, every UNet attention).
+    pub train: bool,
+}
+
+/// Seconds of one part, first call and warm mean.
+#[derive(Clone, Debug, Serialize)]
+pub struct Timing {
+    pub part: String,
+    pub cold_s: f64,
+    pub warm_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub model: String,
+    pub size: usize,
+    pub steps: usize,
+    pub batch: usize,
+    pub load_s: f64,
+    pub timings: Vec<Timing>,
+    /// UNet steps per second at CFG (batch x 2 through the UNet), warm.
+    pub it_per_s: f64,
+    /// Bytes the GPU allocator held at most (`None` on the CPU backend).
+    pub peak_device_bytes: Option<u64>,
+    /// The process's peak resident memory (Linux).
+    pub peak_host_bytes: Option<u64>,
+}
+
+/// Times each part on an already loaded model, reporting progress through `say`.
+pub fn run(
+    sd: &StableDiffusion,
+    s: &BenchSettings,
+    load_s: f64,
+    say: &mut dyn FnMut(&str),
+) -> Result<BenchReport, PipelineError> {
+    let mut peak = PeakDeviceMemory::new(&sd.compute);
+    let mut timings = Vec::new();
+    let mut time = |part: &str, f: &mut dyn FnMut(), peak: &mut PeakDeviceMemory| {
+        say(&format!("{part}: first run (compiles kernels)"));
+        let cold = seconds(&mut *f);
+        peak.sample();
+        say(&format!("{part}: {cold:.3} s cold, {} warm run(s)", s.repeats));
+        let warm = (0..s.repeats).map(|_| seconds(&mut *f)).sum::<f64>() / s.repeats.max(1) as f64;
+        peak.sample();
+        timings.push(Timing { part: part.to_owned(), cold_s: cold, warm_s: warm });
+    };
+
+    let latent = s.size / 8;
+    let dev = sd.compute.device.clone();
+    time("CLIP (prompt + negative)", &mut || {
+        let c = Tensor::cat(vec![sd.encode_prompt("a photo of a cat", 1), sd.encode_prompt("", 1)], 0);
+        to_host(c);
+    }, &mut peak);
+    let context = Tensor::cat(vec![sd.encode_prompt("a photo of a cat", 1), sd.encode_prompt("", 1)], 0)
+        .repeat_dim(0, s.batch);
+    let x = noise([2 * s.batch, 4, latent, latent]);
+    let t = vec![500.0; 2 * s.batch];
+    time(&format!("UNet step (CFG batch {})", 2 * s.batch), &mut || {
+        to_host(sd.unet.forward(to_device(x.data.clone(), [2 * s.batch, 4, latent, latent], &dev), &t, &context));
+    }, &mut peak);
+    let z = HostTensor::new(vec![s.batch, 4, latent, latent], noise([s.batch, 4, latent, latent]).data);
+    time("VAE decode", &mut || {
+        sd.decode(&z).expect("decode");
+    }, &mut peak);
+    let p = GenerationParams {
+        prompt: "a photo of a cat".into(),
+        sampler: Sampler::parse("euler_a").expect("a known sampler"),
+        steps: s.steps,
+        width: s.size,
+        height: s.size,
+        batch_size: s.batch,
+        ..Default::default()
+    };
+    let mut failure = None;
+    time(&format!("txt2img {} steps", s.steps), &mut || {
+        if let Err(e) = sd.txt2img(&p, &mut NoProgress) {
+            failure = Some(e);
+        }
+    }, &mut peak);
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if s.train {
+        let step = train_step(sd, s);
+        let mut step = step;
+        time("LoRA training step (rank 4, batch 1)", &mut step, &mut peak);
+    }
+    let unet_warm = timings[1].warm_s;
+    Ok(BenchReport {
+        device: sd.compute.description.clone(),
+        model: sd.model_path.display().to_string(),
+        size: s.size,
+        steps: s.steps,
+        batch: s.batch,
+        load_s,
+        it_per_s: 1.0 / unet_warm,
+        timings,
+        peak_device_bytes: peak.peak,
+        peak_host_bytes: crate::device::peak_host_memory(),
+    })
+}
+
+/// One training step closure: a fresh rank-4 LoRA on a clone of the UNet, forward + backward.
+fn train_step<'a>(sd: &'a StableDiffusion, s: &BenchSettings) -> impl FnMut() + 'a {
+    let latent = s.size / 8;
+    let dev = sd.compute.device.clone();
+    let mut unet = sd.unet.clone();
+    attach_new(unet.attentions_mut(), 4, 4.0, &mut StdRng::seed_from_u64(0), &dev.clone().autodiff());
+    let context = sd.encode_prompt("photo of sks person", 1);
+    let acp = crate::sampling::schedule::alphas_cumprod();
+    move || {
+        let batch = Batch {
+            latents: to_device(noise([1, 4, latent, latent]).data, [1, 4, latent, latent], &dev),
+            noise: to_device(noise([1, 4, latent, latent]).data, [1, 4, latent, latent], &dev),
+            timesteps: vec![500],
+            context: context.clone(),
+            instances: 1,
+        };
+        let l = losses(&unet, &batch, &acp, 1.0);
+        let grads = factor_grads(&named(unet.attentions(), UNET_PREFIX), &l.total.backward());
+        for g in grads.into_values() {
+            to_host(g);
+        }
+    }
+}
+
+fn noise(shape: [usize; 4]) -> HostTensor {
+    let n = shape.iter().product();
+    HostTensor::new(shape.to_vec(), crate::sampling::Philox::new(1).randn(n))
+}
+
+fn seconds(f: &mut dyn FnMut()) -> f64 {
+    let start = Instant::now();
+    f();
+    start.elapsed().as_secs_f64()
+}
+
+/// The most the device's allocator has held, sampled between parts.
+struct PeakDeviceMemory {
+    device: burn::tensor::Device,
+    peak: Option<u64>,
+}
+
+impl PeakDeviceMemory {
+    fn new(c: &Compute) -> Self {
+        Self { device: c.device.clone(), peak: None }
+    }
+
+    fn sample(&mut self) {
+        if let Some(usage) = self.device.memory_pool_usage() {
+            self.peak = Some(self.peak.unwrap_or(0).max(usage.bytes_reserved));
+        }
+    }
+}
+
+impl BenchReport {
+    /// A table for people.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "device: {}\nmodel: {}\n{}x{}, batch {}, load {:.2} s\n{:<36} {:>10} {:>10}\n",
+            self.device, self.model, self.size, self.size, self.batch, self.load_s, "part", "cold s", "warm s"
+        );
+        for t in &self.timings {
+            out += &format!("{:<36} {:>10.3} {:>10.3}\n", t.part, t.cold_s, t.warm_s);
+        }
+        out += &format!("UNet: {:.2} it/s (warm)\n", self.it_per_s);
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        if let Some(b) = self.peak_device_bytes {
+            out += &format!("peak device memory (allocator): {:.2} GiB\n", gib(b));
+        }
+        if let Some(b) = self.peak_host_bytes {
+            out += &format!("peak host memory (RSS): {:.2} GiB\n", gib(b));
+        }
+        out
+    }
+}

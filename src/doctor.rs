@@ -1,0 +1,225 @@
+//! `sdw doctor`: does this device compute what the CPU computes?
+//!
+//! Each op family sdw uses runs at SD 1.5 widths on the device and on the CPU backend from
+//! the same seeded inputs, then a whole tiny random-weight CLIP, UNet and VAE do the same.
+//! No model file is needed, so anyone on a GPU we never tested can run it and send us the
+//! lines. The bounds are the fixtures' fp32 bounds: `||device - cpu|| / ||cpu||` below 1e-4
+//! for a single op or module.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Instant;
+
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, LayerNormConfig, PaddingConfig2d};
+use burn::module::Param;
+use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{SeedableRng, rngs::StdRng};
+use rand_distr::{Distribution, Normal};
+
+use crate::device::Compute;
+use crate::model::attention::attention;
+use crate::model::layers::{to_host, upsample_nearest_2x, upsample_nearest_to};
+use crate::pipeline::StableDiffusion;
+use crate::shaders::group_norm;
+use crate::weights::HostTensor;
+use crate::weights::synthetic::Architecture;
+
+/// Relative error a correct fp32 op or module meets (the fixtures' README).
+pub const BOUND: f64 = 1e-4;
+
+/// One compared computation.
+#[derive(Clone, Debug)]
+pub struct CheckResult {
+    pub name: String,
+    /// `||device - cpu|| / ||cpu||`; NaN when the device produced NaN or the check crashed.
+    pub error: f64,
+    pub bound: f64,
+    /// Wall time on the device, kernel compilation included (first use in the process).
+    pub millis: f64,
+    /// Why it failed beyond the numbers (a crash), if it did.
+    pub note: Option<String>,
+}
+
+impl CheckResult {
+    pub fn passed(&self) -> bool {
+        self.note.is_none() && self.error < self.bound
+    }
+
+    /// One line of the report.
+    pub fn line(&self) -> String {
+        let status = if self.passed() { "ok  " } else { "FAIL" };
+        let note = self.note.as_deref().map(|n| format!("  ({n})")).unwrap_or_default();
+        format!("{status} {:<44} rel. error {:>9.2e}  bound {:.0e}  {:>9.1} ms{note}", self.name, self.error, self.bound, self.millis)
+    }
+}
+
+/// What a check computes, on whichever device it is given.
+type Op = Box<dyn Fn(&Device) -> HostTensor>;
+
+/// The checks for images of `size` pixels (SD 1.5 runs 512: a 64x64 latent).
+pub fn checks(size: usize) -> Vec<(String, Op)> {
+    let s = (size / 8).max(8);
+    let half = s / 2;
+    let mut list: Vec<(String, Op)> = Vec::new();
+    let mut add = |name: String, op: Op| list.push((name, op));
+
+    // Linear layers: token projections and the feed-forward widths.
+    add(format!("matmul {}x320 @ 320x1280 + bias", 2 * s * s), Box::new(move |d| {
+        let x = input([2, s * s, 320], 1, d);
+        let w = input([320, 1280], 2, d).mul_scalar(320f32.powf(-0.5));
+        let b = input([1280], 3, d);
+        to_host(x.matmul(w.unsqueeze()) + b.unsqueeze())
+    }));
+    add(format!("batched matmul 16x{}x40 @ 16x40x77", s * s), Box::new(move |d| {
+        to_host(input([16, s * s, 40], 4, d).matmul(input([16, 40, 77], 5, d)))
+    }));
+    // Convolutions as the UNet and VAE use them.
+    for (name, cin, cout, k, stride, side, seed) in [
+        ("conv 3x3 320->320", 320, 320, 3, 1, s, 10),
+        ("conv 3x3 640->320", 640, 320, 3, 1, half, 11),
+        ("conv 3x3 4->320 (conv_in)", 4, 320, 3, 1, s, 12),
+        ("conv 1x1 320->320 (proj_in)", 320, 320, 1, 1, s, 13),
+        ("conv 3x3 stride 2 320->320", 320, 320, 3, 2, s, 14),
+    ] {
+        add(format!("{name} at {side}x{side}"), Box::new(move |d| {
+            let conv = conv2d(cin, cout, k, stride, seed, d);
+            to_host(conv.forward(input([2, cin, side, side], seed + 100, d)))
+        }));
+    }
+    add(format!("group norm 32 groups [2,320,{s},{s}] (burn ops)"), Box::new(move |d| {
+        to_host(group_norm::reference(&norm(320, 20, d), input([2, 320, s, s], 21, d).mul_scalar(3.0).add_scalar(1.0), false))
+    }));
+    add(format!("group norm [2,320,{s},{s}] (sdw shader)"), Box::new(move |d| {
+        to_host(group_norm::forward(&norm(320, 20, d), input([2, 320, s, s], 21, d).mul_scalar(3.0).add_scalar(1.0), false))
+    }));
+    add(format!("group norm + SiLU [2,640,{half},{half}] (sdw shader)"), Box::new(move |d| {
+        to_host(group_norm::forward(&norm(640, 22, d), input([2, 640, half, half], 23, d), true))
+    }));
+    add(format!("layer norm [2,{},320]", s * s), Box::new(move |d| {
+        let mut ln = LayerNormConfig::new(320).with_epsilon(1e-5).init(d);
+        ln.gamma = Param::from_tensor(input([320], 24, d).mul_scalar(0.1).add_scalar(1.0));
+        to_host(ln.forward(input([2, s * s, 320], 25, d).mul_scalar(2.0)))
+    }));
+    add(format!("softmax [16,{},77]", s * s), Box::new(move |d| to_host(softmax(input([16, s * s, 77], 30, d).mul_scalar(4.0), 2))));
+    add(format!("softmax [16,{0},{0}]", half * half), Box::new(move |d| {
+        to_host(softmax(input([16, half * half, half * half], 31, d).mul_scalar(4.0), 2))
+    }));
+    add(format!("self-attention 8 heads [2,{},320]", s * s), Box::new(move |d| {
+        let x = || input([2, s * s, 320], 40, d);
+        to_host(attention(x(), input([2, s * s, 320], 41, d), input([2, s * s, 320], 42, d), 8, false))
+    }));
+    add(format!("cross-attention 8 heads [2,{},320] x 77", s * s), Box::new(move |d| {
+        to_host(attention(input([2, s * s, 320], 43, d), input([2, 77, 320], 44, d), input([2, 77, 320], 45, d), 8, false))
+    }));
+    add(format!("GELU, SiLU [2,{},1280]", s * s), Box::new(move |d| {
+        let x = input([2, s * s, 1280], 50, d).mul_scalar(3.0);
+        to_host(gelu(x.clone()) * silu(x))
+    }));
+    add(format!("nearest upsample 2x [2,1280,{0},{0}]", s / 4), Box::new(move |d| {
+        to_host(upsample_nearest_2x(input([2, 1280, s / 4, s / 4], 60, d)))
+    }));
+    add(format!("nearest resize [2,320,{0},{0}] -> {1}x{1}", s / 4 + 1, s / 2 + 1), Box::new(move |d| {
+        to_host(upsample_nearest_to(input([2, 320, s / 4 + 1, s / 4 + 1], 61, d), s / 2 + 1, s / 2 + 1))
+    }));
+    add(format!("reductions sum/mean/max/var [2,320,{}]", s * s), Box::new(move |d| {
+        let x = input([2, 320, s * s], 70, d).add_scalar(0.5);
+        let parts = [x.clone().sum_dim(2), x.clone().mean_dim(2), x.clone().max_dim(2), x.clone().var(2), x.sum_dim(1).swap_dims(1, 2)];
+        to_host(Tensor::cat(Vec::from(parts), 1))
+    }));
+
+    // Whole networks: the tiny SD 1.x layout with random weights, built in memory.
+    add("tiny CLIP text encoder (77 tokens)".into(), Box::new(|d| {
+        let sd = tiny_model(d);
+        let ids: Vec<u32> = (0..77).map(|i| if i < 9 { 320 + 37 * i } else { 49407 }).collect();
+        to_host(sd.clip.forward(&[ids.clone(), ids.iter().rev().copied().collect()], 1, d))
+    }));
+    add("tiny UNet, CFG batch of 2 at 8x8".into(), Box::new(|d| {
+        let sd = tiny_model(d);
+        let x = input([2, 4, 8, 8], 80, d);
+        let context = input([2, 77, 128], 81, d);
+        to_host(sd.unet.forward(x, &[801.5, 801.5], &context))
+    }));
+    add("tiny VAE decode 8x8 -> 64x64".into(), Box::new(|d| to_host(tiny_model(d).vae.decode(input([1, 4, 8, 8], 82, d)))));
+    add("tiny VAE encode 64x48".into(), Box::new(|d| to_host(tiny_model(d).vae.encode(input([1, 3, 48, 64], 83, d).tanh()).mean)));
+    list
+}
+
+/// Runs every check on `compute` against the CPU backend, calling `report` after each.
+pub fn run(compute: &Compute, size: usize, mut report: impl FnMut(&CheckResult)) -> Vec<CheckResult> {
+    let cpu = crate::device::cpu().device;
+    let mut results = Vec::new();
+    for (name, op) in checks(size) {
+        let result = compare(&name, &op, &compute.device, &cpu);
+        report(&result);
+        results.push(result);
+    }
+    results
+}
+
+fn compare(name: &str, op: &Op, device: &Device, cpu: &Device) -> CheckResult {
+    let want = op(cpu);
+    let start = Instant::now();
+    // A kernel that panics on some driver must fail its check, not end the report.
+    let got = catch_unwind(AssertUnwindSafe(|| op(device)));
+    let millis = start.elapsed().as_secs_f64() * 1e3;
+    let (error, note) = match got {
+        Ok(got) if got.shape == want.shape => (rel_err(&got.data, &want.data), None),
+        Ok(got) => (f64::NAN, Some(format!("shape {:?}, expected {:?}", got.shape, want.shape))),
+        Err(panic) => (f64::NAN, Some(panic_text(&panic))),
+    };
+    CheckResult { name: name.to_owned(), error, bound: BOUND, millis, note }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let text = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+    format!("crashed: {}", text.unwrap_or_else(|| "unknown panic".into()))
+}
+
+/// `||a - b|| / ||b||`, in f64.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    if a.iter().any(|x| !x.is_finite()) {
+        return f64::NAN;
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// Standard-normal values from `seed`, the same on every device.
+fn input<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
+    let n = shape.iter().product();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let normal = Normal::new(0f32, 1.0).expect("unit normal");
+    let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+fn conv2d(cin: usize, cout: usize, k: usize, stride: usize, seed: u64, d: &Device) -> Conv2d {
+    let p = k / 2;
+    Conv2d {
+        weight: Param::from_tensor(input([cout, cin, k, k], seed, d).mul_scalar(((cin * k * k) as f32).powf(-0.5))),
+        bias: Some(Param::from_tensor(input([cout], seed + 1, d).mul_scalar(0.1))),
+        stride: [stride, stride],
+        kernel_size: [k, k],
+        dilation: [1, 1],
+        groups: 1,
+        padding: PaddingConfig2d::Explicit(p, p, p, p),
+    }
+}
+
+fn norm(c: usize, seed: u64, d: &Device) -> GroupNorm {
+    GroupNorm {
+        gamma: Some(Param::from_tensor(input([c], seed, d).mul_scalar(0.1).add_scalar(1.0))),
+        beta: Some(Param::from_tensor(input([c], seed + 1, d).mul_scalar(0.1))),
+        num_groups: crate::model::layers::GROUPS,
+        num_channels: c,
+        epsilon: 1e-5,
+        affine: true,
+    }
+}
+
+fn tiny_model(d: &Device) -> StableDiffusion {
+    let compute = Compute { device: d.clone(), description: String::new(), max_binding: None };
+    StableDiffusion::random(&Architecture::tiny(), 7, compute).expect("the tiny layout is complete")
+}

@@ -1,0 +1,136 @@
+//! GroupNorm, optionally followed by SiLU, in one kernel of ours (`shaders/group_norm.wgsl`)
+//! on wgpu. Elsewhere — the CPU backend, and tensors that carry gradients (training) — it is
+//! burn's `GroupNorm` and `silu`, which the shader is tested against.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
+use burn::backend::{Backend, DispatchDevice, backend_extension, tensor::FloatTensor};
+use burn::cubecl::prelude::KernelId;
+use burn::cubecl::server::KernelArguments;
+use burn::cubecl::{CubeCount, CubeDim};
+use burn::nn::GroupNorm;
+use burn::tensor::activation::silu;
+use burn::tensor::{DType, Tensor};
+
+use super::SHADERS;
+
+/// Threads per workgroup (one workgroup per batch item and group).
+const WORKGROUP: u32 = 256;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns our shaders off (burn's ops everywhere), e.g. to compare the two on a new GPU.
+/// `SDW_SHADERS=off` does the same.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed) && std::env::var("SDW_SHADERS").as_deref() != Ok("off")
+}
+
+#[backend_extension(Cube, Fusion)]
+pub trait GroupNormOps: Backend {
+    #[fusion(dtype = x, shape = x)]
+    fn group_norm_silu(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        with_silu: bool,
+    ) -> FloatTensor<Self>;
+}
+
+/// `norm(x)`, then SiLU when `with_silu`: our kernel where it applies, burn's ops otherwise.
+pub fn forward(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
+    match (&norm.gamma, &norm.beta) {
+        (Some(gamma), Some(beta)) if uses_shader(&x) => Tensor::from_dispatch(burn::backend::Dispatch::group_norm_silu(
+            x.into_dispatch(),
+            gamma.val().into_dispatch(),
+            beta.val().into_dispatch(),
+            norm.num_groups,
+            norm.epsilon,
+            with_silu,
+        )),
+        _ => reference(norm, x, with_silu),
+    }
+}
+
+/// What the shader replaces: burn's GroupNorm and SiLU.
+pub fn reference(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
+    let y = norm.forward(x);
+    if with_silu { silu(y) } else { y }
+}
+
+/// Only on a wgpu device (the template is WGSL), for f32/f16 tensors without gradients.
+fn uses_shader(x: &Tensor<4>) -> bool {
+    enabled() && matches!(x.device().as_dispatch(), DispatchDevice::Cube(_)) && matches!(x.dtype(), DType::F32 | DType::F16)
+}
+
+impl GroupNormOps for CubeBackend {
+    fn group_norm_silu(
+        x: CubeTensor,
+        gamma: CubeTensor,
+        beta: CubeTensor,
+        groups: usize,
+        epsilon: f64,
+        with_silu: bool,
+    ) -> CubeTensor {
+        let (x, gamma, beta) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta));
+        let shape = x.meta.shape().clone();
+        let dims: Vec<usize> = shape.iter().copied().collect();
+        let (batch, channels) = (dims[0], dims[1]);
+        let pixels: usize = dims[2..].iter().product();
+        let client = x.client.clone();
+        let out = CubeTensor::new_contiguous(
+            client.clone(),
+            x.device.clone(),
+            shape.clone(),
+            client.empty(shape.num_elements() * x.dtype.size()),
+            x.dtype,
+        );
+        let info = [channels as u32, pixels as u32, groups as u32, with_silu as u32, (epsilon as f32).to_bits()];
+        let info = client.create_from_slice(bytemuck::cast_slice(&info));
+        let kernel = GroupNormKernel { dtype: x.dtype, template: super::template(&SHADERS[0]) };
+        client.launch(
+            Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
+            CubeCount::Static((batch * groups) as u32, 1, 1),
+            KernelArguments::new().with_buffers(vec![
+                x.handle.clone().binding(),
+                gamma.handle.clone().binding(),
+                beta.handle.clone().binding(),
+                out.handle.clone().binding(),
+                info.binding(),
+            ]),
+        );
+        out
+    }
+}
+
+struct GroupNormKernel {
+    dtype: DType,
+    template: Arc<str>,
+}
+
+impl KernelSource for GroupNormKernel {
+    fn source(&self) -> SourceTemplate {
+        let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
+        SourceTemplate::new(super::fill(
+            &self.template,
+            &[("elem", elem), ("workgroup", &WORKGROUP.to_string()), ("extensions", extensions)],
+        ))
+    }
+
+    fn id(&self) -> KernelId {
+        // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
+        let text_hash = super::fnv1a(&self.template);
+        KernelId::new::<Self>().info((format!("{:?}", self.dtype), WORKGROUP, text_hash))
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}

@@ -1,0 +1,105 @@
+//! sdw's own WGSL shaders (`shaders/*.wgsl`, compiled into the binary) and the ops they
+//! implement. Users can try their own version of a shader without a rebuild: a file of the
+//! same name in `--shader-dir` (or `SDW_SHADER_DIR`) is used instead of the built-in one,
+//! after naga has checked it; one that does not compile is reported with its name and the
+//! compiler's line, and the built-in one runs.
+
+pub mod group_norm;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// A built-in shader: its file name and a set of template values it must compile with.
+pub struct Shader {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub example_values: &'static [(&'static str, &'static str)],
+}
+
+pub const SHADERS: &[Shader] = &[Shader {
+    name: "group_norm.wgsl",
+    source: include_str!("../../shaders/group_norm.wgsl"),
+    example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
+}];
+
+static SHADER_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+static LOADED: Mutex<Option<HashMap<&'static str, Arc<str>>>> = Mutex::new(None);
+
+/// Where users' shaders are looked for (`--shader-dir`); the first call wins, and without
+/// one `SDW_SHADER_DIR` is used.
+pub fn set_shader_dir(dir: Option<PathBuf>) {
+    let _ = SHADER_DIR.set(dir.or_else(|| std::env::var_os("SDW_SHADER_DIR").map(PathBuf::from)));
+}
+
+fn shader_dir() -> Option<&'static Path> {
+    SHADER_DIR.get_or_init(|| std::env::var_os("SDW_SHADER_DIR").map(PathBuf::from)).as_deref()
+}
+
+/// The template text of a built-in shader, or the user's replacement when it compiles.
+/// Read and checked once per process.
+pub fn template(shader: &'static Shader) -> Arc<str> {
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    let loaded = loaded.get_or_insert_with(HashMap::new);
+    loaded.entry(shader.name).or_insert_with(|| choose(shader, shader_dir())).clone()
+}
+
+fn choose(shader: &Shader, dir: Option<&Path>) -> Arc<str> {
+    let Some(path) = dir.map(|d| d.join(shader.name)).filter(|p| p.exists()) else {
+        return shader.source.into();
+    };
+    match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|text| {
+        check(shader, &text)?;
+        Ok(text)
+    }) {
+        Ok(text) => {
+            eprintln!("note: using {} instead of the built-in {}", path.display(), shader.name);
+            text.into()
+        }
+        Err(why) => {
+            eprintln!("warning: {} does not compile, using the built-in {}:\n{why}", path.display(), shader.name);
+            shader.source.into()
+        }
+    }
+}
+
+/// Fills `{{ name }}` placeholders.
+pub fn fill(template: &str, values: &[(&str, &str)]) -> String {
+    values.iter().fold(template.to_owned(), |text, (k, v)| text.replace(&format!("{{{{ {k} }}}}"), v))
+}
+
+/// Parses and validates a shader (with its example template values) as wgpu would; the
+/// error names the line and column.
+pub fn check(shader: &Shader, template: &str) -> Result<(), String> {
+    let source = fill(template, shader.example_values);
+    let module = naga::front::wgsl::parse_str(&source).map_err(|e| e.emit_to_string_with_path(&source, shader.name))?;
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
+        .map_err(|e| e.emit_to_string_with_path(&source, shader.name))?;
+    if !module.entry_points.iter().any(|e| e.name == "main") {
+        return Err(format!("{}: no entry point named `main`", shader.name));
+    }
+    Ok(())
+}
+
+/// FNV-1a of a shader's text (kernel ids must change when a user edits one).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// `sdw shaders dump DIR`: writes every built-in shader into `dir` (files already there
+/// are kept: they may be the user's edits). Returns (written, kept).
+pub fn dump(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    std::fs::create_dir_all(dir)?;
+    let (mut written, mut kept) = (Vec::new(), Vec::new());
+    for shader in SHADERS {
+        let path = dir.join(shader.name);
+        if path.exists() {
+            kept.push(path);
+        } else {
+            crate::output::write_atomic(&path, shader.source.as_bytes())?;
+            written.push(path);
+        }
+    }
+    Ok((written, kept))
+}
