@@ -12,14 +12,16 @@ use std::time::Instant;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNormConfig, PaddingConfig2d};
 use burn::module::Param;
-use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module::conv2d as conv2d_fn;
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Normal};
 
 use crate::device::Compute;
 use crate::model::attention::attention;
-use crate::model::layers::{to_host, upsample_nearest_2x, upsample_nearest_to};
+use crate::model::layers::{gelu, to_host, upsample_nearest_2x, upsample_nearest_to};
 use crate::pipeline::StableDiffusion;
 use crate::shaders::group_norm;
 use crate::weights::HostTensor;
@@ -128,6 +130,47 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
         to_host(Tensor::cat(Vec::from(parts), 1))
     }));
 
+    // Training: gradients through each op (burn's autodiff), as DreamBooth-LoRA needs them.
+    let t = half * half;
+    add(format!("backward matmul [2,{t},320] @ [320,640]"), Box::new(move |d| {
+        let (x, w) = (leaf(2 * t * 320, 90, d, 1.0), leaf(320 * 640, 91, d, 0.05));
+        let y = x.clone().reshape([2, t, 320]).matmul(w.clone().reshape([1, 320, 640]));
+        gradients(&[x, w], y)
+    }));
+    add(format!("backward conv 3x3 320->320 at {half}x{half}"), Box::new(move |d| {
+        let (x, w) = (leaf(2 * 320 * t, 92, d, 1.0), leaf(320 * 320 * 9, 93, d, 0.02));
+        let y = conv2d_fn(x.clone().reshape([2, 320, half, half]), w.clone().reshape([320, 320, 3, 3]), None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+        gradients(&[x, w], y)
+    }));
+    add(format!("backward group norm + SiLU [2,320,{half},{half}]"), Box::new(move |d| {
+        let x = leaf(2 * 320 * t, 94, d, 2.0);
+        let y = group_norm::forward(&norm(320, 95, &x.device()), x.clone().reshape([2, 320, half, half]), true);
+        gradients(&[x], y)
+    }));
+    add(format!("backward layer norm [2,{t},320]"), Box::new(move |d| {
+        let x = leaf(2 * t * 320, 96, d, 2.0);
+        let ln = LayerNormConfig::new(320).with_epsilon(1e-5).init(&x.device());
+        gradients(&[x.clone()], ln.forward(x.reshape([2, t, 320])))
+    }));
+    add(format!("backward attention 8 heads [2,{t},320]"), Box::new(move |d| {
+        let (q, k, v) = (leaf(2 * t * 320, 97, d, 1.0), leaf(2 * t * 320, 98, d, 1.0), leaf(2 * t * 320, 99, d, 1.0));
+        let r = |x: &Tensor<1>| x.clone().reshape([2, t, 320]);
+        let y = attention(r(&q), r(&k), r(&v), 8, false);
+        gradients(&[q, k, v], y)
+    }));
+    add(format!("backward GELU [2,{t},1280]"), Box::new(move |d| {
+        let x = leaf(2 * t * 1280, 100, d, 3.0);
+        gradients(&[x.clone()], gelu(x.reshape([2, t, 1280])))
+    }));
+    // 16x16: an 8x8 latent shrinks to 1x1 at the bottleneck, where GroupNorm's backward
+    // cancels almost completely and fp32 cannot pin the gradients down.
+    add("backward tiny UNet at 16x16 (input and context gradients)".into(), Box::new(|d| {
+        let sd = tiny_model(&d.clone().autodiff());
+        let (x, ctx) = (leaf(2 * 4 * 16 * 16, 101, d, 1.0), leaf(2 * 77 * 128, 102, d, 1.0));
+        let y = sd.unet.forward(x.clone().reshape([2, 4, 16, 16]), &[801.5, 301.0], &ctx.clone().reshape([2, 77, 128]));
+        gradients(&[x, ctx], y)
+    }));
+
     // Whole networks: the tiny SD 1.x layout with random weights, built in memory.
     add("tiny CLIP text encoder (77 tokens)".into(), Box::new(|d| {
         let sd = tiny_model(d);
@@ -145,11 +188,12 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
     list
 }
 
-/// Runs every check on `compute` against the CPU backend, calling `report` after each.
-pub fn run(compute: &Compute, size: usize, mut report: impl FnMut(&CheckResult)) -> Vec<CheckResult> {
+/// Runs every check (or those whose name contains `only`) on `compute` against the CPU
+/// backend, calling `report` after each.
+pub fn run(compute: &Compute, size: usize, only: Option<&str>, mut report: impl FnMut(&CheckResult)) -> Vec<CheckResult> {
     let cpu = crate::device::cpu().device;
     let mut results = Vec::new();
-    for (name, op) in checks(size) {
+    for (name, op) in checks(size).into_iter().filter(|(name, _)| only.is_none_or(|o| name.contains(o))) {
         let result = compare(&name, &op, &compute.device, &cpu);
         report(&result);
         results.push(result);
@@ -193,6 +237,20 @@ fn input<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tenso
     let normal = Normal::new(0f32, 1.0).expect("unit normal");
     let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
     Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+/// A flat trainable input on the autodiff version of `d`.
+fn leaf(n: usize, seed: u64, d: &Device, scale: f32) -> Tensor<1> {
+    input([n], seed, d).mul_scalar(scale).autodiff().require_grad()
+}
+
+/// The gradients of `sum(y * r)` (r fixed random weights) with respect to each of `leaves`,
+/// concatenated.
+fn gradients<const D: usize>(leaves: &[Tensor<1>], y: Tensor<D>) -> HostTensor {
+    let r = input(y.dims(), 1000, &y.device());
+    let grads = (y * r).sum().backward();
+    let parts: Vec<Tensor<1>> = leaves.iter().map(|l| l.grad(&grads).expect("every leaf gets a gradient")).collect();
+    to_host(Tensor::cat(parts, 0))
 }
 
 fn conv2d(cin: usize, cout: usize, k: usize, stride: usize, seed: u64, d: &Device) -> Conv2d {

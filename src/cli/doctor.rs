@@ -11,6 +11,9 @@ pub struct DoctorArgs {
     /// Image size the op checks use, in pixels (SD 1.5: 512; smaller is quicker).
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=2048))]
     size: u32,
+    /// Run only the checks whose name contains this text (e.g. `attention`, `UNet`).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 pub fn run(a: DoctorArgs) -> anyhow::Result<()> {
@@ -25,9 +28,12 @@ pub fn run(a: DoctorArgs) -> anyhow::Result<()> {
     // A crashing check prints its own line; keep the default panic message out of it.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let results = doctor::run(&compute, a.size as usize, |r| println!("{}", r.line()));
+    let results = doctor::run(&compute, a.size as usize, a.only.as_deref(), |r| println!("{}", r.line()));
     std::panic::set_hook(hook);
     let failed: Vec<&str> = results.iter().filter(|r| !r.passed()).map(|r| r.name.as_str()).collect();
+    if results.is_empty() {
+        anyhow::bail!("no check matches --only {:?}", a.only.unwrap_or_default());
+    }
     if failed.is_empty() {
         println!("all {} checks passed", results.len());
         Ok(())

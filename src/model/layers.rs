@@ -185,6 +185,17 @@ pub fn to_host<const D: usize>(t: Tensor<D>) -> HostTensor {
     HostTensor::new(shape, data)
 }
 
+/// GELU, erf form (`F.gelu`). Under autodiff it is built from `erf`, whose gradient burn
+/// computes exactly: burn 0.22's default `gelu_backward`, which the GPU backends use, is the
+/// derivative of the tanh approximation instead, 5e-4 off (docs/upstream-bugs.md).
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.device().is_autodiff() {
+        x.clone() * x.div_scalar(std::f32::consts::SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5)
+    } else {
+        burn::tensor::activation::gelu(x)
+    }
+}
+
 /// Nearest-neighbour 2x upsampling (F.interpolate(scale_factor=2, mode="nearest")).
 pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();

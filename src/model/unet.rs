@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, Linear, PaddingConfig2d};
-use burn::tensor::activation::{gelu, silu};
+use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 
 use crate::shaders::group_norm;
@@ -11,7 +11,7 @@ use crate::weights::WeightsError;
 
 use super::adapter::Adaptable;
 use super::attention::CrossAttention;
-use super::layers::{Loader, ResnetBlock, to_device, upsample_nearest_to};
+use super::layers::{Loader, ResnetBlock, gelu, to_device, upsample_nearest_to};
 
 /// SD 1.x `num_heads: 8` (the head width varies per level); SD 2.x uses 64-wide heads.
 const SD1_HEADS: usize = 8;

@@ -23,7 +23,7 @@ fn doctor_passes_on_every_device() {
         let (ok, text) = doctor(device);
         assert!(ok, "sdw doctor --device {device} failed:\n{text}");
         assert_eq!(text.lines().filter(|l| l.starts_with("ok ")).count(), checks, "{text}");
-        for family in ["matmul", "conv 3x3", "conv 1x1", "stride 2", "group norm", "layer norm", "softmax", "attention", "GELU", "upsample", "reductions", "tiny UNet", "tiny VAE", "tiny CLIP"] {
+        for family in ["matmul", "conv 3x3", "conv 1x1", "stride 2", "group norm", "layer norm", "softmax", "attention", "GELU", "upsample", "reductions", "tiny UNet", "tiny VAE", "tiny CLIP", "backward"] {
             assert!(text.contains(family), "no {family} check:\n{text}");
         }
         if *device == "wgpu" {

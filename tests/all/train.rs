@@ -50,16 +50,22 @@ fn three_adamw_steps_match_the_reference() {
             let grads = factor_grads(&named(unet.attentions(), UNET_PREFIX), &l.total.backward());
             if step == 0 {
                 assert_eq!(grads.len(), init.len() / 3 * 2, "a gradient for every factor");
-                let mut worst = 0f64;
-                for (name, g) in &grads {
-                    let want = golden(&format!("train.grad.{name}"));
-                    let got = sdw::model::layers::to_host(g.clone());
-                    assert_eq!(got.shape, want.shape, "{name}");
-                    let e = rel_err(&got.data, &want.data);
-                    assert!(e < GRAD_TOL, "gradient {name} [{}]: rel. error {e:.2e}", c.description);
-                    worst = worst.max(e);
+                let mut errors: Vec<(f64, &String)> = grads
+                    .iter()
+                    .map(|(name, g)| {
+                        let want = golden(&format!("train.grad.{name}"));
+                        let got = sdw::model::layers::to_host(g.clone());
+                        assert_eq!(got.shape, want.shape, "{name}");
+                        (rel_err(&got.data, &want.data), name)
+                    })
+                    .collect();
+                errors.sort_by(|a, b| b.0.total_cmp(&a.0));
+                eprintln!("[{}] first-step gradients ({} tensors), worst five:", c.description, grads.len());
+                for (e, name) in errors.iter().take(5) {
+                    eprintln!("  {e:.2e} {name}");
                 }
-                eprintln!("[{}] first-step gradients ({} tensors): worst rel. error {worst:.2e}", c.description, grads.len());
+                let bad: Vec<_> = errors.iter().filter(|(e, _)| !(*e < GRAD_TOL)).collect();
+                assert!(bad.is_empty(), "{} gradients over {GRAD_TOL:.0e} [{}]: {bad:?}", bad.len(), c.description);
             }
             opt.step(1e-3, named_mut(unet.attentions_mut(), UNET_PREFIX), &grads);
         }
