@@ -109,11 +109,9 @@ pub fn run(
         return Err(e);
     }
     if s.train {
-        let step = train_step(sd, s);
-        let mut step = step;
-        time("LoRA training step (rank 4, batch 1)", &mut step, &mut peak);
+        time("LoRA training step (rank 4, batch 1)", &mut train_step(sd, s), &mut peak);
     }
-    let unet_warm = timings[1].warm_s;
+    let unet_warm = timings.iter().find(|t| t.part.starts_with("UNet")).map_or(f64::NAN, |t| t.warm_s);
     Ok(BenchReport {
         device: sd.compute.description.clone(),
         model: sd.model_path.display().to_string(),

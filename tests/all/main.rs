@@ -1,6 +1,7 @@
 //! Every integration test in one crate: each test crate links burn and wgpu again, so one
 //! binary keeps CI builds short. Modules are named for what they check.
 
+mod bench;
 mod binding_limit;
 mod ckpt;
 mod common;

@@ -1,0 +1,32 @@
+//! `sdw bench` runs end to end and reports every part (no timing is asserted: numbers live
+//! in BENCHMARKS.md).
+
+use std::process::Command;
+
+use crate::common::fixture;
+
+#[test]
+fn bench_reports_every_part_as_json() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sdw"))
+        .args(["bench", "--device", "cpu", "--size", "64", "--steps", "2", "--repeats", "1", "--train", "--json", "--model"])
+        .arg(fixture("tiny-sd-fp16.safetensors"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("UNet step") && stderr.contains("cold"), "no progress on stderr: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let parts: Vec<&str> = report["timings"].as_array().unwrap().iter().map(|t| t["part"].as_str().unwrap()).collect();
+    for part in ["CLIP", "UNet step", "VAE decode", "txt2img 2 steps", "LoRA training step"] {
+        assert!(parts.iter().any(|p| p.starts_with(part)), "{part} missing from {parts:?}");
+    }
+    assert!(report["it_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["peak_host_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bench_rejects_bad_sizes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sdw")).args(["bench", "--device", "cpu", "--size", "100"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 8"));
+}
