@@ -64,7 +64,7 @@ pub fn run(
     let mut peak = PeakDeviceMemory::new(&sd.compute);
     let mut timings = Vec::new();
     let mut time = |part: &str, f: &mut dyn FnMut(), peak: &mut PeakDeviceMemory| {
-        say(&format!("{part}: first run (compiles kernels)"));
+        say(&format!("{part}: first run (on a GPU this compiles and tunes kernels)"));
         let cold = seconds(&mut *f);
         peak.sample();
         say(&format!("{part}: {cold:.3} s cold, {} warm run(s)", s.repeats));
