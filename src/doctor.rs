@@ -150,7 +150,8 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
     add(format!("backward layer norm [2,{t},320]"), Box::new(move |d| {
         let x = leaf(2 * t * 320, 96, d, 2.0);
         let ln = LayerNormConfig::new(320).with_epsilon(1e-5).init(&x.device());
-        gradients(&[x.clone()], ln.forward(x.reshape([2, t, 320])))
+        let y = ln.forward(x.clone().reshape([2, t, 320]));
+        gradients(&[x], y)
     }));
     add(format!("backward attention 8 heads [2,{t},320]"), Box::new(move |d| {
         let (q, k, v) = (leaf(2 * t * 320, 97, d, 1.0), leaf(2 * t * 320, 98, d, 1.0), leaf(2 * t * 320, 99, d, 1.0));
@@ -160,7 +161,8 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
     }));
     add(format!("backward GELU [2,{t},1280]"), Box::new(move |d| {
         let x = leaf(2 * t * 1280, 100, d, 3.0);
-        gradients(&[x.clone()], gelu(x.reshape([2, t, 1280])))
+        let y = gelu(x.clone().reshape([2, t, 1280]));
+        gradients(&[x], y)
     }));
     // 16x16: an 8x8 latent shrinks to 1x1 at the bottleneck, where GroupNorm's backward
     // cancels almost completely and fp32 cannot pin the gradients down.
