@@ -75,21 +75,33 @@ pub fn run(
 
     let latent = s.size / 8;
     let dev = sd.compute.device.clone();
-    time("CLIP (prompt + negative)", &mut || {
-        let c = Tensor::cat(vec![sd.encode_prompt("a photo of a cat", 1), sd.encode_prompt("", 1)], 0);
-        to_host(c);
-    }, &mut peak);
-    let context = Tensor::cat(vec![sd.encode_prompt("a photo of a cat", 1), sd.encode_prompt("", 1)], 0)
-        .repeat_dim(0, s.batch);
+    time(
+        "CLIP (prompt + negative)",
+        &mut || {
+            let c = Tensor::cat(vec![sd.encode_prompt("a photo of a cat", 1), sd.encode_prompt("", 1)], 0);
+            to_host(c);
+        },
+        &mut peak,
+    );
+    let context =
+        Tensor::cat(vec![sd.encode_prompt("a photo of a cat", 1), sd.encode_prompt("", 1)], 0).repeat_dim(0, s.batch);
     let x = noise([2 * s.batch, 4, latent, latent]);
     let t = vec![500.0; 2 * s.batch];
-    time(&format!("UNet step (CFG batch {})", 2 * s.batch), &mut || {
-        to_host(sd.unet.forward(to_device(x.data.clone(), [2 * s.batch, 4, latent, latent], &dev), &t, &context));
-    }, &mut peak);
+    time(
+        &format!("UNet step (CFG batch {})", 2 * s.batch),
+        &mut || {
+            to_host(sd.unet.forward(to_device(x.data.clone(), [2 * s.batch, 4, latent, latent], &dev), &t, &context));
+        },
+        &mut peak,
+    );
     let z = HostTensor::new(vec![s.batch, 4, latent, latent], noise([s.batch, 4, latent, latent]).data);
-    time("VAE decode", &mut || {
-        sd.decode(&z).expect("decode");
-    }, &mut peak);
+    time(
+        "VAE decode",
+        &mut || {
+            sd.decode(&z).expect("decode");
+        },
+        &mut peak,
+    );
     let p = GenerationParams {
         prompt: "a photo of a cat".into(),
         sampler: Sampler::parse("euler_a").expect("a known sampler"),
@@ -100,11 +112,15 @@ pub fn run(
         ..Default::default()
     };
     let mut failure = None;
-    time(&format!("txt2img {} steps", s.steps), &mut || {
-        if let Err(e) = sd.txt2img(&p, &mut NoProgress) {
-            failure = Some(e);
-        }
-    }, &mut peak);
+    time(
+        &format!("txt2img {} steps", s.steps),
+        &mut || {
+            if let Err(e) = sd.txt2img(&p, &mut NoProgress) {
+                failure = Some(e);
+            }
+        },
+        &mut peak,
+    );
     if let Some(e) = failure {
         return Err(e);
     }

@@ -54,13 +54,22 @@ fn wgpu_state() -> &'static Result<WgpuState, String> {
         // wgpu falls back to OpenGL when there is no Vulkan/Metal/DX12 driver; its GL
         // backend cannot run burn's compute kernels (it dead-locks), so treat it as absent.
         if setup.backend == wgpu::Backend::Gl {
-            return Err(format!("only an OpenGL adapter ({}) was found; sdw needs Vulkan, Metal or DX12", setup.adapter.get_info().name));
+            return Err(format!(
+                "only an OpenGL adapter ({}) was found; sdw needs Vulkan, Metal or DX12",
+                setup.adapter.get_info().name
+            ));
         }
         let limits = setup.device.limits();
         let binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) as usize;
         // Score chunks at half the binding limit leave room for the other operands.
         attention::set_score_budget((binding / 2).min(256 << 20));
-        Ok(WgpuState { device, info: setup.adapter.get_info(), features: setup.device.features(), limits, max_binding: binding })
+        Ok(WgpuState {
+            device,
+            info: setup.adapter.get_info(),
+            features: setup.device.features(),
+            limits,
+            max_binding: binding,
+        })
     })
 }
 
@@ -100,8 +109,16 @@ pub fn adapter_details() -> Result<Vec<(&'static str, String)>, DeviceError> {
         ("cooperative matrix", yes(f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX))),
         ("max storage binding", format!("{} MiB", l.max_storage_buffer_binding_size >> 20)),
         ("max buffer", format!("{} MiB", l.max_buffer_size >> 20)),
-        ("max workgroup", format!("{} invocations, {}x{}x{}", l.max_compute_invocations_per_workgroup,
-            l.max_compute_workgroup_size_x, l.max_compute_workgroup_size_y, l.max_compute_workgroup_size_z)),
+        (
+            "max workgroup",
+            format!(
+                "{} invocations, {}x{}x{}",
+                l.max_compute_invocations_per_workgroup,
+                l.max_compute_workgroup_size_x,
+                l.max_compute_workgroup_size_y,
+                l.max_compute_workgroup_size_z
+            ),
+        ),
         ("workgroup memory", format!("{} KiB", l.max_compute_workgroup_storage_size >> 10)),
     ])
 }
@@ -136,7 +153,8 @@ pub fn select(choice: DeviceChoice) -> Result<Compute, DeviceError> {
     }
 }
 
-static OOM_REMEDY: std::sync::Mutex<&'static str> = std::sync::Mutex::new("Try a smaller --width/--height, or --device cpu.");
+static OOM_REMEDY: std::sync::Mutex<&'static str> =
+    std::sync::Mutex::new("Try a smaller --width/--height, or --device cpu.");
 
 /// What to suggest when the GPU runs out of memory (the command knows best).
 pub fn set_oom_remedy(remedy: &'static str) {
@@ -150,6 +168,13 @@ pub fn oom_remedy() -> &'static str {
 /// The process's peak resident memory (Linux `VmHWM`); `None` elsewhere.
 pub fn peak_host_memory() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
     Some(kb * 1024)
 }

@@ -9,9 +9,9 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
+use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNormConfig, PaddingConfig2d};
-use burn::module::Param;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::conv2d as conv2d_fn;
 use burn::tensor::ops::ConvOptions;
@@ -52,7 +52,10 @@ impl CheckResult {
     pub fn line(&self) -> String {
         let status = if self.passed() { "ok  " } else { "FAIL" };
         let note = self.note.as_deref().map(|n| format!("  ({n})")).unwrap_or_default();
-        format!("{status} {:<44} rel. error {:>9.2e}  bound {:.0e}  {:>9.1} ms{note}", self.name, self.error, self.bound, self.millis)
+        format!(
+            "{status} {:<44} rel. error {:>9.2e}  bound {:.0e}  {:>9.1} ms{note}",
+            self.name, self.error, self.bound, self.millis
+        )
     }
 }
 
@@ -67,15 +70,19 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
     let mut add = |name: String, op: Op| list.push((name, op));
 
     // Linear layers: token projections and the feed-forward widths.
-    add(format!("matmul {}x320 @ 320x1280 + bias", 2 * s * s), Box::new(move |d| {
-        let x = input([2, s * s, 320], 1, d);
-        let w = input([320, 1280], 2, d).mul_scalar(320f32.powf(-0.5));
-        let b = input([1280], 3, d);
-        to_host(x.matmul(w.unsqueeze()) + b.unsqueeze())
-    }));
-    add(format!("batched matmul 16x{}x40 @ 16x40x77", s * s), Box::new(move |d| {
-        to_host(input([16, s * s, 40], 4, d).matmul(input([16, 40, 77], 5, d)))
-    }));
+    add(
+        format!("matmul {}x320 @ 320x1280 + bias", 2 * s * s),
+        Box::new(move |d| {
+            let x = input([2, s * s, 320], 1, d);
+            let w = input([320, 1280], 2, d).mul_scalar(320f32.powf(-0.5));
+            let b = input([1280], 3, d);
+            to_host(x.matmul(w.unsqueeze()) + b.unsqueeze())
+        }),
+    );
+    add(
+        format!("batched matmul 16x{}x40 @ 16x40x77", s * s),
+        Box::new(move |d| to_host(input([16, s * s, 40], 4, d).matmul(input([16, 40, 77], 5, d)))),
+    );
     // Convolutions as the UNet and VAE use them.
     for (name, cin, cout, k, stride, side, seed) in [
         ("conv 3x3 320->320", 320, 320, 3, 1, s, 10),
@@ -84,115 +91,213 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
         ("conv 1x1 320->320 (proj_in)", 320, 320, 1, 1, s, 13),
         ("conv 3x3 stride 2 320->320", 320, 320, 3, 2, s, 14),
     ] {
-        add(format!("{name} at {side}x{side}"), Box::new(move |d| {
-            let conv = conv2d(cin, cout, k, stride, seed, d);
-            to_host(conv.forward(input([2, cin, side, side], seed + 100, d)))
-        }));
+        add(
+            format!("{name} at {side}x{side}"),
+            Box::new(move |d| {
+                let conv = conv2d(cin, cout, k, stride, seed, d);
+                to_host(conv.forward(input([2, cin, side, side], seed + 100, d)))
+            }),
+        );
     }
-    add(format!("group norm 32 groups [2,320,{s},{s}] (burn ops)"), Box::new(move |d| {
-        to_host(group_norm::reference(&norm(320, 20, d), input([2, 320, s, s], 21, d).mul_scalar(3.0).add_scalar(1.0), false))
-    }));
-    add(format!("group norm [2,320,{s},{s}] (sdw shader)"), Box::new(move |d| {
-        to_host(group_norm::forward(&norm(320, 20, d), input([2, 320, s, s], 21, d).mul_scalar(3.0).add_scalar(1.0), false))
-    }));
-    add(format!("group norm + SiLU [2,640,{half},{half}] (sdw shader)"), Box::new(move |d| {
-        to_host(group_norm::forward(&norm(640, 22, d), input([2, 640, half, half], 23, d), true))
-    }));
-    add(format!("layer norm [2,{},320]", s * s), Box::new(move |d| {
-        let mut ln = LayerNormConfig::new(320).with_epsilon(1e-5).init(d);
-        ln.gamma = Param::from_tensor(input([320], 24, d).mul_scalar(0.1).add_scalar(1.0));
-        to_host(ln.forward(input([2, s * s, 320], 25, d).mul_scalar(2.0)))
-    }));
-    add(format!("softmax [16,{},77]", s * s), Box::new(move |d| to_host(softmax(input([16, s * s, 77], 30, d).mul_scalar(4.0), 2))));
-    add(format!("softmax [16,{0},{0}]", half * half), Box::new(move |d| {
-        to_host(softmax(input([16, half * half, half * half], 31, d).mul_scalar(4.0), 2))
-    }));
-    add(format!("self-attention 8 heads [2,{},320]", s * s), Box::new(move |d| {
-        let x = || input([2, s * s, 320], 40, d);
-        to_host(attention(x(), input([2, s * s, 320], 41, d), input([2, s * s, 320], 42, d), 8, false))
-    }));
-    add(format!("cross-attention 8 heads [2,{},320] x 77", s * s), Box::new(move |d| {
-        to_host(attention(input([2, s * s, 320], 43, d), input([2, 77, 320], 44, d), input([2, 77, 320], 45, d), 8, false))
-    }));
-    add(format!("GELU, SiLU [2,{},1280]", s * s), Box::new(move |d| {
-        let x = input([2, s * s, 1280], 50, d).mul_scalar(3.0);
-        to_host(gelu(x.clone()) * silu(x))
-    }));
-    add(format!("nearest upsample 2x [2,1280,{0},{0}]", s / 4), Box::new(move |d| {
-        to_host(upsample_nearest_2x(input([2, 1280, s / 4, s / 4], 60, d)))
-    }));
-    add(format!("nearest resize [2,320,{0},{0}] -> {1}x{1}", s / 4 + 1, s / 2 + 1), Box::new(move |d| {
-        to_host(upsample_nearest_to(input([2, 320, s / 4 + 1, s / 4 + 1], 61, d), s / 2 + 1, s / 2 + 1))
-    }));
-    add(format!("reductions sum/mean/max/var [2,320,{}]", s * s), Box::new(move |d| {
-        let x = input([2, 320, s * s], 70, d).add_scalar(0.5);
-        let parts = [x.clone().sum_dim(2), x.clone().mean_dim(2), x.clone().max_dim(2), x.clone().var(2), x.sum_dim(1).swap_dims(1, 2)];
-        to_host(Tensor::cat(Vec::from(parts), 1))
-    }));
+    add(
+        format!("group norm 32 groups [2,320,{s},{s}] (burn ops)"),
+        Box::new(move |d| {
+            to_host(group_norm::reference(
+                &norm(320, 20, d),
+                input([2, 320, s, s], 21, d).mul_scalar(3.0).add_scalar(1.0),
+                false,
+            ))
+        }),
+    );
+    add(
+        format!("group norm [2,320,{s},{s}] (sdw shader)"),
+        Box::new(move |d| {
+            to_host(group_norm::forward(
+                &norm(320, 20, d),
+                input([2, 320, s, s], 21, d).mul_scalar(3.0).add_scalar(1.0),
+                false,
+            ))
+        }),
+    );
+    add(
+        format!("group norm + SiLU [2,640,{half},{half}] (sdw shader)"),
+        Box::new(move |d| to_host(group_norm::forward(&norm(640, 22, d), input([2, 640, half, half], 23, d), true))),
+    );
+    add(
+        format!("layer norm [2,{},320]", s * s),
+        Box::new(move |d| {
+            let mut ln = LayerNormConfig::new(320).with_epsilon(1e-5).init(d);
+            ln.gamma = Param::from_tensor(input([320], 24, d).mul_scalar(0.1).add_scalar(1.0));
+            to_host(ln.forward(input([2, s * s, 320], 25, d).mul_scalar(2.0)))
+        }),
+    );
+    add(
+        format!("softmax [16,{},77]", s * s),
+        Box::new(move |d| to_host(softmax(input([16, s * s, 77], 30, d).mul_scalar(4.0), 2))),
+    );
+    add(
+        format!("softmax [16,{0},{0}]", half * half),
+        Box::new(move |d| to_host(softmax(input([16, half * half, half * half], 31, d).mul_scalar(4.0), 2))),
+    );
+    add(
+        format!("self-attention 8 heads [2,{},320]", s * s),
+        Box::new(move |d| {
+            let x = || input([2, s * s, 320], 40, d);
+            to_host(attention(x(), input([2, s * s, 320], 41, d), input([2, s * s, 320], 42, d), 8, false))
+        }),
+    );
+    add(
+        format!("cross-attention 8 heads [2,{},320] x 77", s * s),
+        Box::new(move |d| {
+            to_host(attention(
+                input([2, s * s, 320], 43, d),
+                input([2, 77, 320], 44, d),
+                input([2, 77, 320], 45, d),
+                8,
+                false,
+            ))
+        }),
+    );
+    add(
+        format!("GELU, SiLU [2,{},1280]", s * s),
+        Box::new(move |d| {
+            let x = input([2, s * s, 1280], 50, d).mul_scalar(3.0);
+            to_host(gelu(x.clone()) * silu(x))
+        }),
+    );
+    add(
+        format!("nearest upsample 2x [2,1280,{0},{0}]", s / 4),
+        Box::new(move |d| to_host(upsample_nearest_2x(input([2, 1280, s / 4, s / 4], 60, d)))),
+    );
+    add(
+        format!("nearest resize [2,320,{0},{0}] -> {1}x{1}", s / 4 + 1, s / 2 + 1),
+        Box::new(move |d| {
+            to_host(upsample_nearest_to(input([2, 320, s / 4 + 1, s / 4 + 1], 61, d), s / 2 + 1, s / 2 + 1))
+        }),
+    );
+    add(
+        format!("reductions sum/mean/max/var [2,320,{}]", s * s),
+        Box::new(move |d| {
+            let x = input([2, 320, s * s], 70, d).add_scalar(0.5);
+            let parts = [
+                x.clone().sum_dim(2),
+                x.clone().mean_dim(2),
+                x.clone().max_dim(2),
+                x.clone().var(2),
+                x.sum_dim(1).swap_dims(1, 2),
+            ];
+            to_host(Tensor::cat(Vec::from(parts), 1))
+        }),
+    );
 
     // Training: gradients through each op (burn's autodiff), as DreamBooth-LoRA needs them.
     let t = half * half;
-    add(format!("backward matmul [2,{t},320] @ [320,640]"), Box::new(move |d| {
-        let (x, w) = (leaf(2 * t * 320, 90, d, 1.0), leaf(320 * 640, 91, d, 0.05));
-        let y = x.clone().reshape([2, t, 320]).matmul(w.clone().reshape([1, 320, 640]));
-        gradients(&[x, w], y)
-    }));
-    add(format!("backward conv 3x3 320->320 at {half}x{half}"), Box::new(move |d| {
-        let (x, w) = (leaf(2 * 320 * t, 92, d, 1.0), leaf(320 * 320 * 9, 93, d, 0.02));
-        let y = conv2d_fn(x.clone().reshape([2, 320, half, half]), w.clone().reshape([320, 320, 3, 3]), None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
-        gradients(&[x, w], y)
-    }));
-    add(format!("backward group norm + SiLU [2,320,{half},{half}]"), Box::new(move |d| {
-        let x = leaf(2 * 320 * t, 94, d, 2.0);
-        let y = group_norm::forward(&norm(320, 95, &x.device()), x.clone().reshape([2, 320, half, half]), true);
-        gradients(&[x], y)
-    }));
-    add(format!("backward layer norm [2,{t},320]"), Box::new(move |d| {
-        let x = leaf(2 * t * 320, 96, d, 2.0);
-        let ln = LayerNormConfig::new(320).with_epsilon(1e-5).init(&x.device());
-        let y = ln.forward(x.clone().reshape([2, t, 320]));
-        gradients(&[x], y)
-    }));
-    add(format!("backward attention 8 heads [2,{t},320]"), Box::new(move |d| {
-        let (q, k, v) = (leaf(2 * t * 320, 97, d, 1.0), leaf(2 * t * 320, 98, d, 1.0), leaf(2 * t * 320, 99, d, 1.0));
-        let r = |x: &Tensor<1>| x.clone().reshape([2, t, 320]);
-        let y = attention(r(&q), r(&k), r(&v), 8, false);
-        gradients(&[q, k, v], y)
-    }));
-    add(format!("backward GELU [2,{t},1280]"), Box::new(move |d| {
-        let x = leaf(2 * t * 1280, 100, d, 3.0);
-        let y = gelu(x.clone().reshape([2, t, 1280]));
-        gradients(&[x], y)
-    }));
+    add(
+        format!("backward matmul [2,{t},320] @ [320,640]"),
+        Box::new(move |d| {
+            let (x, w) = (leaf(2 * t * 320, 90, d, 1.0), leaf(320 * 640, 91, d, 0.05));
+            let y = x.clone().reshape([2, t, 320]).matmul(w.clone().reshape([1, 320, 640]));
+            gradients(&[x, w], y)
+        }),
+    );
+    add(
+        format!("backward conv 3x3 320->320 at {half}x{half}"),
+        Box::new(move |d| {
+            let (x, w) = (leaf(2 * 320 * t, 92, d, 1.0), leaf(320 * 320 * 9, 93, d, 0.02));
+            let y = conv2d_fn(
+                x.clone().reshape([2, 320, half, half]),
+                w.clone().reshape([320, 320, 3, 3]),
+                None,
+                ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
+            );
+            gradients(&[x, w], y)
+        }),
+    );
+    add(
+        format!("backward group norm + SiLU [2,320,{half},{half}]"),
+        Box::new(move |d| {
+            let x = leaf(2 * 320 * t, 94, d, 2.0);
+            let y = group_norm::forward(&norm(320, 95, &x.device()), x.clone().reshape([2, 320, half, half]), true);
+            gradients(&[x], y)
+        }),
+    );
+    add(
+        format!("backward layer norm [2,{t},320]"),
+        Box::new(move |d| {
+            let x = leaf(2 * t * 320, 96, d, 2.0);
+            let ln = LayerNormConfig::new(320).with_epsilon(1e-5).init(&x.device());
+            let y = ln.forward(x.clone().reshape([2, t, 320]));
+            gradients(&[x], y)
+        }),
+    );
+    add(
+        format!("backward attention 8 heads [2,{t},320]"),
+        Box::new(move |d| {
+            let (q, k, v) =
+                (leaf(2 * t * 320, 97, d, 1.0), leaf(2 * t * 320, 98, d, 1.0), leaf(2 * t * 320, 99, d, 1.0));
+            let r = |x: &Tensor<1>| x.clone().reshape([2, t, 320]);
+            let y = attention(r(&q), r(&k), r(&v), 8, false);
+            gradients(&[q, k, v], y)
+        }),
+    );
+    add(
+        format!("backward GELU [2,{t},1280]"),
+        Box::new(move |d| {
+            let x = leaf(2 * t * 1280, 100, d, 3.0);
+            let y = gelu(x.clone().reshape([2, t, 1280]));
+            gradients(&[x], y)
+        }),
+    );
     // 16x16: an 8x8 latent shrinks to 1x1 at the bottleneck, where GroupNorm's backward
     // cancels almost completely and fp32 cannot pin the gradients down.
-    add("backward tiny UNet at 16x16 (input and context gradients)".into(), Box::new(|d| {
-        let sd = tiny_model(&d.clone().autodiff());
-        let (x, ctx) = (leaf(2 * 4 * 16 * 16, 101, d, 1.0), leaf(2 * 77 * 128, 102, d, 1.0));
-        let y = sd.unet.forward(x.clone().reshape([2, 4, 16, 16]), &[801.5, 301.0], &ctx.clone().reshape([2, 77, 128]));
-        gradients(&[x, ctx], y)
-    }));
+    add(
+        "backward tiny UNet at 16x16 (input and context gradients)".into(),
+        Box::new(|d| {
+            let sd = tiny_model(&d.clone().autodiff());
+            let (x, ctx) = (leaf(2 * 4 * 16 * 16, 101, d, 1.0), leaf(2 * 77 * 128, 102, d, 1.0));
+            let y =
+                sd.unet.forward(x.clone().reshape([2, 4, 16, 16]), &[801.5, 301.0], &ctx.clone().reshape([2, 77, 128]));
+            gradients(&[x, ctx], y)
+        }),
+    );
 
     // Whole networks: the tiny SD 1.x layout with random weights, built in memory.
-    add("tiny CLIP text encoder (77 tokens)".into(), Box::new(|d| {
-        let sd = tiny_model(d);
-        let ids: Vec<u32> = (0..77).map(|i| if i < 9 { 320 + 37 * i } else { 49407 }).collect();
-        to_host(sd.clip.forward(&[ids.clone(), ids.iter().rev().copied().collect()], 1, d))
-    }));
-    add("tiny UNet, CFG batch of 2 at 8x8".into(), Box::new(|d| {
-        let sd = tiny_model(d);
-        let x = input([2, 4, 8, 8], 80, d);
-        let context = input([2, 77, 128], 81, d);
-        to_host(sd.unet.forward(x, &[801.5, 801.5], &context))
-    }));
-    add("tiny VAE decode 8x8 -> 64x64".into(), Box::new(|d| to_host(tiny_model(d).vae.decode(input([1, 4, 8, 8], 82, d)))));
-    add("tiny VAE encode 64x48".into(), Box::new(|d| to_host(tiny_model(d).vae.encode(input([1, 3, 48, 64], 83, d).tanh()).mean)));
+    add(
+        "tiny CLIP text encoder (77 tokens)".into(),
+        Box::new(|d| {
+            let sd = tiny_model(d);
+            let ids: Vec<u32> = (0..77).map(|i| if i < 9 { 320 + 37 * i } else { 49407 }).collect();
+            to_host(sd.clip.forward(&[ids.clone(), ids.iter().rev().copied().collect()], 1, d))
+        }),
+    );
+    add(
+        "tiny UNet, CFG batch of 2 at 8x8".into(),
+        Box::new(|d| {
+            let sd = tiny_model(d);
+            let x = input([2, 4, 8, 8], 80, d);
+            let context = input([2, 77, 128], 81, d);
+            to_host(sd.unet.forward(x, &[801.5, 801.5], &context))
+        }),
+    );
+    add(
+        "tiny VAE decode 8x8 -> 64x64".into(),
+        Box::new(|d| to_host(tiny_model(d).vae.decode(input([1, 4, 8, 8], 82, d)))),
+    );
+    add(
+        "tiny VAE encode 64x48".into(),
+        Box::new(|d| to_host(tiny_model(d).vae.encode(input([1, 3, 48, 64], 83, d).tanh()).mean)),
+    );
     list
 }
 
 /// Runs every check (or those whose name contains `only`) on `compute` against the CPU
 /// backend, calling `report` after each.
-pub fn run(compute: &Compute, size: usize, only: Option<&str>, mut report: impl FnMut(&CheckResult)) -> Vec<CheckResult> {
+pub fn run(
+    compute: &Compute,
+    size: usize,
+    only: Option<&str>,
+    mut report: impl FnMut(&CheckResult),
+) -> Vec<CheckResult> {
     let cpu = crate::device::cpu().device;
     let mut results = Vec::new();
     for (name, op) in checks(size).into_iter().filter(|(name, _)| only.is_none_or(|o| name.contains(o))) {

@@ -68,14 +68,16 @@ impl Embedding {
         if let Some(h) = self.hash.get() {
             return Ok(h.clone());
         }
-        let full = crate::output::sha256_file(&self.path).map_err(|source| EmbeddingError::Io { path: self.path.clone(), source })?;
+        let full = crate::output::sha256_file(&self.path)
+            .map_err(|source| EmbeddingError::Io { path: self.path.clone(), source })?;
         Ok(self.hash.get_or_init(|| full[..12].to_owned()).clone())
     }
 
     /// Refuses an embedding a text encoder `model_width` wide cannot take.
     fn check_fits(self, model_width: usize) -> Result<Self, EmbeddingError> {
         if self.width != model_width || self.vectors.shape[1] != model_width {
-            let made_for = if self.target == "unknown" { String::new() } else { format!(" (an {} embedding)", self.target) };
+            let made_for =
+                if self.target == "unknown" { String::new() } else { format!(" (an {} embedding)", self.target) };
             return Err(EmbeddingError::WrongWidth { path: self.path, width: self.width, made_for, model_width });
         }
         if self.count() > CHUNK_TOKENS {
@@ -128,8 +130,12 @@ fn read_pickle(path: &Path) -> Result<BTreeMap<String, HostTensor>, EmbeddingErr
 /// The vectors among the file's tensors, as A1111's `create_embedding_from_data` finds
 /// them: `string_to_param.*` (one term), SDXL `clip_l` + `clip_g`, `emb_params`, or the
 /// file's only tensor. Returns (vectors, width, target).
-fn pick_vectors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<(HostTensor, usize, &'static str), EmbeddingError> {
-    let params: Vec<&HostTensor> = tensors.iter().filter(|(k, _)| k.starts_with("string_to_param.")).map(|(_, t)| t).collect();
+fn pick_vectors(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+) -> Result<(HostTensor, usize, &'static str), EmbeddingError> {
+    let params: Vec<&HostTensor> =
+        tensors.iter().filter(|(k, _)| k.starts_with("string_to_param.")).map(|(_, t)| t).collect();
     if params.len() > 1 {
         return Err(not_embedding(path, format!("string_to_param holds {} terms; an embedding has one", params.len())));
     }
@@ -149,7 +155,10 @@ fn pick_vectors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<(
     }
     match tensors.values().collect::<Vec<_>>()[..] {
         [t] => matrix(path, t).map(with_target),
-        _ => Err(not_embedding(path, format!("{} tensors, none of them an embedding: {:?}", tensors.len(), tensors.keys().collect::<Vec<_>>()))),
+        _ => Err(not_embedding(
+            path,
+            format!("{} tensors, none of them an embedding: {:?}", tensors.len(), tensors.keys().collect::<Vec<_>>()),
+        )),
     }
 }
 
@@ -186,17 +195,21 @@ pub type Scanned = Vec<(PathBuf, Result<Embedding, EmbeddingError>)>;
 pub fn scan_dir(dir: &Path) -> Result<Scanned, EmbeddingError> {
     let mut files = Vec::new();
     walk(dir, 0, &mut files).map_err(|source| EmbeddingError::Io { path: dir.to_owned(), source })?;
-    Ok(files.into_iter().map(|p| {
-        let e = Embedding::open(&p);
-        (p, e)
-    }).collect())
+    Ok(files
+        .into_iter()
+        .map(|p| {
+            let e = Embedding::open(&p);
+            (p, e)
+        })
+        .collect())
 }
 
 fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
     let hidden = |p: &Path| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
-    let (dirs, files): (Vec<PathBuf>, Vec<PathBuf>) = entries.into_iter().filter(|p| !hidden(p)).partition(|p| p.is_dir());
+    let (dirs, files): (Vec<PathBuf>, Vec<PathBuf>) =
+        entries.into_iter().filter(|p| !hidden(p)).partition(|p| p.is_dir());
     for f in files {
         let ext = f.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
         let empty = std::fs::metadata(&f).map_or(true, |m| m.len() == 0);
@@ -247,7 +260,9 @@ impl EmbeddingDb {
         let ids = tok.encode(&name);
         let Some(&first) = ids.first() else { return }; // no prompt can spell it
         let loaded = match self.entries.iter().find(|e| e.name == name) {
-            Some(e) => Err(EmbeddingError::Duplicate { path: path.to_owned(), name: name.clone(), other: e.path.clone() }),
+            Some(e) => {
+                Err(EmbeddingError::Duplicate { path: path.to_owned(), name: name.clone(), other: e.path.clone() })
+            }
             None => loaded,
         };
         let index = self.entries.len();
@@ -301,7 +316,10 @@ impl EmbeddingDb {
                     continue;
                 };
                 let e = &self.entries[i];
-                let emb = e.loaded.as_ref().map_err(|err| EmbeddingError::Unusable { name: e.name.clone(), reason: err.to_string() })?;
+                let emb = e
+                    .loaded
+                    .as_ref()
+                    .map_err(|err| EmbeddingError::Unusable { name: e.name.clone(), reason: err.to_string() })?;
                 if !used.iter().any(|u| std::ptr::eq(*u, emb)) {
                     used.push(emb);
                 }

@@ -73,13 +73,15 @@ impl Infotext {
                 return Some(v);
             }
             if let Some((w, h)) = image_size(v)
-                && key.len() == k.len() + 2 && key.starts_with(k.as_str()) {
-                    match &key[k.len()..] {
-                        "-1" => return Some(w),
-                        "-2" => return Some(h),
-                        _ => {}
-                    }
+                && key.len() == k.len() + 2
+                && key.starts_with(k.as_str())
+            {
+                match &key[k.len()..] {
+                    "-1" => return Some(w),
+                    "-2" => return Some(h),
+                    _ => {}
                 }
+            }
         }
         None
     }
@@ -210,9 +212,10 @@ fn match_param(c: &[char], p: usize) -> Option<(String, String, usize)> {
     let vs = skip_space(i + 1);
     // First alternative: a quoted string followed by `,` or the end.
     if let Some(qe) = quoted_end(c, vs)
-        && (qe == n || c[qe] == ',') {
-            return Some((key, c[vs..qe].iter().collect(), (qe + 1).min(n)));
-        }
+        && (qe == n || c[qe] == ',')
+    {
+        return Some((key, c[vs..qe].iter().collect(), (qe + 1).min(n)));
+    }
     // Second: `[^,]*`.
     let mut e = vs;
     while e < n && c[e] != ',' {

@@ -81,10 +81,8 @@ impl Lora {
                 Part::Alpha => entry.2 = file.tensor(key)?.data.first().copied(),
             }
         }
-        let modules: BTreeMap<String, Pair> = parts
-            .into_iter()
-            .filter_map(|(m, (d, u, a))| Some((m, Pair { down: d?, up: u?, alpha: a })))
-            .collect();
+        let modules: BTreeMap<String, Pair> =
+            parts.into_iter().filter_map(|(m, (d, u, a))| Some((m, Pair { down: d?, up: u?, alpha: a }))).collect();
         if modules.is_empty() {
             return Err(LoraError::NotLora { path: path.to_owned() });
         }
@@ -119,7 +117,9 @@ impl Lora {
             let shape = shape_of(*component, weight_name).unwrap_or_default();
             let delta = pair.delta().ok_or_else(|| self.mismatch(module, "has inconsistent down/up ranks"))?;
             if delta.len() != shape.iter().product::<usize>() {
-                return Err(self.mismatch(module, &format!("has shape {:?}, the model's weight {:?}", pair.shape(), shape)));
+                return Err(
+                    self.mismatch(module, &format!("has shape {:?}, the model's weight {:?}", pair.shape(), shape))
+                );
             }
             let acc = sum.entry((*component, weight_name.clone())).or_insert_with(|| vec![0.0; delta.len()]);
             for (a, d) in acc.iter_mut().zip(&delta) {
@@ -278,7 +278,8 @@ pub fn extract_tags(prompt: &str) -> Result<(String, Vec<LoraTag>), String> {
     while let Some(start) = rest.find("<lora:") {
         out.push_str(&rest[..start]);
         let body_start = start + "<lora:".len();
-        let end = rest[body_start..].find('>').ok_or_else(|| format!("unclosed LoRA tag in prompt: {}", &rest[start..]))?;
+        let end =
+            rest[body_start..].find('>').ok_or_else(|| format!("unclosed LoRA tag in prompt: {}", &rest[start..]))?;
         tags.push(parse_tag(&rest[body_start..body_start + end])?);
         rest = &rest[body_start + end + 1..];
     }
@@ -332,7 +333,11 @@ impl LoraInfo {
             return Err(LoraError::NotLora { path: path.to_owned() });
         }
         let rank = downs.iter().filter_map(|(k, _)| file.shape(k)).map(|s| s[0]).max();
-        let alpha = file.keys().find(|k| k.ends_with(".alpha")).and_then(|k| file.tensor(k).ok()).and_then(|t| t.data.first().copied());
+        let alpha = file
+            .keys()
+            .find(|k| k.ends_with(".alpha"))
+            .and_then(|k| file.tensor(k).ok())
+            .and_then(|t| t.data.first().copied());
         let target = family(&downs.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>());
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(Self { name, modules: downs.len(), rank, alpha, target })

@@ -84,17 +84,15 @@ pub fn fresh_path(path: &Path) -> PathBuf {
     }
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
-    (2..)
-        .map(|i| path.with_file_name(format!("{stem}-{i}{ext}")))
-        .find(|p| !p.exists())
-        .expect("unbounded search")
+    (2..).map(|i| path.with_file_name(format!("{stem}-{i}{ext}"))).find(|p| !p.exists()).expect("unbounded search")
 }
 
 /// A1111's "Model hash": first 10 hex digits of the file's SHA-256, cached by path,
 /// size and modification time so a 4 GB file is hashed once.
 pub fn model_hash(path: &Path) -> std::io::Result<String> {
     let meta = fs::metadata(path)?;
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+    let mtime =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
     let canonical = fs::canonicalize(path)?;
     let key = format!("{}|{}|{}", canonical.display(), meta.len(), mtime);
     let cache = cache_file();

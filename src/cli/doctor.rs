@@ -24,7 +24,9 @@ pub fn run(a: DoctorArgs) -> anyhow::Result<()> {
             println!("  {key:<20} {value}");
         }
     }
-    println!("checks against the CPU backend (relative error = ||device - cpu|| / ||cpu||; times include kernel compilation):");
+    println!(
+        "checks against the CPU backend (relative error = ||device - cpu|| / ||cpu||; times include kernel compilation):"
+    );
     // A crashing check prints its own line; keep the default panic message out of it.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));

@@ -155,4 +155,3 @@ fn list_embeddings(dir: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

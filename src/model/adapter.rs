@@ -76,7 +76,12 @@ impl AttentionAdapters {
 
     /// All four slots at once, for walking them mutably.
     pub fn slots_mut(&mut self) -> [(Projection, &mut Option<LowRank>); 4] {
-        [(Projection::Q, &mut self.q), (Projection::K, &mut self.k), (Projection::V, &mut self.v), (Projection::Out, &mut self.out)]
+        [
+            (Projection::Q, &mut self.q),
+            (Projection::K, &mut self.k),
+            (Projection::V, &mut self.v),
+            (Projection::Out, &mut self.out),
+        ]
     }
 
     /// `base(x)` plus the adapter of projection `p`, if any.

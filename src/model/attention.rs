@@ -68,10 +68,17 @@ pub fn attention_with_budget(
 }
 
 /// `true` where key `j` comes after query `i` (hidden), for query rows `rows`.
-fn causal_mask(rows: std::ops::Range<usize>, keys: usize, [b, h]: [usize; 2], device: &burn::tensor::Device) -> Tensor<4, Bool> {
+fn causal_mask(
+    rows: std::ops::Range<usize>,
+    keys: usize,
+    [b, h]: [usize; 2],
+    device: &burn::tensor::Device,
+) -> Tensor<4, Bool> {
     let n = rows.len();
     let data: Vec<bool> = rows.flat_map(|i| (0..keys).map(move |j| j > i)).collect();
-    Tensor::<2, Bool>::from_data(TensorData::new(data, [n, keys]), device).reshape([1, 1, n, keys]).expand([b, h, n, keys])
+    Tensor::<2, Bool>::from_data(TensorData::new(data, [n, keys]), device)
+        .reshape([1, 1, n, keys])
+        .expand([b, h, n, keys])
 }
 
 /// The diffusers `Attention` block: q/k/v projections, attention, output projection.

@@ -173,7 +173,14 @@ impl ClipTextModel {
     }
 
     /// Same as [`Self::forward`] from token embeddings (textual inversion splices its vectors in here).
-    pub fn forward_embeds(&self, embeds: Vec<f32>, batch: usize, seq: usize, clip_skip: usize, device: &Device) -> Tensor<3> {
+    pub fn forward_embeds(
+        &self,
+        embeds: Vec<f32>,
+        batch: usize,
+        seq: usize,
+        clip_skip: usize,
+        device: &Device,
+    ) -> Tensor<3> {
         let hidden = self.hidden_size();
         let x = to_device(embeds, [batch, seq, hidden], device);
         let pos = self.position_embedding.val().narrow(0, 0, seq).reshape([1, seq, hidden]);
@@ -185,7 +192,6 @@ impl ClipTextModel {
         self.final_layer_norm.forward(x)
     }
 }
-
 
 /// CLIP's pooled output (transformers' `pooler_output`): each sequence's hidden state at its
 /// first end-of-text token. SD 1.x conditions on the full sequence and does not use it;

@@ -3,10 +3,10 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use crate::shaders::group_norm;
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
-use crate::shaders::group_norm;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::weights::{Checkpoint, Component, HostTensor, WeightsError};
@@ -114,11 +114,7 @@ impl<'a> Loader<'a> {
         let weight = Param::from_tensor(to_device(w.data, [inp, out], &self.device));
         self.register(&name, weight.id, Layout::Transposed, &pt_shape);
         let bias_name = format!("{prefix}.bias");
-        let bias = if self.has(&bias_name) {
-            Some(Param::from_tensor(self.tensor(&bias_name, [out])?))
-        } else {
-            None
-        };
+        let bias = if self.has(&bias_name) { Some(Param::from_tensor(self.tensor(&bias_name, [out])?)) } else { None };
         Ok(Linear { weight, bias })
     }
 

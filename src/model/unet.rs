@@ -3,8 +3,8 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, Linear, PaddingConfig2d};
-use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
+use burn::tensor::activation::silu;
 
 use crate::shaders::group_norm;
 use crate::weights::WeightsError;
@@ -85,7 +85,10 @@ impl TransformerBlock {
             norm2: l.layer_norm(&format!("{p}.norm2"), LN_EPS)?,
             attn2: CrossAttention::load(l, &format!("{p}.attn2"), heads)?,
             norm3: l.layer_norm(&format!("{p}.norm3"), LN_EPS)?,
-            ff: FeedForward { proj: l.linear(&format!("{p}.ff.net.0.proj"))?, out: l.linear(&format!("{p}.ff.net.2"))? },
+            ff: FeedForward {
+                proj: l.linear(&format!("{p}.ff.net.0.proj"))?,
+                out: l.linear(&format!("{p}.ff.net.2"))?,
+            },
         })
     }
 
@@ -105,7 +108,11 @@ enum Proj {
 
 impl Proj {
     fn load(l: &Loader, p: &str) -> Result<Self, WeightsError> {
-        Ok(if l.shape(&format!("{p}.weight"))?.len() == 4 { Proj::Conv(l.conv_same(p)?) } else { Proj::Linear(l.linear(p)?) })
+        Ok(if l.shape(&format!("{p}.weight"))?.len() == 4 {
+            Proj::Conv(l.conv_same(p)?)
+        } else {
+            Proj::Linear(l.linear(p)?)
+        })
     }
 }
 
@@ -161,7 +168,8 @@ struct Level {
 impl Level {
     fn load(l: &Loader, p: &str, sampler_stride: usize) -> Result<Self, WeightsError> {
         let n = l.count(&format!("{p}.resnets"), "conv1.weight");
-        let resnets = (0..n).map(|j| ResnetBlock::load(l, &format!("{p}.resnets.{j}"), RESNET_EPS)).collect::<Result<_, _>>()?;
+        let resnets =
+            (0..n).map(|j| ResnetBlock::load(l, &format!("{p}.resnets.{j}"), RESNET_EPS)).collect::<Result<_, _>>()?;
         let attentions = (0..l.count(&format!("{p}.attentions"), "proj_in.weight"))
             .map(|j| SpatialTransformer::load(l, &format!("{p}.attentions.{j}")))
             .collect::<Result<_, _>>()?;
@@ -226,7 +234,12 @@ impl Unet {
 
     /// Every attention block (self and cross), where DreamBooth-LoRA attaches its adapters.
     pub fn attentions(&self) -> Vec<&dyn Adaptable> {
-        let transformers = self.down.iter().flat_map(|l| &l.attentions).chain([&self.mid_attention]).chain(self.up.iter().flat_map(|l| &l.attentions));
+        let transformers = self
+            .down
+            .iter()
+            .flat_map(|l| &l.attentions)
+            .chain([&self.mid_attention])
+            .chain(self.up.iter().flat_map(|l| &l.attentions));
         transformers.flat_map(|t| &t.blocks).flat_map(|b| [&b.attn1 as &dyn Adaptable, &b.attn2]).collect()
     }
 
@@ -237,7 +250,10 @@ impl Unet {
             .flat_map(|l| &mut l.attentions)
             .chain([&mut self.mid_attention])
             .chain(self.up.iter_mut().flat_map(|l| &mut l.attentions));
-        transformers.flat_map(|t| &mut t.blocks).flat_map(|b| [&mut b.attn1 as &mut dyn Adaptable, &mut b.attn2]).collect()
+        transformers
+            .flat_map(|t| &mut t.blocks)
+            .flat_map(|b| [&mut b.attn1 as &mut dyn Adaptable, &mut b.attn2])
+            .collect()
     }
 
     /// Predicts the noise `eps` for latents `x` `[B, C, H, W]` at float timesteps `t` (one per
@@ -282,8 +298,7 @@ impl Unet {
 /// downscale_freq_shift=0)`: `[cos(t f), sin(t f)]`, f32 throughout like PyTorch.
 pub fn timestep_embedding(t: &[f32], dim: usize) -> Vec<f32> {
     let half = dim / 2;
-    let freqs: Vec<f32> =
-        (0..half).map(|i| ((-(10000f32.ln()) * i as f32) / half as f32).exp()).collect();
+    let freqs: Vec<f32> = (0..half).map(|i| ((-(10000f32.ln()) * i as f32) / half as f32).exp()).collect();
     let mut out = Vec::with_capacity(t.len() * dim);
     for &ti in t {
         out.extend(freqs.iter().map(|f| (ti * f).cos()));

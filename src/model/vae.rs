@@ -77,7 +77,8 @@ struct Level {
 impl Level {
     fn load(l: &Loader, p: &str, down: bool) -> Result<Self, WeightsError> {
         let n = l.count(&format!("{p}.resnets"), "conv1.weight");
-        let resnets = (0..n).map(|j| ResnetBlock::load(l, &format!("{p}.resnets.{j}"), EPS)).collect::<Result<_, _>>()?;
+        let resnets =
+            (0..n).map(|j| ResnetBlock::load(l, &format!("{p}.resnets.{j}"), EPS)).collect::<Result<_, _>>()?;
         let name = format!("{p}.{}.0.conv", if down { "downsamplers" } else { "upsamplers" });
         let sampler = match (l.has(&format!("{name}.weight")), down) {
             (false, _) => None,

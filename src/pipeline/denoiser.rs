@@ -44,7 +44,16 @@ impl<'a> CfgDenoiser<'a> {
     ) -> Self {
         let b = shape[0];
         let per_image = |s: CondSchedule| s.into_iter().map(|(end, c)| (end, c.repeat_dim(0, b))).collect();
-        Self { unet, cond: per_image(cond), uncond: per_image(uncond), cfg_scale, shape, image_cond: None, batched: None, calls: 0 }
+        Self {
+            unet,
+            cond: per_image(cond),
+            uncond: per_image(uncond),
+            cfg_scale,
+            shape,
+            image_cond: None,
+            batched: None,
+            calls: 0,
+        }
     }
 
     pub fn with_image_cond(mut self, image_cond: Tensor<4>) -> Self {

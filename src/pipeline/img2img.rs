@@ -10,9 +10,9 @@ use crate::output::fmt_num;
 use crate::sampling::{Progress, Start};
 use crate::weights::HostTensor;
 
+use super::generate::{Generated, Pass};
 use super::image_input;
 use super::params::{GenerationParams, check_strength};
-use super::generate::{Generated, Pass};
 use super::{PipelineError, StableDiffusion};
 
 /// What the masked area starts from (A1111's "Masked content").

@@ -26,12 +26,12 @@ use crate::model::vae::{SCALING_FACTOR, Vae};
 use crate::text::ClipTokenizer;
 use crate::weights::{Checkpoint, Component, HostTensor, WeightsError};
 
-pub use loras::WeightPatches;
+pub use generate::Generated;
 pub use image_input::ResizeMode;
 pub use img2img::{InitImage, InpaintingFill, Mask};
+pub use loras::WeightPatches;
 pub use noise::Variation;
 pub use params::{GenerationParams, HiresFix};
-pub use generate::Generated;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -78,24 +78,31 @@ impl StableDiffusion {
         let ckpt = Checkpoint::open(path)?;
         let prediction = ckpt.config("scheduler", "scheduler_config.json", "prediction_type");
         if let Some(p) = prediction.as_ref().and_then(|v| v.as_str())
-            && p != "epsilon" {
-                return Err(PipelineError::Invalid(format!(
-                    "{}: a {p}-prediction model (SD 2.x 768-v style); sdw supports epsilon-prediction SD 1.x models",
-                    path.display()
-                )));
-            }
+            && p != "epsilon"
+        {
+            return Err(PipelineError::Invalid(format!(
+                "{}: a {p}-prediction model (SD 2.x 768-v style); sdw supports epsilon-prediction SD 1.x models",
+                path.display()
+            )));
+        }
         Self::from_checkpoint(&ckpt, compute, loras)
     }
 
     /// A model with random weights of the given layout, made in memory (benchmarks and
     /// `sdw doctor`: real shapes, no file).
-    pub fn random(arch: &crate::weights::synthetic::Architecture, seed: u64, compute: Compute) -> Result<Self, PipelineError> {
+    pub fn random(
+        arch: &crate::weights::synthetic::Architecture,
+        seed: u64,
+        compute: Compute,
+    ) -> Result<Self, PipelineError> {
         Self::from_checkpoint(&Checkpoint::synthetic(arch, seed, "random-weights"), compute, &[])
     }
 
     fn from_checkpoint(ckpt: &Checkpoint, compute: Compute, loras: &[(Lora, Strength)]) -> Result<Self, PipelineError> {
-        let scaling_factor =
-            ckpt.config("vae", "config.json", "scaling_factor").and_then(|v| v.as_f64()).map_or(SCALING_FACTOR, |v| v as f32);
+        let scaling_factor = ckpt
+            .config("vae", "config.json", "scaling_factor")
+            .and_then(|v| v.as_f64())
+            .map_or(SCALING_FACTOR, |v| v as f32);
         let dev = &compute.device;
         let clip_loader = Loader::new(ckpt, Component::TextEncoder, dev);
         let clip = ClipTextModel::load(&clip_loader)?;
@@ -149,7 +156,14 @@ impl StableDiffusion {
     }
 
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Tensor<3> {
-        conditioning::encode_prompt(&self.tokenizer, &self.clip, &self.embeddings, prompt, clip_skip, &self.compute.device)
+        conditioning::encode_prompt(
+            &self.tokenizer,
+            &self.clip,
+            &self.embeddings,
+            prompt,
+            clip_skip,
+            &self.compute.device,
+        )
     }
 
     /// Makes the textual-inversion embeddings in `dir` (A1111's `embeddings` folder)

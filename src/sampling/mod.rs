@@ -19,7 +19,7 @@ pub use rng::Philox;
 pub use samplers::{
     CompVisDenoiser, Denoiser, EpsModel, KSamplerFn, NoProgress, NoiseSource, Progress, SAMPLER_NAMES, SampleCtx,
     Sampler, SamplerKind, ScheduleKind, Start, ddim, ddim_timesteps, dpm2, dpmpp_2m, dpmpp_2s_ancestral, euler,
-    euler_ancestral, get_ancestral_step, heun, img2img_steps, linear_multistep_coeff, lms, parse_sampler, sample, schedule_sigmas,
-    sigmas_for,
+    euler_ancestral, get_ancestral_step, heun, img2img_steps, linear_multistep_coeff, lms, parse_sampler, sample,
+    schedule_sigmas, sigmas_for,
 };
 pub use schedule::Schedule;

@@ -396,7 +396,13 @@ pub fn ddim(model: &mut dyn EpsModel, x: Vec<f32>, steps: usize, progress: &mut 
 }
 
 /// DDIM over (descending) timesteps of [`ddim_timesteps`]`(steps)` (all, or img2img's tail).
-fn ddim_steps(model: &mut dyn EpsModel, mut x: Vec<f32>, steps: usize, timesteps: &[usize], progress: &mut dyn Progress) -> Vec<f32> {
+fn ddim_steps(
+    model: &mut dyn EpsModel,
+    mut x: Vec<f32>,
+    steps: usize,
+    timesteps: &[usize],
+    progress: &mut dyn Progress,
+) -> Vec<f32> {
     let acp = alphas_cumprod_f32();
     let ratio = 1000 / steps.clamp(1, 1000);
     let total = timesteps.len();
@@ -768,7 +774,13 @@ pub fn sample<M: EpsModel + ?Sized>(
 
 /// DDIM from [`Start`]: img2img keeps the last `int(steps * strength)` timesteps
 /// (diffusers' `StableDiffusionImg2ImgPipeline`) and starts from `add_noise(latent, noise, t)`.
-fn ddim_from(model: &mut dyn EpsModel, noise: Vec<f32>, steps: usize, start: Start<'_>, progress: &mut dyn Progress) -> Vec<f32> {
+fn ddim_from(
+    model: &mut dyn EpsModel,
+    noise: Vec<f32>,
+    steps: usize,
+    start: Start<'_>,
+    progress: &mut dyn Progress,
+) -> Vec<f32> {
     let timesteps = ddim_timesteps(steps);
     match start {
         Start::Noise => ddim_steps(model, noise, steps, &timesteps, progress),

@@ -47,14 +47,16 @@ pub trait GroupNormOps: Backend {
 /// `norm(x)`, then SiLU when `with_silu`: our kernel where it applies, burn's ops otherwise.
 pub fn forward(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
     match (&norm.gamma, &norm.beta) {
-        (Some(gamma), Some(beta)) if uses_shader(&x) => Tensor::from_dispatch(burn::backend::Dispatch::group_norm_silu(
-            x.into_dispatch(),
-            gamma.val().into_dispatch(),
-            beta.val().into_dispatch(),
-            norm.num_groups,
-            norm.epsilon,
-            with_silu,
-        )),
+        (Some(gamma), Some(beta)) if uses_shader(&x) => {
+            Tensor::from_dispatch(burn::backend::Dispatch::group_norm_silu(
+                x.into_dispatch(),
+                gamma.val().into_dispatch(),
+                beta.val().into_dispatch(),
+                norm.num_groups,
+                norm.epsilon,
+                with_silu,
+            ))
+        }
         _ => reference(norm, x, with_silu),
     }
 }
@@ -67,7 +69,9 @@ pub fn reference(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
 
 /// Only on a wgpu device (the template is WGSL), for f32/f16 tensors without gradients.
 fn uses_shader(x: &Tensor<4>) -> bool {
-    enabled() && matches!(x.device().as_dispatch(), DispatchDevice::Cube(_)) && matches!(x.dtype(), DType::F32 | DType::F16)
+    enabled()
+        && matches!(x.device().as_dispatch(), DispatchDevice::Cube(_))
+        && matches!(x.dtype(), DType::F32 | DType::F16)
 }
 
 impl GroupNormOps for CubeBackend {

@@ -4,7 +4,10 @@ pub mod prompt;
 pub mod schedule;
 pub mod tokenizer;
 
-pub use prompt::{Chunk, EmbeddingLookup, EmbeddingMatch, Fix, NoEmbeddings, parse_prompt_attention, weighted_chunks, weighted_chunks_with};
+pub use prompt::{
+    Chunk, EmbeddingLookup, EmbeddingMatch, Fix, NoEmbeddings, parse_prompt_attention, weighted_chunks,
+    weighted_chunks_with,
+};
 pub use tokenizer::ClipTokenizer;
 
 /// Tokens in CLIP's vocabulary (every SD 1.x text encoder).

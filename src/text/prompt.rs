@@ -249,7 +249,9 @@ impl Chunker {
     fn make_room(&mut self, id: u32) {
         if id == COMMA {
             self.last_comma = Some(self.ids.len());
-        } else if let Some(comma) = self.last_comma.filter(|&c| self.ids.len() == CHUNK_TOKENS && CHUNK_TOKENS - c <= COMMA_BACKTRACK) {
+        } else if let Some(comma) =
+            self.last_comma.filter(|&c| self.ids.len() == CHUNK_TOKENS && CHUNK_TOKENS - c <= COMMA_BACKTRACK)
+        {
             // Move the words after the comma on to the next chunk. Like A1111, an embedding's
             // fix stays behind (its vectors land in the padding; placeholders move on), so
             // images match A1111's.

@@ -47,12 +47,17 @@ pub fn attach_from(
     for block in blocks {
         for p in Projection::ALL {
             let name = kohya_name(prefix, block, p);
-            let get = |suffix: &str| tensors.get(&format!("{name}.{suffix}")).ok_or_else(|| format!("missing `{name}.{suffix}`"));
+            let get = |suffix: &str| {
+                tensors.get(&format!("{name}.{suffix}")).ok_or_else(|| format!("missing `{name}.{suffix}`"))
+            };
             let (down, up) = (get("lora_down.weight")?, get("lora_up.weight")?);
             let rank = down.shape[0];
             let [out, inp] = block.projection_shape(p);
             if down.shape != [rank, inp] || up.shape != [out, rank] {
-                return Err(format!("`{name}`: shapes {:?} / {:?} do not fit a {out}x{inp} projection", down.shape, up.shape));
+                return Err(format!(
+                    "`{name}`: shapes {:?} / {:?} do not fit a {out}x{inp} projection",
+                    down.shape, up.shape
+                ));
             }
             let alpha = tensors.get(&format!("{name}.alpha")).map_or(rank as f32, |a| a.data[0]);
             let down = to_device(down.data.clone(), [rank, inp], device);

@@ -17,10 +17,14 @@ const EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
 
 /// The image files of `dir`, sorted; an error if there are none.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, TrainError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| TrainError::Data(format!("{}: cannot read the folder: {e}", dir.display())))?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| TrainError::Data(format!("{}: cannot read the folder: {e}", dir.display())))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|x| EXTENSIONS.contains(&x.to_string_lossy().to_lowercase().as_str())))
+        .filter(|p| {
+            p.is_file()
+                && p.extension().is_some_and(|x| EXTENSIONS.contains(&x.to_string_lossy().to_lowercase().as_str()))
+        })
         .collect();
     files.sort();
     if files.is_empty() {
@@ -50,7 +54,8 @@ pub struct Pixels {
 /// Reads `path`, scales its shorter side to `size` and crops a square (centre, or at a
 /// random offset from `rng`). Smaller photos are upscaled with a warning.
 pub fn load_square(path: &Path, size: usize, center: bool, rng: &mut impl Rng) -> Result<Pixels, TrainError> {
-    let img = image::open(path).map_err(|e| TrainError::Data(format!("{}: cannot read the image: {e}", path.display())))?;
+    let img =
+        image::open(path).map_err(|e| TrainError::Data(format!("{}: cannot read the image: {e}", path.display())))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w.min(h) < size {
         eprintln!("warning: {} is {w}x{h}, smaller than --resolution {size}; upscaling it", path.display());
@@ -59,7 +64,11 @@ pub fn load_square(path: &Path, size: usize, center: bool, rng: &mut impl Rng) -
     let (nw, nh) = (((w as f64 * scale).round() as usize).max(size), ((h as f64 * scale).round() as usize).max(size));
     let img = img.to_rgb8();
     let img = image::imageops::resize(&img, nw as u32, nh as u32, FilterType::Triangle);
-    let (x0, y0) = if center { ((nw - size) / 2, (nh - size) / 2) } else { (rng.random_range(0..=nw - size), rng.random_range(0..=nh - size)) };
+    let (x0, y0) = if center {
+        ((nw - size) / 2, (nh - size) / 2)
+    } else {
+        (rng.random_range(0..=nw - size), rng.random_range(0..=nh - size))
+    };
     let plane = size * size;
     let mut chw = vec![0f32; 3 * plane];
     for y in 0..size {

@@ -129,8 +129,11 @@ impl TrainOptions {
         if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
             return Err(format!("--resolution must be a positive multiple of 8 (got {})", self.resolution));
         }
-        if self.rank == 0 || self.batch_size == 0 || self.gradient_accumulation_steps == 0 || self.max_train_steps == 0 {
-            return Err("--rank, --batch-size, --gradient-accumulation-steps and --max-train-steps must be at least 1".into());
+        if self.rank == 0 || self.batch_size == 0 || self.gradient_accumulation_steps == 0 || self.max_train_steps == 0
+        {
+            return Err(
+                "--rank, --batch-size, --gradient-accumulation-steps and --max-train-steps must be at least 1".into()
+            );
         }
         if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
             return Err(format!("--learning-rate must be positive (got {})", self.learning_rate));

@@ -35,12 +35,7 @@ impl Progress {
         let eta = (self.total - step) as f64 / rate.max(1e-9);
         let every = if self.total <= 200 { 1 } else { 10 };
         if step.is_multiple_of(every) || step == self.total {
-            eprintln!(
-                "step {step}/{}  loss {s:.4}  lr {:.2e}  {rate:.2} it/s  ETA {}",
-                self.total,
-                l.lr,
-                clock(eta)
-            );
+            eprintln!("step {step}/{}  loss {s:.4}  lr {:.2e}  {rate:.2} it/s  ETA {}", self.total, l.lr, clock(eta));
         }
         s
     }
@@ -48,7 +43,11 @@ impl Progress {
 
 fn clock(secs: f64) -> String {
     let s = secs.round() as u64;
-    if s >= 3600 { format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60) } else { format!("{}:{:02}", s / 60, s % 60) }
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
+    }
 }
 
 pub const CSV_HEADER: &str = "step,loss,instance_loss,prior_loss,lr,smoothed_loss";

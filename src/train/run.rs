@@ -13,16 +13,16 @@ use rand_distr::StandardNormal;
 use crate::model::adapter::LowRank;
 use crate::model::layers::to_device;
 use crate::pipeline::StableDiffusion;
-use crate::sampling::schedule::alphas_cumprod;
 use crate::sampling::NoProgress;
+use crate::sampling::schedule::alphas_cumprod;
 use crate::weights::HostTensor;
 
+use super::TrainError;
 use super::adapters::{self, TEXT_PREFIX, UNET_PREFIX};
 use super::data::{self, CachedLatent};
 use super::options::TrainOptions;
 use super::state::{self, Checkpoint};
 use super::step::{self, AdamWOptimizer, Batch};
-use super::TrainError;
 
 /// DDPM training timesteps.
 const TIMESTEPS: usize = 1000;
@@ -68,19 +68,31 @@ impl Trainer {
         let classes = data::encode_folder(&sd.vae, &class_files, size, center, flip, &mut crop_rng, &device)?;
         // Only the adapters live on the autodiff device: the frozen base weights stay plain
         // tensors, so the graph starts at the first adapter and no base gradient is made.
-        let grad_device = if opts.gradient_checkpointing { device.clone().autodiff().gradient_checkpointing() } else { device.clone().autodiff() };
+        let grad_device = if opts.gradient_checkpointing {
+            device.clone().autodiff().gradient_checkpointing()
+        } else {
+            device.clone().autodiff()
+        };
         match resume {
             Some(ck) => {
-                adapters::attach_from(sd.unet.attentions_mut(), UNET_PREFIX, &ck.lora, &grad_device).map_err(TrainError::Resume)?;
+                adapters::attach_from(sd.unet.attentions_mut(), UNET_PREFIX, &ck.lora, &grad_device)
+                    .map_err(TrainError::Resume)?;
                 if opts.train_text_encoder {
-                    adapters::attach_from(sd.clip.attentions_mut(), TEXT_PREFIX, &ck.lora, &grad_device).map_err(TrainError::Resume)?;
+                    adapters::attach_from(sd.clip.attentions_mut(), TEXT_PREFIX, &ck.lora, &grad_device)
+                        .map_err(TrainError::Resume)?;
                 }
             }
             None => {
                 let mut init_rng = StdRng::seed_from_u64(opts.seed ^ 0x5eed_1a7e);
                 adapters::attach_new(sd.unet.attentions_mut(), opts.rank, opts.alpha(), &mut init_rng, &grad_device);
                 if opts.train_text_encoder {
-                    adapters::attach_new(sd.clip.attentions_mut(), opts.rank, opts.alpha(), &mut init_rng, &grad_device);
+                    adapters::attach_new(
+                        sd.clip.attentions_mut(),
+                        opts.rank,
+                        opts.alpha(),
+                        &mut init_rng,
+                        &grad_device,
+                    );
                 }
             }
         }
@@ -91,10 +103,24 @@ impl Trainer {
         let (instance_context, class_context) = if opts.train_text_encoder {
             (None, None)
         } else {
-            (Some(sd.encode_prompt(&opts.instance_prompt, 1)), opts.class_prompt.as_ref().map(|p| sd.encode_prompt(p, 1)))
+            (
+                Some(sd.encode_prompt(&opts.instance_prompt, 1)),
+                opts.class_prompt.as_ref().map(|p| sd.encode_prompt(p, 1)),
+            )
         };
         let step = resume.map_or(0, |c| c.step);
-        Ok(Self { sd, opts, instances, classes, instance_context, class_context, optim, step, acp: alphas_cumprod(), peak_device_bytes: 0 })
+        Ok(Self {
+            sd,
+            opts,
+            instances,
+            classes,
+            instance_context,
+            class_context,
+            optim,
+            step,
+            acp: alphas_cumprod(),
+            peak_device_bytes: 0,
+        })
     }
 
     fn device(&self) -> Device {
@@ -146,10 +172,13 @@ impl Trainer {
         let first = (self.step * o.gradient_accumulation_steps + micro) * bs;
         let mut rng = StdRng::seed_from_u64(mix(o.seed, (self.step * o.gradient_accumulation_steps + micro) as u64));
         let mut latents = Vec::new();
-        let mut picks: Vec<&[CachedLatent]> = (0..bs).map(|i| self.instances[epoch_index(o.seed, self.instances.len(), first + i)].as_slice()).collect();
+        let mut picks: Vec<&[CachedLatent]> =
+            (0..bs).map(|i| self.instances[epoch_index(o.seed, self.instances.len(), first + i)].as_slice()).collect();
         let with_prior = o.prior_preservation() && !self.classes.is_empty();
         if with_prior {
-            picks.extend((0..bs).map(|i| self.classes[epoch_index(o.seed ^ 1, self.classes.len(), first + i)].as_slice()));
+            picks.extend(
+                (0..bs).map(|i| self.classes[epoch_index(o.seed ^ 1, self.classes.len(), first + i)].as_slice()),
+            );
         }
         for views in &picks {
             let view = &views[if views.len() > 1 && rng.random_bool(0.5) { 1 } else { 0 }];
@@ -179,7 +208,11 @@ impl Trainer {
         match cached {
             Some(c) => c.clone(),
             None => {
-                let prompt = if instance { &self.opts.instance_prompt } else { self.opts.class_prompt.as_ref().expect("class prompt") };
+                let prompt = if instance {
+                    &self.opts.instance_prompt
+                } else {
+                    self.opts.class_prompt.as_ref().expect("class prompt")
+                };
                 self.sd.encode_prompt(prompt, 1)
             }
         }

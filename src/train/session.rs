@@ -25,12 +25,19 @@ pub fn train(opts: TrainOptions) -> Result<PathBuf, TrainError> {
     let compute = device::select(opts.device).map_err(|e| TrainError::Model(e.to_string()))?;
     eprintln!("device: {}", compute.description);
     device::set_oom_remedy("Try --resolution 384, --batch-size 1, or --device cpu.");
-    let mut sd = StableDiffusion::load(&opts.model, compute).map_err(|e| TrainError::Model(format!("loading {}: {e}", opts.model.display())))?;
+    let mut sd = StableDiffusion::load(&opts.model, compute)
+        .map_err(|e| TrainError::Model(format!("loading {}: {e}", opts.model.display())))?;
     if let (Some(prompt), Some(class_dir)) = (&opts.class_prompt, &opts.class_dir) {
         generate_class_images(&mut sd, &opts, prompt, class_dir)?;
     }
     let mut t = Trainer::new(opts, sd, resume.as_ref())?;
-    eprintln!("training {} adapters ({} steps from step {}); run folder {}", t.adapters().len(), t.opts.max_train_steps, t.step, dir.display());
+    eprintln!(
+        "training {} adapters ({} steps from step {}); run folder {}",
+        t.adapters().len(),
+        t.opts.max_train_steps,
+        t.step,
+        dir.display()
+    );
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
     let result = train_loop(&mut t, &dir);
     let (csv, png) = (dir.join("loss.csv"), dir.join("loss.png"));
@@ -63,7 +70,11 @@ fn open_run(opts: &TrainOptions) -> Result<(Option<Checkpoint>, PathBuf), TrainE
     };
     let path = state::latest_checkpoint(from)?;
     let ck = state::load_checkpoint(&path)?;
-    for (key, value) in [("sdw_rank", opts.rank.to_string()), ("sdw_seed", opts.seed.to_string()), ("sdw_train_text_encoder", opts.train_text_encoder.to_string())] {
+    for (key, value) in [
+        ("sdw_rank", opts.rank.to_string()),
+        ("sdw_seed", opts.seed.to_string()),
+        ("sdw_train_text_encoder", opts.train_text_encoder.to_string()),
+    ] {
         if let Some(saved) = ck.metadata.get(key).filter(|v| **v != value) {
             let flag = key.trim_start_matches("sdw_").replace('_', "-");
             return Err(TrainError::Resume(format!("{} was made with --{flag} {saved}, not {value}", path.display())));
@@ -83,10 +94,14 @@ fn train_loop(t: &mut Trainer, dir: &Path) -> Result<(), TrainError> {
         let loss = t.train_step();
         if !loss.loss.is_finite() {
             t.save_checkpoint(&state::checkpoint_path(&dir.join("checkpoints"), t.step))?;
-            return Err(TrainError::Model(format!("the loss became {} at step {}; lower --learning-rate", loss.loss, t.step)));
+            return Err(TrainError::Model(format!(
+                "the loss became {} at step {}; lower --learning-rate",
+                loss.loss, t.step
+            )));
         }
         let smoothed = progress.update(t.step, &loss);
-        report::append_csv(&csv, t.step, &loss, smoothed).map_err(|e| TrainError::Io(format!("{}: {e}", csv.display())))?;
+        report::append_csv(&csv, t.step, &loss, smoothed)
+            .map_err(|e| TrainError::Io(format!("{}: {e}", csv.display())))?;
         let step = t.step;
         let every = |n: usize| n > 0 && step.is_multiple_of(n);
         if every(t.opts.validation_every) {
@@ -111,14 +126,21 @@ fn validate(t: &mut Trainer, dir: &Path) -> Result<(), TrainError> {
     let images = t.sample_images(&prompt, t.opts.num_validation_images)?;
     let path = dir.join("validation").join(format!("step-{:06}.png", t.step));
     std::fs::create_dir_all(path.parent().unwrap()).map_err(|e| TrainError::Io(e.to_string()))?;
-    report::grid(&images, t.opts.resolution).save(&path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    report::grid(&images, t.opts.resolution)
+        .save(&path)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
     eprintln!("validation images: {}", path.display());
     Ok(())
 }
 
 /// Prior preservation: generates the class images the folder lacks with the base model,
 /// as diffusers does before training.
-pub fn generate_class_images(sd: &mut StableDiffusion, opts: &TrainOptions, prompt: &str, dir: &Path) -> Result<(), TrainError> {
+pub fn generate_class_images(
+    sd: &mut StableDiffusion,
+    opts: &TrainOptions,
+    prompt: &str,
+    dir: &Path,
+) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
     let have = data::list_images(dir).map(|v| v.len()).unwrap_or(0);
     if have >= opts.num_class_images {
@@ -132,7 +154,8 @@ pub fn generate_class_images(sd: &mut StableDiffusion, opts: &TrainOptions, prom
         let g = sd.txt2img(&p, &mut crate::sampling::NoProgress).map_err(|e| TrainError::Model(e.to_string()))?;
         let img = output::to_rgb8(&g.image.data, opts.resolution, opts.resolution);
         let path = output::fresh_path(&dir.join(format!("class-{:05}.png", have + i)));
-        output::write_png(&path, &img, &g.infotexts[0]).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+        output::write_png(&path, &img, &g.infotexts[0])
+            .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
         eprintln!("class image {}/{missing}", i + 1);
     }
     Ok(())

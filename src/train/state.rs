@@ -16,7 +16,11 @@ use super::TrainError;
 use super::step::AdamWOptimizer;
 
 /// Writes f32 tensors and string metadata as one `.safetensors` file, atomically.
-pub fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)], metadata: HashMap<String, String>) -> Result<(), TrainError> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, HostTensor)],
+    metadata: HashMap<String, String>,
+) -> Result<(), TrainError> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> =
         tensors.iter().map(|(k, t)| (k.clone(), bytemuck::cast_slice(&t.data).to_vec(), t.shape.clone())).collect();
     let views = bytes
@@ -24,7 +28,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)], metadata
         .map(|(k, b, s)| Ok((k.as_str(), TensorView::new(Dtype::F32, s.clone(), b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-    let data = safetensors::serialize(views, Some(metadata)).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let data = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
     write_atomic(path, &data).map_err(|e| TrainError::Io(format!("{}: cannot write: {e}", path.display())))
 }
 
@@ -71,7 +76,11 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, TrainError> {
     let bad = |why: String| TrainError::Resume(format!("{}: {why}", path.display()));
     let file = SafetensorsFile::open(path).map_err(|e| bad(e.to_string()))?;
     let meta = file.metadata().clone();
-    let number = |k: &str| meta.get(k).and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| bad(format!("not an sdw training checkpoint (no `{k}`)")));
+    let number = |k: &str| {
+        meta.get(k)
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or_else(|| bad(format!("not an sdw training checkpoint (no `{k}`)")))
+    };
     let (step, adam_time) = (number("sdw_step")?, number("sdw_adam_time")?);
     let mut lora = HashMap::new();
     let mut m = HashMap::new();
@@ -111,7 +120,10 @@ pub fn latest_checkpoint(path: &Path) -> Result<PathBuf, TrainError> {
     let entries = std::fs::read_dir(&dir).map_err(|e| TrainError::Resume(format!("{}: {e}", dir.display())))?;
     entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-")) && p.extension().is_some_and(|e| e == "safetensors"))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+                && p.extension().is_some_and(|e| e == "safetensors")
+        })
         .max()
         .ok_or_else(|| TrainError::Resume(format!("{}: no checkpoint-*.safetensors to resume from", dir.display())))
 }

@@ -93,7 +93,12 @@ pub struct AdamWOptimizer {
 impl AdamWOptimizer {
     /// diffusers' DreamBooth defaults: betas (0.9, 0.999), eps 1e-8; `weight_decay` 1e-2.
     pub fn new(weight_decay: f32) -> Self {
-        let adamw = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(weight_decay).build();
+        let adamw = AdamWConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.999)
+            .with_epsilon(1e-8)
+            .with_weight_decay(weight_decay)
+            .build();
         Self { adamw, states: HashMap::new() }
     }
 

@@ -85,11 +85,7 @@ impl Checkpoint {
         if !path.exists() {
             return Err(WeightsError::NotFound { path: path.to_owned() });
         }
-        if path.is_dir() {
-            Self::open_diffusers(path)
-        } else {
-            Self::open_single_file(path)
-        }
+        if path.is_dir() { Self::open_diffusers(path) } else { Self::open_single_file(path) }
     }
 
     pub fn path(&self) -> &Path {
@@ -143,7 +139,11 @@ impl Checkpoint {
             let name = if diffusers {
                 key.to_owned()
             } else {
-                let ldm = if key.starts_with("first_stage_model.") { key.to_owned() } else { format!("first_stage_model.{key}") };
+                let ldm = if key.starts_with("first_stage_model.") {
+                    key.to_owned()
+                } else {
+                    format!("first_stage_model.{key}")
+                };
                 match names::ldm_to_diffusers(&ldm) {
                     Some((Component::Vae, name)) => name,
                     _ => continue,
@@ -152,7 +152,10 @@ impl Checkpoint {
             index.insert((Component::Vae, name), Location { file: 0, key: key.to_owned() });
         }
         if !index.keys().any(|(_, n)| n.starts_with("decoder.")) {
-            return Err(WeightsError::UnknownFormat { path: path.to_owned(), why: "no VAE decoder tensors found".into() });
+            return Err(WeightsError::UnknownFormat {
+                path: path.to_owned(),
+                why: "no VAE decoder tensors found".into(),
+            });
         }
         Ok(Self { path: path.to_owned(), files: vec![file], index })
     }

@@ -34,13 +34,8 @@ const UNET_TOP: &[(&str, &str)] = &[
 ];
 
 /// VAE mid-block attention, LDM -> diffusers (LDM stores these as 1x1 convs).
-const VAE_ATTN: &[(&str, &str)] = &[
-    ("norm", "group_norm"),
-    ("q", "to_q"),
-    ("k", "to_k"),
-    ("v", "to_v"),
-    ("proj_out", "to_out.0"),
-];
+const VAE_ATTN: &[(&str, &str)] =
+    &[("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")];
 
 /// Number of VAE decoder levels (SD 1.x: 4); LDM numbers decoder levels bottom-up,
 /// diffusers top-down.
@@ -67,9 +62,7 @@ pub fn ldm_to_diffusers(key: &str) -> Option<(Component, String)> {
 }
 
 fn replace_prefix(s: &str, table: &[(&str, &str)]) -> Option<String> {
-    table.iter().find_map(|(from, to)| {
-        s.strip_prefix(from).filter(|r| r.starts_with('.')).map(|r| format!("{to}{r}"))
-    })
+    table.iter().find_map(|(from, to)| s.strip_prefix(from).filter(|r| r.starts_with('.')).map(|r| format!("{to}{r}")))
 }
 
 fn resnet(rest: &str) -> String {

@@ -95,7 +95,8 @@ fn malformed<T>(why: impl Into<String>) -> Result<T, PickleError> {
 
 /// Runs the pickle in `bytes` and returns the object it builds.
 pub fn parse(bytes: &[u8]) -> Result<Value, PickleError> {
-    let mut vm = Vm { input: bytes, pos: 0, objs: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+    let mut vm =
+        Vm { input: bytes, pos: 0, objs: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
     let root = vm.run()?;
     let mut budget = vm.objs.len() + MAX_EXTRA_NODES;
     vm.to_value(root, 0, &mut budget)
@@ -186,9 +187,15 @@ enum Obj {
     List(Vec<Id>),
     Dict(Vec<(Id, Id)>),
     Global(Global),
-    Storage { dtype: Dtype, key: String, numel: usize },
+    Storage {
+        dtype: Dtype,
+        key: String,
+        numel: usize,
+    },
     /// A `ParameterDict` and the state `BUILD` gave it.
-    Module { state: Option<Id> },
+    Module {
+        state: Option<Id>,
+    },
 }
 
 struct Vm<'a> {
@@ -210,7 +217,9 @@ impl<'a> Vm<'a> {
                 return self.pop();
             }
             self.step(op).map_err(|e| match e {
-                PickleError::Malformed(why) => PickleError::Malformed(format!("{why} (opcode 0x{op:02x} at byte {at})")),
+                PickleError::Malformed(why) => {
+                    PickleError::Malformed(format!("{why} (opcode 0x{op:02x} at byte {at})"))
+                }
                 unsafe_global => unsafe_global,
             })?;
         }
@@ -218,112 +227,131 @@ impl<'a> Vm<'a> {
 
     fn step(&mut self, op: u8) -> Result<(), PickleError> {
         match op {
-            0x80 => self.skip(1)?,                                // PROTO
-            0x95 => self.skip(8)?,                                // FRAME: a length hint
-            b'(' => self.marks.push(self.stack.len()),            // MARK
-            b'0' => self.pop().map(|_| ())?,                      // POP
-            b'1' => self.pop_mark().map(|_| ())?,                 // POP_MARK
+            0x80 => self.skip(1)?,                                           // PROTO
+            0x95 => self.skip(8)?,                                           // FRAME: a length hint
+            b'(' => self.marks.push(self.stack.len()),                       // MARK
+            b'0' => self.pop().map(|_| ())?,                                 // POP
+            b'1' => self.pop_mark().map(|_| ())?,                            // POP_MARK
             b'2' => self.push_id(*self.stack.last().ok_or_else(underflow)?), // DUP
             b'N' => self.push_value(Value::None),
             0x88 => self.push_value(Value::Bool(true)),
             0x89 => self.push_value(Value::Bool(false)),
-            b'J' => self.read_int(4, true)?,                      // BININT
-            b'K' => self.read_int(1, false)?,                     // BININT1
-            b'M' => self.read_int(2, false)?,                     // BININT2
-            0x8a => {                                             // LONG1
+            b'J' => self.read_int(4, true)?,  // BININT
+            b'K' => self.read_int(1, false)?, // BININT1
+            b'M' => self.read_int(2, false)?, // BININT2
+            0x8a => {
+                // LONG1
                 let n = self.take(1)?[0] as usize;
                 self.read_int(n, true)?
             }
-            0x8b => {                                             // LONG4
+            0x8b => {
+                // LONG4
                 let n = self.read_len(4)?;
                 self.read_int(n, true)?
             }
-            b'G' => {                                             // BINFLOAT, big-endian
+            b'G' => {
+                // BINFLOAT, big-endian
                 let b = self.take(8)?;
                 self.push_value(Value::Float(f64::from_be_bytes(b.try_into().unwrap_or_default())))
             }
-            b'X' => self.read_str(4)?,                            // BINUNICODE
-            0x8c => self.read_str(1)?,                            // SHORT_BINUNICODE
-            0x8d => self.read_str(8)?,                            // BINUNICODE8
-            b'T' => self.read_latin1(4)?,                         // BINSTRING (Python 2 str)
-            b'U' => self.read_latin1(1)?,                         // SHORT_BINSTRING
-            b'B' => self.read_bytes(4)?,                          // BINBYTES
-            b'C' => self.read_bytes(1)?,                          // SHORT_BINBYTES
-            0x8e | 0x96 => self.read_bytes(8)?,                   // BINBYTES8, BYTEARRAY8
-            b')' => self.push(Obj::Tuple(Vec::new())),            // EMPTY_TUPLE
-            b't' => {                                             // TUPLE
+            b'X' => self.read_str(4)?,                 // BINUNICODE
+            0x8c => self.read_str(1)?,                 // SHORT_BINUNICODE
+            0x8d => self.read_str(8)?,                 // BINUNICODE8
+            b'T' => self.read_latin1(4)?,              // BINSTRING (Python 2 str)
+            b'U' => self.read_latin1(1)?,              // SHORT_BINSTRING
+            b'B' => self.read_bytes(4)?,               // BINBYTES
+            b'C' => self.read_bytes(1)?,               // SHORT_BINBYTES
+            0x8e | 0x96 => self.read_bytes(8)?,        // BINBYTES8, BYTEARRAY8
+            b')' => self.push(Obj::Tuple(Vec::new())), // EMPTY_TUPLE
+            b't' => {
+                // TUPLE
                 let items = self.pop_mark()?;
                 self.push(Obj::Tuple(items))
             }
-            0x85..=0x87 => {                                      // TUPLE1..3
+            0x85..=0x87 => {
+                // TUPLE1..3
                 let n = (op - 0x84) as usize;
                 let at = self.stack.len().checked_sub(n).ok_or_else(underflow)?;
                 let items = self.stack.split_off(at);
                 self.push(Obj::Tuple(items))
             }
-            b']' => self.push(Obj::List(Vec::new())),             // EMPTY_LIST
-            b'l' => {                                             // LIST
+            b']' => self.push(Obj::List(Vec::new())), // EMPTY_LIST
+            b'l' => {
+                // LIST
                 let items = self.pop_mark()?;
                 self.push(Obj::List(items))
             }
-            b'a' => {                                             // APPEND
+            b'a' => {
+                // APPEND
                 let item = self.pop()?;
                 self.extend(vec![item])?
             }
-            b'e' | 0x90 => {                                      // APPENDS, ADDITEMS
+            b'e' | 0x90 => {
+                // APPENDS, ADDITEMS
                 let items = self.pop_mark()?;
                 self.extend(items)?
             }
-            0x8f => self.push(Obj::List(Vec::new())),             // EMPTY_SET
-            0x91 => {                                             // FROZENSET
+            0x8f => self.push(Obj::List(Vec::new())), // EMPTY_SET
+            0x91 => {
+                // FROZENSET
                 let items = self.pop_mark()?;
                 self.push(Obj::List(items))
             }
-            b'}' => self.push(Obj::Dict(Vec::new())),             // EMPTY_DICT
-            b'd' => {                                             // DICT
+            b'}' => self.push(Obj::Dict(Vec::new())), // EMPTY_DICT
+            b'd' => {
+                // DICT
                 let items = self.pop_mark()?;
                 let pairs = pairs(items)?;
                 self.push(Obj::Dict(pairs))
             }
-            b's' => {                                             // SETITEM
+            b's' => {
+                // SETITEM
                 let v = self.pop()?;
                 let k = self.pop()?;
                 self.set_items(vec![(k, v)])?
             }
-            b'u' => {                                             // SETITEMS
+            b'u' => {
+                // SETITEMS
                 let items = self.pop_mark()?;
                 self.set_items(pairs(items)?)?
             }
-            b'q' => {                                             // BINPUT
+            b'q' => {
+                // BINPUT
                 let i = self.take(1)?[0] as u32;
                 self.memo_put(i)?
             }
-            b'r' => {                                             // LONG_BINPUT
+            b'r' => {
+                // LONG_BINPUT
                 let i = self.read_u32()?;
                 self.memo_put(i)?
             }
-            0x94 => self.memo_put(self.memo.len() as u32)?,       // MEMOIZE
-            b'h' => {                                             // BINGET
+            0x94 => self.memo_put(self.memo.len() as u32)?, // MEMOIZE
+            b'h' => {
+                // BINGET
                 let i = self.take(1)?[0] as u32;
                 self.memo_get(i)?
             }
-            b'j' => {                                             // LONG_BINGET
+            b'j' => {
+                // LONG_BINGET
                 let i = self.read_u32()?;
                 self.memo_get(i)?
             }
-            b'c' => {                                             // GLOBAL "module\nname\n"
+            b'c' => {
+                // GLOBAL "module\nname\n"
                 let module = self.read_line()?;
                 let name = self.read_line()?;
                 let g = resolve_global(&module, &name)?;
                 self.push(Obj::Global(g))
             }
-            0x93 => {                                             // STACK_GLOBAL
+            0x93 => {
+                // STACK_GLOBAL
                 let name = self.pop_str()?;
                 let module = self.pop_str()?;
                 let g = resolve_global(&module, &name)?;
                 self.push(Obj::Global(g))
             }
-            b'i' => {                                             // INST "module\nname\n" + marked args
+            b'i' => {
+                // INST "module\nname\n" + marked args
                 let module = self.read_line()?;
                 let name = self.read_line()?;
                 let g = resolve_global(&module, &name)?;
@@ -331,18 +359,21 @@ impl<'a> Vm<'a> {
                 let obj = instantiate(&g)?;
                 self.push(obj)
             }
-            b'o' => {                                             // OBJ: marked class + args
+            b'o' => {
+                // OBJ: marked class + args
                 let items = self.pop_mark()?;
                 let cls = *items.first().ok_or_else(underflow)?;
                 let obj = instantiate(self.global(cls)?)?;
                 self.push(obj)
             }
-            b'R' => {                                             // REDUCE
+            b'R' => {
+                // REDUCE
                 let args = self.pop()?;
                 let f = self.pop()?;
                 self.call(f, args)?
             }
-            0x81 | 0x92 => {                                      // NEWOBJ, NEWOBJ_EX
+            0x81 | 0x92 => {
+                // NEWOBJ, NEWOBJ_EX
                 if op == 0x92 {
                     self.pop()?; // kwargs
                 }
@@ -351,7 +382,8 @@ impl<'a> Vm<'a> {
                 let obj = instantiate(self.global(cls)?)?;
                 self.push(obj)
             }
-            b'b' => {                                             // BUILD
+            b'b' => {
+                // BUILD
                 let state = self.pop()?;
                 let target = *self.stack.last().ok_or_else(underflow)?;
                 // Only a ParameterDict's state matters; other objects' attributes are unused.
@@ -359,7 +391,8 @@ impl<'a> Vm<'a> {
                     *s = Some(state);
                 }
             }
-            b'Q' => {                                             // BINPERSID
+            b'Q' => {
+                // BINPERSID
                 let pid = self.pop()?;
                 let storage = self.storage(pid)?;
                 self.push(storage)
@@ -483,7 +516,9 @@ impl<'a> Vm<'a> {
     }
 
     fn memo_get(&mut self, i: u32) -> Result<(), PickleError> {
-        let Some(&id) = self.memo.get(&i) else { return malformed(format!("memo entry {i} is read before it is written")) };
+        let Some(&id) = self.memo.get(&i) else {
+            return malformed(format!("memo entry {i} is read before it is written"));
+        };
         self.push_id(id);
         Ok(())
     }
@@ -602,7 +637,9 @@ impl<'a> Vm<'a> {
         if depth > MAX_DEPTH {
             return malformed("objects nested too deeply (or a reference cycle)");
         }
-        *budget = budget.checked_sub(1).ok_or_else(|| PickleError::Malformed("shared references expand to too many objects".into()))?;
+        *budget = budget
+            .checked_sub(1)
+            .ok_or_else(|| PickleError::Malformed("shared references expand to too many objects".into()))?;
         let list = |ids: &[Id], budget: &mut usize| -> Result<Vec<Value>, PickleError> {
             ids.iter().map(|&i| self.to_value(i, depth + 1, budget)).collect()
         };
@@ -617,7 +654,9 @@ impl<'a> Vm<'a> {
             ),
             // A ParameterDict reads as the dict of its parameters.
             Obj::Module { state } => match state {
-                Some(s) => self.to_value(*s, depth + 1, budget)?.get("_parameters").cloned().unwrap_or(Value::Dict(Vec::new())),
+                Some(s) => {
+                    self.to_value(*s, depth + 1, budget)?.get("_parameters").cloned().unwrap_or(Value::Dict(Vec::new()))
+                }
                 None => Value::Dict(Vec::new()),
             },
             Obj::Global(g) => Value::Opaque(format!("{g:?}")),
@@ -645,7 +684,11 @@ fn check_bounds(t: &TensorRef) -> Result<(), PickleError> {
     if t.numel() == 0 {
         return Ok(());
     }
-    let last = t.shape.iter().zip(&t.stride).try_fold(t.offset, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|d| acc.checked_add(d)));
+    let last = t
+        .shape
+        .iter()
+        .zip(&t.stride)
+        .try_fold(t.offset, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|d| acc.checked_add(d)));
     match last {
         Some(last) if last < t.storage_numel => Ok(()),
         _ => malformed(format!("a tensor reaches past the end of its storage `{}`", t.storage)),
@@ -701,7 +744,12 @@ mod tests {
     #[test]
     fn contiguity() {
         let t = |shape: Vec<usize>, stride: Vec<usize>| TensorRef {
-            storage: "0".into(), dtype: Dtype::F32, storage_numel: 100, offset: 0, shape, stride,
+            storage: "0".into(),
+            dtype: Dtype::F32,
+            storage_numel: 100,
+            offset: 0,
+            shape,
+            stride,
         };
         assert!(t(vec![2, 3], vec![3, 1]).is_contiguous());
         assert!(t(vec![2, 1, 3], vec![3, 7, 1]).is_contiguous());

@@ -27,7 +27,12 @@ pub struct Architecture {
 impl Architecture {
     /// Stable Diffusion 1.5 (UNet 859.5 M, VAE 83.7 M, CLIP 123.1 M parameters).
     pub fn sd15() -> Self {
-        Self { unet_channels: [320, 640, 1280, 1280], vae_channels: [128, 256, 512, 512], clip_width: 768, clip_layers: 12 }
+        Self {
+            unet_channels: [320, 640, 1280, 1280],
+            vae_channels: [128, 256, 512, 512],
+            clip_width: 768,
+            clip_layers: 12,
+        }
     }
 
     /// The tiny model of the test fixtures (`tests/fixtures/tiny-sd-fp16.safetensors`).

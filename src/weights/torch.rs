@@ -24,7 +24,8 @@ const PICKLE_PROTO: u8 = 0x80;
 /// Does the file start like a torch zip archive? (Used to sniff files by content.)
 pub fn looks_like_torch_zip(path: &Path) -> bool {
     let mut magic = [0u8; 4];
-    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok() && magic == ZIP_MAGIC
+    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+        && magic == ZIP_MAGIC
 }
 
 /// One zip entry: where its bytes lie in the file, and whether they are stored as is.
@@ -103,8 +104,11 @@ impl TorchFile {
         } else {
             Cow::Owned(gather(storage, t, size))
         };
-        let data = to_f32(&bytes, t.dtype)
-            .ok_or_else(|| WeightsError::Dtype { path: self.path.clone(), key: key.to_owned(), dtype: format!("{:?}", t.dtype) })?;
+        let data = to_f32(&bytes, t.dtype).ok_or_else(|| WeightsError::Dtype {
+            path: self.path.clone(),
+            key: key.to_owned(),
+            dtype: format!("{:?}", t.dtype),
+        })?;
         Ok(HostTensor::new(t.shape.clone(), data))
     }
 }
@@ -142,13 +146,20 @@ fn pickle_error(path: &Path, e: PickleError) -> WeightsError {
 /// Lists the archive's entries; explains files that are not torch zip archives.
 fn zip_entries(path: &Path, bytes: &[u8]) -> Result<HashMap<String, Entry>, WeightsError> {
     if !bytes.starts_with(ZIP_MAGIC) {
-        return Err(torch_error(path, match bytes.first() {
-            Some(&PICKLE_PROTO) => "it is in the legacy format of PyTorch before 1.6, which sdw does not read; \
-                                    convert it to .safetensors with a trusted tool",
-            _ => "it is neither a zip archive nor a pickle, so not a PyTorch checkpoint",
-        }));
+        return Err(torch_error(
+            path,
+            match bytes.first() {
+                Some(&PICKLE_PROTO) => {
+                    "it is in the legacy format of PyTorch before 1.6, which sdw does not read; \
+                                    convert it to .safetensors with a trusted tool"
+                }
+                _ => "it is neither a zip archive nor a pickle, so not a PyTorch checkpoint",
+            },
+        ));
     }
-    let corrupt = |e: zip::result::ZipError| torch_error(path, format!("the zip archive is truncated or corrupt ({e}); download it again"));
+    let corrupt = |e: zip::result::ZipError| {
+        torch_error(path, format!("the zip archive is truncated or corrupt ({e}); download it again"))
+    };
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(corrupt)?;
     let mut entries = HashMap::new();
     for i in 0..zip.len() {
@@ -156,7 +167,10 @@ fn zip_entries(path: &Path, bytes: &[u8]) -> Result<HashMap<String, Entry>, Weig
         let start = f.data_start().and_then(|s| usize::try_from(s).ok());
         let end = start.and_then(|s| s.checked_add(usize::try_from(f.compressed_size()).ok()?));
         let (Some(start), Some(end)) = (start, end.filter(|&e| e <= bytes.len())) else {
-            return Err(torch_error(path, "the zip archive is truncated (an entry ends past the end of the file); download it again"));
+            return Err(torch_error(
+                path,
+                "the zip archive is truncated (an entry ends past the end of the file); download it again",
+            ));
         };
         let name = f.name().map_err(corrupt)?.into_owned();
         entries.insert(name, Entry { range: start..end, stored: f.compression() == CompressionMethod::Stored });
@@ -175,7 +189,12 @@ fn archive_prefix(path: &Path, entries: &HashMap<String, Entry>) -> Result<Strin
         .ok_or_else(|| torch_error(path, "the zip archive has no data.pkl, so it was not written by torch.save"))
 }
 
-fn entry_bytes<'a>(path: &Path, bytes: &'a [u8], entries: &HashMap<String, Entry>, name: &str) -> Result<&'a [u8], WeightsError> {
+fn entry_bytes<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+    entries: &HashMap<String, Entry>,
+    name: &str,
+) -> Result<&'a [u8], WeightsError> {
     let entry = entries.get(name).ok_or_else(|| torch_error(path, format!("the zip archive has no {name}")))?;
     if !entry.stored {
         return Err(compressed(path, name));
@@ -184,19 +203,30 @@ fn entry_bytes<'a>(path: &Path, bytes: &'a [u8], entries: &HashMap<String, Entry
 }
 
 fn compressed(path: &Path, name: &str) -> WeightsError {
-    torch_error(path, format!("the zip entry {name} is compressed, which torch.save never does; re-save the file with torch.save"))
+    torch_error(
+        path,
+        format!("the zip entry {name} is compressed, which torch.save never does; re-save the file with torch.save"),
+    )
 }
 
 /// Storages are little-endian unless the archive says otherwise (files before the
 /// `byteorder` entry were all written on little-endian machines).
-fn check_byte_order(path: &Path, bytes: &[u8], entries: &HashMap<String, Entry>, prefix: &str) -> Result<(), WeightsError> {
+fn check_byte_order(
+    path: &Path,
+    bytes: &[u8],
+    entries: &HashMap<String, Entry>,
+    prefix: &str,
+) -> Result<(), WeightsError> {
     let name = format!("{prefix}byteorder");
     if !entries.contains_key(&name) {
         return Ok(());
     }
     match entry_bytes(path, bytes, entries, &name)? {
         b"little" => Ok(()),
-        other => Err(torch_error(path, format!("its storages are `{}` byte order; sdw reads little-endian files", String::from_utf8_lossy(other)))),
+        other => Err(torch_error(
+            path,
+            format!("its storages are `{}` byte order; sdw reads little-endian files", String::from_utf8_lossy(other)),
+        )),
     }
 }
 
@@ -211,13 +241,21 @@ fn storage_ranges(
     for (name, t) in tensors {
         let entry_name = format!("{prefix}data/{}", t.storage);
         let Some(entry) = entries.get(&entry_name) else {
-            return Err(torch_error(path, format!("tensor `{name}`: its storage {entry_name} is missing from the archive")));
+            return Err(torch_error(
+                path,
+                format!("tensor `{name}`: its storage {entry_name} is missing from the archive"),
+            ));
         };
         if !entry.stored {
             return Err(compressed(path, &entry_name));
         }
         if t.storage_numel.checked_mul(element_size(t.dtype)).is_none_or(|n| n > entry.range.len()) {
-            return Err(torch_error(path, format!("tensor `{name}`: its storage {entry_name} is shorter than the pickle says (the file is corrupt)")));
+            return Err(torch_error(
+                path,
+                format!(
+                    "tensor `{name}`: its storage {entry_name} is shorter than the pickle says (the file is corrupt)"
+                ),
+            ));
         }
         out.insert(t.storage.clone(), entry.range.clone());
     }

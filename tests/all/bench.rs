@@ -8,7 +8,20 @@ use crate::common::fixture;
 #[test]
 fn bench_reports_every_part_as_json() {
     let out = Command::new(env!("CARGO_BIN_EXE_sdw"))
-        .args(["bench", "--device", "cpu", "--size", "64", "--steps", "2", "--repeats", "1", "--train", "--json", "--model"])
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--size",
+            "64",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--train",
+            "--json",
+            "--model",
+        ])
         .arg(fixture("tiny-sd-fp16.safetensors"))
         .output()
         .unwrap();
@@ -26,7 +39,8 @@ fn bench_reports_every_part_as_json() {
 
 #[test]
 fn bench_rejects_bad_sizes() {
-    let out = Command::new(env!("CARGO_BIN_EXE_sdw")).args(["bench", "--device", "cpu", "--size", "100"]).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_sdw")).args(["bench", "--device", "cpu", "--size", "100"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 8"));
 }

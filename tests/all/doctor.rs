@@ -6,10 +6,8 @@ use std::process::Command;
 use crate::common::wgpu_skipped;
 
 fn doctor(device: &str) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sdw"))
-        .args(["doctor", "--device", device, "--size", "64"])
-        .output()
-        .unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_sdw")).args(["doctor", "--device", device, "--size", "64"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     eprintln!("{text}");
     (out.status.success(), text)
@@ -23,7 +21,23 @@ fn doctor_passes_on_every_device() {
         let (ok, text) = doctor(device);
         assert!(ok, "sdw doctor --device {device} failed:\n{text}");
         assert_eq!(text.lines().filter(|l| l.starts_with("ok ")).count(), checks, "{text}");
-        for family in ["matmul", "conv 3x3", "conv 1x1", "stride 2", "group norm", "layer norm", "softmax", "attention", "GELU", "upsample", "reductions", "tiny UNet", "tiny VAE", "tiny CLIP", "backward"] {
+        for family in [
+            "matmul",
+            "conv 3x3",
+            "conv 1x1",
+            "stride 2",
+            "group norm",
+            "layer norm",
+            "softmax",
+            "attention",
+            "GELU",
+            "upsample",
+            "reductions",
+            "tiny UNet",
+            "tiny VAE",
+            "tiny CLIP",
+            "backward",
+        ] {
             assert!(text.contains(family), "no {family} check:\n{text}");
         }
         if *device == "wgpu" {
@@ -36,7 +50,8 @@ fn doctor_passes_on_every_device() {
 
 #[test]
 fn a_failed_check_is_named_and_fails() {
-    let bad = sdw::doctor::CheckResult { name: "softmax".into(), error: f64::NAN, bound: 1e-4, millis: 1.0, note: None };
+    let bad =
+        sdw::doctor::CheckResult { name: "softmax".into(), error: f64::NAN, bound: 1e-4, millis: 1.0, note: None };
     assert!(!bad.passed() && bad.line().starts_with("FAIL") && bad.line().contains("softmax"));
     let good = sdw::doctor::CheckResult { error: 3e-7, ..bad };
     assert!(good.passed() && good.line().starts_with("ok"));

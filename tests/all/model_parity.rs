@@ -58,7 +58,12 @@ fn unet_matches_diffusers() {
         for path in [single_file(), fixture("model")] {
             let sd = StableDiffusion::load(&path, c.clone()).unwrap();
             let what = format!("{} [{}]", path.file_name().unwrap().to_string_lossy(), c.description);
-            assert_close(&format!("unet.eps {what}"), &unet_case(&sd, "unet.x", &t, "unet.context"), &golden("unet.eps"), MODULE_TOL);
+            assert_close(
+                &format!("unet.eps {what}"),
+                &unet_case(&sd, "unet.x", &t, "unet.context"),
+                &golden("unet.eps"),
+                MODULE_TOL,
+            );
             assert_close(
                 &format!("unet.eps_long {what}"),
                 &unet_case(&sd, "unet.x_long", &[500.0], "unet.context_long"),
@@ -76,10 +81,25 @@ fn vae_matches_diffusers() {
         let vae = sdw::model::vae::Vae::load(&Loader::new(&ckpt, Component::Vae, &c.device)).unwrap();
         let z = golden("vae.latent");
         let zt = to_device(z.data.iter().map(|v| v / 0.18215).collect(), [1, 4, 8, 8], &c.device);
-        assert_close(&format!("vae.decoded [{}]", c.description), &to_host(vae.decode(zt)), &golden("vae.decoded"), MODULE_TOL);
+        assert_close(
+            &format!("vae.decoded [{}]", c.description),
+            &to_host(vae.decode(zt)),
+            &golden("vae.decoded"),
+            MODULE_TOL,
+        );
         let img = golden("vae.image");
         let dist = vae.encode(to_device(img.data, [1, 3, 64, 48], &c.device));
-        assert_close(&format!("vae.encoded_mean [{}]", c.description), &to_host(dist.mean), &golden("vae.encoded_mean"), MODULE_TOL);
-        assert_close(&format!("vae.encoded_std [{}]", c.description), &to_host(dist.std), &golden("vae.encoded_std"), MODULE_TOL);
+        assert_close(
+            &format!("vae.encoded_mean [{}]", c.description),
+            &to_host(dist.mean),
+            &golden("vae.encoded_mean"),
+            MODULE_TOL,
+        );
+        assert_close(
+            &format!("vae.encoded_std [{}]", c.description),
+            &to_host(dist.std),
+            &golden("vae.encoded_std"),
+            MODULE_TOL,
+        );
     }
 }

@@ -3,9 +3,9 @@
 
 use safetensors::{Dtype, SafeTensors};
 use sdw::sampling::schedule::{self, Schedule};
-use sdw::sampling::{Start, 
-    CompVisDenoiser, Denoiser, NoProgress, Philox, SampleCtx, Sampler, SamplerKind, ScheduleKind, ddim_timesteps,
-    linear_multistep_coeff, parse_sampler, sample, sigmas_for,
+use sdw::sampling::{
+    CompVisDenoiser, Denoiser, NoProgress, Philox, SampleCtx, Sampler, SamplerKind, ScheduleKind, Start,
+    ddim_timesteps, linear_multistep_coeff, parse_sampler, sample, sigmas_for,
 };
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden.safetensors");
@@ -218,8 +218,17 @@ fn sampler_functions_take_closures() {
 
     let mut rng = Philox::new(3);
     let noise = rng.randn(16);
-    let via_sample =
-        sample(&Sampler::parse("euler_a").unwrap(), 5, &schedule, &mut eps_model, noise, Start::Noise, None, &mut rng, &mut NoProgress);
+    let via_sample = sample(
+        &Sampler::parse("euler_a").unwrap(),
+        5,
+        &schedule,
+        &mut eps_model,
+        noise,
+        Start::Noise,
+        None,
+        &mut rng,
+        &mut NoProgress,
+    );
     assert_eq!(direct, via_sample);
     assert!(SamplerKind::Ddim.k_sampler().is_none());
 }
@@ -340,7 +349,17 @@ fn a_model_struct_plugs_into_sample() {
         let mut model = Model { calls: 0 };
         let mut rng = Philox::new(1);
         let noise = rng.randn(N);
-        let out = sample(&Sampler::parse(name).unwrap(), 6, &schedule, &mut model, noise, Start::Noise, None, &mut rng, progress);
+        let out = sample(
+            &Sampler::parse(name).unwrap(),
+            6,
+            &schedule,
+            &mut model,
+            noise,
+            Start::Noise,
+            None,
+            &mut rng,
+            progress,
+        );
         assert_eq!(out.len(), N);
         assert!(out.iter().all(|v| v.is_finite()), "{name}");
         assert_eq!(model.calls, evals, "{name}: model calls");

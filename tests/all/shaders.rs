@@ -3,8 +3,8 @@
 
 use std::process::Command;
 
-use burn::nn::GroupNorm;
 use burn::module::Param;
+use burn::nn::GroupNorm;
 use sdw::model::layers::{to_device, to_host};
 use sdw::shaders::{self, SHADERS, group_norm};
 

@@ -105,7 +105,9 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         };
         let l = losses(&unet, &batch, &alphas_cumprod(), 1.0);
         let g = factor_grads(&named(unet.attentions(), UNET_PREFIX), &l.total.backward());
-        g.into_iter().map(|(k, t)| (k, sdw::model::layers::to_host(t).data)).collect::<std::collections::HashMap<_, _>>()
+        g.into_iter()
+            .map(|(k, t)| (k, sdw::model::layers::to_host(t).data))
+            .collect::<std::collections::HashMap<_, _>>()
     };
     let (a, b) = (grads(false), grads(true));
     for (k, v) in &a {

@@ -92,7 +92,8 @@ const LR: f64 = 5e-3;
 fn instance_loss_falls() {
     let dir = tmp("loss");
     instance_photos(&dir.join("photos"));
-    let args = train_args(&dir, &["--output", dir.join("me.safetensors").to_str().unwrap(), "--max-train-steps", "100"]);
+    let args =
+        train_args(&dir, &["--output", dir.join("me.safetensors").to_str().unwrap(), "--max-train-steps", "100"]);
     let mut opts = TrainOptions::try_parse_from_args(&args).unwrap();
     opts.learning_rate = LR;
     let mut sd = StableDiffusion::load(&opts.model, device::cpu()).unwrap();
@@ -131,7 +132,8 @@ fn killed_run_resumes_bit_exactly_and_the_lora_changes_images() {
     let part = dir.join("part.safetensors");
     let mut args = train_args(&dir, &steps);
     args.extend(["--output".into(), part.to_str().unwrap().into()]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sdw")).args(&args).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child =
+        Command::new(env!("CARGO_BIN_EXE_sdw")).args(&args).stderr(std::process::Stdio::null()).spawn().unwrap();
     let run = dir.join("part-training");
     let ck20 = run.join("checkpoints/checkpoint-000020.safetensors");
     while !ck20.exists() {
@@ -159,10 +161,30 @@ fn killed_run_resumes_bit_exactly_and_the_lora_changes_images() {
     // The trained LoRA through a prompt tag changes the image; the base model's does not.
     let generate = |prompt: &str, name: &str| {
         let path = dir.join(name);
-        let args: Vec<String> = ["txt2img", "--model", fixture("tiny-sd-fp16.safetensors").to_str().unwrap(), "-p", prompt,
-            "--lora-dir", dir.to_str().unwrap(), "--seed", "3", "--steps", "4", "--width", "64", "--height", "64",
-            "--device", "cpu", "--output", path.to_str().unwrap()]
-        .iter().map(|s| s.to_string()).collect();
+        let args: Vec<String> = [
+            "txt2img",
+            "--model",
+            fixture("tiny-sd-fp16.safetensors").to_str().unwrap(),
+            "-p",
+            prompt,
+            "--lora-dir",
+            dir.to_str().unwrap(),
+            "--seed",
+            "3",
+            "--steps",
+            "4",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--device",
+            "cpu",
+            "--output",
+            path.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert!(sdw(&args).status.success());
         image::open(&path).unwrap().to_rgb8().into_raw()
     };
@@ -208,7 +230,11 @@ fn text_encoder_adapters_are_trained_and_saved() {
     assert_eq!(te_up.len(), 4 * layers, "q/k/v/out of every CLIP layer");
     assert!(te_up.iter().all(|(_, v)| v.data.iter().any(|x| *x != 0.0)), "up factors start at 0 and must have moved");
     let lora = sdw::lora::Lora::open(&out).unwrap();
-    let sd = StableDiffusion::load_with_loras(&fixture("tiny-sd-fp16.safetensors"), device::cpu(), &[(lora, sdw::lora::Strength::both(1.0))]);
+    let sd = StableDiffusion::load_with_loras(
+        &fixture("tiny-sd-fp16.safetensors"),
+        device::cpu(),
+        &[(lora, sdw::lora::Strength::both(1.0))],
+    );
     assert!(sd.is_ok(), "the trained file loads for generation");
 }
 
@@ -220,7 +246,8 @@ fn ctrl_c_saves_a_checkpoint() {
     instance_photos(&dir.join("photos"));
     let mut args = train_args(&dir, &["--max-train-steps", "100000", "--checkpoint-every", "0"]);
     args.extend(["--output".into(), dir.join("c.safetensors").to_str().unwrap().into()]);
-    let child = Command::new(env!("CARGO_BIN_EXE_sdw")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child =
+        Command::new(env!("CARGO_BIN_EXE_sdw")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let csv = dir.join("c-training/loss.csv");
     while std::fs::read_to_string(&csv).map_or(0, |t| t.lines().count()) < 5 {
         std::thread::sleep(std::time::Duration::from_millis(20));
