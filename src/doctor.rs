@@ -59,6 +59,9 @@ impl CheckResult {
     }
 }
 
+/// A GroupNorm(+SiLU) implementation: burn's ops or sdw's shader.
+type GroupNormFn = fn(&GroupNorm, Tensor<4>, bool) -> Tensor<4>;
+
 /// What a check computes, on whichever device it is given.
 type Op = Box<dyn Fn(&Device) -> HostTensor>;
 
@@ -99,26 +102,17 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
             }),
         );
     }
-    add(
-        format!("group norm 32 groups [2,320,{s},{s}] (burn ops)"),
-        Box::new(move |d| {
-            to_host(group_norm::reference(
-                &norm(320, 20, d),
-                input([2, 320, s, s], 21, d).mul_scalar(3.0).add_scalar(1.0),
-                false,
-            ))
-        }),
-    );
-    add(
-        format!("group norm [2,320,{s},{s}] (sdw shader)"),
-        Box::new(move |d| {
-            to_host(group_norm::forward(
-                &norm(320, 20, d),
-                input([2, 320, s, s], 21, d).mul_scalar(3.0).add_scalar(1.0),
-                false,
-            ))
-        }),
-    );
+    // burn's ops and sdw's shader on the same input: the shader must agree with both.
+    let group_norms: [(&str, GroupNormFn); 2] =
+        [("burn ops", group_norm::reference), ("sdw shader", group_norm::forward)];
+    for (label, f) in group_norms {
+        add(
+            format!("group norm 32 groups [2,320,{s},{s}] ({label})"),
+            Box::new(move |d| {
+                to_host(f(&norm(320, 20, d), input([2, 320, s, s], 21, d).mul_scalar(3.0).add_scalar(1.0), false))
+            }),
+        );
+    }
     add(
         format!("group norm + SiLU [2,640,{half},{half}] (sdw shader)"),
         Box::new(move |d| to_host(group_norm::forward(&norm(640, 22, d), input([2, 640, half, half], 23, d), true))),

@@ -117,6 +117,12 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     sha256_hex(File::open(path)?)
 }
 
+/// FNV-1a: a stable 64-bit hash of a name or text (std's hasher may change between
+/// releases), for seeds and cache keys, not for security.
+pub fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// Hex SHA-256 of everything `reader` yields.
 pub fn sha256_hex(mut reader: impl Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();

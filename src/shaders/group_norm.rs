@@ -130,7 +130,7 @@ impl KernelSource for GroupNormKernel {
 
     fn id(&self) -> KernelId {
         // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
-        let text_hash = super::fnv1a(&self.template);
+        let text_hash = crate::output::fnv1a(&self.template);
         KernelId::new::<Self>().info((format!("{:?}", self.dtype), WORKGROUP, text_hash))
     }
 

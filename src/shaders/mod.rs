@@ -82,11 +82,6 @@ pub fn check(shader: &Shader, template: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// FNV-1a of a shader's text (kernel ids must change when a user edits one).
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
-}
-
 /// `sdw shaders dump DIR`: writes every built-in shader into `dir` (files already there
 /// are kept: they may be the user's edits). Returns (written, kept).
 pub fn dump(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {

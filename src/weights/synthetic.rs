@@ -259,7 +259,7 @@ impl SyntheticWeights {
     pub fn tensor(&self, key: &str) -> Option<HostTensor> {
         let shape = self.shapes.get(key)?.clone();
         let len: usize = shape.iter().product();
-        let mut rng = StdRng::seed_from_u64(self.seed ^ fnv1a(key));
+        let mut rng = StdRng::seed_from_u64(self.seed ^ crate::output::fnv1a(key));
         let normal = Normal::new(0f32, 1.0).expect("unit normal");
         let mut draw = |scale: f32, offset: f32| -> Vec<f32> {
             (0..len).map(|_| offset + scale * normal.sample(&mut rng)).collect()
@@ -282,9 +282,4 @@ fn is_norm_scale(key: &str) -> bool {
     let Some(stem) = key.strip_suffix(".weight") else { return false };
     let last = stem.rsplit('.').next().unwrap_or("");
     last.starts_with("norm") || last.ends_with("_norm") || last.starts_with("layer_norm") || last.ends_with("norm_out")
-}
-
-/// FNV-1a: a stable hash of a tensor's name (std's hasher may change between releases).
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
