@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::device::Compute;
 use crate::model::layers::{to_device, to_host};
 use crate::pipeline::{GenerationParams, PipelineError, StableDiffusion};
-use crate::sampling::{NoProgress, Sampler};
+use crate::sampling::NoProgress;
 use crate::train::adapters::{UNET_PREFIX, attach_new, named};
 use crate::train::step::{Batch, factor_grads, losses};
 use crate::weights::HostTensor;
@@ -104,7 +104,6 @@ pub fn run(
     );
     let p = GenerationParams {
         prompt: "a photo of a cat".into(),
-        sampler: Sampler::parse("euler_a").expect("a known sampler"),
         steps: s.steps,
         width: s.size,
         height: s.size,

@@ -5,8 +5,6 @@ use std::sync::OnceLock;
 
 use burn::tensor::Device;
 
-use crate::model::attention;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
     /// The best GPU through wgpu, else the CPU.
@@ -61,8 +59,6 @@ fn wgpu_state() -> &'static Result<WgpuState, String> {
         }
         let limits = setup.device.limits();
         let binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) as usize;
-        // Score chunks at half the binding limit leave room for the other operands.
-        attention::set_score_budget((binding / 2).min(256 << 20));
         Ok(WgpuState {
             device,
             info: setup.adapter.get_info(),
@@ -151,18 +147,6 @@ pub fn select(choice: DeviceChoice) -> Result<Compute, DeviceError> {
             }
         }),
     }
-}
-
-static OOM_REMEDY: std::sync::Mutex<&'static str> =
-    std::sync::Mutex::new("Try a smaller --width/--height, or --device cpu.");
-
-/// What to suggest when the GPU runs out of memory (the command knows best).
-pub fn set_oom_remedy(remedy: &'static str) {
-    *OOM_REMEDY.lock().unwrap_or_else(|e| e.into_inner()) = remedy;
-}
-
-pub fn oom_remedy() -> &'static str {
-    *OOM_REMEDY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The process's peak resident memory (Linux `VmHWM`); `None` elsewhere.

@@ -9,7 +9,6 @@ pub mod cli;
 pub mod device;
 pub mod doctor;
 pub mod embeddings;
-pub mod infotext;
 pub mod lora;
 pub mod model;
 pub mod output;

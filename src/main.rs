@@ -6,7 +6,7 @@ fn main() -> ExitCode {
         let lower = msg.to_lowercase();
         // burn/cubecl report device allocation failures by panicking; say what it means.
         if lower.contains("out of memory") || lower.contains("outofmemory") || lower.contains("allocation") {
-            eprintln!("error: the GPU ran out of memory ({msg}).\n{}", sdw::device::oom_remedy());
+            eprintln!("error: the GPU ran out of memory ({msg}).\n{}", sdw::cli::oom_remedy());
         } else {
             eprintln!("error: sdw crashed: {msg}\nThis is a bug; please report it with the command you ran.");
         }

@@ -32,7 +32,12 @@ pub fn to_rgb8(chw: &[f32], height: usize, width: usize) -> RgbImage {
 /// Writes a PNG with an A1111 `parameters` chunk to `path`, failing if it exists.
 pub fn write_png(path: &Path, img: &RgbImage, parameters: &str) -> std::io::Result<()> {
     let file = OpenOptions::new().write(true).create_new(true).open(path)?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), img.width as u32, img.height as u32);
+    encode_png(BufWriter::new(file), img, parameters)
+}
+
+/// `img` as PNG with the infotext in its `parameters` chunk, as A1111 writes it.
+pub fn encode_png(out: impl Write, img: &RgbImage, parameters: &str) -> std::io::Result<()> {
+    let mut enc = png::Encoder::new(out, img.width as u32, img.height as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     // PIL (and so A1111) writes tEXt when the text is Latin-1, iTXt otherwise.
@@ -48,8 +53,12 @@ pub fn write_png(path: &Path, img: &RgbImage, parameters: &str) -> std::io::Resu
 
 /// Reads the `parameters` text of a PNG (sdw's or A1111's), if any.
 pub fn read_parameters(path: &Path) -> std::io::Result<Option<String>> {
-    let dec = png::Decoder::new(std::io::BufReader::new(File::open(path)?));
-    let reader = dec.read_info().map_err(std::io::Error::other)?;
+    parameters_of(std::io::BufReader::new(File::open(path)?))
+}
+
+/// The `parameters` text of PNG data, if any.
+pub fn parameters_of(png_data: impl std::io::BufRead + std::io::Seek) -> std::io::Result<Option<String>> {
+    let reader = png::Decoder::new(png_data).read_info().map_err(std::io::Error::other)?;
     let info = reader.info();
     if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
         return Ok(Some(t.text.clone()));

@@ -10,12 +10,11 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::device::{self, DeviceChoice};
-use crate::infotext::Infotext;
 use crate::lora::{self, Lora, Strength};
 use crate::output;
 use crate::pipeline::{
-    Generated, GenerationParams, HiresFix, InitImage, InpaintingFill, Mask, ResizeMode, StableDiffusion, Variation,
-    image_input,
+    Generated, GenerationParams, HiresFix, Infotext, InitImage, InpaintingFill, Mask, ResizeMode, StableDiffusion,
+    Variation, image_input,
 };
 use crate::sampling::{Sampler, ScheduleKind};
 
@@ -210,7 +209,7 @@ pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
         return run_batches(
             &a.common,
             params,
-            |p, bar| Ok(sd.inpaint_full_res(p, &init, &mask, strength, pad, bar)?),
+            |p, bar| checked(sd.inpaint_full_res(p, &init, &mask, strength, pad, bar)?),
             outdir,
         );
     }
@@ -290,115 +289,89 @@ fn read_infotext(path: &Path) -> anyhow::Result<Infotext> {
     Ok(Infotext::parse(&text))
 }
 
-/// The command line, then the PNG's parameters, then A1111's defaults.
+/// The command line, then the PNG's parameters, then A1111's defaults (`size` is the
+/// default size, e.g. the init image's).
 fn build_params(
     a: &GenerateArgs,
     png: Option<&Infotext>,
-    default_size: Option<(usize, usize)>,
+    size: Option<(usize, usize)>,
     first_prompt: Option<&str>,
 ) -> anyhow::Result<GenerationParams> {
-    let num = |key: &str| -> anyhow::Result<Option<f64>> {
-        png.map(|p| p.get_parsed::<f64>(key)).transpose().map_err(anyhow::Error::msg).map(Option::flatten)
-    };
-    let prompt = match (&a.prompt, png, first_prompt) {
-        (Some(p), _, _) => p.clone(),
-        (None, Some(p), _) => p.prompt.clone(),
-        (None, None, Some(p)) => p.to_owned(),
+    let mut p = GenerationParams::default();
+    if let Some((width, height)) = size {
+        (p.width, p.height) = (width, height);
+    }
+    if let Some(png) = png {
+        p = png.to_params(p).map_err(anyhow::Error::msg)?;
+    }
+    p.prompt = match (&a.prompt, png, first_prompt) {
+        (Some(prompt), _, _) => prompt.clone(),
+        (None, Some(_), _) => p.prompt,
+        (None, None, Some(prompt)) => prompt.to_owned(),
         (None, None, None) => bail!("--prompt is required (or --from-png IMAGE, or --prompts-file FILE)"),
     };
-    let negative_prompt =
-        a.negative_prompt.clone().or_else(|| png.map(|p| p.negative_prompt.clone())).unwrap_or_default();
-    let sampler = sampler(a, png)?;
-    let png_size = png.map(|p| p.size()).transpose().map_err(anyhow::Error::msg)?.flatten();
-    let (dw, dh) = png_size.or(default_size).unwrap_or((512, 512));
-    let seed = match a.seed {
-        Some(s) => resolve_seed(s)?,
-        None => match num("Seed")? {
-            Some(s) => s as u64,
-            None => resolve_seed(-1)?,
-        },
-    };
-    let variation = variation(a, png)?;
-    let hires = hires(a, png)?;
-    let params = GenerationParams {
-        prompt,
-        negative_prompt,
-        sampler,
-        steps: a.steps.or(num("Steps")?.map(|v| v as usize)).unwrap_or(20),
-        cfg_scale: a.cfg_scale.or(num("CFG scale")?.map(|v| v as f32)).unwrap_or(7.0),
-        seed,
-        width: a.width.unwrap_or(dw),
-        height: a.height.unwrap_or(dh),
-        clip_skip: a.clip_skip.or(num("Clip skip")?.map(|v| v as usize)).unwrap_or(1),
-        batch_size: a.batch_size.unwrap_or(1),
-        variation,
-        hires,
-        lora_hashes: Vec::new(),
-    };
-    params.validate()?;
-    if a.batch_count == 0 {
-        bail!("--batch-count must be at least 1");
+    if let Some(n) = &a.negative_prompt {
+        p.negative_prompt = n.clone();
     }
-    Ok(params)
-}
-
-fn sampler(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Sampler> {
-    let name =
-        a.sampler.clone().or_else(|| png.and_then(|p| p.get("Sampler")).map(str::to_owned)).unwrap_or("euler_a".into());
-    let mut s = Sampler::parse(&name).map_err(anyhow::Error::msg)?;
-    let png_schedule = png.and_then(|p| p.get("Schedule type"));
-    if let Some(sch) = a.schedule {
-        s.schedule = match sch {
+    if let Some(name) = &a.sampler {
+        p.sampler = Sampler::parse(name).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(schedule) = a.schedule {
+        p.sampler.schedule = match schedule {
             ScheduleArg::Normal => ScheduleKind::Normal,
             ScheduleArg::Karras => ScheduleKind::Karras,
             ScheduleArg::Exponential => ScheduleKind::Exponential,
         };
-    } else if let Some(label) = png_schedule.filter(|_| a.sampler.is_none()) {
-        s.schedule = match label.to_lowercase().as_str() {
-            "karras" => ScheduleKind::Karras,
-            "exponential" => ScheduleKind::Exponential,
-            "uniform" | "normal" => ScheduleKind::Normal,
-            "automatic" => s.kind.automatic_schedule(),
-            other => bail!("Schedule type \"{other}\" in the image is not one sdw has (uniform, karras, exponential)"),
-        };
-    } else if png.is_some() && a.sampler.is_none() && png_schedule.is_none() {
-        // A1111 1.9+ leaves "Automatic" out of the infotext.
-        s.schedule = s.kind.automatic_schedule();
     }
-    Ok(s)
-}
-
-fn variation(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Option<Variation>> {
-    let parse =
-        |k: &str| png.map(|p| p.get_parsed::<f64>(k)).transpose().map_err(anyhow::Error::msg).map(Option::flatten);
-    let strength = a.subseed_strength.or(parse("Variation seed strength")?.map(|v| v as f32)).unwrap_or(0.0);
-    if strength == 0.0 {
-        return Ok(None);
+    if a.seed.is_some() || png.and_then(|png| png.get("Seed")).is_none() {
+        p.seed = resolve_seed(a.seed.unwrap_or(-1))?;
     }
-    let subseed = match a.subseed {
-        Some(s) => resolve_seed(s)?,
-        None => match parse("Variation seed")? {
-            Some(s) => s as u64,
-            None => resolve_seed(-1)?,
-        },
-    };
-    Ok(Some(Variation { subseed, strength }))
-}
-
-fn hires(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Option<HiresFix>> {
-    let parse =
-        |k: &str| png.map(|p| p.get_parsed::<f64>(k)).transpose().map_err(anyhow::Error::msg).map(Option::flatten);
-    let Some(scale) = a.hr_scale.or(parse("Hires upscale")?.map(|v| v as f32)) else { return Ok(None) };
-    if let Some(up) = png.and_then(|p| p.get("Hires upscaler")).filter(|_| a.hr_scale.is_none())
+    p.steps = a.steps.unwrap_or(p.steps);
+    p.cfg_scale = a.cfg_scale.unwrap_or(p.cfg_scale);
+    p.width = a.width.unwrap_or(p.width);
+    p.height = a.height.unwrap_or(p.height);
+    p.clip_skip = a.clip_skip.unwrap_or(p.clip_skip);
+    p.batch_size = a.batch_size.unwrap_or(p.batch_size);
+    p.variation = variation(a, p.variation)?;
+    p.hires = hires(a, p.hires);
+    if let Some(up) = png.and_then(|png| png.get("Hires upscaler"))
+        && p.hires.is_some()
+        && a.hr_scale.is_none()
         && !up.starts_with("Latent")
     {
         eprintln!("note: the image used the \"{up}\" hires upscaler; sdw upscales latents (\"Latent\")");
     }
-    Ok(Some(HiresFix {
-        scale,
-        steps: a.hr_steps.or(parse("Hires steps")?.map(|v| v as usize)).unwrap_or(0),
-        denoising_strength: a.hr_denoising_strength.or(parse("Denoising strength")?.map(|v| v as f32)).unwrap_or(0.7),
-    }))
+    p.validate()?;
+    if a.batch_count == 0 {
+        bail!("--batch-count must be at least 1");
+    }
+    Ok(p)
+}
+
+/// `--subseed` / `--subseed-strength` over the image's variation.
+fn variation(a: &GenerateArgs, png: Option<Variation>) -> anyhow::Result<Option<Variation>> {
+    let strength = a.subseed_strength.or(png.map(|v| v.strength)).unwrap_or(0.0);
+    if strength == 0.0 {
+        return Ok(None);
+    }
+    let subseed = match (a.subseed, png) {
+        (Some(s), _) => resolve_seed(s)?,
+        (None, Some(v)) => v.subseed,
+        (None, None) => resolve_seed(-1)?,
+    };
+    Ok(Some(Variation { subseed, strength }))
+}
+
+/// `--hr-*` over the image's hires fix; `--hr-scale` turns it on.
+fn hires(a: &GenerateArgs, png: Option<HiresFix>) -> Option<HiresFix> {
+    let mut hr = match (a.hr_scale, png) {
+        (Some(scale), Some(hr)) => HiresFix { scale, ..hr },
+        (Some(scale), None) => HiresFix::with_scale(scale),
+        (None, hr) => hr?,
+    };
+    hr.steps = a.hr_steps.unwrap_or(hr.steps);
+    hr.denoising_strength = a.hr_denoising_strength.unwrap_or(hr.denoising_strength);
+    Some(hr)
 }
 
 /// Loads the checkpoint with the LoRAs, the VAE override and the embeddings.

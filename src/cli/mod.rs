@@ -90,11 +90,25 @@ pub fn run() -> anyhow::Result<()> {
         Command::Embeddings { embeddings_dir } => list_embeddings(&embeddings_dir),
         Command::PngInfo { image } => png_info(&image),
         Command::Train(opts) => {
+            set_oom_remedy("Try --resolution 384, --batch-size 1, or --device cpu.");
             let path = crate::train::train(*opts)?;
             println!("{}", path.display());
             Ok(())
         }
     }
+}
+
+static OOM_REMEDY: std::sync::Mutex<&'static str> =
+    std::sync::Mutex::new("Try a smaller --width/--height, or --device cpu.");
+
+/// What to suggest when the GPU runs out of memory (the command knows best).
+fn set_oom_remedy(remedy: &'static str) {
+    *OOM_REMEDY.lock().unwrap_or_else(|e| e.into_inner()) = remedy;
+}
+
+/// The remedy the running command suggests for a GPU out-of-memory panic.
+pub fn oom_remedy() -> &'static str {
+    *OOM_REMEDY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn dump_shaders(dir: &Path) -> anyhow::Result<()> {

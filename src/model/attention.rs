@@ -25,6 +25,15 @@ pub fn set_score_budget(bytes: usize) {
     SCORE_BUDGET.store(bytes.max(1 << 20), Ordering::Relaxed);
 }
 
+/// Sets the score budget for a device whose largest binding is `max_binding` bytes: half
+/// of it (leaving room for the other operands), at most 256 MiB; unbounded devices (the
+/// CPU) keep the default.
+pub fn fit_score_budget(max_binding: Option<usize>) {
+    if let Some(binding) = max_binding {
+        set_score_budget((binding / 2).min(256 << 20));
+    }
+}
+
 pub fn score_budget() -> usize {
     SCORE_BUDGET.load(Ordering::Relaxed)
 }

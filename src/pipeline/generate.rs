@@ -6,46 +6,14 @@ use std::collections::HashMap;
 
 use burn::tensor::Tensor;
 
-use crate::output::fmt_num;
 use crate::sampling::schedule::Schedule;
 use crate::sampling::{self, Progress, Start};
-use crate::weights::HostTensor;
 
 use super::denoiser::{CfgDenoiser, CondSchedule};
+use super::infotext::{Infotext, ModelFields};
 use super::noise::ImageRng;
 use super::params::GenerationParams;
 use super::{PipelineError, StableDiffusion};
-
-pub struct Generated {
-    /// Final latents `[B, 4, h, w]` (scaled, as the sampler sees them).
-    pub latents: HostTensor,
-    /// Decoded pixels `[B, 3, H, W]` in about [-1, 1].
-    pub image: HostTensor,
-    /// One A1111 infotext per image (each with its own seed).
-    pub infotexts: Vec<String>,
-    /// Inpainting: the original pixels to paste back outside the mask.
-    pub overlay: Option<super::img2img::Overlay>,
-}
-
-impl Generated {
-    pub fn len(&self) -> usize {
-        self.image.shape[0]
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Image `i` as 8-bit RGB (A1111's truncation), with the inpainting overlay applied.
-    pub fn rgb8(&self, i: usize) -> crate::output::RgbImage {
-        let [_, _, h, w] = self.image.shape[..] else { panic!("images are [B, 3, H, W]") };
-        let mut img = crate::output::to_rgb8(&self.image.data[i * 3 * h * w..(i + 1) * 3 * h * w], h, w);
-        if let Some(o) = &self.overlay {
-            o.apply(&mut img);
-        }
-        img
-    }
-}
 
 /// One sampling pass over a batch.
 pub(super) struct Pass<'a> {
@@ -160,76 +128,20 @@ impl StableDiffusion {
     }
 
     /// The infotext of each image of the batch (its own seed and variation seed); `extra`
-    /// fields go after the model. The shared fields (model hash, TI hashes) are made once.
-    pub(super) fn infotexts(&self, p: &GenerationParams, extra: &[(&str, String)]) -> Vec<String> {
-        let mut fields = self.infotext_fields(p, extra);
-        let subseeds = p.subseeds();
-        let set = |fields: &mut Vec<(&str, String)>, key: &str, value: String| {
-            if let Some(f) = fields.iter_mut().find(|(k, _)| *k == key) {
-                f.1 = value;
-            }
-        };
-        let mut texts = Vec::with_capacity(p.batch_size);
-        for (i, seed) in p.seeds().into_iter().enumerate() {
-            set(&mut fields, "Seed", seed.to_string());
-            if let Some((subs, _)) = &subseeds {
-                set(&mut fields, "Variation seed", subs[i].to_string());
-            }
-            texts.push(render_infotext(p, &fields));
-        }
-        texts
+    /// fields go after the model.
+    pub fn infotexts(&self, p: &GenerationParams, extra: &[(&str, String)]) -> Vec<String> {
+        let model = self.model_fields(p);
+        (0..p.batch_size).map(|i| Infotext::of_generation(p, i, &model, extra).to_string()).collect()
     }
 
-    /// The A1111 "parameters" text for a generation (its first image).
-    pub fn infotext(&self, p: &GenerationParams) -> String {
-        render_infotext(p, &self.infotext_fields(p, &[]))
-    }
-
-    /// A1111's infotext fields, in its order, for the batch's first image.
-    fn infotext_fields<'k>(&self, p: &GenerationParams, extra: &[(&'k str, String)]) -> Vec<(&'k str, String)> {
-        use crate::infotext::quote;
-        let mut fields = vec![("Steps", p.steps.to_string()), ("Sampler", p.sampler.a1111_name().to_string())];
-        if let Some(s) = p.sampler.schedule_label() {
-            fields.push(("Schedule type", s.to_string()));
+    /// The infotext fields that describe the model (and the embeddings `p` uses).
+    fn model_fields(&self, p: &GenerationParams) -> ModelFields {
+        ModelFields {
+            name: self.model_name(),
+            hash: crate::output::model_hash(&self.hash_source()).ok().map(|h| h[..10].to_string()),
+            vae: self.vae_name.clone(),
+            ti_hashes: self.ti_hashes(p),
         }
-        fields.push(("CFG scale", fmt_num(p.cfg_scale)));
-        fields.push(("Seed", p.seed.to_string()));
-        fields.push(("Size", format!("{}x{}", p.width, p.height)));
-        if let Ok(hash) = crate::output::model_hash(&self.hash_source()) {
-            fields.push(("Model hash", hash[..10].to_string()));
-        }
-        fields.push(("Model", quote(&self.model_name())));
-        if let Some(vae) = &self.vae_name {
-            fields.push(("VAE", quote(vae)));
-        }
-        if let Some(v) = p.variation {
-            fields.push(("Variation seed", v.subseed.to_string()));
-            fields.push(("Variation seed strength", fmt_num(v.strength)));
-        }
-        fields.extend(extra.iter().cloned());
-        if let Some(hr) = p.hires {
-            fields.push(("Denoising strength", fmt_num(hr.denoising_strength)));
-            fields.push(("Hires upscale", fmt_num(hr.scale)));
-            if hr.steps > 0 {
-                fields.push(("Hires steps", hr.steps.to_string()));
-            }
-            fields.push(("Hires upscaler", "Latent".into()));
-        }
-        if p.clip_skip > 1 {
-            fields.push(("Clip skip", p.clip_skip.to_string()));
-        }
-        if !p.lora_hashes.is_empty() {
-            let list =
-                p.lora_hashes.iter().map(|(n, h)| format!("{}: {h}", n.replace([':', ','], ""))).collect::<Vec<_>>();
-            fields.push(("Lora hashes", quote(&list.join(", "))));
-        }
-        if let Some(ti) = self.ti_hashes(p) {
-            fields.push(("TI hashes", quote(&ti)));
-        }
-        // Our noise is torch's CUDA Philox stream: A1111 reproduces it with its "NV" source.
-        fields.push(("RNG", "NV".into()));
-        fields.push(("Version", format!("sdw {}", env!("CARGO_PKG_VERSION"))));
-        fields
     }
 
     /// A1111's `TI hashes` list, `name: shorthash, ...`, for the embeddings the prompt and
@@ -251,18 +163,6 @@ impl StableDiffusion {
             .collect();
         (!list.is_empty()).then(|| list.join(", "))
     }
-}
-
-/// Prompt, negative prompt and the `Key: value, ...` line, as A1111 writes them.
-fn render_infotext(p: &GenerationParams, fields: &[(&str, String)]) -> String {
-    let params = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ");
-    let mut text = p.prompt.clone();
-    if !p.negative_prompt.is_empty() {
-        text.push_str(&format!("\nNegative prompt: {}", p.negative_prompt));
-    }
-    text.push('\n');
-    text.push_str(&params);
-    text
 }
 
 /// The prompt without its `<lora:...>` tags (the LoRAs were merged at load time).

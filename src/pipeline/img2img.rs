@@ -10,7 +10,8 @@ use crate::output::fmt_num;
 use crate::sampling::{Progress, Start};
 use crate::weights::HostTensor;
 
-use super::generate::{Generated, Pass};
+use super::generate::Pass;
+use super::generated::{Composite, Generated};
 use super::image_input;
 use super::params::{GenerationParams, check_strength};
 use super::{PipelineError, StableDiffusion};
@@ -126,7 +127,10 @@ impl StableDiffusion {
         let latents = self.run_pass(p, &conds, pass, noise, &mut rng, progress);
         let latents = HostTensor::new(shape.to_vec(), latents);
         let image = self.decode(&latents)?;
-        let overlay = blurred.map(|mask| Overlay { original: init.image.clone(), mask });
+        let composite = match blurred {
+            Some(mask) => Composite::Overlay { original: init.image.clone(), mask },
+            None => Composite::None,
+        };
         let mut extra = vec![("Denoising strength", fmt_num(init.denoising_strength))];
         if let Some(m) = &init.mask {
             extra.push(("Mask blur", fmt_num(only_masked.map_or(m.blur, |o| o.blur))));
@@ -136,7 +140,7 @@ impl StableDiffusion {
             }
             extra.push(("Masked content", m.fill.a1111_code().to_string()));
         }
-        Ok(Generated { latents, image, infotexts: self.infotexts(p, &extra), overlay })
+        Ok(Generated { latents, image, infotexts: self.infotexts(p, &extra), composite })
     }
 
     /// Does the UNet take the 5 extra channels of an inpainting model?
@@ -189,29 +193,6 @@ fn latent_keep_mask(mask: &GrayImage, h: usize, w: usize) -> Vec<f32> {
     small.pixels().map(|p| 1.0 - (p[0] as f32 / 255.0).round()).collect()
 }
 
-/// The init image pasted over the result outside the mask (A1111's overlay): its alpha
-/// is the inverted blurred mask, so where the mask is 0 the original pixels come back
-/// exactly.
-#[derive(Clone, Debug)]
-pub struct Overlay {
-    pub original: RgbImage,
-    pub mask: GrayImage,
-}
-
-impl Overlay {
-    pub fn apply(&self, img: &mut crate::output::RgbImage) {
-        for (i, m) in self.mask.pixels().enumerate() {
-            let a = m[0] as u32;
-            let orig = self.original.as_raw();
-            for c in 0..3 {
-                let k = 3 * i + c;
-                let (o, g) = (orig[k] as u32, img.pixels[k] as u32);
-                img.pixels[k] = ((o * (255 - a) + g * a + 127) / 255) as u8;
-            }
-        }
-    }
-}
-
 /// `--inpaint-full-res` (A1111's "Inpaint area: Only masked"): the masked region plus
 /// `padding`, grown to the generation's aspect ratio, is generated at the full
 /// `--width` x `--height`, scaled back and pasted into the original image.
@@ -224,7 +205,7 @@ impl StableDiffusion {
         denoising_strength: f32,
         padding: u32,
         progress: &mut dyn Progress,
-    ) -> Result<(Vec<crate::output::RgbImage>, Vec<String>), PipelineError> {
+    ) -> Result<Generated, PipelineError> {
         if mask.mask.dimensions() != image.dimensions() {
             return Err(PipelineError::Invalid(format!(
                 "the mask is {}x{}, the image {}x{}: they must be the same size",
@@ -250,24 +231,8 @@ impl StableDiffusion {
             mask: Some(Mask { mask: crop_mask, blur: 0.0, fill: mask.fill }),
         };
         let out = self.img2img_pass(p, &init, Some(OnlyMasked { blur: mask.blur, padding }), progress)?;
-        let overlay = Overlay { original: image.clone(), mask: blurred };
-        let mut images = Vec::new();
-        for i in 0..out.len() {
-            let [_, _, gh, gw] = out.image.shape[..] else { unreachable!() };
-            let generated = crate::output::to_rgb8(&out.image.data[i * 3 * gh * gw..(i + 1) * 3 * gh * gw], gh, gw);
-            let generated = RgbImage::from_raw(gw as u32, gh as u32, generated.pixels).expect("size");
-            let patch = image_input::resize(&generated, image_input::ResizeMode::CropAndResize, cw, ch);
-            let mut full = image.clone();
-            image::imageops::replace(&mut full, &patch, x1 as i64, y1 as i64);
-            let mut img = crate::output::RgbImage {
-                width: image.width() as usize,
-                height: image.height() as usize,
-                pixels: full.into_raw(),
-            };
-            overlay.apply(&mut img);
-            images.push(img);
-        }
-        Ok((images, out.infotexts))
+        let composite = Composite::PasteInto { original: image.clone(), mask: blurred, region: (x1, y1, cw, ch) };
+        Ok(Generated { composite, ..out })
     }
 }
 

@@ -1,217 +1,35 @@
 //! Loading a checkpoint and turning prompts into images.
+//!
+//! - [`StableDiffusion`] (`stable_diffusion.rs`): the loaded model; [`loras`] patches its
+//!   weights, `conditioning` turns prompts into CLIP states.
+//! - [`GenerationParams`] (`params.rs`): what a generation is asked to do; [`infotext`]
+//!   writes it as A1111's PNG text and reads it back.
+//! - The generations, each returning [`Generated`]: `txt2img.rs` (with hires fix),
+//!   `img2img.rs` (with inpainting and "only masked"), over the shared core in
+//!   `generate.rs` (conditioning schedules, noise, one sampling pass) and `denoiser.rs`
+//!   (the CFG UNet as the samplers see it).
+//! - [`image_input`]: user images and masks in (resize modes, blur); [`noise`]: seeds.
 
 pub mod conditioning;
 pub mod denoiser;
-pub mod generate;
+mod error;
+mod generate;
+mod generated;
 pub mod image_input;
 pub mod img2img;
+pub mod infotext;
 pub mod loras;
 pub mod noise;
 pub mod params;
+mod stable_diffusion;
 pub mod txt2img;
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
-use burn::module::Module;
-use burn::tensor::Tensor;
-
-use crate::device::Compute;
-use crate::embeddings::{Embedding, EmbeddingDb, EmbeddingError};
-use crate::lora::{Lora, LoraError, Strength};
-use crate::model::clip::ClipTextModel;
-use crate::model::layers::{Loader, to_device, to_host};
-use crate::model::unet::Unet;
-use crate::model::vae::{SCALING_FACTOR, Vae};
-use crate::text::ClipTokenizer;
-use crate::weights::{Checkpoint, Component, HostTensor, WeightsError};
-
-pub use generate::Generated;
+pub use error::PipelineError;
+pub use generated::{Composite, Generated};
 pub use image_input::ResizeMode;
 pub use img2img::{InitImage, InpaintingFill, Mask};
+pub use infotext::Infotext;
 pub use loras::WeightPatches;
 pub use noise::Variation;
 pub use params::{GenerationParams, HiresFix};
-
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error(transparent)]
-    Weights(#[from] WeightsError),
-    #[error(transparent)]
-    Lora(#[from] LoraError),
-    #[error(transparent)]
-    Embedding(#[from] EmbeddingError),
-    #[error("tokenizer: {0}")]
-    Text(String),
-    #[error("{0}")]
-    Invalid(String),
-}
-
-/// A loaded SD 1.x model on one device.
-pub struct StableDiffusion {
-    pub tokenizer: ClipTokenizer,
-    pub clip: ClipTextModel,
-    pub unet: Unet,
-    pub vae: Vae,
-    pub compute: Compute,
-    pub model_path: PathBuf,
-    /// Latent scale (`vae/config.json` `scaling_factor` of a diffusers folder; SD 1.x: 0.18215).
-    pub scaling_factor: f32,
-    /// Textual-inversion embeddings prompts can use (none until [`Self::load_embeddings`]).
-    pub embeddings: EmbeddingDb,
-    /// The `--vae` file's stem, when the VAE is not the checkpoint's (infotext "VAE").
-    pub vae_name: Option<String>,
-    /// Weights LoRAs can patch, and the base values of those patched now.
-    pub patches: WeightPatches,
-    /// A CPU copy of the VAE, loaded the first time a decode does not fit the GPU.
-    cpu_vae: OnceLock<Vae>,
-}
-
-impl StableDiffusion {
-    pub fn load(path: &Path, compute: Compute) -> Result<Self, PipelineError> {
-        Self::load_with_loras(path, compute, &[])
-    }
-
-    /// Loads the checkpoint with LoRAs merged into its weights (the file stays untouched;
-    /// [`Self::set_loras`] changes them later without reading it again).
-    pub fn load_with_loras(path: &Path, compute: Compute, loras: &[(Lora, Strength)]) -> Result<Self, PipelineError> {
-        let ckpt = Checkpoint::open(path)?;
-        let prediction = ckpt.config("scheduler", "scheduler_config.json", "prediction_type");
-        if let Some(p) = prediction.as_ref().and_then(|v| v.as_str())
-            && p != "epsilon"
-        {
-            return Err(PipelineError::Invalid(format!(
-                "{}: a {p}-prediction model (SD 2.x 768-v style); sdw supports epsilon-prediction SD 1.x models",
-                path.display()
-            )));
-        }
-        Self::from_checkpoint(&ckpt, compute, loras)
-    }
-
-    /// A model with random weights of the given layout, made in memory (benchmarks and
-    /// `sdw doctor`: real shapes, no file).
-    pub fn random(
-        arch: &crate::weights::synthetic::Architecture,
-        seed: u64,
-        compute: Compute,
-    ) -> Result<Self, PipelineError> {
-        Self::from_checkpoint(&Checkpoint::synthetic(arch, seed, "random-weights"), compute, &[])
-    }
-
-    fn from_checkpoint(ckpt: &Checkpoint, compute: Compute, loras: &[(Lora, Strength)]) -> Result<Self, PipelineError> {
-        let scaling_factor = ckpt
-            .config("vae", "config.json", "scaling_factor")
-            .and_then(|v| v.as_f64())
-            .map_or(SCALING_FACTOR, |v| v as f32);
-        let dev = &compute.device;
-        let clip_loader = Loader::new(ckpt, Component::TextEncoder, dev);
-        let clip = ClipTextModel::load(&clip_loader)?;
-        let unet_loader = Loader::new(ckpt, Component::Unet, dev);
-        let unet = Unet::load(&unet_loader)?;
-        let patches = WeightPatches::new(unet_loader.into_slots(), clip_loader.into_slots());
-        let vae = Vae::load(&Loader::new(ckpt, Component::Vae, dev))?;
-        let tokenizer = ClipTokenizer::new().map_err(|e| PipelineError::Text(e.to_string()))?;
-        let mut sd = Self {
-            tokenizer,
-            clip,
-            unet,
-            vae,
-            compute,
-            model_path: ckpt.path().to_owned(),
-            scaling_factor,
-            embeddings: EmbeddingDb::default(),
-            patches,
-            vae_name: None,
-            cpu_vae: OnceLock::new(),
-        };
-        sd.set_loras(loras)?;
-        Ok(sd)
-    }
-
-    /// Replaces the checkpoint's VAE with a separate VAE file (A1111's "SD VAE").
-    pub fn load_vae(&mut self, path: &Path) -> Result<(), PipelineError> {
-        let ckpt = Checkpoint::open_vae(path)?;
-        self.vae = Vae::load(&Loader::new(&ckpt, Component::Vae, &self.compute.device))?;
-        self.vae_name = path.file_name().map(|s| s.to_string_lossy().into_owned());
-        self.cpu_vae = OnceLock::new();
-        Ok(())
-    }
-
-    /// The model's name as A1111 shows it: the file stem (or folder name).
-    pub fn model_name(&self) -> String {
-        self.model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
-    }
-
-    /// The file A1111's "Model hash" is computed from (the UNet weights of a diffusers folder).
-    pub fn hash_source(&self) -> PathBuf {
-        if self.model_path.is_dir() {
-            let dir = self.model_path.join("unet");
-            for name in ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"] {
-                if dir.join(name).exists() {
-                    return dir.join(name);
-                }
-            }
-        }
-        self.model_path.clone()
-    }
-
-    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Tensor<3> {
-        conditioning::encode_prompt(
-            &self.tokenizer,
-            &self.clip,
-            &self.embeddings,
-            prompt,
-            clip_skip,
-            &self.compute.device,
-        )
-    }
-
-    /// Makes the textual-inversion embeddings in `dir` (A1111's `embeddings` folder)
-    /// available to prompts. Files that fail to load or do not fit this model are kept
-    /// by name: a prompt that uses one is refused (see [`Self::embeddings_used`]).
-    pub fn load_embeddings(&mut self, dir: &Path) -> Result<(), EmbeddingError> {
-        self.embeddings = EmbeddingDb::load_dir(dir, &self.tokenizer, self.clip.hidden_size())?;
-        Ok(())
-    }
-
-    /// The embeddings `prompt` uses; an error if it names one that cannot be used.
-    pub fn embeddings_used(&self, prompt: &str) -> Result<Vec<&Embedding>, EmbeddingError> {
-        self.embeddings.used_in(&self.tokenizer, prompt)
-    }
-
-    /// Scaled latents `[B, 4, h, w]` -> pixels `[B, 3, 8h, 8w]` on the host.
-    pub fn decode(&self, latents: &HostTensor) -> Result<HostTensor, PipelineError> {
-        let [b, c, h, w] = latents.shape[..] else { panic!("latents must be 4-D") };
-        let scaled: Vec<f32> = latents.data.iter().map(|v| v / self.scaling_factor).collect();
-        let (vae, device) = self.vae_fitting(b, h, w);
-        Ok(to_host(vae.decode(to_device(scaled, [b, c, h, w], &device))))
-    }
-
-    /// Pixels `[B, 3, H, W]` in [-1, 1] -> the VAE mean x scaling factor `[B, 4, H/8, W/8]` (host).
-    pub fn encode_mean(&self, pixels: &HostTensor) -> HostTensor {
-        let [b, c, h, w] = pixels.shape[..] else { panic!("pixels must be 4-D") };
-        let (vae, device) = self.vae_fitting(b, h / 8, w / 8);
-        to_host(vae.encode(to_device(pixels.data.clone(), [b, c, h, w], &device)).mean.mul_scalar(self.scaling_factor))
-    }
-
-    /// Whether the VAE has had to run on the CPU (see [`Self::vae_fitting`]).
-    pub fn vae_fell_back_to_cpu(&self) -> bool {
-        self.cpu_vae.get().is_some()
-    }
-
-    /// The VAE and device for latents `[b, _, h, w]`. On a GPU whose largest binding cannot
-    /// hold the VAE's activations (128 MiB on lavapipe and many iGPUs; SD 1.5 at 512x512
-    /// needs 256 MiB to decode) it runs on the CPU instead: exact, and far better than a
-    /// failed allocation. The encoder mirrors the decoder, so the decoder's peak bounds both.
-    fn vae_fitting(&self, b: usize, h: usize, w: usize) -> (&Vae, burn::tensor::Device) {
-        if self.compute.max_binding.is_none_or(|max| self.vae.decode_peak_bytes(b, h, w) <= max) {
-            return (&self.vae, self.compute.device.clone());
-        }
-        let cpu = crate::device::cpu().device;
-        let vae = self.cpu_vae.get_or_init(|| {
-            eprintln!("note: the VAE does not fit this GPU's buffer limit; running it on the CPU");
-            self.vae.clone().to_device(&cpu)
-        });
-        (vae, cpu)
-    }
-}
+pub use stable_diffusion::StableDiffusion;

@@ -5,7 +5,8 @@ use crate::sampling::{Sampler, SamplerKind, ScheduleKind};
 use super::PipelineError;
 use super::noise::Variation;
 
-#[derive(Clone, Debug)]
+/// A1111's defaults: 512x512, 20 steps of Euler a, CFG 7 (`Default`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct GenerationParams {
     pub prompt: String,
     pub negative_prompt: String,
@@ -34,6 +35,13 @@ pub struct HiresFix {
     /// 0 = as many as the first pass.
     pub steps: usize,
     pub denoising_strength: f32,
+}
+
+impl HiresFix {
+    /// A1111's defaults for the rest: as many steps as the first pass, denoising 0.7.
+    pub fn with_scale(scale: f32) -> Self {
+        Self { scale, steps: 0, denoising_strength: 0.7 }
+    }
 }
 
 impl Default for GenerationParams {

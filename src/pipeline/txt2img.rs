@@ -4,7 +4,8 @@
 use crate::sampling::{Progress, Start};
 use crate::weights::HostTensor;
 
-use super::generate::{Generated, Pass};
+use super::generate::Pass;
+use super::generated::{Composite, Generated};
 use super::params::{GenerationParams, HiresFix};
 use super::{PipelineError, StableDiffusion};
 
@@ -24,7 +25,7 @@ impl StableDiffusion {
         }
         let latents = HostTensor::new(latent_shape.to_vec(), latents);
         let image = self.decode(&latents)?;
-        Ok(Generated { latents, image, infotexts: self.infotexts(p, &[]), overlay: None })
+        Ok(Generated { latents, image, infotexts: self.infotexts(p, &[]), composite: Composite::None })
     }
 
     /// A1111's "Hires. fix" with the Latent upscaler: bilinear upscale of the latents, fresh

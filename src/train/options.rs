@@ -108,15 +108,10 @@ impl TrainOptions {
     pub fn sample_params(&self, prompt: &str, seed: u64) -> crate::pipeline::GenerationParams {
         crate::pipeline::GenerationParams {
             prompt: prompt.to_owned(),
-            negative_prompt: String::new(),
-            sampler: crate::sampling::Sampler::parse("euler_a").expect("known sampler"),
             steps: self.sample_steps,
-            cfg_scale: 7.0,
             seed,
             width: self.resolution,
             height: self.resolution,
-            clip_skip: 1,
-            lora_hashes: Vec::new(),
             ..Default::default()
         }
     }

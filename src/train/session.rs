@@ -24,7 +24,6 @@ pub fn train(opts: TrainOptions) -> Result<PathBuf, TrainError> {
     let (resume, dir) = open_run(&opts)?;
     let compute = device::select(opts.device).map_err(|e| TrainError::Model(e.to_string()))?;
     eprintln!("device: {}", compute.description);
-    device::set_oom_remedy("Try --resolution 384, --batch-size 1, or --device cpu.");
     let mut sd = StableDiffusion::load(&opts.model, compute)
         .map_err(|e| TrainError::Model(format!("loading {}: {e}", opts.model.display())))?;
     if let (Some(prompt), Some(class_dir)) = (&opts.class_prompt, &opts.class_dir) {

@@ -101,10 +101,10 @@ fn emphasis_applies_to_embedding_vectors_and_negative_prompts_use_them() {
     let with = sdw::model::layers::to_host(sd.encode_prompt("tinyti", 1));
     let without = sdw::model::layers::to_host(sd.encode_prompt("tiny", 1));
     assert!(rel_err(&with.data, &without.data) > 1e-3);
-    let info = sd.infotext(&params("a house", "tinyti, blurry"));
+    let info = &sd.infotexts(&params("a house", "tinyti, blurry"), &[])[0];
     let hash = &sdw::output::sha256_file(&dir.join("tinyti.safetensors")).unwrap()[..12];
     assert!(info.contains(&format!("TI hashes: \"tinyti: {hash}\"")), "{info}");
-    assert!(!sd.infotext(&params("a house", "blurry")).contains("TI hashes"));
+    assert!(!sd.infotexts(&params("a house", "blurry"), &[])[0].contains("TI hashes"));
 }
 
 #[test]

@@ -188,8 +188,8 @@ fn inpaint_full_res_repaints_only_the_region_at_full_size() {
     });
     let blurred = image_input::blur_mask(&mask, 4.0);
     let m = Mask { mask, blur: 4.0, fill: InpaintingFill::Original };
-    let (images, infos) = sd.inpaint_full_res(&p, &photo, &m, 0.9, 8, &mut NoProgress).unwrap();
-    let img = &images[0];
+    let out = sd.inpaint_full_res(&p, &photo, &m, 0.9, 8, &mut NoProgress).unwrap();
+    let (img, infos) = (&out.rgb8(0), &out.infotexts);
     assert_eq!((img.width, img.height), (120, 96));
     let (mut kept, mut changed) = (0, 0);
     for (i, px) in blurred.pixels().enumerate() {

@@ -1,29 +1,13 @@
-//! Reading an AUTOMATIC1111 infotext (the PNG `parameters` text that A1111 and sdw write)
-//! back into its fields, as A1111's `parse_generation_parameters` in
-//! `modules/infotext_utils.py` does:
+//! The text format: A1111's `parse_generation_parameters` (`modules/infotext_utils.py`),
+//! its `re_param` regex emulated exactly, and the writer that reads back unchanged.
 //!
-//! ```text
-//! <prompt, maybe over several lines>
-//! Negative prompt: <negative prompt, maybe over several lines>
-//! Steps: 20, Sampler: DPM++ 2M, Size: 512x768, Lora hashes: "a: 0123456789ab, b: ba9876543210"
-//! ```
-//!
-//! The last line holds the parameters only if A1111's `re_param` finds at least 3 of them
-//! there; otherwise it belongs to the prompt. A1111's defaults for absent fields (`Clip
-//! skip` 1, `RNG` GPU, ...) are the caller's concern: nothing here fills them in.
+//! The last line holds the parameters only if `re_param` finds at least 3 of them there;
+//! otherwise it belongs to the prompt.
 
 use std::fmt::Display;
 use std::str::FromStr;
 
-/// An infotext split into its prompts and its `Key: value` parameters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Infotext {
-    pub prompt: String,
-    pub negative_prompt: String,
-    /// The parameters in the order written, quoted values unquoted. A key may repeat; the
-    /// last one wins, as in A1111's dict.
-    pub params: Vec<(String, String)>,
-}
+use super::Infotext;
 
 impl Infotext {
     /// Parses `text` as A1111 does. Never fails: text without a parameter line is all prompt.
@@ -108,6 +92,19 @@ impl Infotext {
         let (w, h) = image_size(v).ok_or_else(|| bad_value(key, v, "expected WIDTHxHEIGHT"))?;
         let num = |s: &str| s.parse::<usize>().map_err(|e| bad_value(key, v, &e.to_string()));
         Ok(Some((num(w)?, num(h)?)))
+    }
+}
+
+/// The text A1111 writes: the prompt, `Negative prompt: ...` when there is one, and the
+/// `Key: value, ...` line with each value quoted where it must be.
+impl std::fmt::Display for Infotext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.prompt)?;
+        if !self.negative_prompt.is_empty() {
+            write!(f, "\nNegative prompt: {}", self.negative_prompt)?;
+        }
+        let params = self.params.iter().map(|(k, v)| format!("{k}: {}", quote(v))).collect::<Vec<_>>();
+        write!(f, "\n{}", params.join(", "))
     }
 }
 

@@ -1,0 +1,78 @@
+//! What every generation returns: the latents, the decoded pixels, one infotext per image,
+//! and how the final 8-bit images are composed from them (inpainting pastes the original
+//! back).
+
+use image::{GrayImage, RgbImage};
+
+use crate::output;
+use crate::weights::HostTensor;
+
+use super::image_input::{self, ResizeMode};
+
+pub struct Generated {
+    /// Final latents `[B, 4, h, w]` (scaled, as the sampler sees them).
+    pub latents: HostTensor,
+    /// Decoded pixels `[B, 3, H, W]` in about [-1, 1].
+    pub image: HostTensor,
+    /// One A1111 infotext per image (each with its own seed).
+    pub infotexts: Vec<String>,
+    /// How [`Self::rgb8`] turns the decoded pixels into the final image.
+    pub composite: Composite,
+}
+
+/// The step from decoded pixels to the image the user gets.
+#[derive(Clone, Debug, Default)]
+pub enum Composite {
+    /// The decoded pixels as they are.
+    #[default]
+    None,
+    /// Inpainting: the original pasted back outside the mask (A1111's overlay), its alpha
+    /// the inverted blurred mask, so where the mask is 0 the original pixels come back exactly.
+    Overlay { original: RgbImage, mask: GrayImage },
+    /// Inpainting "only masked": the generated image scaled into `region` (x, y, width,
+    /// height) of the original, then the overlay with the mask at the original's size.
+    PasteInto { original: RgbImage, mask: GrayImage, region: (u32, u32, u32, u32) },
+}
+
+impl Generated {
+    pub fn len(&self) -> usize {
+        self.image.shape[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Image `i` as 8-bit RGB (A1111's truncation), composed as [`Composite`] says.
+    pub fn rgb8(&self, i: usize) -> output::RgbImage {
+        let [_, _, h, w] = self.image.shape[..] else { panic!("images are [B, 3, H, W]") };
+        let img = output::to_rgb8(&self.image.data[i * 3 * h * w..(i + 1) * 3 * h * w], h, w);
+        match &self.composite {
+            Composite::None => img,
+            Composite::Overlay { original, mask } => overlay(original, mask, img),
+            Composite::PasteInto { original, mask, region: (x, y, cw, ch) } => {
+                let generated = RgbImage::from_raw(w as u32, h as u32, img.pixels).expect("to_rgb8 gives w*h*3 bytes");
+                let patch = image_input::resize(&generated, ResizeMode::CropAndResize, *cw, *ch);
+                let mut full = original.clone();
+                image::imageops::replace(&mut full, &patch, *x as i64, *y as i64);
+                let (fw, fh) = full.dimensions();
+                let img = output::RgbImage { width: fw as usize, height: fh as usize, pixels: full.into_raw() };
+                overlay(original, mask, img)
+            }
+        }
+    }
+}
+
+/// `original` over `img` with alpha `255 - mask`, rounded as PIL's `alpha_composite`.
+fn overlay(original: &RgbImage, mask: &GrayImage, mut img: output::RgbImage) -> output::RgbImage {
+    let orig = original.as_raw();
+    for (i, m) in mask.pixels().enumerate() {
+        let a = m[0] as u32;
+        for c in 0..3 {
+            let k = 3 * i + c;
+            let (o, g) = (orig[k] as u32, img.pixels[k] as u32);
+            img.pixels[k] = ((o * (255 - a) + g * a + 127) / 255) as u8;
+        }
+    }
+    img
+}
