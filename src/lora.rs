@@ -18,6 +18,19 @@ pub enum LoraError {
     Mismatch { path: PathBuf, key: String, why: String },
 }
 
+/// kohya's module-name prefix for the UNet.
+pub const UNET_PREFIX: &str = "lora_unet";
+/// kohya's module-name prefix for the (SD 1.x) text encoder.
+pub const TEXT_PREFIX: &str = "lora_te";
+
+/// The kohya name of the diffusers module `module` under a network `prefix`: the path with
+/// dots turned into underscores (`lora_unet` + `down_blocks.0.attentions.0.proj_in` ->
+/// `lora_unet_down_blocks_0_attentions_0_proj_in`). Files read in other layouts, the merge
+/// targets and trained adapters are all named through it, so that they match.
+pub fn kohya_name(prefix: &str, module: &str) -> String {
+    format!("{prefix}_{}", module.replace('.', "_"))
+}
+
 /// kohya module name -> (component, diffusers weight name).
 pub type Targets = HashMap<String, (Component, String)>;
 
@@ -216,10 +229,10 @@ pub fn parse_key(key: &str) -> Option<(String, Part)> {
         return Some((module, part));
     }
     let module = module.strip_prefix("base_model.model.").unwrap_or(&module);
-    let (prefix, path) = [("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te_"), ("unet.", "lora_unet_")]
+    let (prefix, path) = [("text_encoder_2.", "lora_te2"), ("text_encoder.", TEXT_PREFIX), ("unet.", UNET_PREFIX)]
         .iter()
         .find_map(|(from, to)| module.strip_prefix(from).map(|rest| (*to, rest)))?;
-    Some((format!("{prefix}{}", path.replace('.', "_")), part))
+    Some((kohya_name(prefix, path), part))
 }
 
 /// Which model family a LoRA was made for, from its kohya key names:
@@ -241,12 +254,12 @@ pub fn kohya_targets<'a>(weights: impl Iterator<Item = (Component, &'a str)>) ->
     let mut map = HashMap::new();
     for (component, name) in weights {
         let prefix = match component {
-            Component::Unet => "lora_unet_",
-            Component::TextEncoder => "lora_te_",
+            Component::Unet => UNET_PREFIX,
+            Component::TextEncoder => TEXT_PREFIX,
             Component::Vae => continue,
         };
         if let Some(stem) = name.strip_suffix(".weight") {
-            map.insert(format!("{prefix}{}", stem.replace('.', "_")), (component, name.to_owned()));
+            map.insert(kohya_name(prefix, stem), (component, name.to_owned()));
         }
     }
     map

@@ -106,15 +106,16 @@ pub struct CrossAttention {
 }
 
 impl CrossAttention {
-    pub fn load(l: &Loader, p: &str, heads: usize) -> Result<Self, WeightsError> {
+    /// From the weights under `l` (`….transformer_blocks.0.attn1`), which also name it.
+    pub fn load(l: &Loader, heads: usize) -> Result<Self, WeightsError> {
         Ok(Self {
-            to_q: l.linear(&format!("{p}.to_q"))?,
-            to_k: l.linear(&format!("{p}.to_k"))?,
-            to_v: l.linear(&format!("{p}.to_v"))?,
-            to_out: l.linear(&format!("{p}.to_out.0"))?,
+            to_q: l.linear("to_q")?,
+            to_k: l.linear("to_k")?,
+            to_v: l.linear("to_v")?,
+            to_out: l.linear("to_out.0")?,
             adapters: AttentionAdapters::default(),
             heads,
-            name: p.to_owned(),
+            name: l.prefix().to_owned(),
         })
     }
 

@@ -36,20 +36,20 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(l: &Loader, p: &str, heads: usize) -> Result<Self, WeightsError> {
-        let a = format!("{p}.self_attn");
+    fn load(l: &Loader, heads: usize) -> Result<Self, WeightsError> {
+        let a = l.pp("self_attn");
         Ok(Self {
-            layer_norm1: l.layer_norm(&format!("{p}.layer_norm1"), LN_EPS)?,
-            q_proj: l.linear(&format!("{a}.q_proj"))?,
-            k_proj: l.linear(&format!("{a}.k_proj"))?,
-            v_proj: l.linear(&format!("{a}.v_proj"))?,
-            out_proj: l.linear(&format!("{a}.out_proj"))?,
-            layer_norm2: l.layer_norm(&format!("{p}.layer_norm2"), LN_EPS)?,
-            fc1: l.linear(&format!("{p}.mlp.fc1"))?,
-            fc2: l.linear(&format!("{p}.mlp.fc2"))?,
+            layer_norm1: l.layer_norm("layer_norm1", LN_EPS)?,
+            q_proj: a.linear("q_proj")?,
+            k_proj: a.linear("k_proj")?,
+            v_proj: a.linear("v_proj")?,
+            out_proj: a.linear("out_proj")?,
+            layer_norm2: l.layer_norm("layer_norm2", LN_EPS)?,
+            fc1: l.linear("mlp.fc1")?,
+            fc2: l.linear("mlp.fc2")?,
             adapters: AttentionAdapters::default(),
             heads,
-            attn_name: a,
+            attn_name: a.prefix().to_owned(),
         })
     }
 
@@ -114,22 +114,21 @@ pub struct ClipTextModel {
 
 impl ClipTextModel {
     pub fn load(l: &Loader) -> Result<Self, WeightsError> {
-        let p = "text_model";
-        let token_embedding = l.host(&format!("{p}.embeddings.token_embedding.weight"))?;
+        let l = l.pp("text_model");
+        let token_embedding = l.host("embeddings.token_embedding.weight")?;
         let hidden = token_embedding.shape[1];
-        let pos_name = format!("{p}.embeddings.position_embedding.weight");
-        let pos = l.host(&pos_name)?;
+        let pos = l.host("embeddings.position_embedding.weight")?;
         let positions = pos.shape[0];
         let heads = hidden / HEAD_DIM.min(hidden);
-        let n = l.count(&format!("{p}.encoder.layers"), "layer_norm1.weight");
-        let layers = (0..n)
-            .map(|i| EncoderLayer::load(l, &format!("{p}.encoder.layers.{i}"), heads))
+        let layers = l.pp("encoder.layers");
+        let layers = (0..layers.count("layer_norm1.weight"))
+            .map(|i| EncoderLayer::load(&layers.pp(i), heads))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             token_embedding,
             position_embedding: Param::from_tensor(to_device(pos.data, [positions, hidden], l.device())),
             layers,
-            final_layer_norm: l.layer_norm(&format!("{p}.final_layer_norm"), LN_EPS)?,
+            final_layer_norm: l.layer_norm("final_layer_norm", LN_EPS)?,
         })
     }
 

@@ -2,6 +2,8 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::fmt::Display;
+use std::rc::Rc;
 
 use crate::shaders::group_norm;
 use burn::module::{Module, Param, ParamId};
@@ -33,107 +35,136 @@ pub struct WeightSlot {
 }
 
 /// Reads tensors of one component by diffusers name and turns them into burn modules.
+///
+/// A loader is a view under a name prefix, like candle's `VarBuilder`: [`Loader::pp`] steps
+/// into a submodule, and the getters take names relative to the view, so model code spells
+/// each checkpoint path once, a part per module (`l.pp("resnets").pp(j).conv_same("conv1")`).
+/// All views of one loader share the checkpoint and the record of loaded weights.
+#[derive(Clone)]
 pub struct Loader<'a> {
+    shared: Rc<Shared<'a>>,
+    /// The diffusers path of this view (`down_blocks.0.resnets.1`), empty at the root.
+    prefix: String,
+}
+
+/// What every view of one loader shares.
+struct Shared<'a> {
     ckpt: &'a Checkpoint,
     component: Component,
     device: Device,
-    /// Diffusers weight name -> the parameter it was loaded into (linear and conv weights).
+    /// Full diffusers weight name -> the parameter it was loaded into (linear and conv weights).
     slots: RefCell<HashMap<String, WeightSlot>>,
 }
 
 impl<'a> Loader<'a> {
     pub fn new(ckpt: &'a Checkpoint, component: Component, device: &Device) -> Self {
-        Self { ckpt, component, device: device.clone(), slots: RefCell::default() }
+        let shared = Shared { ckpt, component, device: device.clone(), slots: RefCell::default() };
+        Self { shared: Rc::new(shared), prefix: String::new() }
     }
 
-    /// The linear and conv weights loaded so far, by diffusers name.
+    /// The view under `name` (a module name, a level index, or several dotted parts).
+    pub fn pp(&self, name: impl Display) -> Self {
+        Self { shared: Rc::clone(&self.shared), prefix: self.key(name) }
+    }
+
+    /// This view's diffusers path: the module name LoRA adapters are keyed by.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The full diffusers name of `name` in this view: the key the checkpoint, the error
+    /// messages and the recorded slots use.
+    fn key(&self, name: impl Display) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    /// The linear and conv weights loaded so far through any view, by full diffusers name.
     pub fn into_slots(self) -> HashMap<String, WeightSlot> {
-        self.slots.into_inner()
+        self.shared.slots.take()
     }
 
     fn register(&self, name: &str, id: ParamId, layout: Layout, shape: &[usize]) {
-        self.slots.borrow_mut().insert(name.to_owned(), WeightSlot { id, layout, shape: shape.to_vec() });
+        let slot = WeightSlot { id, layout, shape: shape.to_vec() };
+        self.shared.slots.borrow_mut().insert(self.key(name), slot);
     }
 
     pub fn device(&self) -> &Device {
-        &self.device
+        &self.shared.device
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.ckpt.contains(self.component, name)
+        self.shared.ckpt.contains(self.shared.component, &self.key(name))
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<usize>, WeightsError> {
-        self.ckpt.shape(self.component, name).ok_or_else(|| self.missing(name))
+        self.shared.ckpt.shape(self.shared.component, &self.key(name)).ok_or_else(|| self.missing(name))
     }
 
-    /// Counts consecutive `prefix.{i}.suffix` entries (levels, layers, resnets).
-    pub fn count(&self, prefix: &str, suffix: &str) -> usize {
-        (0..).take_while(|i| self.has(&format!("{prefix}.{i}.{suffix}"))).count()
+    /// Counts this view's consecutive children `{i}` that have `suffix` (levels, layers, resnets).
+    pub fn count(&self, suffix: &str) -> usize {
+        (0..).take_while(|i| self.has(&format!("{i}.{suffix}"))).count()
     }
 
     fn missing(&self, name: &str) -> WeightsError {
         WeightsError::Missing {
-            path: self.ckpt.path().to_owned(),
-            component: self.component.label(),
-            key: name.to_owned(),
+            path: self.shared.ckpt.path().to_owned(),
+            component: self.shared.component.label(),
+            key: self.key(name),
+        }
+    }
+
+    fn shape_error(&self, name: &str, found: &[usize], expected: &[usize]) -> WeightsError {
+        WeightsError::Shape {
+            path: self.shared.ckpt.path().to_owned(),
+            key: self.key(name),
+            found: found.to_vec(),
+            expected: expected.to_vec(),
         }
     }
 
     pub fn host(&self, name: &str) -> Result<HostTensor, WeightsError> {
-        self.ckpt.tensor(self.component, name)
+        self.shared.ckpt.tensor(self.shared.component, &self.key(name))
     }
 
     /// Loads a tensor, checking that its element count fits `shape` (which it takes).
     fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>, WeightsError> {
         let t = self.host(name)?;
         self.check(name, &t, &shape)?;
-        Ok(to_device(t.data, shape, &self.device))
+        Ok(to_device(t.data, shape, self.device()))
     }
 
     fn check(&self, name: &str, t: &HostTensor, shape: &[usize]) -> Result<(), WeightsError> {
         if t.data.len() != shape.iter().product::<usize>() {
-            return Err(WeightsError::Shape {
-                path: self.ckpt.path().to_owned(),
-                key: name.to_owned(),
-                found: t.shape.clone(),
-                expected: shape.to_vec(),
-            });
+            return Err(self.shape_error(name, &t.shape, shape));
         }
         Ok(())
     }
 
     /// A linear layer from a PyTorch `[out, in]` weight (or an LDM `[out, in, 1, 1]` conv).
-    pub fn linear(&self, prefix: &str) -> Result<Linear, WeightsError> {
-        let name = format!("{prefix}.weight");
-        let w = self.host(&name)?;
+    pub fn linear(&self, name: &str) -> Result<Linear, WeightsError> {
+        let l = self.pp(name);
+        let w = l.host("weight")?;
         let (out, inp) = (w.shape[0], w.data.len() / w.shape[0]);
-        self.check(&name, &w, &[out, inp])?;
+        l.check("weight", &w, &[out, inp])?;
         let pt_shape = w.shape.clone();
         let w = HostTensor::new(vec![out, inp], w.data).transposed_2d();
-        let weight = Param::from_tensor(to_device(w.data, [inp, out], &self.device));
-        self.register(&name, weight.id, Layout::Transposed, &pt_shape);
-        let bias_name = format!("{prefix}.bias");
-        let bias = if self.has(&bias_name) { Some(Param::from_tensor(self.tensor(&bias_name, [out])?)) } else { None };
+        let weight = Param::from_tensor(to_device(w.data, [inp, out], self.device()));
+        l.register("weight", weight.id, Layout::Transposed, &pt_shape);
+        let bias = if l.has("bias") { Some(Param::from_tensor(l.tensor("bias", [out])?)) } else { None };
         Ok(Linear { weight, bias })
     }
 
-    pub fn conv2d(&self, prefix: &str, stride: usize, padding: PaddingConfig2d) -> Result<Conv2d, WeightsError> {
-        let shape = self.shape(&format!("{prefix}.weight"))?;
+    pub fn conv2d(&self, name: &str, stride: usize, padding: PaddingConfig2d) -> Result<Conv2d, WeightsError> {
+        let l = self.pp(name);
+        let shape = l.shape("weight")?;
         let [o, i, kh, kw] = shape[..] else {
-            return Err(WeightsError::Shape {
-                path: self.ckpt.path().to_owned(),
-                key: format!("{prefix}.weight"),
-                found: shape.clone(),
-                expected: vec![0, 0, 0, 0],
-            });
+            return Err(l.shape_error("weight", &shape, &[0, 0, 0, 0]));
         };
-        let name = format!("{prefix}.weight");
-        let weight = Param::from_tensor(self.tensor(&name, [o, i, kh, kw])?);
-        self.register(&name, weight.id, Layout::AsIs, &shape);
+        let weight = Param::from_tensor(l.tensor("weight", [o, i, kh, kw])?);
+        l.register("weight", weight.id, Layout::AsIs, &shape);
         Ok(Conv2d {
             weight,
-            bias: Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [o])?)),
+            bias: Some(Param::from_tensor(l.tensor("bias", [o])?)),
             stride: [stride, stride],
             kernel_size: [kh, kw],
             dilation: [1, 1],
@@ -143,17 +174,18 @@ impl<'a> Loader<'a> {
     }
 
     /// 3x3 convolution with "same" padding, or a 1x1 one.
-    pub fn conv_same(&self, prefix: &str) -> Result<Conv2d, WeightsError> {
-        let k = self.shape(&format!("{prefix}.weight"))?.get(2).copied().unwrap_or(1);
+    pub fn conv_same(&self, name: &str) -> Result<Conv2d, WeightsError> {
+        let k = self.pp(name).shape("weight")?.get(2).copied().unwrap_or(1);
         let p = k / 2;
-        self.conv2d(prefix, 1, PaddingConfig2d::Explicit(p, p, p, p))
+        self.conv2d(name, 1, PaddingConfig2d::Explicit(p, p, p, p))
     }
 
-    pub fn group_norm(&self, prefix: &str, eps: f64) -> Result<GroupNorm, WeightsError> {
-        let c = self.shape(&format!("{prefix}.weight"))?[0];
+    pub fn group_norm(&self, name: &str, eps: f64) -> Result<GroupNorm, WeightsError> {
+        let l = self.pp(name);
+        let c = l.shape("weight")?[0];
         Ok(GroupNorm {
-            gamma: Some(Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [c])?)),
-            beta: Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [c])?)),
+            gamma: Some(Param::from_tensor(l.tensor("weight", [c])?)),
+            beta: Some(Param::from_tensor(l.tensor("bias", [c])?)),
             num_groups: GROUPS,
             num_channels: c,
             epsilon: eps,
@@ -161,11 +193,12 @@ impl<'a> Loader<'a> {
         })
     }
 
-    pub fn layer_norm(&self, prefix: &str, eps: f64) -> Result<LayerNorm, WeightsError> {
-        let c = self.shape(&format!("{prefix}.weight"))?[0];
-        let mut ln = LayerNormConfig::new(c).with_epsilon(eps).init(&self.device);
-        ln.gamma = Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [c])?);
-        ln.beta = Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [c])?));
+    pub fn layer_norm(&self, name: &str, eps: f64) -> Result<LayerNorm, WeightsError> {
+        let l = self.pp(name);
+        let c = l.shape("weight")?[0];
+        let mut ln = LayerNormConfig::new(c).with_epsilon(eps).init(self.device());
+        ln.gamma = Param::from_tensor(l.tensor("weight", [c])?);
+        ln.beta = Some(Param::from_tensor(l.tensor("bias", [c])?));
         Ok(ln)
     }
 }
@@ -225,16 +258,15 @@ pub struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    pub fn load(l: &Loader, p: &str, eps: f64) -> Result<Self, WeightsError> {
-        let time = format!("{p}.time_emb_proj");
-        let shortcut = format!("{p}.conv_shortcut");
+    /// From the weights under `l` (`down_blocks.0.resnets.1`, `decoder.mid_block.resnets.0`).
+    pub fn load(l: &Loader, eps: f64) -> Result<Self, WeightsError> {
         Ok(Self {
-            norm1: l.group_norm(&format!("{p}.norm1"), eps)?,
-            conv1: l.conv_same(&format!("{p}.conv1"))?,
-            time_emb_proj: if l.has(&format!("{time}.weight")) { Some(l.linear(&time)?) } else { None },
-            norm2: l.group_norm(&format!("{p}.norm2"), eps)?,
-            conv2: l.conv_same(&format!("{p}.conv2"))?,
-            conv_shortcut: if l.has(&format!("{shortcut}.weight")) { Some(l.conv_same(&shortcut)?) } else { None },
+            norm1: l.group_norm("norm1", eps)?,
+            conv1: l.conv_same("conv1")?,
+            time_emb_proj: if l.has("time_emb_proj.weight") { Some(l.linear("time_emb_proj")?) } else { None },
+            norm2: l.group_norm("norm2", eps)?,
+            conv2: l.conv_same("conv2")?,
+            conv_shortcut: if l.has("conv_shortcut.weight") { Some(l.conv_same("conv_shortcut")?) } else { None },
         })
     }
 
@@ -251,5 +283,64 @@ impl ResnetBlock {
             None => x,
         };
         skip + h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::Loader;
+    use crate::model::adapter::Projection;
+    use crate::model::clip::ClipTextModel;
+    use crate::model::unet::Unet;
+    use crate::model::vae::Vae;
+    use crate::weights::synthetic::Architecture;
+    use crate::weights::{Checkpoint, Component};
+
+    /// LoRA merging finds weights by the full names the loader records: every linear and
+    /// conv weight of each network, under its diffusers name, whatever view loaded it.
+    #[test]
+    fn views_record_full_weight_names() {
+        let arch = Architecture::tiny();
+        let ckpt = Checkpoint::synthetic(&arch, 0, "tiny");
+        let device = crate::device::cpu().device;
+        let recorded = |component| {
+            let l = Loader::new(&ckpt, component, &device);
+            let loaded = match component {
+                Component::Unet => Unet::load(&l).map(drop),
+                Component::TextEncoder => ClipTextModel::load(&l).map(drop),
+                Component::Vae => Vae::load(&l).map(drop),
+            };
+            loaded.unwrap();
+            l.into_slots().into_keys().collect::<BTreeSet<_>>()
+        };
+        for component in [Component::Unet, Component::TextEncoder, Component::Vae] {
+            let expected: BTreeSet<String> = arch
+                .tensors()
+                .into_iter()
+                .filter(|(c, name, shape)| *c == component && shape.len() >= 2 && !name.contains("embeddings."))
+                .map(|(_, name, _)| name)
+                .collect();
+            assert_eq!(recorded(component), expected, "{component:?}");
+        }
+    }
+
+    /// Attention blocks are named by their view's path, which LoRA adapters are keyed by.
+    #[test]
+    fn attention_names_are_module_paths() {
+        let ckpt = Checkpoint::synthetic(&Architecture::tiny(), 0, "tiny");
+        let device = crate::device::cpu().device;
+        let unet = Unet::load(&Loader::new(&ckpt, Component::Unet, &device)).unwrap();
+        let clip = ClipTextModel::load(&Loader::new(&ckpt, Component::TextEncoder, &device)).unwrap();
+        let names: Vec<String> = unet
+            .attentions()
+            .iter()
+            .chain(&clip.attentions())
+            .map(|a| format!("{}.{}", a.module_name(), a.projection_name(Projection::Q)))
+            .collect();
+        assert_eq!(names[0], "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q");
+        assert!(names.contains(&"mid_block.attentions.0.transformer_blocks.0.attn2.to_q".to_owned()));
+        assert_eq!(names.last().unwrap(), "text_model.encoder.layers.2.self_attn.q_proj");
     }
 }

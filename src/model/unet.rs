@@ -32,16 +32,16 @@ pub struct UnetConfig {
 
 impl UnetConfig {
     pub fn from_weights(l: &Loader) -> Result<Self, WeightsError> {
-        let levels = l.count("down_blocks", "resnets.0.conv1.weight");
+        let down = l.pp("down_blocks");
+        let levels = down.count("resnets.0.conv1.weight");
         let block_out_channels = (0..levels)
-            .map(|i| l.shape(&format!("down_blocks.{i}.resnets.0.conv1.weight")).map(|s| s[0]))
+            .map(|i| down.pp(i).shape("resnets.0.conv1.weight").map(|s| s[0]))
             .collect::<Result<Vec<_>, _>>()?;
-        let attention_levels: Vec<bool> =
-            (0..levels).map(|i| l.has(&format!("down_blocks.{i}.attentions.0.proj_in.weight"))).collect();
+        let attention_levels: Vec<bool> = (0..levels).map(|i| down.pp(i).has("attentions.0.proj_in.weight")).collect();
         let cross = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight";
         Ok(Self {
             in_channels: l.shape("conv_in.weight")?[1],
-            layers_per_block: l.count("down_blocks.0.resnets", "conv1.weight"),
+            layers_per_block: down.pp("0.resnets").count("conv1.weight"),
             cross_attention_dim: l.shape(cross)?[1],
             block_out_channels,
             attention_levels,
@@ -78,17 +78,14 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn load(l: &Loader, p: &str, heads: usize) -> Result<Self, WeightsError> {
+    fn load(l: &Loader, heads: usize) -> Result<Self, WeightsError> {
         Ok(Self {
-            norm1: l.layer_norm(&format!("{p}.norm1"), LN_EPS)?,
-            attn1: CrossAttention::load(l, &format!("{p}.attn1"), heads)?,
-            norm2: l.layer_norm(&format!("{p}.norm2"), LN_EPS)?,
-            attn2: CrossAttention::load(l, &format!("{p}.attn2"), heads)?,
-            norm3: l.layer_norm(&format!("{p}.norm3"), LN_EPS)?,
-            ff: FeedForward {
-                proj: l.linear(&format!("{p}.ff.net.0.proj"))?,
-                out: l.linear(&format!("{p}.ff.net.2"))?,
-            },
+            norm1: l.layer_norm("norm1", LN_EPS)?,
+            attn1: CrossAttention::load(&l.pp("attn1"), heads)?,
+            norm2: l.layer_norm("norm2", LN_EPS)?,
+            attn2: CrossAttention::load(&l.pp("attn2"), heads)?,
+            norm3: l.layer_norm("norm3", LN_EPS)?,
+            ff: FeedForward { proj: l.linear("ff.net.0.proj")?, out: l.linear("ff.net.2")? },
         })
     }
 
@@ -107,11 +104,11 @@ enum Proj {
 }
 
 impl Proj {
-    fn load(l: &Loader, p: &str) -> Result<Self, WeightsError> {
-        Ok(if l.shape(&format!("{p}.weight"))?.len() == 4 {
-            Proj::Conv(l.conv_same(p)?)
+    fn load(l: &Loader, name: &str) -> Result<Self, WeightsError> {
+        Ok(if l.pp(name).shape("weight")?.len() == 4 {
+            Proj::Conv(l.conv_same(name)?)
         } else {
-            Proj::Linear(l.linear(p)?)
+            Proj::Linear(l.linear(name)?)
         })
     }
 }
@@ -126,15 +123,15 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    fn load(l: &Loader, p: &str) -> Result<Self, WeightsError> {
-        let blocks = l.count(&format!("{p}.transformer_blocks"), "norm1.weight");
+    fn load(l: &Loader) -> Result<Self, WeightsError> {
+        let blocks = l.pp("transformer_blocks");
         Ok(Self {
-            norm: l.group_norm(&format!("{p}.norm"), TRANSFORMER_NORM_EPS)?,
-            proj_in: Proj::load(l, &format!("{p}.proj_in"))?,
-            blocks: (0..blocks)
-                .map(|i| TransformerBlock::load(l, &format!("{p}.transformer_blocks.{i}"), SD1_HEADS))
+            norm: l.group_norm("norm", TRANSFORMER_NORM_EPS)?,
+            proj_in: Proj::load(l, "proj_in")?,
+            blocks: (0..blocks.count("norm1.weight"))
+                .map(|i| TransformerBlock::load(&blocks.pp(i), SD1_HEADS))
                 .collect::<Result<_, _>>()?,
-            proj_out: Proj::load(l, &format!("{p}.proj_out"))?,
+            proj_out: Proj::load(l, "proj_out")?,
         })
     }
 
@@ -158,29 +155,35 @@ impl SpatialTransformer {
     }
 }
 
+/// One down or up level: resnets, each followed by its attention on attention levels, then
+/// (on all levels but the last) a downsampler or an upsampler.
 #[derive(Module, Debug)]
 struct Level {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<SpatialTransformer>,
-    sampler: Option<Conv2d>,
+    /// Down levels: a stride-2 conv.
+    downsampler: Option<Conv2d>,
+    /// Up levels: a conv after nearest-neighbour upsampling.
+    upsampler: Option<Conv2d>,
 }
 
 impl Level {
-    fn load(l: &Loader, p: &str, sampler_stride: usize) -> Result<Self, WeightsError> {
-        let n = l.count(&format!("{p}.resnets"), "conv1.weight");
-        let resnets =
-            (0..n).map(|j| ResnetBlock::load(l, &format!("{p}.resnets.{j}"), RESNET_EPS)).collect::<Result<_, _>>()?;
-        let attentions = (0..l.count(&format!("{p}.attentions"), "proj_in.weight"))
-            .map(|j| SpatialTransformer::load(l, &format!("{p}.attentions.{j}")))
+    /// From `down_blocks.{i}` (`down`) or `up_blocks.{i}`.
+    fn load(l: &Loader, down: bool) -> Result<Self, WeightsError> {
+        let resnets = l.pp("resnets");
+        let resnets = (0..resnets.count("conv1.weight"))
+            .map(|j| ResnetBlock::load(&resnets.pp(j), RESNET_EPS))
             .collect::<Result<_, _>>()?;
-        let kind = if sampler_stride == 2 { "downsamplers" } else { "upsamplers" };
-        let name = format!("{p}.{kind}.0.conv");
-        let sampler = if l.has(&format!("{name}.weight")) {
-            Some(l.conv2d(&name, sampler_stride, PaddingConfig2d::Explicit(1, 1, 1, 1))?)
-        } else {
-            None
-        };
-        Ok(Self { resnets, attentions, sampler })
+        let attentions = l.pp("attentions");
+        let attentions = (0..attentions.count("proj_in.weight"))
+            .map(|j| SpatialTransformer::load(&attentions.pp(j)))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler: if down { resampler(&l.pp("downsamplers.0"), 2)? } else { None },
+            upsampler: if down { None } else { resampler(&l.pp("upsamplers.0"), 1)? },
+        })
     }
 
     /// Resnet j, then its attention if this level has attention.
@@ -191,6 +194,14 @@ impl Level {
             None => x,
         }
     }
+}
+
+/// The `conv` of a `downsamplers.0` / `upsamplers.0` module, if the level has one.
+fn resampler(l: &Loader, stride: usize) -> Result<Option<Conv2d>, WeightsError> {
+    if !l.has("conv.weight") {
+        return Ok(None);
+    }
+    Ok(Some(l.conv2d("conv", stride, PaddingConfig2d::Explicit(1, 1, 1, 1))?))
 }
 
 #[derive(Module, Debug)]
@@ -213,15 +224,16 @@ impl Unet {
     pub fn load(l: &Loader) -> Result<Self, WeightsError> {
         let config = UnetConfig::from_weights(l)?;
         let levels = config.block_out_channels.len();
+        let (down, mid, up) = (l.pp("down_blocks"), l.pp("mid_block"), l.pp("up_blocks"));
         Ok(Self {
             time_linear_1: l.linear("time_embedding.linear_1")?,
             time_linear_2: l.linear("time_embedding.linear_2")?,
             conv_in: l.conv_same("conv_in")?,
-            down: (0..levels).map(|i| Level::load(l, &format!("down_blocks.{i}"), 2)).collect::<Result<_, _>>()?,
-            mid_resnet_0: ResnetBlock::load(l, "mid_block.resnets.0", RESNET_EPS)?,
-            mid_attention: SpatialTransformer::load(l, "mid_block.attentions.0")?,
-            mid_resnet_1: ResnetBlock::load(l, "mid_block.resnets.1", RESNET_EPS)?,
-            up: (0..levels).map(|i| Level::load(l, &format!("up_blocks.{i}"), 1)).collect::<Result<_, _>>()?,
+            down: (0..levels).map(|i| Level::load(&down.pp(i), true)).collect::<Result<_, _>>()?,
+            mid_resnet_0: ResnetBlock::load(&mid.pp("resnets.0"), RESNET_EPS)?,
+            mid_attention: SpatialTransformer::load(&mid.pp("attentions.0"))?,
+            mid_resnet_1: ResnetBlock::load(&mid.pp("resnets.1"), RESNET_EPS)?,
+            up: (0..levels).map(|i| Level::load(&up.pp(i), false)).collect::<Result<_, _>>()?,
             conv_norm_out: l.group_norm("conv_norm_out", RESNET_EPS)?,
             conv_out: l.conv_same("conv_out")?,
             config,
@@ -271,8 +283,8 @@ impl Unet {
                 h = level.layer(j, h, &temb, context);
                 skips.push(h.clone());
             }
-            if let Some(down) = &level.sampler {
-                h = down.forward(h);
+            if let Some(downsampler) = &level.downsampler {
+                h = downsampler.forward(h);
                 skips.push(h.clone());
             }
         }
@@ -284,10 +296,10 @@ impl Unet {
                 let skip = skips.pop().expect("one skip per up-block resnet");
                 h = level.layer(j, Tensor::cat(vec![h, skip], 1), &temb, context);
             }
-            if let Some(up) = &level.sampler {
+            if let Some(upsampler) = &level.upsampler {
                 // Upsample to the next skip's size: odd latent sides round up on the way down.
                 let [_, _, sh, sw] = skips.last().expect("skip below an upsampler").dims();
-                h = up.forward(upsample_nearest_to(h, sh, sw));
+                h = upsampler.forward(upsample_nearest_to(h, sh, sw));
             }
         }
         self.conv_out.forward(group_norm::forward(&self.conv_norm_out, h, true))

@@ -28,13 +28,13 @@ struct PixelAttention {
 }
 
 impl PixelAttention {
-    fn load(l: &Loader, p: &str) -> Result<Self, WeightsError> {
+    fn load(l: &Loader) -> Result<Self, WeightsError> {
         Ok(Self {
-            group_norm: l.group_norm(&format!("{p}.group_norm"), EPS)?,
-            to_q: l.linear(&format!("{p}.to_q"))?,
-            to_k: l.linear(&format!("{p}.to_k"))?,
-            to_v: l.linear(&format!("{p}.to_v"))?,
-            to_out: l.linear(&format!("{p}.to_out.0"))?,
+            group_norm: l.group_norm("group_norm", EPS)?,
+            to_q: l.linear("to_q")?,
+            to_k: l.linear("to_k")?,
+            to_v: l.linear("to_v")?,
+            to_out: l.linear("to_out.0")?,
         })
     }
 
@@ -55,11 +55,11 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn load(l: &Loader, p: &str) -> Result<Self, WeightsError> {
+    fn load(l: &Loader) -> Result<Self, WeightsError> {
         Ok(Self {
-            resnet_0: ResnetBlock::load(l, &format!("{p}.resnets.0"), EPS)?,
-            attention: PixelAttention::load(l, &format!("{p}.attentions.0"))?,
-            resnet_1: ResnetBlock::load(l, &format!("{p}.resnets.1"), EPS)?,
+            resnet_0: ResnetBlock::load(&l.pp("resnets.0"), EPS)?,
+            attention: PixelAttention::load(&l.pp("attentions.0"))?,
+            resnet_1: ResnetBlock::load(&l.pp("resnets.1"), EPS)?,
         })
     }
 
@@ -68,25 +68,35 @@ impl MidBlock {
     }
 }
 
+/// One encoder (down) or decoder (up) level: resnets, then (on all levels but the last) a
+/// downsampler or an upsampler.
 #[derive(Module, Debug)]
 struct Level {
     resnets: Vec<ResnetBlock>,
-    sampler: Option<Conv2d>,
+    /// Encoder levels: a stride-2 conv.
+    downsampler: Option<Conv2d>,
+    /// Decoder levels: a conv after nearest-neighbour 2x upsampling.
+    upsampler: Option<Conv2d>,
 }
 
 impl Level {
-    fn load(l: &Loader, p: &str, down: bool) -> Result<Self, WeightsError> {
-        let n = l.count(&format!("{p}.resnets"), "conv1.weight");
-        let resnets =
-            (0..n).map(|j| ResnetBlock::load(l, &format!("{p}.resnets.{j}"), EPS)).collect::<Result<_, _>>()?;
-        let name = format!("{p}.{}.0.conv", if down { "downsamplers" } else { "upsamplers" });
-        let sampler = match (l.has(&format!("{name}.weight")), down) {
-            (false, _) => None,
-            // The VAE pads only right and bottom before its stride-2 conv.
-            (true, true) => Some(l.conv2d(&name, 2, PaddingConfig2d::Explicit(0, 0, 1, 1))?),
-            (true, false) => Some(l.conv_same(&name)?),
-        };
-        Ok(Self { resnets, sampler })
+    /// From `encoder.down_blocks.{i}` (`down`) or `decoder.up_blocks.{i}`.
+    fn load(l: &Loader, down: bool) -> Result<Self, WeightsError> {
+        let resnets = l.pp("resnets");
+        let resnets = (0..resnets.count("conv1.weight"))
+            .map(|j| ResnetBlock::load(&resnets.pp(j), EPS))
+            .collect::<Result<_, _>>()?;
+        let (downsampler, upsampler) = (l.pp("downsamplers.0"), l.pp("upsamplers.0"));
+        Ok(Self {
+            resnets,
+            downsampler: if down && downsampler.has("conv.weight") {
+                // The VAE pads only right and bottom before its stride-2 conv.
+                Some(downsampler.conv2d("conv", 2, PaddingConfig2d::Explicit(0, 0, 1, 1))?)
+            } else {
+                None
+            },
+            upsampler: if !down && upsampler.has("conv.weight") { Some(upsampler.conv_same("conv")?) } else { None },
+        })
     }
 }
 
@@ -100,25 +110,31 @@ struct Coder {
 }
 
 impl Coder {
-    fn load(l: &Loader, p: &str, down: bool) -> Result<Self, WeightsError> {
-        let blocks = if down { "down_blocks" } else { "up_blocks" };
-        let n = l.count(&format!("{p}.{blocks}"), "resnets.0.conv1.weight");
+    /// From `encoder` (`down`) or `decoder`.
+    fn load(l: &Loader, down: bool) -> Result<Self, WeightsError> {
+        let levels = l.pp(if down { "down_blocks" } else { "up_blocks" });
         Ok(Self {
-            conv_in: l.conv_same(&format!("{p}.conv_in"))?,
-            levels: (0..n).map(|i| Level::load(l, &format!("{p}.{blocks}.{i}"), down)).collect::<Result<_, _>>()?,
-            mid: MidBlock::load(l, &format!("{p}.mid_block"))?,
-            conv_norm_out: l.group_norm(&format!("{p}.conv_norm_out"), EPS)?,
-            conv_out: l.conv_same(&format!("{p}.conv_out"))?,
+            conv_in: l.conv_same("conv_in")?,
+            levels: (0..levels.count("resnets.0.conv1.weight"))
+                .map(|i| Level::load(&levels.pp(i), down))
+                .collect::<Result<_, _>>()?,
+            mid: MidBlock::load(&l.pp("mid_block"))?,
+            conv_norm_out: l.group_norm("conv_norm_out", EPS)?,
+            conv_out: l.conv_same("conv_out")?,
         })
     }
 
-    fn levels(&self, mut h: Tensor<4>, down: bool) -> Tensor<4> {
+    /// The levels in turn: the encoder's downsample, the decoder's upsample.
+    fn levels(&self, mut h: Tensor<4>) -> Tensor<4> {
         for level in &self.levels {
             for r in &level.resnets {
                 h = r.forward(h, None);
             }
-            if let Some(conv) = &level.sampler {
-                h = conv.forward(if down { h } else { upsample_nearest_2x(h) });
+            if let Some(downsampler) = &level.downsampler {
+                h = downsampler.forward(h);
+            }
+            if let Some(upsampler) = &level.upsampler {
+                h = upsampler.forward(upsample_nearest_2x(h));
             }
         }
         h
@@ -148,13 +164,14 @@ pub struct LatentDist {
 
 impl Vae {
     pub fn load(l: &Loader) -> Result<Self, WeightsError> {
+        let up = l.pp("decoder.up_blocks");
         Ok(Self {
-            encoder: Coder::load(l, "encoder", true)?,
+            encoder: Coder::load(&l.pp("encoder"), true)?,
             quant_conv: l.conv_same("quant_conv")?,
-            decoder: Coder::load(l, "decoder", false)?,
+            decoder: Coder::load(&l.pp("decoder"), false)?,
             post_quant_conv: l.conv_same("post_quant_conv")?,
-            decoder_channels: (0..l.count("decoder.up_blocks", "resnets.0.conv1.weight"))
-                .map(|i| l.shape(&format!("decoder.up_blocks.{i}.resnets.0.conv2.weight")).map(|s| s[0]))
+            decoder_channels: (0..up.count("resnets.0.conv1.weight"))
+                .map(|i| up.pp(i).shape("resnets.0.conv2.weight").map(|s| s[0]))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -166,7 +183,7 @@ impl Vae {
         let mut peak = 0;
         for (&c, level) in self.decoder_channels.iter().zip(&self.decoder.levels) {
             peak = peak.max(b * c * h * w * side * side * 4);
-            if level.sampler.is_some() {
+            if level.upsampler.is_some() {
                 side *= 2;
                 peak = peak.max(b * c * h * w * side * side * 4);
             }
@@ -177,7 +194,7 @@ impl Vae {
     /// Pixels `[B, 3, H, W]` in [-1, 1] -> latent distribution `[B, 4, H/8, W/8]`.
     pub fn encode(&self, x: Tensor<4>) -> LatentDist {
         let h = self.encoder.conv_in.forward(x);
-        let h = self.encoder.levels(h, true);
+        let h = self.encoder.levels(h);
         let h = self.quant_conv.forward(self.encoder.finish(self.encoder.mid.forward(h)));
         let c = h.dims()[1] / 2;
         let mut parts = h.split(c, 1);
@@ -190,6 +207,6 @@ impl Vae {
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
         let h = self.decoder.conv_in.forward(self.post_quant_conv.forward(z));
         let h = self.decoder.mid.forward(h);
-        self.decoder.finish(self.decoder.levels(h, false))
+        self.decoder.finish(self.decoder.levels(h))
     }
 }

@@ -7,17 +7,18 @@ use burn::module::Param;
 use burn::tensor::{Device, Tensor};
 use rand::{Rng, RngExt};
 
+use crate::lora;
 use crate::model::adapter::{Adaptable, LowRank, Projection};
 use crate::model::layers::{to_device, to_host};
 use crate::weights::HostTensor;
 
-/// kohya key prefixes: `lora_unet_…` for the UNet, `lora_te_…` for the text encoder.
-pub const UNET_PREFIX: &str = "lora_unet";
-pub const TEXT_PREFIX: &str = "lora_te";
+/// kohya key prefixes (`lora_unet_…`, `lora_te_…`), shared with reading LoRA files.
+pub use crate::lora::{TEXT_PREFIX, UNET_PREFIX};
 
-/// `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`.
-pub fn kohya_name(prefix: &str, block: &dyn Adaptable, p: Projection) -> String {
-    format!("{prefix}_{}_{}", block.module_name(), block.projection_name(p)).replace('.', "_")
+/// The kohya name of projection `p` of `block`, as [`lora::kohya_name`] names a LoRA file's
+/// modules: `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`.
+fn adapter_name(prefix: &str, block: &dyn Adaptable, p: Projection) -> String {
+    lora::kohya_name(prefix, &format!("{}.{}", block.module_name(), block.projection_name(p)))
 }
 
 /// Attaches fresh adapters to every projection of `blocks`, initialised as kohya and peft
@@ -46,7 +47,7 @@ pub fn attach_from(
 ) -> Result<(), String> {
     for block in blocks {
         for p in Projection::ALL {
-            let name = kohya_name(prefix, block, p);
+            let name = adapter_name(prefix, block, p);
             let get = |suffix: &str| {
                 tensors.get(&format!("{name}.{suffix}")).ok_or_else(|| format!("missing `{name}.{suffix}`"))
             };
@@ -78,7 +79,7 @@ pub fn named<'a>(blocks: Vec<&'a dyn Adaptable>, prefix: &str) -> Vec<(String, &
     for block in blocks {
         for p in Projection::ALL {
             if let Some(a) = block.adapters().get(p) {
-                out.push((kohya_name(prefix, block, p), a));
+                out.push((adapter_name(prefix, block, p), a));
             }
         }
     }
@@ -89,7 +90,7 @@ pub fn named<'a>(blocks: Vec<&'a dyn Adaptable>, prefix: &str) -> Vec<(String, &
 pub fn named_mut<'a>(blocks: Vec<&'a mut dyn Adaptable>, prefix: &str) -> Vec<(String, &'a mut LowRank)> {
     let mut out = Vec::new();
     for block in blocks {
-        let names: Vec<String> = Projection::ALL.iter().map(|&p| kohya_name(prefix, block, p)).collect();
+        let names: Vec<String> = Projection::ALL.iter().map(|&p| adapter_name(prefix, block, p)).collect();
         for ((_, slot), name) in block.adapters_mut().slots_mut().into_iter().zip(names) {
             if let Some(a) = slot.as_mut() {
                 out.push((name, a));
