@@ -39,7 +39,7 @@ pub struct GenerateArgs {
     sampler: Option<String>,
     /// A1111's "Schedule type" for any k-diffusion sampler: normal (Uniform), karras, exponential.
     #[arg(long, value_enum)]
-    schedule: Option<ScheduleArg>,
+    schedule: Option<ScheduleKind>,
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long)]
@@ -134,13 +134,6 @@ pub struct Img2ImgArgs {
     /// Pixels around the mask included in the --inpaint-full-res region.
     #[arg(long, default_value_t = 32)]
     inpaint_full_res_padding: u32,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum ScheduleArg {
-    Normal,
-    Karras,
-    Exponential,
 }
 
 pub fn txt2img(a: GenerateArgs) -> anyhow::Result<()> {
@@ -348,11 +341,7 @@ fn sampler(a: &GenerateArgs, png: Option<&Infotext>) -> anyhow::Result<Sampler> 
     let mut s = Sampler::parse(&name).map_err(anyhow::Error::msg)?;
     let png_schedule = png.and_then(|p| p.get("Schedule type"));
     if let Some(sch) = a.schedule {
-        s.schedule = match sch {
-            ScheduleArg::Normal => ScheduleKind::Normal,
-            ScheduleArg::Karras => ScheduleKind::Karras,
-            ScheduleArg::Exponential => ScheduleKind::Exponential,
-        };
+        s.schedule = sch;
     } else if let Some(label) = png_schedule.filter(|_| a.sampler.is_none()) {
         s.schedule = match label.to_lowercase().as_str() {
             "karras" => ScheduleKind::Karras,
