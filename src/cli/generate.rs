@@ -38,7 +38,7 @@ pub struct GenerateArgs {
     sampler: Option<String>,
     /// A1111's "Schedule type" for any k-diffusion sampler: normal (Uniform), karras, exponential.
     #[arg(long, value_enum)]
-    schedule: Option<ScheduleArg>,
+    schedule: Option<ScheduleKind>,
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long)]
@@ -133,13 +133,6 @@ pub struct Img2ImgArgs {
     /// Pixels around the mask included in the --inpaint-full-res region.
     #[arg(long, default_value_t = 32)]
     inpaint_full_res_padding: u32,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum ScheduleArg {
-    Normal,
-    Karras,
-    Exponential,
 }
 
 pub fn txt2img(a: GenerateArgs) -> anyhow::Result<()> {
@@ -317,11 +310,7 @@ fn build_params(
         p.sampler = Sampler::parse(name).map_err(anyhow::Error::msg)?;
     }
     if let Some(schedule) = a.schedule {
-        p.sampler.schedule = match schedule {
-            ScheduleArg::Normal => ScheduleKind::Normal,
-            ScheduleArg::Karras => ScheduleKind::Karras,
-            ScheduleArg::Exponential => ScheduleKind::Exponential,
-        };
+        p.sampler.schedule = schedule;
     }
     if a.seed.is_some() || png.and_then(|png| png.get("Seed")).is_none() {
         p.seed = resolve_seed(a.seed.unwrap_or(-1))?;

@@ -81,7 +81,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Txt2img(args) => generate::txt2img(*args),
         Command::Img2img(args) => generate::img2img(*args),
         Command::Samplers => {
-            for (cli, a1111) in sampling::SAMPLER_NAMES {
+            for (cli, a1111) in sampling::sampler_names() {
                 println!("{cli:<18} {a1111}");
             }
             Ok(())

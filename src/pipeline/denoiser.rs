@@ -30,11 +30,8 @@ pub struct CfgDenoiser<'a> {
 }
 
 impl<'a> CfgDenoiser<'a> {
-    /// `cond` / `uncond` are `[1, S, D]` conditionings of the prompt and negative prompt.
-    pub fn new(unet: &'a Unet, cond: Tensor<3>, uncond: Tensor<3>, cfg_scale: f32, shape: [usize; 4]) -> Self {
-        Self::scheduled(unet, vec![(usize::MAX, cond)], vec![(usize::MAX, uncond)], cfg_scale, shape)
-    }
-
+    /// `cond` / `uncond` are the prompt's and negative prompt's schedules of `[1, S, D]`
+    /// conditionings.
     pub fn scheduled(
         unet: &'a Unet,
         cond: CondSchedule,

@@ -4,22 +4,37 @@
 //! - [`schedule`]: the SD 1.x DDPM schedule and its sigma schedules
 //!   (uniform/"Automatic", Karras, exponential), k-diffusion's
 //!   `CompVisDenoiser` maps between sigma and timestep.
-//! - [`samplers`]: k-diffusion's samplers over a [`Denoiser`], diffusers' DDIM
-//!   over an [`EpsModel`], the registry of CLI/A1111 names, and [`sample`],
-//!   which runs a [`Sampler`] from initial noise to the final latent.
+//! - [`denoiser`]: what samplers run against: the model as an [`EpsModel`], seen as
+//!   a [`Denoiser`] through [`CompVisDenoiser`], and a sampler's per-step noise and
+//!   progress ([`SampleCtx`]).
+//! - [`k_diffusion`]: k-diffusion's samplers (Euler, Euler a, Heun, DPM2, LMS,
+//!   DPM++ 2M, DPM++ 2S a) over a [`Denoiser`].
+//! - [`ddim`]: diffusers' DDIM over an [`EpsModel`].
+//! - [`registry`]: [`SAMPLERS`], the one table of every sampler's CLI/A1111 names
+//!   and function, and [`Sampler`] (a sampler with its schedule) with its parsing.
+//! - [`run`]: [`sample`], which runs a [`Sampler`] from initial noise
+//!   to the final latent, and [`sigmas_for`].
 //!
 //! The UNet runs elsewhere (any device); it enters here as an [`EpsModel`]
 //! (`eps(x, t)`), wrapped as k-diffusion does by [`CompVisDenoiser`].
 
+pub mod ddim;
+pub mod denoiser;
+pub mod k_diffusion;
+pub mod registry;
 pub mod rng;
-pub mod samplers;
+pub mod run;
 pub mod schedule;
 
-pub use rng::Philox;
-pub use samplers::{
-    CompVisDenoiser, Denoiser, EpsModel, KSamplerFn, NoProgress, NoiseSource, Progress, SAMPLER_NAMES, SampleCtx,
-    Sampler, SamplerKind, ScheduleKind, Start, ddim, ddim_timesteps, dpm2, dpmpp_2m, dpmpp_2s_ancestral, euler,
-    euler_ancestral, get_ancestral_step, heun, img2img_steps, linear_multistep_coeff, lms, parse_sampler, sample,
-    schedule_sigmas, sigmas_for,
+pub use ddim::ddim_timesteps;
+pub use denoiser::{CompVisDenoiser, Denoiser, EpsModel, NoProgress, NoiseSource, Progress, SampleCtx};
+pub use k_diffusion::{
+    KSamplerFn, dpm2, dpmpp_2m, dpmpp_2s_ancestral, euler, euler_ancestral, get_ancestral_step, heun,
+    linear_multistep_coeff, lms,
 };
+pub use registry::{
+    SAMPLERS, Sampler, SamplerEntry, SamplerFn, SamplerKind, ScheduleKind, parse_sampler, sampler_names,
+};
+pub use rng::Philox;
+pub use run::{DenoisedHook, Start, img2img_steps, sample, schedule_sigmas, sigmas_for};
 pub use schedule::Schedule;

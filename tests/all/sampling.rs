@@ -285,10 +285,10 @@ fn parse_sampler_accepts_cli_and_a1111_names() {
         assert_eq!(parse_sampler(name), Ok((kind, sched)), "{name}");
     }
     // Every listed name parses, and back to the same CLI name.
-    for (cli, a1111) in sdw::sampling::SAMPLER_NAMES {
-        let s = Sampler::parse(cli).unwrap();
+    for (cli, a1111) in sdw::sampling::sampler_names() {
+        let s = Sampler::parse(&cli).unwrap();
         assert_eq!(s.cli_name(), cli);
-        assert_eq!(Sampler::parse(a1111).unwrap(), s, "{a1111}");
+        assert_eq!(Sampler::parse(&a1111).unwrap(), s, "{a1111}");
         assert_eq!(cli.parse::<Sampler>().unwrap().to_string(), cli);
     }
 }

@@ -2,7 +2,7 @@
 //! and the ones `--from-png`, PNG Info and the API read.
 
 use crate::output::fmt_num;
-use crate::sampling::{Sampler, SamplerKind, ScheduleKind, parse_sampler};
+use crate::sampling::{Sampler, ScheduleKind, parse_sampler};
 
 use super::Infotext;
 use crate::pipeline::{GenerationParams, HiresFix, Variation};
@@ -118,7 +118,7 @@ impl Infotext {
             None => (base.kind, None),
         };
         let schedule = match (self.get("Schedule type"), named_schedule) {
-            (Some(label), _) => schedule_from_label(label, kind)?,
+            (Some(label), _) => ScheduleKind::from_a1111(label, kind)?,
             // An older A1111 name with the schedule in it ("DPM++ 2M Karras").
             (None, Some(s)) => s,
             (None, None) => kind.automatic_schedule(),
@@ -136,21 +136,6 @@ impl Infotext {
             .ok_or("the infotext has a \"Variation seed strength\" but no \"Variation seed\"")?;
         Ok(Some(Variation { subseed, strength }))
     }
-}
-
-/// A1111's "Schedule type" label as a schedule for `kind`.
-fn schedule_from_label(label: &str, kind: SamplerKind) -> Result<ScheduleKind, String> {
-    Ok(match label.to_lowercase().as_str() {
-        "karras" => ScheduleKind::Karras,
-        "exponential" => ScheduleKind::Exponential,
-        "uniform" | "normal" => ScheduleKind::Normal,
-        "automatic" => kind.automatic_schedule(),
-        other => {
-            return Err(format!(
-                "Schedule type \"{other}\" in the image is not one sdw has (uniform, karras, exponential)"
-            ));
-        }
-    })
 }
 
 #[cfg(test)]
