@@ -87,6 +87,30 @@ pub fn max_level_diff(a: &[u8], b: &[u8]) -> u8 {
     a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
 }
 
+/// Inpainting's promise, pixel by pixel: where the (blurred) mask is 0 the result is the
+/// original exactly (panics naming the pixel otherwise). Returns (pixels kept, pixels at
+/// mask >= `repaint_from` that changed).
+pub fn kept_and_repainted(
+    what: &str,
+    result: &[u8],
+    original: &[u8],
+    mask: &image::GrayImage,
+    repaint_from: u8,
+) -> (usize, usize) {
+    let (mut kept, mut changed) = (0, 0);
+    for (i, m) in mask.pixels().enumerate() {
+        let (got, orig) = (&result[3 * i..3 * i + 3], &original[3 * i..3 * i + 3]);
+        if m[0] == 0 {
+            assert_eq!(got, orig, "{what}: unmasked pixel {i} changed");
+            kept += 1;
+        } else if m[0] >= repaint_from && got != orig {
+            changed += 1;
+        }
+    }
+    eprintln!("{what}: {kept} unmasked pixels kept exactly, {changed} masked pixels repainted");
+    (kept, changed)
+}
+
 /// An image file's RGB bytes.
 pub fn rgb_bytes(path: &std::path::Path) -> Vec<u8> {
     image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8().into_raw()

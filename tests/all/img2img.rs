@@ -74,22 +74,15 @@ fn inpainting_keeps_unmasked_pixels_exactly() {
     let blurred = image_input::blur_mask(&left_half_mask(), blur);
     for model in ["tiny-sd-fp16.safetensors", "tiny-sd-inpaint-fp16.safetensors"] {
         let sd = StableDiffusion::load(&fixture(model), cpu.clone()).unwrap();
-        for fill in [InpaintingFill::Original, InpaintingFill::LatentNoise, InpaintingFill::LatentNothing] {
+        for fill in
+            [InpaintingFill::Fill, InpaintingFill::Original, InpaintingFill::LatentNoise, InpaintingFill::LatentNothing]
+        {
             let mask = Mask { mask: left_half_mask(), blur, fill };
             let init = InitImage { image: init_rgb.clone(), denoising_strength: 0.9, mask: Some(mask) };
             let out = sd.img2img(&p, &init, &mut NoProgress).unwrap();
             let img = out.rgb8(0);
-            let (mut kept, mut changed) = (0, 0);
-            for (i, m) in blurred.pixels().enumerate() {
-                let (got, orig) = (&img.pixels[3 * i..3 * i + 3], &init_rgb.as_raw()[3 * i..3 * i + 3]);
-                if m[0] == 0 {
-                    assert_eq!(got, orig, "{model} {fill:?}: unmasked pixel {i} changed");
-                    kept += 1;
-                } else if m[0] == 255 && got != orig {
-                    changed += 1;
-                }
-            }
-            eprintln!("{model} {fill:?}: {kept} unmasked pixels kept exactly, {changed} masked pixels repainted");
+            let what = format!("{model} {fill:?}");
+            let (kept, changed) = kept_and_repainted(&what, &img.pixels, init_rgb.as_raw(), &blurred, 255);
             assert!(kept > 1000 && changed > 500, "{kept} kept, {changed} changed");
             assert!(out.infotexts[0].contains("Mask blur: 4"), "{}", out.infotexts[0]);
         }
@@ -191,17 +184,7 @@ fn inpaint_full_res_repaints_only_the_region_at_full_size() {
     let out = sd.inpaint_full_res(&p, &photo, &m, 0.9, 8, &mut NoProgress).unwrap();
     let (img, infos) = (&out.rgb8(0), &out.infotexts);
     assert_eq!((img.width, img.height), (120, 96));
-    let (mut kept, mut changed) = (0, 0);
-    for (i, px) in blurred.pixels().enumerate() {
-        let (got, orig) = (&img.pixels[3 * i..3 * i + 3], &photo.as_raw()[3 * i..3 * i + 3]);
-        if px[0] == 0 {
-            assert_eq!(got, orig, "unmasked pixel {i} changed");
-            kept += 1;
-        } else if px[0] >= 200 && got != orig {
-            changed += 1;
-        }
-    }
-    eprintln!("full-res inpaint: {kept} kept, {changed} repainted");
+    let (_, changed) = kept_and_repainted("full-res inpaint", &img.pixels, photo.as_raw(), &blurred, 200);
     assert!(changed > 100, "{changed}");
     for field in ["Mask blur: 4", "Inpaint area: Only masked", "Masked area padding: 8"] {
         assert!(infos[0].contains(field), "{field} missing: {}", infos[0]);
