@@ -99,17 +99,9 @@ pub fn fresh_path(path: &Path) -> PathBuf {
 /// A1111's "Model hash": first 10 hex digits of the file's SHA-256, cached by path,
 /// size and modification time so a 4 GB file is hashed once.
 pub fn model_hash(path: &Path) -> std::io::Result<String> {
-    let meta = fs::metadata(path)?;
-    let mtime =
-        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
-    let canonical = fs::canonicalize(path)?;
-    let key = format!("{}|{}|{}", canonical.display(), meta.len(), mtime);
+    let key = hash_key(path)?;
     let cache = cache_file();
-    let mut entries: std::collections::BTreeMap<String, String> = cache
-        .as_ref()
-        .and_then(|c| fs::read_to_string(c).ok())
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
+    let mut entries = cached_hashes();
     if let Some(h) = entries.get(&key) {
         return Ok(h.clone());
     }
@@ -120,6 +112,26 @@ pub fn model_hash(path: &Path) -> std::io::Result<String> {
         let _ = write_atomic(&c, serde_json::to_string_pretty(&entries).unwrap_or_default().as_bytes());
     }
     Ok(hash)
+}
+
+/// [`model_hash`] if it is in the cache, without reading the file (listings).
+pub fn cached_model_hash(path: &Path) -> Option<String> {
+    cached_hashes().remove(&hash_key(path).ok()?)
+}
+
+/// The cache key of a file: its canonical path, size and modification time.
+fn hash_key(path: &Path) -> std::io::Result<String> {
+    let meta = fs::metadata(path)?;
+    let mtime =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+    Ok(format!("{}|{}|{}", fs::canonicalize(path)?.display(), meta.len(), mtime))
+}
+
+fn cached_hashes() -> std::collections::BTreeMap<String, String> {
+    cache_file()
+        .and_then(|c| fs::read_to_string(c).ok())
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
 }
 
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {

@@ -226,15 +226,12 @@ pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
 /// The batch's 8-bit images and infotexts; a NaN or all-black decode is an error with the
 /// remedy (A1111's NaN check), never a saved black image.
 fn checked(out: Generated) -> anyhow::Result<(Vec<output::RgbImage>, Vec<String>)> {
-    let per_image = out.image.data.len() / out.len().max(1);
-    for (i, img) in out.image.data.chunks(per_image).enumerate() {
-        if img.iter().any(|v| !v.is_finite()) || img.iter().all(|&v| v <= -1.0) {
-            bail!(
-                "image {} of the batch decoded to NaN or pure black: the model or VAE overflowed. \
-                 Try another --vae (e.g. vae-ft-mse-840000-ema-pruned.safetensors), or --device cpu",
-                i + 1
-            );
-        }
+    if let Some(i) = out.overflowed() {
+        bail!(
+            "image {} of the batch decoded to NaN or pure black: the model or VAE overflowed. \
+             Try another --vae (e.g. vae-ft-mse-840000-ema-pruned.safetensors), or --device cpu",
+            i + 1
+        );
     }
     Ok(((0..out.len()).map(|i| out.rgb8(i)).collect(), out.infotexts))
 }

@@ -4,6 +4,7 @@ mod bench;
 mod doctor;
 mod generate;
 mod progress;
+mod serve;
 
 use std::path::{Path, PathBuf};
 
@@ -54,6 +55,8 @@ enum Command {
     /// Time CLIP, a UNet step, the VAE and a whole txt2img, cold and warm, with peak memory
     /// (random SD 1.5 weights unless --model is given).
     Bench(bench::BenchArgs),
+    /// The AUTOMATIC1111 web UI and API (/sdapi/v1) on http://127.0.0.1:7860.
+    Serve(Box<serve::ServeArgs>),
     /// sdw's own WGSL shaders.
     Shaders {
         #[command(subcommand)]
@@ -78,6 +81,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Doctor(args) => doctor::run(args),
         Command::Shaders { action: ShadersAction::Dump { dir } } => dump_shaders(&dir),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Txt2img(args) => generate::txt2img(*args),
         Command::Img2img(args) => generate::img2img(*args),
         Command::Samplers => {

@@ -34,7 +34,8 @@ pub(super) struct Conditioning {
 }
 
 impl StableDiffusion {
-    pub(super) fn check(&self, p: &GenerationParams) -> Result<(), PipelineError> {
+    /// `p` is valid for this model (and in itself).
+    pub fn check(&self, p: &GenerationParams) -> Result<(), PipelineError> {
         p.validate()?;
         if p.clip_skip > self.clip.num_layers() {
             return Err(PipelineError::Invalid(format!(

@@ -43,6 +43,16 @@ impl Generated {
         self.len() == 0
     }
 
+    /// The first image that decoded to NaN or pure black (a VAE or UNet overflow, A1111's
+    /// NaN check): such an image must be an error with a remedy, never a saved black image.
+    pub fn overflowed(&self) -> Option<usize> {
+        let per_image = self.image.data.len() / self.len().max(1);
+        self.image
+            .data
+            .chunks(per_image.max(1))
+            .position(|img| img.iter().any(|v| !v.is_finite()) || img.iter().all(|&v| v <= -1.0))
+    }
+
     /// Image `i` as 8-bit RGB (A1111's truncation), composed as [`Composite`] says.
     pub fn rgb8(&self, i: usize) -> output::RgbImage {
         let [_, _, h, w] = self.image.shape[..] else { panic!("images are [B, 3, H, W]") };

@@ -43,6 +43,38 @@ pub fn open_mask(path: &Path) -> Result<GrayImage, PipelineError> {
     Ok(img.to_luma8())
 }
 
+/// The masked area (white) filled with the colours around it (A1111's `masking.fill`,
+/// "Masked content: fill"): the unmasked pixels blurred at falling radii, each blur
+/// composited over the last, so far areas get the average colour and near ones the
+/// neighbouring colours. Blurs are of premultiplied colour, as PIL's "RGBa" mode.
+pub fn fill_masked(image: &RgbImage, mask: &GrayImage) -> RgbImage {
+    let (w, h) = image.dimensions();
+    let premultiplied = image::Rgba32FImage::from_fn(w, h, |x, y| {
+        // In 0..1: the image crate's f32 pixels are clamped to that range.
+        let a = 1.0 - mask.get_pixel(x, y)[0] as f32 / 255.0;
+        let p = image.get_pixel(x, y).0.map(|c| c as f32 / 255.0 * a);
+        image::Rgba([p[0], p[1], p[2], a])
+    });
+    let mut acc = vec![[0f32; 4]; (w * h) as usize];
+    for (radius, repeats) in [(256.0, 1), (64.0, 1), (16.0, 2), (4.0, 4), (2.0, 2), (0.0, 1)] {
+        let blurred = if radius > 0.0 { imageops::fast_blur(&premultiplied, radius) } else { premultiplied.clone() };
+        for _ in 0..repeats {
+            for (dst, src) in acc.iter_mut().zip(blurred.pixels()) {
+                // Source-over in premultiplied form: out = src + dst * (1 - src_alpha).
+                let keep = 1.0 - src[3].clamp(0.0, 1.0);
+                for c in 0..4 {
+                    dst[c] = src[c].max(0.0) + dst[c] * keep;
+                }
+            }
+        }
+    }
+    RgbImage::from_fn(w, h, |x, y| {
+        let p = acc[(y * w + x) as usize];
+        let rgb = |c: f32| if p[3] > 0.0 { (c / p[3] * 255.0).round().clamp(0.0, 255.0) as u8 } else { 0 };
+        image::Rgb([rgb(p[0]), rgb(p[1]), rgb(p[2])])
+    })
+}
+
 /// `img` fitted to `width` x `height` (Lanczos, as A1111's PIL LANCZOS).
 pub fn resize<P>(
     img: &image::ImageBuffer<P, Vec<u8>>,
@@ -151,6 +183,27 @@ fn reflect101(i: i64, n: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fill_takes_the_colours_around_the_mask() {
+        // Left half red, right half blue; a hole over the middle of the red half.
+        let img = RgbImage::from_fn(64, 32, |x, _| image::Rgb(if x < 32 { [200, 0, 0] } else { [0, 0, 200] }));
+        let mask = GrayImage::from_fn(64, 32, |x, y| {
+            image::Luma([if (8..20).contains(&x) && (8..24).contains(&y) { 255 } else { 0 }])
+        });
+        let mut holed = img.clone();
+        for (x, y, m) in mask.enumerate_pixels() {
+            if m[0] > 0 {
+                holed.put_pixel(x, y, image::Rgb([0, 255, 0]));
+            }
+        }
+        let filled = fill_masked(&holed, &mask);
+        // Unmasked pixels stay; the hole turns red (its neighbours), none of the green stays.
+        assert_eq!(filled.get_pixel(40, 5), img.get_pixel(40, 5));
+        assert_eq!(filled.get_pixel(2, 2), img.get_pixel(2, 2));
+        let p = filled.get_pixel(14, 16);
+        assert!(p[0] > 150 && p[1] == 0 && p[2] < 60, "{p:?}");
+    }
 
     #[test]
     fn reflect_101_borders() {

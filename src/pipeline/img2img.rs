@@ -19,6 +19,8 @@ use super::{PipelineError, StableDiffusion};
 /// What the masked area starts from (A1111's "Masked content").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum InpaintingFill {
+    /// The init image with the masked area filled from the colours around it.
+    Fill,
     /// The init image's latent.
     #[default]
     Original,
@@ -31,6 +33,7 @@ pub enum InpaintingFill {
 impl InpaintingFill {
     fn a1111_code(self) -> u8 {
         match self {
+            InpaintingFill::Fill => 0,
             InpaintingFill::Original => 1,
             InpaintingFill::LatentNoise => 2,
             InpaintingFill::LatentNothing => 3,
@@ -95,18 +98,23 @@ impl StableDiffusion {
         }
         let b = p.batch_size;
         let shape = [b, 4, p.height / 8, p.width / 8];
-        let pixels = image_input::to_tensor(&init.image);
+        let blurred = init.mask.as_ref().map(|m| image_input::blur_mask(&m.mask, m.blur));
+        let pixels = match (&init.mask, &blurred) {
+            (Some(m), Some(blurred)) if m.fill == InpaintingFill::Fill => {
+                image_input::to_tensor(&image_input::fill_masked(&init.image, blurred))
+            }
+            _ => image_input::to_tensor(&init.image),
+        };
         let latent1 = self.encode_mean(&pixels);
         let mut init_latent: Vec<f32> = latent1.data.repeat(b);
         let conds = self.conditioning(p, p.steps, None)?;
         let (noise, mut rng) = self.initial_noise(p, shape);
 
-        let blurred = init.mask.as_ref().map(|m| image_input::blur_mask(&m.mask, m.blur));
         // Keep mask at latent size: 1 where the init latent stays (A1111's `self.mask`).
         let keep: Option<Vec<f32>> = blurred.as_ref().map(|m| latent_keep_mask(m, shape[2], shape[3]).repeat(b * 4));
         if let (Some(m), Some(keep)) = (&init.mask, &keep) {
             match m.fill {
-                InpaintingFill::Original => {}
+                InpaintingFill::Fill | InpaintingFill::Original => {}
                 InpaintingFill::LatentNoise => {
                     for ((x, k), n) in init_latent.iter_mut().zip(keep).zip(&noise) {
                         *x = *x * k + n * (1.0 - k);

@@ -20,7 +20,8 @@ impl StableDiffusion {
         let pass = Pass { shape, steps: p.steps, start: Start::Noise, keep: None, image_cond };
         let mut latents = self.run_pass(p, &conds, pass, noise.0, &mut rng, progress);
         let mut latent_shape = shape;
-        if let Some(hr) = p.hires {
+        // An interrupted first pass is the result: no hires pass after it.
+        if let Some(hr) = p.hires.filter(|_| !progress.stop()) {
             (latents, latent_shape) = self.hires_pass(p, hr, latents, shape, progress)?;
         }
         let latents = HostTensor::new(latent_shape.to_vec(), latents);

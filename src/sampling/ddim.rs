@@ -64,11 +64,15 @@ fn ddim_steps(
         let sqrt_a_prev = a_prev.sqrt();
         // eta = 0: std_dev_t = 0, so the direction is sqrt(1 - a_prev) * eps.
         let dir = (1.0 - a_prev - 0.0).sqrt();
-        for (x, e) in x.iter_mut().zip(&eps) {
-            let x0 = (*x - sqrt_b * e) / sqrt_a;
+        let x0: Vec<f32> = x.iter().zip(&eps).map(|(x, e)| (x - sqrt_b * e) / sqrt_a).collect();
+        for ((x, e), x0) in x.iter_mut().zip(&eps).zip(&x0) {
             *x = sqrt_a_prev * x0 + dir * e;
         }
+        progress.denoised(&x0);
         progress.step(i + 1, total);
+        if progress.stop() {
+            return x0;
+        }
     }
     x
 }

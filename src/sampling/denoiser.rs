@@ -69,6 +69,15 @@ impl NoiseSource for Philox {
 /// steps done (1-based) and the total.
 pub trait Progress {
     fn step(&mut self, done: usize, total: usize);
+
+    /// The step's denoised estimate (x0), before [`Self::step`]: for a live preview.
+    fn denoised(&mut self, _x0: &[f32]) {}
+
+    /// Whether to stop after this step (A1111's Interrupt): the sampler then returns its
+    /// last denoised estimate, as A1111 returns its last latent.
+    fn stop(&self) -> bool {
+        false
+    }
 }
 
 /// Reports nothing.
@@ -96,5 +105,12 @@ pub struct SampleCtx<'a> {
 impl<'a> SampleCtx<'a> {
     pub fn new(noise: &'a mut dyn NoiseSource, progress: &'a mut dyn Progress) -> Self {
         Self { noise, progress }
+    }
+
+    /// Reports a finished step and its denoised estimate; `true` when the sampler must stop.
+    pub fn report(&mut self, done: usize, total: usize, denoised: &[f32]) -> bool {
+        self.progress.denoised(denoised);
+        self.progress.step(done, total);
+        self.progress.stop()
     }
 }

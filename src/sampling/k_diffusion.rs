@@ -69,7 +69,9 @@ pub fn euler(den: &mut dyn Denoiser, mut x: Vec<f32>, sigmas: &[f32], ctx: &mut 
         let denoised = den.denoise(&x, s);
         let d = to_d(&x, s, &denoised);
         axpy(&mut x, &d, s_next - s);
-        ctx.progress.step(i + 1, n);
+        if ctx.report(i + 1, n, &denoised) {
+            return denoised;
+        }
     }
     x
 }
@@ -84,7 +86,9 @@ pub fn euler_ancestral(den: &mut dyn Denoiser, mut x: Vec<f32>, sigmas: &[f32], 
         let d = to_d(&x, s, &denoised);
         axpy(&mut x, &d, down - s);
         add_noise(&mut x, s_next, up, ctx);
-        ctx.progress.step(i + 1, n);
+        if ctx.report(i + 1, n, &denoised) {
+            return denoised;
+        }
     }
     x
 }
@@ -108,7 +112,9 @@ pub fn heun(den: &mut dyn Denoiser, mut x: Vec<f32>, sigmas: &[f32], ctx: &mut S
                 *x += (d + d2) / 2.0 * dt;
             }
         }
-        ctx.progress.step(i + 1, n);
+        if ctx.report(i + 1, n, &denoised) {
+            return denoised;
+        }
     }
     x
 }
@@ -135,7 +141,9 @@ pub fn dpm2(den: &mut dyn Denoiser, mut x: Vec<f32>, sigmas: &[f32], ctx: &mut S
             let d2 = to_d(&x2, sigma_mid, &denoised2);
             axpy(&mut x, &d2, s_next - s);
         }
-        ctx.progress.step(i + 1, n);
+        if ctx.report(i + 1, n, &denoised) {
+            return denoised;
+        }
     }
     x
 }
@@ -201,7 +209,9 @@ pub fn lms(den: &mut dyn Denoiser, mut x: Vec<f32>, sigmas: &[f32], ctx: &mut Sa
         for (x, a) in x.iter_mut().zip(&acc) {
             *x += a;
         }
-        ctx.progress.step(i + 1, n);
+        if ctx.report(i + 1, n, &denoised) {
+            return denoised;
+        }
     }
     x
 }
@@ -230,8 +240,10 @@ pub fn dpmpp_2m(den: &mut dyn Denoiser, mut x: Vec<f32>, sigmas: &[f32], ctx: &m
             }
             _ => lin2(ratio, &x, em1, &denoised),
         };
+        if ctx.report(i + 1, n, &denoised) {
+            return denoised;
+        }
         old_denoised = Some(denoised);
-        ctx.progress.step(i + 1, n);
     }
     x
 }
@@ -263,7 +275,9 @@ pub fn dpmpp_2s_ancestral(
             x = lin2(sigma_fn(t_next) / sigma_fn(t), &x, expm1_f32(-h), &denoised2);
         }
         add_noise(&mut x, s_next, up, ctx);
-        ctx.progress.step(i + 1, n);
+        if ctx.report(i + 1, n, &denoised) {
+            return denoised;
+        }
     }
     x
 }

@@ -16,7 +16,7 @@ pub mod step;
 
 pub use options::TrainOptions;
 pub use run::Trainer;
-pub use session::train;
+pub use session::{train, train_until};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

@@ -19,6 +19,12 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// Trains and writes the LoRA; returns its path. On Ctrl-C, saves a checkpoint and returns
 /// [`TrainError::Interrupted`].
 pub fn train(opts: TrainOptions) -> Result<PathBuf, TrainError> {
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+    train_until(opts, &INTERRUPTED)
+}
+
+/// [`train`], stopping (with a checkpoint to resume from) once `stop` is set.
+pub fn train_until(opts: TrainOptions, stop: &AtomicBool) -> Result<PathBuf, TrainError> {
     opts.validate().map_err(TrainError::Options)?;
     data::check_readable(&data::list_images(&opts.instance_dir)?)?;
     let (resume, dir) = open_run(&opts)?;
@@ -37,8 +43,7 @@ pub fn train(opts: TrainOptions) -> Result<PathBuf, TrainError> {
         t.step,
         dir.display()
     );
-    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
-    let result = train_loop(&mut t, &dir);
+    let result = train_loop(&mut t, &dir, stop);
     let (csv, png) = (dir.join("loss.csv"), dir.join("loss.png"));
     if let Err(e) = report::plot_csv(&csv, &png) {
         eprintln!("warning: could not plot {}: {e}", png.display());
@@ -85,7 +90,7 @@ fn open_run(opts: &TrainOptions) -> Result<(Option<Checkpoint>, PathBuf), TrainE
     Ok((Some(ck), dir))
 }
 
-fn train_loop(t: &mut Trainer, dir: &Path) -> Result<(), TrainError> {
+fn train_loop(t: &mut Trainer, dir: &Path, stop: &AtomicBool) -> Result<(), TrainError> {
     let total = t.opts.max_train_steps;
     let mut progress = Progress::new(t.step, total);
     let csv = dir.join("loss.csv");
@@ -106,7 +111,7 @@ fn train_loop(t: &mut Trainer, dir: &Path) -> Result<(), TrainError> {
         if every(t.opts.validation_every) {
             validate(t, dir)?;
         }
-        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        let interrupted = stop.load(Ordering::SeqCst);
         if every(t.opts.checkpoint_every) || step == total || interrupted {
             let path = state::checkpoint_path(&dir.join("checkpoints"), t.step);
             t.save_checkpoint(&path)?;

@@ -13,6 +13,7 @@ mod lora;
 mod model_parity;
 mod sampling;
 mod sd15_keys;
+mod server;
 mod shaders;
 mod text;
 mod train;
