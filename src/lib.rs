@@ -9,6 +9,7 @@ pub mod cli;
 pub mod device;
 pub mod doctor;
 pub mod embeddings;
+pub mod hub;
 pub mod lora;
 pub mod model;
 pub mod models_dir;

@@ -10,7 +10,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::device::{self, DeviceChoice};
+use crate::hub;
 use crate::lora::{self, Lora, Strength};
+use crate::models_dir::ModelsDir;
 use crate::output;
 use crate::pipeline::{
     Generated, GenerationParams, HiresFix, Infotext, InitImage, InpaintingFill, Mask, ResizeMode, StableDiffusion,
@@ -25,9 +27,14 @@ pub const EMBEDDINGS_DIR: &str = "embeddings";
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Checkpoint: single-file .safetensors or .ckpt (A1111 layout), or a diffusers folder.
+    /// Checkpoint: a .safetensors or .ckpt file (A1111 layout) or a diffusers folder; a
+    /// Hugging Face Hub repo ORG/NAME (diffusers layout) or ORG/NAME/FILE.safetensors.
+    /// [default: the first checkpoint in <models-dir>/Stable-diffusion, else SD 1.5 from the Hub]
     #[arg(long)]
-    model: PathBuf,
+    model: Option<String>,
+    /// A1111's models folder, where a checkpoint is looked for when --model is not given.
+    #[arg(long, default_value = "models")]
+    models_dir: PathBuf,
     #[arg(long, short = 'p')]
     prompt: Option<String>,
     #[arg(long, short = 'n')]
@@ -362,16 +369,17 @@ fn hires(a: &GenerateArgs, png: Option<HiresFix>) -> Option<HiresFix> {
 
 /// Loads the checkpoint with the LoRAs, the VAE override and the embeddings.
 fn load_model(a: &GenerateArgs, loras: &[(Lora, Strength)]) -> anyhow::Result<StableDiffusion> {
+    let model = hub::resolve(a.model.as_deref(), &ModelsDir::new(&a.models_dir))?;
     let compute = device::select(a.device)?;
     eprintln!("device: {}", compute.description);
     let t0 = Instant::now();
-    let mut sd = StableDiffusion::load_with_loras(&a.model, compute, loras)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let mut sd = StableDiffusion::load_with_loras(&model, compute, loras)
+        .with_context(|| format!("loading {}", model.display()))?;
     if let Some(vae) = &a.vae {
         sd.load_vae(vae).with_context(|| format!("loading the VAE {}", vae.display()))?;
     }
     load_embeddings(&mut sd, a.embeddings_dir.as_deref())?;
-    eprintln!("loaded {} in {:.1}s", a.model.display(), t0.elapsed().as_secs_f32());
+    eprintln!("loaded {} in {:.1}s", model.display(), t0.elapsed().as_secs_f32());
     Ok(sd)
 }
 

@@ -37,6 +37,12 @@ enum Command {
     Train(Box<crate::train::TrainOptions>),
     /// List the samplers with their AUTOMATIC1111 names.
     Samplers,
+    /// List the checkpoints in the models folder (name, format, size, A1111 hash) and the
+    /// models in the Hugging Face cache.
+    Models {
+        #[arg(long, default_value = "models")]
+        models_dir: PathBuf,
+    },
     /// List the LoRA files in a folder: rank, alpha, target model, A1111 hash.
     Loras {
         #[arg(long, default_value = "models/Lora")]
@@ -93,6 +99,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Loras { lora_dir } => list_loras(&lora_dir),
         Command::Embeddings { embeddings_dir } => list_embeddings(&embeddings_dir),
         Command::PngInfo { image } => png_info(&image),
+        Command::Models { models_dir } => list_models(&models_dir),
         Command::Train(opts) => {
             set_oom_remedy("Try --resolution 384, --batch-size 1, or --device cpu.");
             let path = crate::train::train(*opts)?;
@@ -124,6 +131,44 @@ fn dump_shaders(dir: &Path) -> anyhow::Result<()> {
         eprintln!("kept {} (already there; delete it to get the built-in one)", p.display());
     }
     Ok(())
+}
+
+fn list_models(dir: &Path) -> anyhow::Result<()> {
+    let models = crate::models_dir::ModelsDir::new(dir);
+    let local = models.checkpoints();
+    println!("{} ({} checkpoints)", models.root.join(crate::models_dir::CHECKPOINTS).display(), local.len());
+    println!("  {:<48} {:<11} {:>10} hash", "name", "format", "size");
+    for e in &local {
+        let (format, size) = match e.path.extension().and_then(|x| x.to_str()) {
+            _ if e.path.is_dir() => ("diffusers", dir_size(&e.path)),
+            Some(ext) => (ext, std::fs::metadata(&e.path).map_or(0, |m| m.len())),
+            None => ("?", 0),
+        };
+        // A1111's short hash: the file's sha256 (cached, so a 4 GB file is read once).
+        let hash = if e.path.is_file() { output::model_hash(&e.path)?[..10].to_string() } else { "-".into() };
+        println!("  {:<48} {format:<11} {:>10} {hash}", e.name, crate::hub::human_bytes(size));
+    }
+    let hub = crate::hub::Hub::from_env()?;
+    let cached = hub.cached_models();
+    println!("{} ({} Hub models)", hub.cache_dir().display(), cached.len());
+    for (repo, file, path) in cached {
+        let size = if path.is_dir() { dir_size(&path) } else { std::fs::metadata(&path).map_or(0, |m| m.len()) };
+        let name = if file.is_empty() { repo } else { format!("{repo}/{file}") };
+        println!("  {name:<60} {:>10}", crate::hub::human_bytes(size));
+    }
+    Ok(())
+}
+
+/// The bytes under a folder (symlinks followed, as the Hub cache's snapshots are links).
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |r| {
+        r.flatten()
+            .map(|e| {
+                let p = e.path();
+                if p.is_dir() { dir_size(&p) } else { std::fs::metadata(&p).map_or(0, |m| m.len()) }
+            })
+            .sum()
+    })
 }
 
 fn png_info(path: &Path) -> anyhow::Result<()> {

@@ -168,7 +168,7 @@ impl StableDiffusion {
         to_host(vae.encode(to_device(pixels.data.clone(), [b, c, h, w], &device)).mean.mul_scalar(self.scaling_factor))
     }
 
-    /// Whether the VAE has had to run on the CPU (see [`Self::vae_fitting`]).
+    /// Whether the VAE has had to run on the CPU (see `vae_fitting`).
     pub fn vae_fell_back_to_cpu(&self) -> bool {
         self.cpu_vae.get().is_some()
     }

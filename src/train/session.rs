@@ -30,8 +30,11 @@ pub fn train_until(opts: TrainOptions, stop: &AtomicBool) -> Result<PathBuf, Tra
     let (resume, dir) = open_run(&opts)?;
     let compute = device::select(opts.device).map_err(|e| TrainError::Model(e.to_string()))?;
     eprintln!("device: {}", compute.description);
-    let mut sd = StableDiffusion::load(&opts.model, compute)
-        .map_err(|e| TrainError::Model(format!("loading {}: {e}", opts.model.display())))?;
+    // A Hub name works here too (the models folder is not searched: --model is required).
+    let model = crate::hub::resolve(Some(&opts.model.to_string_lossy()), &crate::models_dir::ModelsDir::new("models"))
+        .map_err(|e| TrainError::Model(format!("{e:#}")))?;
+    let mut sd = StableDiffusion::load(&model, compute)
+        .map_err(|e| TrainError::Model(format!("loading {}: {e}", model.display())))?;
     if let (Some(prompt), Some(class_dir)) = (&opts.class_prompt, &opts.class_dir) {
         generate_class_images(&mut sd, &opts, prompt, class_dir)?;
     }
