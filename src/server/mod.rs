@@ -51,6 +51,7 @@ pub fn serve(opts: ServeOptions, compute: Compute) -> anyhow::Result<()> {
         eprintln!("device: {}", compute.description);
         let app = routes::App::new(opts, compute);
         let shared = app.worker.shared.clone();
+        let waiter = app.worker.shared.clone();
         let router = routes::router(app);
         // The first line on stdout is the address (tests and scripts read it).
         println!("sdw serving on http://{addr}");
@@ -61,6 +62,12 @@ pub fn serve(opts: ServeOptions, compute: Compute) -> anyhow::Result<()> {
             shared.interrupt.store(true, Ordering::SeqCst);
             shared.train_stop.store(true, Ordering::SeqCst);
         };
-        axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving")
+        axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving")?;
+        // No request waits on a training run: wait here until it has saved its checkpoint
+        // (every request has been answered; nothing else runs on this runtime now).
+        while waiter.busy() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(())
     })
 }

@@ -60,6 +60,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Whether a job (generation or training) is running now.
+    pub fn busy(&self) -> bool {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).started.is_some()
+    }
+
     pub fn status(&self) -> Status {
         self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }

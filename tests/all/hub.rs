@@ -62,6 +62,7 @@ impl FakeHub {
             "sdw-test/tiny/tiny-sd-fp16.safetensors".into(),
             std::fs::read(fixture("tiny-sd-fp16.safetensors")).unwrap(),
         );
+        files.insert("sdw-test/tiny/tiny-sd-fp16.ckpt".into(), std::fs::read(fixture("tiny-sd-fp16.ckpt")).unwrap());
         let model = fixture("model");
         for rel in [
             "model_index.json",
@@ -260,6 +261,10 @@ fn a_hub_file_downloads_generates_then_works_offline() {
     assert!(blob(&home, "sdw-test/tiny", content).is_file(), "the blob is in Python's cache layout");
     let snapshot = home.join(format!("hf/hub/models--sdw-test--tiny/snapshots/{COMMIT}/tiny-sd-fp16.safetensors"));
     assert!(snapshot.exists());
+
+    // A .ckpt from the Hub goes through the same restricted pickle reader as a local one.
+    let o = txt2img(&home, &hub.url, &[], "sdw-test/tiny/tiny-sd-fp16.ckpt", "ckpt.png");
+    assert_golden(&home, "ckpt.png", &o);
 
     // Offline, with the Hub gone: the cache alone.
     drop(hub);

@@ -425,3 +425,22 @@ fn ctrl_c_stops_after_the_current_step_and_keeps_finished_images() {
     let saved = s.dir.join("outputs/txt2img").read_dir().unwrap().count();
     assert!((2..50).contains(&saved), "{saved} images saved: the finished batches and the interrupted one");
 }
+
+#[test]
+fn ctrl_c_during_training_keeps_its_checkpoint() {
+    let mut s = Server::start("ctrl-c-train", &[]);
+    let body = json!({"name": "long", "instance_prompt": "photo of sks disc", "images": photos(), "steps": 4000,
+                      "resolution": 64, "rank": 2, "validation_every": 0});
+    assert_eq!(s.post("/sdw/v1/train", &body).0, 202);
+    wait_for_training(&s, |st| st["step"].as_u64().unwrap_or(0) >= 2);
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let t0 = Instant::now();
+    while s.child.try_wait().unwrap().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the server did not stop after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let checkpoints = s.dir.join("outputs/train/long-training/checkpoints");
+    let saved = std::fs::read_dir(&checkpoints).map_or(0, |r| r.count());
+    assert!(saved >= 1, "no checkpoint in {}", checkpoints.display());
+}
