@@ -208,6 +208,8 @@ fn describe(e: &ApiError) -> String {
         format!("not found on the Hub (404): check the name ({text})")
     } else if text.contains("401") || text.contains("403") {
         format!("the Hub refused access: accept the model's licence on its page and set HF_TOKEN ({text})")
+    } else if text.contains("io:") || text.contains("onnect") || text.contains("resolve") {
+        format!("cannot reach the Hub ({text}); with the files already cached, HF_HUB_OFFLINE=1 uses them")
     } else {
         text
     }
