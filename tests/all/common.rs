@@ -1,7 +1,7 @@
 //! Shared helpers for the reference-parity tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use sdw::device::{self, Compute, DeviceChoice};
 use sdw::pipeline::GenerationParams;
@@ -73,8 +73,23 @@ pub fn case_params(case: &serde_json::Value) -> GenerationParams {
     }
 }
 
-/// A fresh, empty folder for one test.
+/// A fresh, empty folder for one test. Folders earlier test processes left for the same
+/// test are removed first (their process has ended), so runs do not fill the disk.
 pub fn temp_dir(what: &str) -> PathBuf {
+    let prefix = format!("sdw-{what}-");
+    if let Ok(read) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in read.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid
+                && pid != std::process::id()
+                && Path::new("/proc/self").exists()
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let dir = std::env::temp_dir().join(format!("sdw-{what}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
