@@ -146,7 +146,9 @@ impl Txt2ImgRequest {
     pub fn to_request(&self, clip_skip: usize) -> Result<Request, ApiError> {
         let mut r = self.common.to_request(clip_skip)?;
         if self.enable_hr == Some(true) {
-            if let Some(up) = self.hr_upscaler.as_deref().filter(|u| !u.is_empty() && !u.starts_with("Latent")) {
+            // A1111's "Latent" is bilinear, which is what sdw does; its other latent modes
+            // (nearest-exact, bicubic, antialiased) would give another image.
+            if let Some(up) = self.hr_upscaler.as_deref().filter(|u| !matches!(*u, "" | "Latent")) {
                 return Err(ApiError::unprocessable(format!(
                     "hr_upscaler {up:?}: sdw has only the latent upscaler (\"Latent\")"
                 )));
@@ -376,6 +378,8 @@ mod tests {
         let hr = r.to_request(1).unwrap().params.hires.unwrap();
         assert_eq!((hr.scale, hr.steps, hr.denoising_strength), (1.5, 0, 0.4));
         let bad = parse(r#"{"enable_hr": true, "hr_upscaler": "R-ESRGAN 4x+"}"#).to_request(1).unwrap_err();
+        assert_eq!(bad.status.as_u16(), 422);
+        let bad = parse(r#"{"enable_hr": true, "hr_upscaler": "Latent (nearest-exact)"}"#).to_request(1).unwrap_err();
         assert_eq!(bad.status.as_u16(), 422);
         assert_eq!(parse(r#"{"width": 8192}"#).to_request(1).unwrap_err().status.as_u16(), 413);
         assert_eq!(parse(r#"{"width": 500}"#).to_request(1).unwrap_err().status.as_u16(), 422);
