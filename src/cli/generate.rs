@@ -425,19 +425,11 @@ fn resolve_loras(args: &[String], prompt: &str, dir: &Path) -> anyhow::Result<Ve
 fn resolve_seed(seed: i64) -> anyhow::Result<u64> {
     match seed {
         -1 => {
-            let s = random_u32() as u64;
+            let s = crate::pipeline::noise::random_seed();
             eprintln!("seed: {s}");
             Ok(s)
         }
         s if s >= 0 => Ok(s as u64),
         s => bail!("--seed must be -1 (random) or a non-negative number, got {s}"),
     }
-}
-
-/// A random 32-bit seed (A1111's range) from the OS-seeded hasher.
-fn random_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-    h.finish() as u32
 }

@@ -4,6 +4,12 @@
 
 use crate::sampling::{NoiseSource, Philox};
 
+/// A random seed in A1111's range (`random.randrange(4294967294)`), for seed -1.
+pub fn random_seed() -> u64 {
+    use rand::RngExt;
+    rand::rng().random_range(0..4_294_967_294u64)
+}
+
 /// A variation ("subseed") mixed into the initial noise.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Variation {

@@ -216,12 +216,7 @@ fn set<T>(field: &mut T, value: Option<T>) {
 
 /// A1111's `get_fixed_seed`: -1 (or any negative) is a random 32-bit seed.
 pub fn fixed_seed(seed: i64) -> u64 {
-    if seed >= 0 { seed as u64 } else { random_seed() }
-}
-
-fn random_seed() -> u64 {
-    use rand::RngExt;
-    rand::rng().random_range(0..4_294_967_294u64)
+    if seed >= 0 { seed as u64 } else { crate::pipeline::noise::random_seed() }
 }
 
 /// `sampler_name` (an A1111 or sdw name, maybe with a schedule: "DPM++ 2M Karras") and

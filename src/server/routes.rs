@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,6 +16,7 @@ use base64::Engine;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::device::Compute;
 use crate::models_dir::{Entry, ModelsDir, check_relative};
@@ -133,10 +134,12 @@ pub fn router(app: AppState) -> Router {
         .route("/ui/app.js", get(|| async { asset("text/javascript", include_str!("ui/app.js")) }))
         .route("/ui/style.css", get(|| async { asset("text/css", include_str!("ui/style.css")) }))
         .fallback(|| async { ApiError::not_found("Not Found") });
-    api.layer(middleware::from_fn_with_state(app.clone(), cors))
+    let cors_origins = app.cors.clone();
+    let router = api
         .layer(middleware::from_fn_with_state(app.clone(), auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(app)
+        .with_state(app);
+    if cors_origins.is_empty() { router } else { router.layer(cors(&cors_origins)) }
 }
 
 fn asset(kind: &'static str, text: &'static str) -> impl IntoResponse {
@@ -169,22 +172,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `--cors-allow-origins`: the listed origins may call the API from their pages.
-async fn cors(State(app): State<AppState>, req: Request, next: Next) -> Response {
-    let origin = req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()).map(str::to_owned);
-    let allowed = origin.filter(|o| app.cors.iter().any(|a| a == o || a == "*"));
-    let preflight = req.method() == axum::http::Method::OPTIONS;
-    let mut resp = if preflight && allowed.is_some() { StatusCode::OK.into_response() } else { next.run(req).await };
-    if let Some(origin) = allowed {
-        let h = resp.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(&origin) {
-            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
-        }
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type, authorization"));
-        h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
-    }
-    resp
+/// `--cors-allow-origins`: the listed origins (or `*`) may call the API from their pages.
+/// Outside the auth layer, so a browser's preflight needs no password.
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::mirror_request()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+        .allow_credentials(true)
 }
 
 /// A JSON body: 413 past the limit, 422 when it does not parse.
@@ -264,7 +264,8 @@ async fn progress(State(app): State<AppState>, Query(q): Query<ProgressQuery>) -
     let preview = if q.skip_current_image || s.job_count == 0 {
         None
     } else {
-        shared.preview.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let latest = shared.preview.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        latest.and_then(|p| p.png_base64())
     };
     let (mut progress, mut eta) = (0.0f64, 0.0f64);
     if s.job_count > 0 {
@@ -303,7 +304,11 @@ async fn refresh() -> Json<Value> {
 
 /// A1111's checkpoint title: `name [shorthash]` once the hash is known.
 fn title(e: &Entry) -> String {
-    match crate::output::cached_model_hash(&e.path) {
+    title_with(e, crate::output::cached_model_hash(&e.path).as_deref())
+}
+
+fn title_with(e: &Entry, sha256: Option<&str>) -> String {
+    match sha256 {
         Some(h) => format!("{} [{}]", e.name, &h[..10]),
         None => e.name.clone(),
     }
@@ -317,7 +322,7 @@ async fn sd_models(State(app): State<AppState>) -> Json<Value> {
         .map(|e| {
             let sha = crate::output::cached_model_hash(&e.path);
             json!({
-                "title": title(e),
+                "title": title_with(e, sha.as_deref()),
                 "model_name": e.model_name(),
                 "hash": sha.as_ref().map(|h| h[..10].to_string()),
                 "sha256": sha,

@@ -54,9 +54,8 @@ pub struct Shared {
     pub training: Mutex<super::training::TrainStatus>,
     /// Set by the Train tab's Cancel (and Ctrl-C): the run saves a checkpoint and stops.
     pub train_stop: AtomicBool,
-    /// The running job's latest preview: its first image's denoised latent, approximated
-    /// to RGB, as a base64 PNG.
-    pub preview: Mutex<Option<String>>,
+    /// The running job's latest denoised latent (its first image), for the live preview.
+    pub preview: Mutex<Option<Preview>>,
 }
 
 impl Shared {
@@ -155,6 +154,10 @@ struct Loaded {
     checkpoint: PathBuf,
     vae: Option<PathBuf>,
     sd: StableDiffusion,
+    /// The LoRAs merged now (files with their modification times, strengths) and their
+    /// infotext hashes: a job asking for the same set skips reading, hashing and merging.
+    /// `None` after a failed merge: the weights are then in an unknown state.
+    loras: Option<MergedLoras>,
     info: ModelInfo,
 }
 
@@ -247,9 +250,7 @@ fn generate(
 ) -> Result<JobOutput, ApiError> {
     let model = load(loaded, job, compute, models)?;
     let mut params = job.request.params.clone();
-    let (loras, lora_hashes) = loras_of(&params.prompt, models)?;
-    model.sd.set_loras(&loras).map_err(|e| ApiError::unprocessable(e.to_string()))?;
-    params.lora_hashes = lora_hashes;
+    params.lora_hashes = apply_loras(model, &params.prompt, models)?;
     model.sd.check(&params)?;
 
     let kind = if job.input.is_some() { "img2img" } else { "txt2img" };
@@ -355,27 +356,41 @@ fn load<'a>(
         }
         let hash = output::model_hash(&sd.hash_source()).ok().map(|h| h[..10].to_string());
         let info = ModelInfo { name: sd.model_name(), hash, vae: sd.vae_name.clone(), inpainting: sd.is_inpainting() };
-        *loaded = Some(Loaded { checkpoint: job.checkpoint.path.clone(), vae, sd, info });
+        *loaded =
+            Some(Loaded { checkpoint: job.checkpoint.path.clone(), vae, sd, info, loras: Some(Default::default()) });
     }
     Ok(loaded.as_mut().expect("loaded above"))
 }
 
-/// The LoRAs the prompt's `<lora:NAME:WEIGHT>` tags name, from the models folder, with
-/// their infotext hashes.
-type LoraSet = (Vec<(Lora, lora::Strength)>, Vec<(String, String)>);
+type MergedLoras = (Vec<(PathBuf, Option<std::time::SystemTime>, lora::Strength)>, Vec<(String, String)>);
 
-fn loras_of(prompt: &str, models: &ModelsDir) -> Result<LoraSet, ApiError> {
+/// Merges the LoRAs the prompt's `<lora:NAME:WEIGHT>` tags name (from the models folder)
+/// into the model, unless they are merged already; returns their infotext hashes.
+fn apply_loras(model: &mut Loaded, prompt: &str, models: &ModelsDir) -> Result<Vec<(String, String)>, ApiError> {
     let (_, tags) = lora::extract_tags(prompt).map_err(ApiError::unprocessable)?;
+    let mut wanted = Vec::new();
+    for tag in tags {
+        let path = models.lora(&tag.name)?.path;
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        wanted.push((path, modified, tag.strength));
+    }
+    if let Some((merged, hashes)) = &model.loras
+        && *merged == wanted
+    {
+        return Ok(hashes.clone());
+    }
     let mut loras = Vec::new();
     let mut hashes = Vec::new();
-    for tag in tags {
-        let entry = models.lora(&tag.name)?;
-        let l = Lora::open(&entry.path).map_err(|e| ApiError::unprocessable(e.to_string()))?;
-        let hash = lora::addnet_hash(&entry.path).map_err(|e| ApiError::internal(e.to_string()))?;
+    for (path, _, strength) in &wanted {
+        let l = Lora::open(path).map_err(|e| ApiError::unprocessable(e.to_string()))?;
+        let hash = lora::addnet_hash(path).map_err(|e| ApiError::internal(e.to_string()))?;
         hashes.push((l.name(), hash));
-        loras.push((l, tag.strength));
+        loras.push((l, *strength));
     }
-    Ok((loras, hashes))
+    model.loras = None;
+    model.sd.set_loras(&loras).map_err(|e| ApiError::unprocessable(e.to_string()))?;
+    model.loras = Some((wanted, hashes.clone()));
+    Ok(hashes)
 }
 
 /// Sampling progress into [`Shared`]; the interrupt and skip flags stop the sampler.
@@ -401,12 +416,28 @@ impl Progress for JobProgress<'_> {
         if h * w != plane {
             return;
         }
-        let png = super::images::encode_png(&cheap_preview(&x0[..4 * plane], h, w), "").ok();
-        *self.shared.preview.lock().unwrap_or_else(|e| e.into_inner()) = png;
+        // Only kept here: the image is made when a client asks for it, not at every step.
+        let preview = Preview { latent: x0[..4 * plane].to_vec(), height: h, width: w };
+        *self.shared.preview.lock().unwrap_or_else(|e| e.into_inner()) = Some(preview);
     }
 
     fn stop(&self) -> bool {
         self.shared.interrupt.load(Ordering::SeqCst) || self.shared.skip.load(Ordering::SeqCst)
+    }
+}
+
+/// A denoised latent `[4, height, width]` waiting to be shown.
+#[derive(Clone, Debug)]
+pub struct Preview {
+    latent: Vec<f32>,
+    height: usize,
+    width: usize,
+}
+
+impl Preview {
+    /// A1111's "Approx cheap" preview as a base64 PNG.
+    pub fn png_base64(&self) -> Option<String> {
+        super::images::encode_png(&cheap_preview(&self.latent, self.height, self.width), "").ok()
     }
 }
 

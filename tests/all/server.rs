@@ -128,12 +128,19 @@ fn a1111_api_draws_the_golden_images() {
     let lora = case_body("txt2img_lora.euler_a", "Euler a");
     let mut lora_body = lora.clone();
     lora_body["prompt"] = json!(format!("{} <lora:tiny-lora-kohya:0.8>", lora["prompt"].as_str().unwrap()));
-    let (status, r) = s.post("/sdapi/v1/txt2img", &lora_body);
-    assert_eq!(status, 200, "{r}");
-    let (pixels, text) = decode_png(r["images"][0].as_str().unwrap());
-    let worst = max_level_diff(&pixels, &rgb_bytes(&fixture("txt2img-lora-euler_a.png")));
-    assert!(worst <= 2, "LoRA tag: {worst} levels from the golden image");
-    assert!(text.unwrap().contains("Lora hashes: "));
+    // Twice (the second reuses the merged LoRA), then without it (un-merged exactly).
+    for (body, golden) in [
+        (&lora_body, "txt2img-lora-euler_a.png"),
+        (&lora_body, "txt2img-lora-euler_a.png"),
+        (&case_body("txt2img.euler_a", "Euler a"), "txt2img-euler_a.png"),
+    ] {
+        let (status, r) = s.post("/sdapi/v1/txt2img", body);
+        assert_eq!(status, 200, "{r}");
+        let (pixels, text) = decode_png(r["images"][0].as_str().unwrap());
+        let worst = max_level_diff(&pixels, &rgb_bytes(&fixture(golden)));
+        assert!(worst <= 2, "{golden}: {worst} levels from the golden image");
+        assert_eq!(text.unwrap().contains("Lora hashes: "), golden.contains("lora"));
+    }
 }
 
 #[test]
@@ -219,7 +226,17 @@ fn bad_requests_get_a1111_errors_not_dropped_connections() {
 
 #[test]
 fn api_auth_guards_every_route() {
-    let s = Server::start("auth", &["--api-auth", "alice:secret"]);
+    let origin = "http://page.example";
+    let s = Server::start("auth", &["--api-auth", "alice:secret", "--cors-allow-origins", origin]);
+    // A browser's CORS preflight carries no credentials: it is answered before auth.
+    let resp = agent()
+        .options(format!("{}/sdapi/v1/txt2img", s.url))
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["access-control-allow-origin"], origin);
     for route in ["/", "/sdapi/v1/sd-models", "/sdapi/v1/progress", "/sdw/v1/gallery"] {
         let mut resp = agent().get(format!("{}{route}", s.url)).call().unwrap();
         assert_eq!(resp.status().as_u16(), 401, "{route}");
@@ -232,6 +249,13 @@ fn api_auth_guards_every_route() {
         agent().get(format!("{}/sdapi/v1/sd-models", s.url)).header("authorization", auth).call().unwrap().status()
     };
     assert_eq!(status(&basic("alice:secret")).as_u16(), 200);
+    let resp = agent()
+        .get(format!("{}/sdapi/v1/sd-models", s.url))
+        .header("authorization", &basic("alice:secret"))
+        .header("origin", "http://other.example")
+        .call()
+        .unwrap();
+    assert!(!resp.headers().contains_key("access-control-allow-origin"), "an unlisted origin gets no CORS grant");
     assert_eq!(status(&basic("alice:wrong")).as_u16(), 401);
     assert_eq!(status(&basic("bob:secret")).as_u16(), 401);
 }
