@@ -1,45 +1,21 @@
 //! Noise, schedules and samplers against the reference goldens
 //! (torch CUDA Philox, k-diffusion, diffusers DDIM; see tests/fixtures).
 
-use safetensors::{Dtype, SafeTensors};
+use crate::common::{golden, rel_err};
 use sdw::sampling::schedule::{self, Schedule};
 use sdw::sampling::{
     CompVisDenoiser, Denoiser, NoProgress, Philox, SampleCtx, Sampler, SamplerKind, ScheduleKind, Start,
     ddim_timesteps, linear_multistep_coeff, parse_sampler, sample, sigmas_for,
 };
 
-const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden.safetensors");
-
-struct Golden(Vec<u8>);
-
-impl Golden {
-    fn load() -> Self {
-        Golden(std::fs::read(GOLDEN).expect("tests/fixtures/golden.safetensors"))
-    }
-
-    fn get(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let st = SafeTensors::deserialize(&self.0).expect("golden safetensors");
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("golden {name}: {e}"));
-        let data = match t.dtype() {
-            Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::I32 => t.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-            Dtype::I64 => t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-            d => panic!("golden {name}: unexpected dtype {d:?}"),
-        };
-        (t.shape().to_vec(), data)
-    }
-
-    fn data(&self, name: &str) -> Vec<f32> {
-        self.get(name).1
-    }
+/// A golden tensor's shape and values.
+fn golden_of(name: &str) -> (Vec<usize>, Vec<f32>) {
+    let t = golden(name);
+    (t.shape, t.data)
 }
 
-/// `||a - b|| / ||b||`.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x as f64) - (*y as f64)).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
+fn golden_data(name: &str) -> Vec<f32> {
+    golden(name).data
 }
 
 /// Largest elementwise relative difference (elements near 0 judged absolutely).
@@ -64,12 +40,11 @@ fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
 #[test]
 #[allow(clippy::excessive_precision)] // the README's digits
 fn philox_matches_torch_cuda_randn() {
-    let g = Golden::load();
     for seed in [0u64, 1, 42, 4040056495, 4294967295] {
         let mut rng = Philox::new(seed);
         for call in 0..2 {
             let name = format!("rng.philox.{seed}.call{call}");
-            let (shape, want) = g.get(&name);
+            let (shape, want) = golden_of(&name);
             assert_eq!(shape, [1, 4, 8, 8]);
             let got = rng.randn(want.len());
             check(&name, &got, &want, 1e-6);
@@ -77,7 +52,7 @@ fn philox_matches_torch_cuda_randn() {
         }
         assert_eq!(rng.offset(), 2);
     }
-    let (shape, want) = g.get("rng.philox.0.small");
+    let (shape, want) = golden_of("rng.philox.0.small");
     assert_eq!(shape, [3, 4]);
     let got = Philox::new(0).randn(12);
     check("rng.philox.0.small", &got, &want, 1e-6);
@@ -91,24 +66,23 @@ fn philox_matches_torch_cuda_randn() {
 
 #[test]
 fn schedules_match_reference() {
-    let g = Golden::load();
-    check("sched.alphas_cumprod", &schedule::alphas_cumprod(), &g.data("sched.alphas_cumprod"), 1e-6);
+    check("sched.alphas_cumprod", &schedule::alphas_cumprod(), &golden_data("sched.alphas_cumprod"), 1e-6);
 
     let s = Schedule::new();
     assert!((s.sigma_min() - 0.0292).abs() < 1e-4, "sigma_min {}", s.sigma_min());
     assert!((s.sigma_max() - 14.6146).abs() < 1e-4, "sigma_max {}", s.sigma_max());
 
     let normal = s.get_sigmas(20);
-    check("sched.normal_20", &normal, &g.data("sched.normal_20"), 1e-6);
+    check("sched.normal_20", &normal, &golden_data("sched.normal_20"), 1e-6);
     assert_eq!(normal.len(), 21);
     assert_eq!(normal[20], 0.0);
 
     let karras = schedule::karras(20, s.sigma_min() as f64, s.sigma_max() as f64, 7.0);
-    check("sched.karras_20", &karras, &g.data("sched.karras_20"), 1e-6);
+    check("sched.karras_20", &karras, &golden_data("sched.karras_20"), 1e-6);
     assert_eq!(karras, s.karras(20));
 
-    let want_t = g.data("sched.sigma_to_t");
-    let got_t: Vec<f32> = g.data("sched.normal_20")[..20].iter().map(|&sg| s.sigma_to_t(sg)).collect();
+    let want_t = golden_data("sched.sigma_to_t");
+    let got_t: Vec<f32> = golden_data("sched.normal_20")[..20].iter().map(|&sg| s.sigma_to_t(sg)).collect();
     check("sched.sigma_to_t", &got_t, &want_t, 1e-6);
 
     // Round trips and clamping.
@@ -178,11 +152,10 @@ fn run_golden_case(name: &str) -> Vec<f32> {
 
 #[test]
 fn k_diffusion_samplers_match_reference() {
-    let g = Golden::load();
     for name in
         ["euler", "euler_a", "heun", "dpm2", "lms", "dpmpp_2m", "dpmpp_2m_karras", "euler_a_karras", "dpmpp_2s_a"]
     {
-        let (shape, want) = g.get(&format!("sampler.{name}"));
+        let (shape, want) = golden_of(&format!("sampler.{name}"));
         assert_eq!(shape, [1, 4, 8, 8]);
         let got = run_golden_case(name);
         check(&format!("sampler.{name}"), &got, &want, 1e-4);
@@ -191,11 +164,10 @@ fn k_diffusion_samplers_match_reference() {
 
 #[test]
 fn ddim_matches_diffusers() {
-    let g = Golden::load();
     let ts: Vec<f32> = ddim_timesteps(STEPS).iter().map(|&t| t as f32).collect();
-    assert_eq!(ts, g.data("sampler.ddim_timesteps"));
+    assert_eq!(ts, golden("sampler.ddim_timesteps").data);
     let got = run_golden_case("ddim");
-    check("sampler.ddim", &got, &g.data("sampler.ddim"), 1e-4);
+    check("sampler.ddim", &got, &golden_data("sampler.ddim"), 1e-4);
 }
 
 /// The sampler functions take any closure as the denoiser; `sample` is the
