@@ -2,8 +2,7 @@
 //! on wgpu. Elsewhere — the CPU backend, and tensors that carry gradients (training) — it is
 //! burn's `GroupNorm` and `silu`, which the shader is tested against.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
 use burn::backend::{Backend, DispatchDevice, backend_extension, tensor::FloatTensor};
@@ -19,16 +18,12 @@ use super::SHADERS;
 /// Threads per workgroup (one workgroup per batch item and group).
 const WORKGROUP: u32 = 256;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Turns our shaders off (burn's ops everywhere), e.g. to compare the two on a new GPU.
-/// `SDW_SHADERS=off` does the same.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
+/// `SDW_SHADERS=off` turns our shaders off (burn's ops everywhere), e.g. to compare the
+/// two on a new GPU; read once, as this runs about 60 times per UNet step.
+static ENABLED: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_SHADERS").as_deref() != Ok("off"));
 
 fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed) && std::env::var("SDW_SHADERS").as_deref() != Ok("off")
+    *ENABLED
 }
 
 #[backend_extension(Cube, Fusion)]
@@ -116,22 +111,21 @@ impl GroupNormOps for CubeBackend {
 
 struct GroupNormKernel {
     dtype: DType,
-    template: Arc<str>,
+    template: super::Template,
 }
 
 impl KernelSource for GroupNormKernel {
     fn source(&self) -> SourceTemplate {
         let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
         SourceTemplate::new(super::fill(
-            &self.template,
+            &self.template.text,
             &[("elem", elem), ("workgroup", &WORKGROUP.to_string()), ("extensions", extensions)],
         ))
     }
 
     fn id(&self) -> KernelId {
         // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
-        let text_hash = crate::output::fnv1a(&self.template);
-        KernelId::new::<Self>().info((format!("{:?}", self.dtype), WORKGROUP, text_hash))
+        KernelId::new::<Self>().info((format!("{:?}", self.dtype), WORKGROUP, self.template.hash))
     }
 
     fn lang(&self) -> &'static str {

@@ -24,7 +24,15 @@ pub const SHADERS: &[Shader] = &[Shader {
 }];
 
 static SHADER_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
-static LOADED: Mutex<Option<HashMap<&'static str, Arc<str>>>> = Mutex::new(None);
+static LOADED: Mutex<Option<HashMap<&'static str, Template>>> = Mutex::new(None);
+
+/// A shader's text as chosen for this process, and its hash: compiled kernels are cached
+/// by it, so an edited shader never reuses the old kernel.
+#[derive(Clone, Debug)]
+pub struct Template {
+    pub text: Arc<str>,
+    pub hash: u64,
+}
 
 /// Where users' shaders are looked for (`--shader-dir`); the first call wins, and without
 /// one `SDW_SHADER_DIR` is used.
@@ -38,10 +46,14 @@ fn shader_dir() -> Option<&'static Path> {
 
 /// The template text of a built-in shader, or the user's replacement when it compiles.
 /// Read and checked once per process.
-pub fn template(shader: &'static Shader) -> Arc<str> {
+pub fn template(shader: &'static Shader) -> Template {
     let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
     let loaded = loaded.get_or_insert_with(HashMap::new);
-    loaded.entry(shader.name).or_insert_with(|| choose(shader, shader_dir())).clone()
+    let make = || {
+        let text = choose(shader, shader_dir());
+        Template { hash: crate::output::fnv1a(&text), text }
+    };
+    loaded.entry(shader.name).or_insert_with(make).clone()
 }
 
 fn choose(shader: &Shader, dir: Option<&Path>) -> Arc<str> {
