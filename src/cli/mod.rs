@@ -139,36 +139,35 @@ fn list_models(dir: &Path) -> anyhow::Result<()> {
     println!("{} ({} checkpoints)", models.root.join(crate::models_dir::CHECKPOINTS).display(), local.len());
     println!("  {:<48} {:<11} {:>10} hash", "name", "format", "size");
     for e in &local {
-        let (format, size) = match e.path.extension().and_then(|x| x.to_str()) {
-            _ if e.path.is_dir() => ("diffusers", dir_size(&e.path)),
-            Some(ext) => (ext, std::fs::metadata(&e.path).map_or(0, |m| m.len())),
-            None => ("?", 0),
+        let format = match e.path.extension().and_then(|x| x.to_str()) {
+            _ if e.path.is_dir() => "diffusers",
+            Some(ext) => ext,
+            None => "?",
         };
         // A1111's short hash: the file's sha256 (cached, so a 4 GB file is read once).
-        let hash = if e.path.is_file() { output::model_hash(&e.path)?[..10].to_string() } else { "-".into() };
-        println!("  {:<48} {format:<11} {:>10} {hash}", e.name, crate::hub::human_bytes(size));
+        let hash = match e.path.is_file().then(|| output::model_hash(&e.path)) {
+            Some(Ok(h)) => h[..10].to_string(),
+            _ => "-".into(),
+        };
+        println!("  {:<48} {format:<11} {:>10} {hash}", e.name, crate::hub::human_bytes(disk_size(&e.path)));
     }
     let hub = crate::hub::Hub::from_env()?;
     let cached = hub.cached_models();
     println!("{} ({} Hub models)", hub.cache_dir().display(), cached.len());
     for (repo, file, path) in cached {
-        let size = if path.is_dir() { dir_size(&path) } else { std::fs::metadata(&path).map_or(0, |m| m.len()) };
         let name = if file.is_empty() { repo } else { format!("{repo}/{file}") };
-        println!("  {name:<60} {:>10}", crate::hub::human_bytes(size));
+        println!("  {name:<60} {:>10}", crate::hub::human_bytes(disk_size(&path)));
     }
     Ok(())
 }
 
-/// The bytes under a folder (symlinks followed, as the Hub cache's snapshots are links).
-fn dir_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir).map_or(0, |r| {
-        r.flatten()
-            .map(|e| {
-                let p = e.path();
-                if p.is_dir() { dir_size(&p) } else { std::fs::metadata(&p).map_or(0, |m| m.len()) }
-            })
-            .sum()
-    })
+/// A file's size, or the bytes under a folder (links followed: the Hub cache's snapshots
+/// are links into its blobs).
+fn disk_size(path: &Path) -> u64 {
+    if !path.is_dir() {
+        return std::fs::metadata(path).map_or(0, |m| m.len());
+    }
+    std::fs::read_dir(path).map_or(0, |r| r.flatten().map(|e| disk_size(&e.path())).sum())
 }
 
 fn png_info(path: &Path) -> anyhow::Result<()> {

@@ -139,7 +139,7 @@ impl StableDiffusion {
     fn model_fields(&self, p: &GenerationParams) -> ModelFields {
         ModelFields {
             name: self.model_name(),
-            hash: crate::output::model_hash(&self.hash_source()).ok().map(|h| h[..10].to_string()),
+            hash: self.short_hash(),
             vae: self.vae_name.clone(),
             ti_hashes: self.ti_hashes(p),
         }

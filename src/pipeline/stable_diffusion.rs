@@ -38,6 +38,9 @@ pub struct StableDiffusion {
     pub patches: WeightPatches,
     /// A CPU copy of the VAE, loaded the first time a decode does not fit the GPU.
     cpu_vae: OnceLock<Vae>,
+    /// A1111's short "Model hash", worked out on first use (a 4 GB file is read once,
+    /// then cached on disk by `output::model_hash`).
+    short_hash: OnceLock<Option<String>>,
 }
 
 impl StableDiffusion {
@@ -97,6 +100,7 @@ impl StableDiffusion {
             patches,
             vae_name: None,
             cpu_vae: OnceLock::new(),
+            short_hash: OnceLock::new(),
         };
         sd.set_loras(loras)?;
         Ok(sd)
@@ -116,8 +120,14 @@ impl StableDiffusion {
         self.model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
     }
 
+    /// A1111's "Model hash" (10 hex digits); `None` for a model without a file.
+    pub fn short_hash(&self) -> Option<String> {
+        let hash = || crate::output::model_hash(&self.hash_source()).ok().map(|h| h[..10].to_string());
+        self.short_hash.get_or_init(hash).clone()
+    }
+
     /// The file A1111's "Model hash" is computed from (the UNet weights of a diffusers folder).
-    pub fn hash_source(&self) -> PathBuf {
+    fn hash_source(&self) -> PathBuf {
         if self.model_path.is_dir() {
             let dir = self.model_path.join("unet");
             for name in ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"] {

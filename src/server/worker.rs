@@ -354,7 +354,7 @@ fn load<'a>(
         if embeddings.is_dir() {
             sd.load_embeddings(&embeddings).map_err(|e| ApiError::internal(e.to_string()))?;
         }
-        let hash = output::model_hash(&sd.hash_source()).ok().map(|h| h[..10].to_string());
+        let hash = sd.short_hash();
         let info = ModelInfo { name: sd.model_name(), hash, vae: sd.vae_name.clone(), inpainting: sd.is_inpainting() };
         *loaded =
             Some(Loaded { checkpoint: job.checkpoint.path.clone(), vae, sd, info, loras: Some(Default::default()) });
