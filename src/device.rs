@@ -1,8 +1,10 @@
 //! Choosing where the networks run: the best wgpu adapter (Vulkan, Metal, DX12) or
 //! burn's flex CPU backend.
 
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
 
+use burn::BurnConfig;
+use burn::cubecl::config::RuntimeConfig;
 use burn::tensor::Device;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -44,6 +46,7 @@ static WGPU: OnceLock<Result<WgpuState, String>> = OnceLock::new();
 
 fn wgpu_state() -> &'static Result<WgpuState, String> {
     WGPU.get_or_init(|| {
+        configure_burn();
         // Autotune results survive the process here, so the second run starts faster.
         if let Some(dir) = crate::output::cache_dir() {
             burn::cubecl::environment::set_root(dir.join("kernels"));
@@ -69,8 +72,32 @@ fn wgpu_state() -> &'static Result<WgpuState, String> {
     })
 }
 
+/// burn's operation fusion (wgpu) draws other images on NVIDIA: the tiny fixture model's UNet
+/// departs from the CPU by 5e-2 there and 29 % of the pixels move by more than 2 levels, while
+/// every op on its own agrees, and with fusion off it agrees to 1e-7 (an H200 with driver 580,
+/// `docs/upstream-bugs.md`). So sdw runs every op as its own kernel unless `SDW_FUSION=on`.
+/// burn reads its settings once per process, before the first op: call this before any tensor.
+fn configure_burn() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var("SDW_FUSION").as_deref() == Ok("on") {
+            return;
+        }
+        // What burn would read itself (a burn.toml, BURN_* variables), with new fusions stopped:
+        // past `max_explorations` burn runs each op unfused, and 0 means from the start.
+        let mut config = serde_json::to_value(BurnConfig::from_current_dir().override_from_env())
+            .expect("burn's settings serialise");
+        config["fusion"]["beam_search"]["max_explorations"] = 0.into();
+        let config: BurnConfig = serde_json::from_value(config).expect("burn's settings deserialise");
+        if !BurnConfig::try_set(config) {
+            eprintln!("warning: burn's settings were read before sdw could turn fusion off");
+        }
+    });
+}
+
 /// burn's flex CPU backend.
 pub fn cpu() -> Compute {
+    configure_burn();
     let threads = rayon::current_num_threads();
     let description = format!("CPU (burn flex, {threads} thread{})", if threads == 1 { "" } else { "s" });
     Compute { device: Device::flex(), description, max_binding: None }

@@ -134,25 +134,6 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
         Box::new(move |d| to_host(softmax(input([16, half * half, half * half], 31, d).mul_scalar(4.0), 2))),
     );
     add(
-        format!("self-attention 8 heads [2,{},320]", s * s),
-        Box::new(move |d| {
-            let x = || input([2, s * s, 320], 40, d);
-            to_host(attention(x(), input([2, s * s, 320], 41, d), input([2, s * s, 320], 42, d), 8, false))
-        }),
-    );
-    add(
-        format!("cross-attention 8 heads [2,{},320] x 77", s * s),
-        Box::new(move |d| {
-            to_host(attention(
-                input([2, s * s, 320], 43, d),
-                input([2, 77, 320], 44, d),
-                input([2, 77, 320], 45, d),
-                8,
-                false,
-            ))
-        }),
-    );
-    add(
         format!("GELU, SiLU [2,{},1280]", s * s),
         Box::new(move |d| {
             let x = input([2, s * s, 1280], 50, d).mul_scalar(3.0);
@@ -183,6 +164,22 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
             to_host(Tensor::cat(Vec::from(parts), 1))
         }),
     );
+
+    // Attention at each head width SD 1.5 uses: the UNet levels (40, 80 and 160 wide; cross-
+    // attention over 77 tokens), CLIP (causal, 64 wide) and the VAE's single 512-wide head.
+    for (name, [batch, tokens, width, heads], keys, causal, seed) in [
+        ("self-attention 8 heads", [2, s * s, 320, 8], s * s, false, 40),
+        ("cross-attention 8 heads x 77", [2, s * s, 320, 8], 77, false, 43),
+        ("self-attention 8 heads", [2, half * half, 640, 8], half * half, false, 46),
+        ("self-attention 8 heads", [2, (s / 4) * (s / 4), 1280, 8], (s / 4) * (s / 4), false, 47),
+        ("CLIP causal self-attention 12 heads", [2, 77, 768, 12], 77, true, 48),
+        ("VAE self-attention 1 head", [1, half * half, 512, 1], half * half, false, 49),
+    ] {
+        add(
+            format!("{name} [{batch},{tokens},{width}]"),
+            attention_check([batch, tokens, width], keys, heads, causal, seed),
+        );
+    }
 
     // Training: gradients through each op (burn's autodiff), as DreamBooth-LoRA needs them.
     let t = half * half;
@@ -255,6 +252,10 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
         }),
     );
 
+    for (name, op) in tiny_shape_checks() {
+        add(name, op);
+    }
+
     // Whole networks: the tiny SD 1.x layout with random weights, built in memory.
     add(
         "tiny CLIP text encoder (77 tokens)".into(),
@@ -284,6 +285,87 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
     list
 }
 
+/// The ops at the tiny model's own shapes (the fixtures' model): 32 and 64 channels, one
+/// channel per GroupNorm group, 4- and 8-wide attention heads, a 1x1 bottleneck. Kernels pick
+/// other tilings for such small sizes than for SD 1.5's, so a whole tiny network that differs
+/// is traced to its op here.
+fn tiny_shape_checks() -> Vec<(String, Op)> {
+    let mut list: Vec<(String, Op)> = Vec::new();
+    let mut add = |name: String, op: Op| list.push((name, op));
+    for (name, [batch, tokens, width, heads], keys, causal, seed) in [
+        ("self-attention 8 heads (4 wide)", [2, 64, 32, 8], 64, false, 200),
+        ("self-attention 8 heads (8 wide)", [2, 16, 64, 8], 16, false, 201),
+        ("cross-attention 8 heads (4 wide) x 77", [2, 64, 32, 8], 77, false, 202),
+        ("self-attention 8 heads (8 wide) at 1x1", [2, 1, 64, 8], 1, false, 203),
+        ("CLIP causal self-attention 2 heads", [2, 77, 128, 2], 77, true, 204),
+        ("VAE self-attention 1 head", [1, 64, 64, 1], 64, false, 205),
+    ] {
+        add(
+            format!("tiny {name} [{batch},{tokens},{width}]"),
+            attention_check([batch, tokens, width], keys, heads, causal, seed),
+        );
+    }
+    for (name, cin, cout, k, stride, side, seed) in [
+        ("conv 3x3 4->32 (conv_in)", 4, 32, 3, 1, 8, 210),
+        ("conv 3x3 32->32", 32, 32, 3, 1, 8, 211),
+        ("conv 3x3 stride 2 32->32", 32, 32, 3, 2, 8, 212),
+        ("conv 3x3 128->64", 128, 64, 3, 1, 2, 213),
+        ("conv 3x3 64->64", 64, 64, 3, 1, 1, 214),
+        ("conv 1x1 96->64 (skip)", 96, 64, 1, 1, 4, 215),
+        ("conv 3x3 32->3 (VAE conv_out)", 32, 3, 3, 1, 64, 216),
+    ] {
+        add(
+            format!("tiny {name} at {side}x{side}"),
+            Box::new(move |d| {
+                to_host(conv2d(cin, cout, k, stride, seed, d).forward(input([2, cin, side, side], seed + 100, d)))
+            }),
+        );
+    }
+    let group_norms: [(&str, GroupNormFn); 2] =
+        [("burn ops", group_norm::reference), ("sdw shader", group_norm::forward)];
+    for (label, f) in group_norms {
+        for (c, side, silu, seed) in [(32, 8, false, 220), (64, 1, true, 222), (32, 64, true, 224)] {
+            add(
+                format!("tiny group norm{} [2,{c},{side},{side}] ({label})", if silu { " + SiLU" } else { "" }),
+                Box::new(move |d| to_host(f(&norm(c, seed, d), input([2, c, side, side], seed + 1, d), silu))),
+            );
+        }
+    }
+    add(
+        "tiny layer norm [2,64,32]".into(),
+        Box::new(|d| {
+            let mut ln = LayerNormConfig::new(32).with_epsilon(1e-5).init(d);
+            ln.gamma = Param::from_tensor(input([32], 230, d).mul_scalar(0.1).add_scalar(1.0));
+            to_host(ln.forward(input([2, 64, 32], 231, d).mul_scalar(2.0)))
+        }),
+    );
+    add(
+        "tiny matmul [2,64,32] @ [32,256] + bias".into(),
+        Box::new(|d| {
+            let w = input([32, 256], 241, d).mul_scalar(32f32.powf(-0.5));
+            to_host(input([2, 64, 32], 240, d).matmul(w.unsqueeze()) + input([256], 242, d).unsqueeze())
+        }),
+    );
+    add(
+        "tiny nearest upsample 2x [2,64,1,1] and [2,64,4,4]".into(),
+        Box::new(|d| {
+            let a = upsample_nearest_2x(input([2, 64, 1, 1], 250, d)).reshape([2, 64 * 4]);
+            let b = upsample_nearest_2x(input([2, 64, 4, 4], 251, d)).reshape([2, 64 * 64]);
+            to_host(Tensor::cat(vec![a, b], 1))
+        }),
+    );
+    list
+}
+
+/// Multi-head attention of `[batch, tokens, width]` queries over `keys` keys and values.
+fn attention_check([batch, tokens, width]: [usize; 3], keys: usize, heads: usize, causal: bool, seed: u64) -> Op {
+    Box::new(move |d| {
+        let q = input([batch, tokens, width], seed, d);
+        let (k, v) = (input([batch, keys, width], seed + 1000, d), input([batch, keys, width], seed + 2000, d));
+        to_host(attention(q, k, v, heads, causal))
+    })
+}
+
 /// Runs every check (or those whose name contains `only`) on `compute` against the CPU
 /// backend, calling `report` after each.
 pub fn run(
@@ -301,6 +383,27 @@ pub fn run(
         results.push(result);
     }
     results
+}
+
+/// The tiny UNet of the "tiny UNet" check, layer by layer on `compute` against the CPU backend:
+/// each layer's name and relative error. The first layer over [`BOUND`] is where the device
+/// departs (later ones inherit its error).
+pub fn trace_unet(compute: &Compute) -> Vec<(String, f64)> {
+    let run = |d: &Device| {
+        let sd = tiny_model(d);
+        let mut layers = Vec::new();
+        let out = sd.unet.forward_traced(
+            input([2, 4, 8, 8], 80, d),
+            &[801.5, 801.5],
+            &input([2, 77, 128], 81, d),
+            &mut |name, t| layers.push((name.to_owned(), to_host(t.clone()))),
+        );
+        layers.push(("output".into(), to_host(out)));
+        layers
+    };
+    let want = run(&crate::device::cpu().device);
+    let got = run(&compute.device);
+    want.into_iter().zip(got).map(|((name, w), (_, g))| (name, rel_err(&g.data, &w.data))).collect()
 }
 
 fn compare(name: &str, op: &Op, device: &Device, cpu: &Device) -> CheckResult {

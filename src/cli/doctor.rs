@@ -14,6 +14,9 @@ pub struct DoctorArgs {
     /// Run only the checks whose name contains this text (e.g. `attention`, `UNet`).
     #[arg(long)]
     only: Option<String>,
+    /// Also compare the tiny UNet layer by layer, to find the first layer that differs.
+    #[arg(long)]
+    trace: bool,
 }
 
 pub fn run(a: DoctorArgs) -> anyhow::Result<()> {
@@ -32,6 +35,13 @@ pub fn run(a: DoctorArgs) -> anyhow::Result<()> {
     std::panic::set_hook(Box::new(|_| {}));
     let results = doctor::run(&compute, a.size as usize, a.only.as_deref(), |r| println!("{}", r.line()));
     std::panic::set_hook(hook);
+    if a.trace {
+        println!("the tiny UNet layer by layer (relative error against the CPU backend):");
+        for (layer, error) in doctor::trace_unet(&compute) {
+            let flag = if error < doctor::BOUND { "" } else { "  <- over the bound" };
+            println!("  {layer:<24} {error:>9.2e}{flag}");
+        }
+    }
     let failed: Vec<&str> = results.iter().filter(|r| !r.passed()).map(|r| r.name.as_str()).collect();
     if results.is_empty() {
         anyhow::bail!("no check matches --only {:?}", a.only.unwrap_or_default());

@@ -4,6 +4,7 @@
 //! the device's largest storage binding (128 MiB on lavapipe and many iGPUs; SD 1.5
 //! self-attention at 64x64 latents would need 512 MiB of scores per image).
 
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::module::Module;
@@ -69,11 +70,21 @@ pub fn attention_with_budget(
         let end = (start + step).min(sq);
         let qc = if step == sq { q.clone() } else { q.clone().slice([0..b, 0..heads, start..end]) };
         let mask = causal.then(|| causal_mask(start..end, sk, [b, heads], &qc.device()));
-        // `scale: None` keeps burn's default 1/sqrt(d) and its flash kernels.
-        outs.push(sdpa(qc, k.clone(), v.clone(), mask, None, AttentionModuleOptions::default()));
+        outs.push(sdpa(qc, k.clone(), v.clone(), mask, None, options(d)));
     }
     let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
     out.swap_dims(1, 2).reshape([b, sq, c])
+}
+
+/// `SDW_ATTENTION=naive` computes softmax(QK^T)V with separate kernels instead of burn's
+/// flash kernels, to tell a flash-kernel bug from another on a device we never tested.
+static NAIVE: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_ATTENTION").as_deref() == Ok("naive"));
+
+/// burn's attention options for `d`-wide heads. `scale: None` keeps burn's default
+/// 1/sqrt(d) and its flash kernels; giving the same scale explicitly selects burn's naive path.
+fn options(d: usize) -> AttentionModuleOptions {
+    let scale = NAIVE.then(|| 1.0 / (d as f64).sqrt());
+    AttentionModuleOptions { scale, ..Default::default() }
 }
 
 /// `true` where key `j` comes after query `i` (hidden), for query rows `rows`.

@@ -157,6 +157,9 @@ impl SpatialTransformer {
 
 /// One down or up level: resnets, each followed by its attention on attention levels, then
 /// (on all levels but the last) a downsampler or an upsampler.
+/// Where [`Unet::forward_traced`] shows each layer's output.
+pub type Trace<'a> = &'a mut dyn FnMut(&str, &Tensor<4>);
+
 #[derive(Module, Debug)]
 struct Level {
     resnets: Vec<ResnetBlock>,
@@ -186,11 +189,25 @@ impl Level {
         })
     }
 
-    /// Resnet j, then its attention if this level has attention.
-    fn layer(&self, j: usize, x: Tensor<4>, temb: &Tensor<2>, context: &Tensor<3>) -> Tensor<4> {
+    /// Resnet j, then its attention if this level has attention; `name` is the level's
+    /// (`down.0`) for the trace.
+    fn layer(
+        &self,
+        j: usize,
+        x: Tensor<4>,
+        temb: &Tensor<2>,
+        context: &Tensor<3>,
+        name: &str,
+        trace: Trace,
+    ) -> Tensor<4> {
         let x = self.resnets[j].forward(x, Some(temb));
+        trace(&format!("{name}.resnets.{j}"), &x);
         match self.attentions.get(j) {
-            Some(attn) => attn.forward(x, context),
+            Some(attn) => {
+                let x = attn.forward(x, context);
+                trace(&format!("{name}.attentions.{j}"), &x);
+                x
+            }
             None => x,
         }
     }
@@ -271,38 +288,53 @@ impl Unet {
     /// Predicts the noise `eps` for latents `x` `[B, C, H, W]` at float timesteps `t` (one per
     /// batch item) given `context` `[B, S, cross_dim]`.
     pub fn forward(&self, x: Tensor<4>, t: &[f32], context: &Tensor<3>) -> Tensor<4> {
+        self.forward_traced(x, t, context, &mut |_, _| {})
+    }
+
+    /// [`Self::forward`], showing `trace` each layer's output by name (`down.1.attentions.0`):
+    /// `sdw doctor --trace` finds the first layer where a device departs from the CPU.
+    pub fn forward_traced(&self, x: Tensor<4>, t: &[f32], context: &Tensor<3>, trace: Trace) -> Tensor<4> {
         let device = x.device();
         let dim = self.config.block_out_channels[0];
         let t_proj = to_device(timestep_embedding(t, dim), [t.len(), dim], &device);
         let temb = silu(self.time_linear_2.forward(silu(self.time_linear_1.forward(t_proj))));
+        trace("time_embedding", &temb.clone().unsqueeze_dims(&[2, 3]));
 
         let mut h = self.conv_in.forward(x);
+        trace("conv_in", &h);
         let mut skips = vec![h.clone()];
-        for level in &self.down {
+        for (i, level) in self.down.iter().enumerate() {
             for j in 0..level.resnets.len() {
-                h = level.layer(j, h, &temb, context);
+                h = level.layer(j, h, &temb, context, &format!("down.{i}"), trace);
                 skips.push(h.clone());
             }
             if let Some(downsampler) = &level.downsampler {
                 h = downsampler.forward(h);
+                trace(&format!("down.{i}.downsampler"), &h);
                 skips.push(h.clone());
             }
         }
         h = self.mid_resnet_0.forward(h, Some(&temb));
+        trace("mid.resnets.0", &h);
         h = self.mid_attention.forward(h, context);
+        trace("mid.attentions.0", &h);
         h = self.mid_resnet_1.forward(h, Some(&temb));
-        for level in &self.up {
+        trace("mid.resnets.1", &h);
+        for (i, level) in self.up.iter().enumerate() {
             for j in 0..level.resnets.len() {
                 let skip = skips.pop().expect("one skip per up-block resnet");
-                h = level.layer(j, Tensor::cat(vec![h, skip], 1), &temb, context);
+                h = level.layer(j, Tensor::cat(vec![h, skip], 1), &temb, context, &format!("up.{i}"), trace);
             }
             if let Some(upsampler) = &level.upsampler {
                 // Upsample to the next skip's size: odd latent sides round up on the way down.
                 let [_, _, sh, sw] = skips.last().expect("skip below an upsampler").dims();
                 h = upsampler.forward(upsample_nearest_to(h, sh, sw));
+                trace(&format!("up.{i}.upsampler"), &h);
             }
         }
-        self.conv_out.forward(group_norm::forward(&self.conv_norm_out, h, true))
+        let h = group_norm::forward(&self.conv_norm_out, h, true);
+        trace("conv_norm_out", &h);
+        self.conv_out.forward(h)
     }
 }
 

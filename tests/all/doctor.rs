@@ -6,8 +6,10 @@ use std::process::Command;
 use crate::common::wgpu_skipped;
 
 fn doctor(device: &str) -> (bool, String) {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_sdw")).args(["doctor", "--device", device, "--size", "64"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sdw"))
+        .args(["doctor", "--device", device, "--size", "64", "--trace"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     eprintln!("{text}");
     (out.status.success(), text)
@@ -40,6 +42,17 @@ fn doctor_passes_on_every_device() {
         ] {
             assert!(text.contains(family), "no {family} check:\n{text}");
         }
+        // --trace: the tiny UNet layer by layer, every layer within the bound.
+        for layer in
+            ["time_embedding", "conv_in", "down.0.attentions.1", "mid.attentions.0", "up.3.resnets.2", "output"]
+        {
+            assert!(
+                text.contains(&format!("  {layer} ")),
+                "no trace of {layer}:
+{text}"
+            );
+        }
+        assert!(!text.contains("over the bound"), "{text}");
         if *device == "wgpu" {
             for detail in ["adapter", "subgroups", "shader f16", "max storage binding"] {
                 assert!(text.contains(detail), "no {detail} line:\n{text}");
@@ -55,4 +68,12 @@ fn a_failed_check_is_named_and_fails() {
     assert!(!bad.passed() && bad.line().starts_with("FAIL") && bad.line().contains("softmax"));
     let good = sdw::doctor::CheckResult { error: 3e-7, ..bad };
     assert!(good.passed() && good.line().starts_with("ok"));
+}
+
+/// burn's fusion draws other images on NVIDIA (docs/upstream-bugs.md), so sdw turns it off
+/// before the first op, on every device.
+#[test]
+fn burn_fusion_is_off() {
+    let _ = sdw::device::cpu();
+    assert_eq!(burn::runtime_config().fusion().beam_search.max_explorations, Some(0));
 }
