@@ -128,7 +128,7 @@ pub fn run(
     }
     let unet_warm = timings.iter().find(|t| t.part.starts_with("UNet")).map_or(f64::NAN, |t| t.warm_s);
     Ok(BenchReport {
-        device: sd.compute.description.clone(),
+        device: sd.compute.summary(),
         model: sd.model_path.display().to_string(),
         size: s.size,
         steps: s.steps,

@@ -5,7 +5,7 @@ use std::sync::{Once, OnceLock};
 
 use burn::BurnConfig;
 use burn::cubecl::config::RuntimeConfig;
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
@@ -17,20 +17,62 @@ pub enum DeviceChoice {
     Cpu,
 }
 
+/// What CLIP and the UNet compute in (the VAE is always f32: in f16 its activations overflow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// f16 on a GPU whose adapter has f16 shaders, f32 elsewhere (the CPU, software GPUs).
+    Auto,
+    /// Half the memory and bandwidth; images differ from f32 ones by a few levels.
+    F16,
+    /// Matches the reference (PyTorch fp32) images.
+    F32,
+}
+
 /// A ready device and what to tell the user about it.
 #[derive(Clone, Debug)]
 pub struct Compute {
     pub device: Device,
-    /// e.g. "Vulkan: NVIDIA H100" or "CPU (burn flex)".
+    /// e.g. "Vulkan: NVIDIA H100" or "CPU (burn flex, 2 threads)".
     pub description: String,
     /// Largest buffer one kernel may bind (bytes); `None` when unbounded (CPU).
     pub max_binding: Option<usize>,
+    /// The dtype CLIP's and the UNet's weights and activations are in (f32 or f16).
+    pub dtype: DType,
+}
+
+impl Compute {
+    /// This device computing CLIP and the UNet in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self, DeviceError> {
+        let f16_shaders = || wgpu_state().as_ref().is_ok_and(|s| s.features.contains(wgpu::Features::SHADER_F16));
+        let gpu = self.max_binding.is_some();
+        let software = gpu && wgpu_state().as_ref().is_ok_and(|s| s.info.device_type == wgpu::DeviceType::Cpu);
+        self.dtype = match precision {
+            Precision::F32 => DType::F32,
+            Precision::Auto if gpu && !software && f16_shaders() => DType::F16,
+            Precision::Auto => DType::F32,
+            Precision::F16 if gpu && !f16_shaders() => {
+                return Err(DeviceError::NoF16(self.description.clone()));
+            }
+            Precision::F16 => DType::F16,
+        };
+        Ok(self)
+    }
+
+    /// The device line users see: adapter, and the precision when it is not f32.
+    pub fn summary(&self) -> String {
+        match self.dtype {
+            DType::F32 => self.description.clone(),
+            dtype => format!("{}, {dtype:?}", self.description).replace("F16", "f16"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("no wgpu adapter could be opened ({0}); install a Vulkan/Metal/DX12 driver or use --device cpu")]
     NoAdapter(String),
+    #[error("{0} has no f16 shaders (SHADER_F16); use --precision f32")]
+    NoF16(String),
 }
 
 struct WgpuState {
@@ -100,7 +142,7 @@ pub fn cpu() -> Compute {
     configure_burn();
     let threads = rayon::current_num_threads();
     let description = format!("CPU (burn flex, {threads} thread{})", if threads == 1 { "" } else { "s" });
-    Compute { device: Device::flex(), description, max_binding: None }
+    Compute { device: Device::flex(), description, max_binding: None, dtype: DType::F32 }
 }
 
 /// Sets how many threads the CPU backend computes on (default: one per core). Call it
@@ -147,7 +189,12 @@ pub fn adapter_details() -> Result<Vec<(&'static str, String)>, DeviceError> {
 }
 
 fn gpu(s: &WgpuState) -> Compute {
-    Compute { device: s.device.clone(), description: describe(&s.info), max_binding: Some(s.max_binding) }
+    Compute {
+        device: s.device.clone(),
+        description: describe(&s.info),
+        max_binding: Some(s.max_binding),
+        dtype: DType::F32,
+    }
 }
 
 fn describe(info: &wgpu::AdapterInfo) -> String {

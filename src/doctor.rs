@@ -15,7 +15,7 @@ use burn::nn::{GroupNorm, LayerNormConfig, PaddingConfig2d};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::conv2d as conv2d_fn;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::{SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Normal};
 
@@ -407,15 +407,17 @@ pub fn trace_unet(compute: &Compute) -> Vec<(String, f64)> {
 }
 
 fn compare(name: &str, op: &Op, device: &Device, cpu: &Device) -> CheckResult {
-    let want = op(cpu);
+    // A kernel that panics on some driver (or on the CPU) must fail its check, not end the report.
+    let run = |d: &Device| catch_unwind(AssertUnwindSafe(|| op(d)));
+    let want = run(cpu);
     let start = Instant::now();
-    // A kernel that panics on some driver must fail its check, not end the report.
-    let got = catch_unwind(AssertUnwindSafe(|| op(device)));
+    let got = run(device);
     let millis = start.elapsed().as_secs_f64() * 1e3;
-    let (error, note) = match got {
-        Ok(got) if got.shape == want.shape => (rel_err(&got.data, &want.data), None),
-        Ok(got) => (f64::NAN, Some(format!("shape {:?}, expected {:?}", got.shape, want.shape))),
-        Err(panic) => (f64::NAN, Some(panic_text(&panic))),
+    let (error, note) = match (got, want) {
+        (Ok(got), Ok(want)) if got.shape == want.shape => (rel_err(&got.data, &want.data), None),
+        (Ok(got), Ok(want)) => (f64::NAN, Some(format!("shape {:?}, expected {:?}", got.shape, want.shape))),
+        (Err(panic), _) => (f64::NAN, Some(panic_text(&panic))),
+        (_, Err(panic)) => (f64::NAN, Some(format!("on the CPU backend {}", panic_text(&panic)))),
     };
     CheckResult { name: name.to_owned(), error, bound: BOUND, millis, note }
 }
@@ -483,6 +485,6 @@ fn norm(c: usize, seed: u64, d: &Device) -> GroupNorm {
 }
 
 fn tiny_model(d: &Device) -> StableDiffusion {
-    let compute = Compute { device: d.clone(), description: String::new(), max_binding: None };
+    let compute = Compute { device: d.clone(), description: String::new(), max_binding: None, dtype: DType::F32 };
     StableDiffusion::random(&Architecture::tiny(), 7, compute).expect("the tiny layout is complete")
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Context;
 
 use crate::bench::{self, BenchSettings};
-use crate::device::{self, DeviceChoice};
+use crate::device::{self, DeviceChoice, Precision};
 use crate::pipeline::StableDiffusion;
 use crate::weights::synthetic::Architecture;
 
@@ -17,6 +17,9 @@ pub struct BenchArgs {
     model: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceChoice,
+    /// What CLIP and the UNet compute in: `auto` is f16 on a GPU with f16 shaders.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
     /// Image side in pixels (a multiple of 8).
     #[arg(long, default_value_t = 512)]
     size: usize,
@@ -44,8 +47,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.steps == 0 || a.batch == 0 {
         anyhow::bail!("--steps and --batch must be at least 1");
     }
-    let compute = device::select(a.device)?;
-    eprintln!("device: {}", compute.description);
+    let compute = device::select(a.device)?.with_precision(a.precision)?;
+    eprintln!("device: {}", compute.summary());
     let start = Instant::now();
     let sd = match &a.model {
         Some(path) => StableDiffusion::load(path, compute).with_context(|| format!("loading {}", path.display()))?,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use crate::device::{self, DeviceChoice};
+use crate::device::{self, DeviceChoice, Precision};
 use crate::hub;
 use crate::lora::{self, Lora, Strength};
 use crate::models_dir::ModelsDir;
@@ -85,6 +85,9 @@ pub struct GenerateArgs {
     vae: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
+    /// What CLIP and the UNet compute in: `auto` is f16 on a GPU with f16 shaders.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
     /// Write to this file (a fresh name is chosen if it exists; batches add -2, -3, ...).
     #[arg(long, short = 'o', conflicts_with = "outdir")]
     output: Option<PathBuf>,
@@ -370,8 +373,8 @@ fn hires(a: &GenerateArgs, png: Option<HiresFix>) -> Option<HiresFix> {
 /// Loads the checkpoint with the LoRAs, the VAE override and the embeddings.
 fn load_model(a: &GenerateArgs, loras: &[(Lora, Strength)]) -> anyhow::Result<StableDiffusion> {
     let model = hub::resolve(a.model.as_deref(), &ModelsDir::new(&a.models_dir))?;
-    let compute = device::select(a.device)?;
-    eprintln!("device: {}", compute.description);
+    let compute = device::select(a.device)?.with_precision(a.precision)?;
+    eprintln!("device: {}", compute.summary());
     let t0 = Instant::now();
     let mut sd = StableDiffusion::load_with_loras(&model, compute, loras)
         .with_context(|| format!("loading {}", model.display()))?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 
-use crate::device::{self, DeviceChoice};
+use crate::device::{self, DeviceChoice, Precision};
 use crate::models_dir::ModelsDir;
 use crate::server::{ServeOptions, serve};
 
@@ -28,6 +28,9 @@ pub struct ServeArgs {
     cors_allow_origins: Vec<String>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
+    /// What CLIP and the UNet compute in: `auto` is f16 on a GPU with f16 shaders.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
     /// Where `save_images` (and the web UI) write images: txt2img/, img2img/ below it.
     #[arg(long, default_value = "outputs")]
     outdir: PathBuf,
@@ -41,7 +44,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if a.listen && auth.is_empty() {
         eprintln!("note: --listen without --api-auth: anyone on the network can use this server");
     }
-    let compute = device::select(a.device)?;
+    let compute = device::select(a.device)?.with_precision(a.precision)?;
     let opts = ServeOptions {
         models: ModelsDir::new(&a.models_dir),
         port: a.port,

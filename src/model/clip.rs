@@ -4,7 +4,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::activation::sigmoid;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::weights::{HostTensor, WeightsError};
 
@@ -126,7 +126,7 @@ impl ClipTextModel {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             token_embedding,
-            position_embedding: Param::from_tensor(to_device(pos.data, [positions, hidden], l.device())),
+            position_embedding: Param::from_tensor(l.weight(pos.data, [positions, hidden])),
             layers,
             final_layer_norm: l.layer_norm("final_layer_norm", LN_EPS)?,
         })
@@ -181,14 +181,15 @@ impl ClipTextModel {
         device: &Device,
     ) -> Tensor<3> {
         let hidden = self.hidden_size();
-        let x = to_device(embeds, [batch, seq, hidden], device);
         let pos = self.position_embedding.val().narrow(0, 0, seq).reshape([1, seq, hidden]);
+        // The layers compute in the weights' dtype (f16 or f32); what comes out is f32.
+        let x = to_device(embeds, [batch, seq, hidden], device).cast(pos.dtype());
         let mut x = x + pos;
         let run = self.layers.len() + 1 - clip_skip.clamp(1, self.layers.len());
         for layer in &self.layers[..run] {
             x = layer.forward(x);
         }
-        self.final_layer_norm.forward(x)
+        self.final_layer_norm.forward(x).cast(DType::F32)
     }
 }
 

@@ -9,7 +9,9 @@ use crate::shaders::group_norm;
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::weights::{Checkpoint, Component, HostTensor, WeightsError};
 
@@ -52,13 +54,21 @@ struct Shared<'a> {
     ckpt: &'a Checkpoint,
     component: Component,
     device: Device,
+    /// What the weights are stored (and the component computes) in: f32, or f16.
+    dtype: DType,
     /// Full diffusers weight name -> the parameter it was loaded into (linear and conv weights).
     slots: RefCell<HashMap<String, WeightSlot>>,
 }
 
 impl<'a> Loader<'a> {
+    /// Loads `component` of `ckpt` onto `device` in f32.
     pub fn new(ckpt: &'a Checkpoint, component: Component, device: &Device) -> Self {
-        let shared = Shared { ckpt, component, device: device.clone(), slots: RefCell::default() };
+        Self::with_dtype(ckpt, component, device, DType::F32)
+    }
+
+    /// Loads `component` with its weights in `dtype` (f32 or f16).
+    pub fn with_dtype(ckpt: &'a Checkpoint, component: Component, device: &Device, dtype: DType) -> Self {
+        let shared = Shared { ckpt, component, device: device.clone(), dtype, slots: RefCell::default() };
         Self { shared: Rc::new(shared), prefix: String::new() }
     }
 
@@ -90,6 +100,16 @@ impl<'a> Loader<'a> {
 
     pub fn device(&self) -> &Device {
         &self.shared.device
+    }
+
+    /// The weights' dtype on the device.
+    pub fn dtype(&self) -> DType {
+        self.shared.dtype
+    }
+
+    /// Host data as a weight on the device, in the loader's dtype.
+    pub fn weight<const D: usize>(&self, data: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(data, shape), (self.device(), self.dtype()))
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -130,7 +150,7 @@ impl<'a> Loader<'a> {
     fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>, WeightsError> {
         let t = self.host(name)?;
         self.check(name, &t, &shape)?;
-        Ok(to_device(t.data, shape, self.device()))
+        Ok(self.weight(t.data, shape))
     }
 
     fn check(&self, name: &str, t: &HostTensor, shape: &[usize]) -> Result<(), WeightsError> {
@@ -148,7 +168,7 @@ impl<'a> Loader<'a> {
         l.check("weight", &w, &[out, inp])?;
         let pt_shape = w.shape.clone();
         let w = HostTensor::new(vec![out, inp], w.data).transposed_2d();
-        let weight = Param::from_tensor(to_device(w.data, [inp, out], self.device()));
+        let weight = Param::from_tensor(self.weight(w.data, [inp, out]));
         l.register("weight", weight.id, Layout::Transposed, &pt_shape);
         let bias = if l.has("bias") { Some(Param::from_tensor(l.tensor("bias", [out])?)) } else { None };
         Ok(Linear { weight, bias })
@@ -225,6 +245,24 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// `c` applied to `x`. An f16 `x` is convolved in f32 and rounded back: burn's direct
+/// convolution kernel, which autotune may pick, sums in the element type, and an f16 sum over
+/// `C_in x 3 x 3` products loses ~5 f16 roundoffs (2.4e-3 against 2.3e-4 for attention in
+/// `sdw doctor` on lavapipe), which compounds over a sampling run.
+pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return c.forward(x);
+    }
+    let PaddingConfig2d::Explicit(top, left, _, _) = c.padding else {
+        unreachable!("sdw builds its convolutions with explicit padding")
+    };
+    let options = ConvOptions::new(c.stride, [top, left], c.dilation, c.groups);
+    let f32 = |t: Tensor<1>| t.cast(DType::F32);
+    let bias = c.bias.as_ref().map(|b| f32(b.val()));
+    conv2d(x.cast(DType::F32), c.weight.val().cast(DType::F32), bias, options).cast(dtype)
+}
+
 /// Nearest-neighbour 2x upsampling (F.interpolate(scale_factor=2, mode="nearest")).
 pub fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
@@ -272,14 +310,14 @@ impl ResnetBlock {
 
     /// `temb` is the SiLU-activated time embedding `[B, T]` (UNet only).
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let mut h = self.conv1.forward(group_norm::forward(&self.norm1, x.clone(), true));
+        let mut h = conv(&self.conv1, group_norm::forward(&self.norm1, x.clone(), true));
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let [b, c] = [h.dims()[0], h.dims()[1]];
             h = h + proj.forward(t.clone()).reshape([b, c, 1, 1]);
         }
-        let h = self.conv2.forward(group_norm::forward(&self.norm2, h, true));
+        let h = conv(&self.conv2, group_norm::forward(&self.norm2, h, true));
         let skip = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x),
+            Some(shortcut) => conv(shortcut, x),
             None => x,
         };
         skip + h

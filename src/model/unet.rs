@@ -3,15 +3,15 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, Linear, PaddingConfig2d};
-use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
+use burn::tensor::{DType, Tensor};
 
 use crate::shaders::group_norm;
 use crate::weights::WeightsError;
 
 use super::adapter::Adaptable;
 use super::attention::CrossAttention;
-use super::layers::{Loader, ResnetBlock, gelu, to_device, upsample_nearest_to};
+use super::layers::{Loader, ResnetBlock, conv, gelu, to_device, upsample_nearest_to};
 
 /// SD 1.x `num_heads: 8` (the head width varies per level); SD 2.x uses 64-wide heads.
 const SD1_HEADS: usize = 8;
@@ -140,7 +140,7 @@ impl SpatialTransformer {
         let hs = group_norm::forward(&self.norm, x.clone(), false);
         let to_tokens = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut t = match &self.proj_in {
-            Proj::Conv(conv) => to_tokens(conv.forward(hs)),
+            Proj::Conv(c) => to_tokens(conv(c, hs)),
             Proj::Linear(lin) => lin.forward(to_tokens(hs)),
         };
         for block in &self.blocks {
@@ -148,7 +148,7 @@ impl SpatialTransformer {
         }
         let to_image = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
         let out = match &self.proj_out {
-            Proj::Conv(conv) => conv.forward(to_image(t)),
+            Proj::Conv(c) => conv(c, to_image(t)),
             Proj::Linear(lin) => to_image(lin.forward(t)),
         };
         out + x
@@ -257,6 +257,11 @@ impl Unet {
         })
     }
 
+    /// What the UNet's weights and activations are in (f32, or f16).
+    pub fn dtype(&self) -> DType {
+        self.conv_in.weight.val().dtype()
+    }
+
     pub fn config(&self) -> &UnetConfig {
         &self.config
     }
@@ -294,13 +299,19 @@ impl Unet {
     /// [`Self::forward`], showing `trace` each layer's output by name (`down.1.attentions.0`):
     /// `sdw doctor --trace` finds the first layer where a device departs from the CPU.
     pub fn forward_traced(&self, x: Tensor<4>, t: &[f32], context: &Tensor<3>, trace: Trace) -> Tensor<4> {
+        // The UNet computes in its weights' dtype (f16 or f32); what comes out is f32.
+        let dtype = self.dtype();
+        self.run(x.cast(dtype), t, &context.clone().cast(dtype), trace).cast(DType::F32)
+    }
+
+    fn run(&self, x: Tensor<4>, t: &[f32], context: &Tensor<3>, trace: Trace) -> Tensor<4> {
         let device = x.device();
         let dim = self.config.block_out_channels[0];
-        let t_proj = to_device(timestep_embedding(t, dim), [t.len(), dim], &device);
+        let t_proj = to_device(timestep_embedding(t, dim), [t.len(), dim], &device).cast(x.dtype());
         let temb = silu(self.time_linear_2.forward(silu(self.time_linear_1.forward(t_proj))));
         trace("time_embedding", &temb.clone().unsqueeze_dims(&[2, 3]));
 
-        let mut h = self.conv_in.forward(x);
+        let mut h = conv(&self.conv_in, x);
         trace("conv_in", &h);
         let mut skips = vec![h.clone()];
         for (i, level) in self.down.iter().enumerate() {
@@ -309,7 +320,7 @@ impl Unet {
                 skips.push(h.clone());
             }
             if let Some(downsampler) = &level.downsampler {
-                h = downsampler.forward(h);
+                h = conv(downsampler, h);
                 trace(&format!("down.{i}.downsampler"), &h);
                 skips.push(h.clone());
             }
@@ -328,13 +339,13 @@ impl Unet {
             if let Some(upsampler) = &level.upsampler {
                 // Upsample to the next skip's size: odd latent sides round up on the way down.
                 let [_, _, sh, sw] = skips.last().expect("skip below an upsampler").dims();
-                h = upsampler.forward(upsample_nearest_to(h, sh, sw));
+                h = conv(upsampler, upsample_nearest_to(h, sh, sw));
                 trace(&format!("up.{i}.upsampler"), &h);
             }
         }
         let h = group_norm::forward(&self.conv_norm_out, h, true);
         trace("conv_norm_out", &h);
-        self.conv_out.forward(h)
+        conv(&self.conv_out, h)
     }
 }
 

@@ -143,7 +143,8 @@ struct Write {
 impl ModuleMapper for Write {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         match self.values.remove(&param.id) {
-            Some(v) => param.map(|t| to_device(v, t.dims(), &t.device())),
+            // In the weight's own dtype: an f16 model stays f16.
+            Some(v) => param.map(|t| to_device(v, t.dims(), &t.device()).cast(t.dtype())),
             None => param,
         }
     }

@@ -48,7 +48,7 @@ pub fn serve(opts: ServeOptions, compute: Compute) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on port {}", opts.port))?;
         let addr = listener.local_addr()?;
-        eprintln!("device: {}", compute.description);
+        eprintln!("device: {}", compute.summary());
         let app = routes::App::new(opts, compute);
         let shared = app.worker.shared.clone();
         let waiter = app.worker.shared.clone();

@@ -103,3 +103,22 @@ fn vae_matches_diffusers() {
         );
     }
 }
+
+/// f16 carries a unit roundoff of 2^-11 (4.9e-4); one f16 UNet evaluation (weights and
+/// activations in f16, sums in f32) stays within about 20 of those of the fp32 reference.
+const F16_MODULE_TOL: f64 = 1e-2;
+
+#[test]
+fn unet_and_clip_in_f16_stay_near_the_fp32_reference() {
+    let t = golden("unet.t").data;
+    for c in devices() {
+        let c = c.with_precision(sdw::device::Precision::F16).unwrap();
+        let sd = StableDiffusion::load(&single_file(), c.clone()).unwrap();
+        let what = c.summary();
+        let eps = unet_case(&sd, "unet.x", &t, "unet.context");
+        assert_close(&format!("unet.eps [{what}]"), &eps, &golden("unet.eps"), F16_MODULE_TOL);
+        let ids = ids(&golden("clip.input_ids"));
+        let hidden = to_host(sd.clip.forward(&ids, 1, &c.device));
+        assert_close(&format!("clip.last_hidden [{what}]"), &hidden, &golden("clip.last_hidden_state"), F16_MODULE_TOL);
+    }
+}

@@ -27,6 +27,46 @@ fn txt2img_latents_and_images_match_reference() {
     }
 }
 
+/// One f16 UNet or CLIP evaluation is held to 1e-2 of the fp32 reference (about 20 f16
+/// roundoffs; `model_parity.rs`). A sampling run compounds it: CFG at scale 7 steps along
+/// 7 x (cond - uncond), up to 13 times one prediction's error, every step. 5e-2 catches a
+/// wrong cast or a kernel summing in f16 (O(1) and 2e-2 on lavapipe) with room for that.
+const F16_TOL: f64 = 5e-2;
+
+#[test]
+fn txt2img_in_f16_stays_near_the_fp32_reference() {
+    let cases = cases();
+    for c in devices() {
+        let c = c.with_precision(sdw::device::Precision::F16).unwrap();
+        let sd = StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), c.clone()).unwrap();
+        assert_eq!(sd.unet.dtype(), burn::tensor::DType::F16);
+        for name in CASES {
+            let out = sd.txt2img(&case_params(&cases["cases"][name]), &mut NoProgress).unwrap();
+            let what = format!("{name} [{}]", c.summary());
+            assert_close(&format!("{what} latent"), &out.latents, &golden(&format!("{name}.latent")), F16_TOL);
+            assert_close(&format!("{what} image"), &out.image, &golden(&format!("{name}.image")), F16_TOL);
+        }
+    }
+}
+
+/// `--precision f16` on the command line: said on the device line, and the image is drawn.
+#[test]
+fn cli_precision_f16() {
+    let out = std::env::temp_dir().join(format!("sdw-f16-{}.png", std::process::id()));
+    let o = Command::new(env!("CARGO_BIN_EXE_sdw"))
+        .args(["txt2img", "--model"])
+        .arg(fixture("tiny-sd-fp16.safetensors"))
+        .args(["-p", "a photo", "--steps", "2", "--width", "64", "--height", "64", "--device", "cpu"])
+        .args(["--precision", "f16", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && stderr.contains("threads), f16"), "{stderr}");
+    assert_eq!(rgb_bytes(&out).len(), 64 * 64 * 3);
+    std::fs::remove_file(&out).unwrap();
+}
+
 /// The binary end to end: PNG pixels within 2 levels of the reference PNG, A1111 infotext.
 #[test]
 fn cli_writes_reference_png_with_infotext() {
