@@ -36,8 +36,10 @@ pub struct Compute {
     pub description: String,
     /// Largest buffer one kernel may bind (bytes); `None` when unbounded (CPU).
     pub max_binding: Option<usize>,
-    /// The dtype CLIP's and the UNet's weights and activations are in (f32 or f16).
-    pub dtype: DType,
+    /// The dtypes of CLIP's and the UNet's weights and of their activations: f32 and f32;
+    /// f16 and f16 on a GPU; f16 weights computing in f32 on the CPU (burn's CPU kernels are
+    /// faster in f32, and the weights are what takes the memory).
+    pub dtype: [DType; 2],
 }
 
 impl Compute {
@@ -46,14 +48,18 @@ impl Compute {
         let f16_shaders = || wgpu_state().as_ref().is_ok_and(|s| s.features.contains(wgpu::Features::SHADER_F16));
         let gpu = self.max_binding.is_some();
         let software = gpu && wgpu_state().as_ref().is_ok_and(|s| s.info.device_type == wgpu::DeviceType::Cpu);
-        self.dtype = match precision {
-            Precision::F32 => DType::F32,
-            Precision::Auto if gpu && !software && f16_shaders() => DType::F16,
-            Precision::Auto => DType::F32,
+        let f16 = match precision {
+            Precision::F32 => false,
+            Precision::Auto => gpu && !software && f16_shaders(),
             Precision::F16 if gpu && !f16_shaders() => {
                 return Err(DeviceError::NoF16(self.description.clone()));
             }
-            Precision::F16 => DType::F16,
+            Precision::F16 => true,
+        };
+        self.dtype = match (f16, gpu) {
+            (false, _) => [DType::F32; 2],
+            (true, true) => [DType::F16; 2],
+            (true, false) => [DType::F16, DType::F32],
         };
         Ok(self)
     }
@@ -61,8 +67,9 @@ impl Compute {
     /// The device line users see: adapter, and the precision when it is not f32.
     pub fn summary(&self) -> String {
         match self.dtype {
-            DType::F32 => self.description.clone(),
-            dtype => format!("{}, {dtype:?}", self.description).replace("F16", "f16"),
+            [DType::F32, _] => self.description.clone(),
+            [_, DType::F32] => format!("{}, f16 weights", self.description),
+            _ => format!("{}, f16", self.description),
         }
     }
 }
@@ -142,7 +149,7 @@ pub fn cpu() -> Compute {
     configure_burn();
     let threads = rayon::current_num_threads();
     let description = format!("CPU (burn flex, {threads} thread{})", if threads == 1 { "" } else { "s" });
-    Compute { device: Device::flex(), description, max_binding: None, dtype: DType::F32 }
+    Compute { device: Device::flex(), description, max_binding: None, dtype: [DType::F32; 2] }
 }
 
 /// Sets how many threads the CPU backend computes on (default: one per core). Call it
@@ -193,7 +200,7 @@ fn gpu(s: &WgpuState) -> Compute {
         device: s.device.clone(),
         description: describe(&s.info),
         max_binding: Some(s.max_binding),
-        dtype: DType::F32,
+        dtype: [DType::F32; 2],
     }
 }
 

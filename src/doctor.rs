@@ -485,6 +485,6 @@ fn norm(c: usize, seed: u64, d: &Device) -> GroupNorm {
 }
 
 fn tiny_model(d: &Device) -> StableDiffusion {
-    let compute = Compute { device: d.clone(), description: String::new(), max_binding: None, dtype: DType::F32 };
+    let compute = Compute { device: d.clone(), description: String::new(), max_binding: None, dtype: [DType::F32; 2] };
     StableDiffusion::random(&Architecture::tiny(), 7, compute).expect("the tiny layout is complete")
 }

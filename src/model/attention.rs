@@ -17,6 +17,7 @@ use crate::weights::WeightsError;
 
 use super::Loader;
 use super::adapter::{Adaptable, AttentionAdapters, Projection};
+use super::layers::linear;
 
 /// Largest score tensor (bytes) one attention call may produce if burn computes it naively.
 static SCORE_BUDGET: AtomicUsize = AtomicUsize::new(64 << 20);
@@ -134,11 +135,11 @@ impl CrossAttention {
     pub fn forward(&self, x: Tensor<3>, context: Option<&Tensor<3>>) -> Tensor<3> {
         let ctx = context.cloned().unwrap_or_else(|| x.clone());
         let a = &self.adapters;
-        let q = a.apply(Projection::Q, self.to_q.forward(x.clone()), x);
-        let k = a.apply(Projection::K, self.to_k.forward(ctx.clone()), ctx.clone());
-        let v = a.apply(Projection::V, self.to_v.forward(ctx.clone()), ctx);
+        let q = a.apply(Projection::Q, linear(&self.to_q, x.clone()), x);
+        let k = a.apply(Projection::K, linear(&self.to_k, ctx.clone()), ctx.clone());
+        let v = a.apply(Projection::V, linear(&self.to_v, ctx.clone()), ctx);
         let h = attention(q, k, v, self.heads, false);
-        a.apply(Projection::Out, self.to_out.forward(h.clone()), h)
+        a.apply(Projection::Out, linear(&self.to_out, h.clone()), h)
     }
 
     fn linear(&self, p: Projection) -> &Linear {

@@ -10,7 +10,7 @@ use crate::weights::{HostTensor, WeightsError};
 
 use super::adapter::{Adaptable, AttentionAdapters, Projection};
 use super::attention::attention;
-use super::layers::{Loader, to_device};
+use super::layers::{Loader, layer_norm, linear, to_device};
 
 /// CLIP heads are 64 wide in every SD checkpoint.
 const HEAD_DIM: usize = 64;
@@ -54,16 +54,16 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.layer_norm1.forward(x.clone());
+        let h = layer_norm(&self.layer_norm1, x.clone());
         let a = &self.adapters;
-        let q = a.apply(Projection::Q, self.q_proj.forward(h.clone()), h.clone());
-        let k = a.apply(Projection::K, self.k_proj.forward(h.clone()), h.clone());
-        let v = a.apply(Projection::V, self.v_proj.forward(h.clone()), h);
+        let q = a.apply(Projection::Q, linear(&self.q_proj, h.clone()), h.clone());
+        let k = a.apply(Projection::K, linear(&self.k_proj, h.clone()), h.clone());
+        let v = a.apply(Projection::V, linear(&self.v_proj, h.clone()), h);
         let o = attention(q, k, v, self.heads, true);
-        let x = x + a.apply(Projection::Out, self.out_proj.forward(o.clone()), o);
-        let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
+        let x = x + a.apply(Projection::Out, linear(&self.out_proj, o.clone()), o);
+        let h = linear(&self.fc1, layer_norm(&self.layer_norm2, x.clone()));
         let h = h.clone() * sigmoid(h.mul_scalar(1.702)); // quick GELU
-        x + self.fc2.forward(h)
+        x + linear(&self.fc2, h)
     }
 }
 
@@ -110,6 +110,9 @@ pub struct ClipTextModel {
     position_embedding: Param<Tensor<2>>,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// What it computes in (f32 with f16 weights on the CPU; the weights' dtype on a GPU).
+    #[module(skip)]
+    activations: DType,
 }
 
 impl ClipTextModel {
@@ -129,6 +132,7 @@ impl ClipTextModel {
             position_embedding: Param::from_tensor(l.weight(pos.data, [positions, hidden])),
             layers,
             final_layer_norm: l.layer_norm("final_layer_norm", LN_EPS)?,
+            activations: l.activations(),
         })
     }
 
@@ -181,15 +185,16 @@ impl ClipTextModel {
         device: &Device,
     ) -> Tensor<3> {
         let hidden = self.hidden_size();
-        let pos = self.position_embedding.val().narrow(0, 0, seq).reshape([1, seq, hidden]);
-        // The layers compute in the weights' dtype (f16 or f32); what comes out is f32.
-        let x = to_device(embeds, [batch, seq, hidden], device).cast(pos.dtype());
+        // The layers compute in the model's own dtype (f16 or f32); what comes out is f32.
+        let dtype = self.activations;
+        let pos = self.position_embedding.val().narrow(0, 0, seq).reshape([1, seq, hidden]).cast(dtype);
+        let x = to_device(embeds, [batch, seq, hidden], device).cast(dtype);
         let mut x = x + pos;
         let run = self.layers.len() + 1 - clip_skip.clamp(1, self.layers.len());
         for layer in &self.layers[..run] {
             x = layer.forward(x);
         }
-        self.final_layer_norm.forward(x).cast(DType::F32)
+        layer_norm(&self.final_layer_norm, x).cast(DType::F32)
     }
 }
 

@@ -54,8 +54,11 @@ struct Shared<'a> {
     ckpt: &'a Checkpoint,
     component: Component,
     device: Device,
-    /// What the weights are stored (and the component computes) in: f32, or f16.
+    /// What the weights are stored in: f32, or f16.
     dtype: DType,
+    /// What the component computes in: the weights' dtype on a GPU; f32 with f16 weights on
+    /// the CPU (half the memory, f32 arithmetic).
+    activations: DType,
     /// Full diffusers weight name -> the parameter it was loaded into (linear and conv weights).
     slots: RefCell<HashMap<String, WeightSlot>>,
 }
@@ -63,12 +66,18 @@ struct Shared<'a> {
 impl<'a> Loader<'a> {
     /// Loads `component` of `ckpt` onto `device` in f32.
     pub fn new(ckpt: &'a Checkpoint, component: Component, device: &Device) -> Self {
-        Self::with_dtype(ckpt, component, device, DType::F32)
+        Self::with_dtypes(ckpt, component, device, [DType::F32; 2])
     }
 
-    /// Loads `component` with its weights in `dtype` (f32 or f16).
-    pub fn with_dtype(ckpt: &'a Checkpoint, component: Component, device: &Device, dtype: DType) -> Self {
-        let shared = Shared { ckpt, component, device: device.clone(), dtype, slots: RefCell::default() };
+    /// Loads `component` with its weights in `weights` (f32 or f16), to compute in `activations`.
+    pub fn with_dtypes(
+        ckpt: &'a Checkpoint,
+        component: Component,
+        device: &Device,
+        [weights, activations]: [DType; 2],
+    ) -> Self {
+        let shared =
+            Shared { ckpt, component, device: device.clone(), dtype: weights, activations, slots: RefCell::default() };
         Self { shared: Rc::new(shared), prefix: String::new() }
     }
 
@@ -105,6 +114,11 @@ impl<'a> Loader<'a> {
     /// The weights' dtype on the device.
     pub fn dtype(&self) -> DType {
         self.shared.dtype
+    }
+
+    /// The dtype the component computes in.
+    pub fn activations(&self) -> DType {
+        self.shared.activations
     }
 
     /// Host data as a weight on the device, in the loader's dtype.
@@ -245,13 +259,38 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
 }
 
-/// `c` applied to `x`. An f16 `x` is convolved in f32 and rounded back: burn's direct
-/// convolution kernel, which autotune may pick, sums in the element type, and an f16 sum over
+// Layers whose weights may be in another dtype than their input. On the CPU, `--precision
+// f16` keeps the weights in f16 and computes in f32: each layer's parameters are cast to the
+// input's dtype where they are used (a no-op when they match, as in f32 and on the GPU).
+
+/// `l` applied to `x`, in `x`'s dtype.
+pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    if l.weight.val().dtype() == dtype {
+        return l.forward(x);
+    }
+    burn::tensor::module::linear(x, l.weight.val().cast(dtype), l.bias.as_ref().map(|b| b.val().cast(dtype)))
+}
+
+/// `n` applied to `x`, in `x`'s dtype.
+pub fn layer_norm<const D: usize>(n: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    if n.gamma.val().dtype() == dtype {
+        return n.forward(x);
+    }
+    let mut n = n.clone();
+    n.gamma = n.gamma.map(|t| t.cast(dtype));
+    n.beta = n.beta.map(|b| b.map(|t| t.cast(dtype)));
+    n.forward(x)
+}
+
+/// `c` applied to `x`, summed in f32 and returned in `x`'s dtype. burn's direct convolution
+/// kernel, which autotune may pick, sums in the element type, and an f16 sum over
 /// `C_in x 3 x 3` products loses ~5 f16 roundoffs (2.4e-3 against 2.3e-4 for attention in
 /// `sdw doctor` on lavapipe), which compounds over a sampling run.
 pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let dtype = x.dtype();
-    if dtype == DType::F32 {
+    if dtype == DType::F32 && c.weight.val().dtype() == DType::F32 {
         return c.forward(x);
     }
     let PaddingConfig2d::Explicit(top, left, _, _) = c.padding else {
@@ -313,7 +352,7 @@ impl ResnetBlock {
         let mut h = conv(&self.conv1, group_norm::forward(&self.norm1, x.clone(), true));
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let [b, c] = [h.dims()[0], h.dims()[1]];
-            h = h + proj.forward(t.clone()).reshape([b, c, 1, 1]);
+            h = h + linear(proj, t.clone()).reshape([b, c, 1, 1]);
         }
         let h = conv(&self.conv2, group_norm::forward(&self.norm2, h, true));
         let skip = match &self.conv_shortcut {

@@ -11,7 +11,7 @@ use crate::weights::WeightsError;
 
 use super::adapter::Adaptable;
 use super::attention::CrossAttention;
-use super::layers::{Loader, ResnetBlock, conv, gelu, to_device, upsample_nearest_to};
+use super::layers::{Loader, ResnetBlock, conv, gelu, layer_norm, linear, to_device, upsample_nearest_to};
 
 /// SD 1.x `num_heads: 8` (the head width varies per level); SD 2.x uses 64-wide heads.
 const SD1_HEADS: usize = 8;
@@ -58,12 +58,12 @@ struct FeedForward {
 
 impl FeedForward {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.proj.forward(x);
+        let h = linear(&self.proj, x);
         let half = h.dims()[2] / 2;
         let mut parts = h.split(half, 2);
         let gate = parts.pop().unwrap();
         let value = parts.pop().unwrap();
-        self.out.forward(value * gelu(gate))
+        linear(&self.out, value * gelu(gate))
     }
 }
 
@@ -90,9 +90,9 @@ impl TransformerBlock {
     }
 
     fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.attn1.forward(self.norm1.forward(x), None);
-        let x = x.clone() + self.attn2.forward(self.norm2.forward(x), Some(context));
-        x.clone() + self.ff.forward(self.norm3.forward(x))
+        let x = x.clone() + self.attn1.forward(layer_norm(&self.norm1, x), None);
+        let x = x.clone() + self.attn2.forward(layer_norm(&self.norm2, x), Some(context));
+        x.clone() + self.ff.forward(layer_norm(&self.norm3, x))
     }
 }
 
@@ -141,7 +141,7 @@ impl SpatialTransformer {
         let to_tokens = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut t = match &self.proj_in {
             Proj::Conv(c) => to_tokens(conv(c, hs)),
-            Proj::Linear(lin) => lin.forward(to_tokens(hs)),
+            Proj::Linear(lin) => linear(lin, to_tokens(hs)),
         };
         for block in &self.blocks {
             t = block.forward(t, context);
@@ -149,7 +149,7 @@ impl SpatialTransformer {
         let to_image = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
         let out = match &self.proj_out {
             Proj::Conv(c) => conv(c, to_image(t)),
-            Proj::Linear(lin) => to_image(lin.forward(t)),
+            Proj::Linear(lin) => to_image(linear(lin, t)),
         };
         out + x
     }
@@ -235,6 +235,9 @@ pub struct Unet {
     conv_out: Conv2d,
     #[module(skip)]
     config: UnetConfig,
+    /// What it computes in (f32 with f16 weights on the CPU; the weights' dtype on a GPU).
+    #[module(skip)]
+    activations: DType,
 }
 
 impl Unet {
@@ -254,10 +257,11 @@ impl Unet {
             conv_norm_out: l.group_norm("conv_norm_out", RESNET_EPS)?,
             conv_out: l.conv_same("conv_out")?,
             config,
+            activations: l.activations(),
         })
     }
 
-    /// What the UNet's weights and activations are in (f32, or f16).
+    /// What the UNet's weights are in (f32, or f16).
     pub fn dtype(&self) -> DType {
         self.conv_in.weight.val().dtype()
     }
@@ -299,8 +303,8 @@ impl Unet {
     /// [`Self::forward`], showing `trace` each layer's output by name (`down.1.attentions.0`):
     /// `sdw doctor --trace` finds the first layer where a device departs from the CPU.
     pub fn forward_traced(&self, x: Tensor<4>, t: &[f32], context: &Tensor<3>, trace: Trace) -> Tensor<4> {
-        // The UNet computes in its weights' dtype (f16 or f32); what comes out is f32.
-        let dtype = self.dtype();
+        // The UNet computes in its own dtype (f16 or f32); what comes out is f32.
+        let dtype = self.activations;
         self.run(x.cast(dtype), t, &context.clone().cast(dtype), trace).cast(DType::F32)
     }
 
@@ -308,7 +312,7 @@ impl Unet {
         let device = x.device();
         let dim = self.config.block_out_channels[0];
         let t_proj = to_device(timestep_embedding(t, dim), [t.len(), dim], &device).cast(x.dtype());
-        let temb = silu(self.time_linear_2.forward(silu(self.time_linear_1.forward(t_proj))));
+        let temb = silu(linear(&self.time_linear_2, silu(linear(&self.time_linear_1, t_proj))));
         trace("time_embedding", &temb.clone().unsqueeze_dims(&[2, 3]));
 
         let mut h = conv(&self.conv_in, x);

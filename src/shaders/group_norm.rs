@@ -43,10 +43,11 @@ pub trait GroupNormOps: Backend {
 pub fn forward(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
     match (&norm.gamma, &norm.beta) {
         (Some(gamma), Some(beta)) if uses_shader(&x) => {
+            let dtype = x.dtype();
             Tensor::from_dispatch(burn::backend::Dispatch::group_norm_silu(
                 x.into_dispatch(),
-                gamma.val().into_dispatch(),
-                beta.val().into_dispatch(),
+                gamma.val().cast(dtype).into_dispatch(),
+                beta.val().cast(dtype).into_dispatch(),
                 norm.num_groups,
                 norm.epsilon,
                 with_silu,
@@ -58,7 +59,15 @@ pub fn forward(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
 
 /// What the shader replaces: burn's GroupNorm and SiLU.
 pub fn reference(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
-    let y = norm.forward(x);
+    // Weights stored in f16 meet f32 activations on the CPU (`--precision f16`).
+    let dtype = x.dtype();
+    let cast = |p: &Option<burn::module::Param<Tensor<1>>>| p.clone().map(|p| p.map(|t| t.cast(dtype)));
+    let y = match &norm.gamma {
+        Some(gamma) if gamma.val().dtype() != dtype => {
+            GroupNorm { gamma: cast(&norm.gamma), beta: cast(&norm.beta), ..norm.clone() }.forward(x)
+        }
+        _ => norm.forward(x),
+    };
     if with_silu { silu(y) } else { y }
 }
 

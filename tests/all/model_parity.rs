@@ -104,8 +104,9 @@ fn vae_matches_diffusers() {
     }
 }
 
-/// f16 carries a unit roundoff of 2^-11 (4.9e-4); one f16 UNet evaluation (weights and
-/// activations in f16, sums in f32) stays within about 20 of those of the fp32 reference.
+/// f16 carries a unit roundoff of 2^-11 (4.9e-4); one f16 UNet or CLIP evaluation on a GPU
+/// (weights and activations in f16, sums in f32) stays within about 20 of those of the fp32
+/// reference.
 const F16_MODULE_TOL: f64 = 1e-2;
 
 #[test]
@@ -115,10 +116,12 @@ fn unet_and_clip_in_f16_stay_near_the_fp32_reference() {
         let c = c.with_precision(sdw::device::Precision::F16).unwrap();
         let sd = StableDiffusion::load(&single_file(), c.clone()).unwrap();
         let what = c.summary();
+        // On the CPU the f16 weights (of an f16 file: nothing rounded) compute in f32.
+        let tol = if c.dtype[1] == burn::tensor::DType::F32 { MODULE_TOL } else { F16_MODULE_TOL };
         let eps = unet_case(&sd, "unet.x", &t, "unet.context");
-        assert_close(&format!("unet.eps [{what}]"), &eps, &golden("unet.eps"), F16_MODULE_TOL);
+        assert_close(&format!("unet.eps [{what}]"), &eps, &golden("unet.eps"), tol);
         let ids = ids(&golden("clip.input_ids"));
         let hidden = to_host(sd.clip.forward(&ids, 1, &c.device));
-        assert_close(&format!("clip.last_hidden [{what}]"), &hidden, &golden("clip.last_hidden_state"), F16_MODULE_TOL);
+        assert_close(&format!("clip.last_hidden [{what}]"), &hidden, &golden("clip.last_hidden_state"), tol);
     }
 }

@@ -40,11 +40,14 @@ fn txt2img_in_f16_stays_near_the_fp32_reference() {
         let c = c.with_precision(sdw::device::Precision::F16).unwrap();
         let sd = StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), c.clone()).unwrap();
         assert_eq!(sd.unet.dtype(), burn::tensor::DType::F16);
+        // On the CPU the f16 weights compute in f32, and this file's weights are f16 already:
+        // nothing is rounded, so the fp32 bounds hold.
+        let tol = if c.dtype[1] == burn::tensor::DType::F32 { PIPELINE_TOL } else { F16_TOL };
         for name in CASES {
             let out = sd.txt2img(&case_params(&cases["cases"][name]), &mut NoProgress).unwrap();
             let what = format!("{name} [{}]", c.summary());
-            assert_close(&format!("{what} latent"), &out.latents, &golden(&format!("{name}.latent")), F16_TOL);
-            assert_close(&format!("{what} image"), &out.image, &golden(&format!("{name}.image")), F16_TOL);
+            assert_close(&format!("{what} latent"), &out.latents, &golden(&format!("{name}.latent")), tol);
+            assert_close(&format!("{what} image"), &out.image, &golden(&format!("{name}.image")), tol);
         }
     }
 }
