@@ -22,10 +22,27 @@ pub enum DeviceChoice {
 pub enum Precision {
     /// f16 on a GPU whose adapter has f16 shaders, f32 elsewhere (the CPU, software GPUs).
     Auto,
-    /// Half the memory and bandwidth; images differ from f32 ones by a few levels.
+    /// Half the memory. On a GPU weights and activations are f16 (images differ from f32 ones
+    /// by a few levels); on the CPU the weights are f16 and the arithmetic f32.
     F16,
     /// Matches the reference (PyTorch fp32) images.
     F32,
+}
+
+/// The dtypes of CLIP's and the UNet's weights and of their activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dtypes {
+    pub weights: DType,
+    pub activations: DType,
+}
+
+impl Dtypes {
+    pub const F32: Self = Self { weights: DType::F32, activations: DType::F32 };
+    /// f16 on a GPU.
+    pub const F16: Self = Self { weights: DType::F16, activations: DType::F16 };
+    /// f16 weights computing in f32, on the CPU: burn's CPU kernels are faster in f32, and the
+    /// weights are what takes the memory.
+    pub const F16_WEIGHTS: Self = Self { weights: DType::F16, activations: DType::F32 };
 }
 
 /// A ready device and what to tell the user about it.
@@ -36,10 +53,8 @@ pub struct Compute {
     pub description: String,
     /// Largest buffer one kernel may bind (bytes); `None` when unbounded (CPU).
     pub max_binding: Option<usize>,
-    /// The dtypes of CLIP's and the UNet's weights and of their activations: f32 and f32;
-    /// f16 and f16 on a GPU; f16 weights computing in f32 on the CPU (burn's CPU kernels are
-    /// faster in f32, and the weights are what takes the memory).
-    pub dtype: [DType; 2],
+    /// What CLIP and the UNet keep their weights and compute in.
+    pub dtypes: Dtypes,
 }
 
 impl Compute {
@@ -56,19 +71,19 @@ impl Compute {
             }
             Precision::F16 => true,
         };
-        self.dtype = match (f16, gpu) {
-            (false, _) => [DType::F32; 2],
-            (true, true) => [DType::F16; 2],
-            (true, false) => [DType::F16, DType::F32],
+        self.dtypes = match (f16, gpu) {
+            (false, _) => Dtypes::F32,
+            (true, true) => Dtypes::F16,
+            (true, false) => Dtypes::F16_WEIGHTS,
         };
         Ok(self)
     }
 
     /// The device line users see: adapter, and the precision when it is not f32.
     pub fn summary(&self) -> String {
-        match self.dtype {
-            [DType::F32, _] => self.description.clone(),
-            [_, DType::F32] => format!("{}, f16 weights", self.description),
+        match self.dtypes {
+            Dtypes::F32 => self.description.clone(),
+            Dtypes::F16_WEIGHTS => format!("{}, f16 weights", self.description),
             _ => format!("{}, f16", self.description),
         }
     }
@@ -149,7 +164,7 @@ pub fn cpu() -> Compute {
     configure_burn();
     let threads = rayon::current_num_threads();
     let description = format!("CPU (burn flex, {threads} thread{})", if threads == 1 { "" } else { "s" });
-    Compute { device: Device::flex(), description, max_binding: None, dtype: [DType::F32; 2] }
+    Compute { device: Device::flex(), description, max_binding: None, dtypes: Dtypes::F32 }
 }
 
 /// Sets how many threads the CPU backend computes on (default: one per core). Call it
@@ -200,7 +215,7 @@ fn gpu(s: &WgpuState) -> Compute {
         device: s.device.clone(),
         description: describe(&s.info),
         max_binding: Some(s.max_binding),
-        dtype: [DType::F32; 2],
+        dtypes: Dtypes::F32,
     }
 }
 

@@ -15,11 +15,11 @@ use burn::nn::{GroupNorm, LayerNormConfig, PaddingConfig2d};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::conv2d as conv2d_fn;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use rand::{SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Normal};
 
-use crate::device::Compute;
+use crate::device::{Compute, Dtypes};
 use crate::model::attention::attention;
 use crate::model::layers::{gelu, to_host, upsample_nearest_2x, upsample_nearest_to};
 use crate::pipeline::StableDiffusion;
@@ -485,6 +485,6 @@ fn norm(c: usize, seed: u64, d: &Device) -> GroupNorm {
 }
 
 fn tiny_model(d: &Device) -> StableDiffusion {
-    let compute = Compute { device: d.clone(), description: String::new(), max_binding: None, dtype: [DType::F32; 2] };
+    let compute = Compute { device: d.clone(), description: String::new(), max_binding: None, dtypes: Dtypes::F32 };
     StableDiffusion::random(&Architecture::tiny(), 7, compute).expect("the tiny layout is complete")
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::rc::Rc;
 
+use crate::device::Dtypes;
 use crate::shaders::group_norm;
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::Conv2d;
@@ -54,11 +55,8 @@ struct Shared<'a> {
     ckpt: &'a Checkpoint,
     component: Component,
     device: Device,
-    /// What the weights are stored in: f32, or f16.
-    dtype: DType,
-    /// What the component computes in: the weights' dtype on a GPU; f32 with f16 weights on
-    /// the CPU (half the memory, f32 arithmetic).
-    activations: DType,
+    /// What the weights are stored in (f32 or f16), and what the component computes in.
+    dtypes: Dtypes,
     /// Full diffusers weight name -> the parameter it was loaded into (linear and conv weights).
     slots: RefCell<HashMap<String, WeightSlot>>,
 }
@@ -66,18 +64,12 @@ struct Shared<'a> {
 impl<'a> Loader<'a> {
     /// Loads `component` of `ckpt` onto `device` in f32.
     pub fn new(ckpt: &'a Checkpoint, component: Component, device: &Device) -> Self {
-        Self::with_dtypes(ckpt, component, device, [DType::F32; 2])
+        Self::with_dtypes(ckpt, component, device, Dtypes::F32)
     }
 
-    /// Loads `component` with its weights in `weights` (f32 or f16), to compute in `activations`.
-    pub fn with_dtypes(
-        ckpt: &'a Checkpoint,
-        component: Component,
-        device: &Device,
-        [weights, activations]: [DType; 2],
-    ) -> Self {
-        let shared =
-            Shared { ckpt, component, device: device.clone(), dtype: weights, activations, slots: RefCell::default() };
+    /// Loads `component` with its weights in `dtypes.weights`, to compute in `dtypes.activations`.
+    pub fn with_dtypes(ckpt: &'a Checkpoint, component: Component, device: &Device, dtypes: Dtypes) -> Self {
+        let shared = Shared { ckpt, component, device: device.clone(), dtypes, slots: RefCell::default() };
         Self { shared: Rc::new(shared), prefix: String::new() }
     }
 
@@ -111,19 +103,14 @@ impl<'a> Loader<'a> {
         &self.shared.device
     }
 
-    /// The weights' dtype on the device.
-    pub fn dtype(&self) -> DType {
-        self.shared.dtype
-    }
-
     /// The dtype the component computes in.
     pub fn activations(&self) -> DType {
-        self.shared.activations
+        self.shared.dtypes.activations
     }
 
-    /// Host data as a weight on the device, in the loader's dtype.
+    /// Host data as a weight on the device, in the loader's weight dtype.
     pub fn weight<const D: usize>(&self, data: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
-        Tensor::from_data(TensorData::new(data, shape), (self.device(), self.dtype()))
+        Tensor::from_data(TensorData::new(data, shape), (self.device(), self.shared.dtypes.weights))
     }
 
     pub fn has(&self, name: &str) -> bool {

@@ -81,9 +81,9 @@ impl StableDiffusion {
             .map_or(SCALING_FACTOR, |v| v as f32);
         crate::model::attention::fit_score_budget(compute.max_binding);
         let dev = &compute.device;
-        let clip_loader = Loader::with_dtypes(ckpt, Component::TextEncoder, dev, compute.dtype);
+        let clip_loader = Loader::with_dtypes(ckpt, Component::TextEncoder, dev, compute.dtypes);
         let clip = ClipTextModel::load(&clip_loader)?;
-        let unet_loader = Loader::with_dtypes(ckpt, Component::Unet, dev, compute.dtype);
+        let unet_loader = Loader::with_dtypes(ckpt, Component::Unet, dev, compute.dtypes);
         let unet = Unet::load(&unet_loader)?;
         let patches = WeightPatches::new(unet_loader.into_slots(), clip_loader.into_slots());
         let vae = Vae::load(&Loader::new(ckpt, Component::Vae, dev))?;

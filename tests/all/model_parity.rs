@@ -117,7 +117,7 @@ fn unet_and_clip_in_f16_stay_near_the_fp32_reference() {
         let sd = StableDiffusion::load(&single_file(), c.clone()).unwrap();
         let what = c.summary();
         // On the CPU the f16 weights (of an f16 file: nothing rounded) compute in f32.
-        let tol = if c.dtype[1] == burn::tensor::DType::F32 { MODULE_TOL } else { F16_MODULE_TOL };
+        let tol = if c.dtypes.activations == burn::tensor::DType::F32 { MODULE_TOL } else { F16_MODULE_TOL };
         let eps = unet_case(&sd, "unet.x", &t, "unet.context");
         assert_close(&format!("unet.eps [{what}]"), &eps, &golden("unet.eps"), tol);
         let ids = ids(&golden("clip.input_ids"));

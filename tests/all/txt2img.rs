@@ -42,7 +42,7 @@ fn txt2img_in_f16_stays_near_the_fp32_reference() {
         assert_eq!(sd.unet.dtype(), burn::tensor::DType::F16);
         // On the CPU the f16 weights compute in f32, and this file's weights are f16 already:
         // nothing is rounded, so the fp32 bounds hold.
-        let tol = if c.dtype[1] == burn::tensor::DType::F32 { PIPELINE_TOL } else { F16_TOL };
+        let tol = if c.dtypes.activations == burn::tensor::DType::F32 { PIPELINE_TOL } else { F16_TOL };
         for name in CASES {
             let out = sd.txt2img(&case_params(&cases["cases"][name]), &mut NoProgress).unwrap();
             let what = format!("{name} [{}]", c.summary());
