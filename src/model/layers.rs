@@ -1,5 +1,6 @@
 //! Building blocks shared by the UNet, VAE and CLIP, and the loader that fills them.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -7,11 +8,9 @@ use std::rc::Rc;
 
 use crate::device::Dtypes;
 use crate::shaders::group_norm;
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::weights::{Checkpoint, Component, HostTensor, WeightsError};
@@ -247,28 +246,18 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 // Layers whose weights may be in another dtype than their input. On the CPU, `--precision
-// f16` keeps the weights in f16 and computes in f32: each layer's parameters are cast to the
-// input's dtype where they are used (a no-op when they match, as in f32 and on the GPU).
+// f16` keeps the weights in f16 and computes in f32: each layer runs with its parameters in
+// the input's dtype, cast where it is used (nothing is copied when they match, as in f32
+// and on the GPU).
 
 /// `l` applied to `x`, in `x`'s dtype.
 pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
-    let dtype = x.dtype();
-    if l.weight.val().dtype() == dtype {
-        return l.forward(x);
-    }
-    burn::tensor::module::linear(x, l.weight.val().cast(dtype), l.bias.as_ref().map(|b| b.val().cast(dtype)))
+    in_dtype(l, x.dtype()).forward(x)
 }
 
 /// `n` applied to `x`, in `x`'s dtype.
 pub fn layer_norm<const D: usize>(n: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
-    let dtype = x.dtype();
-    if n.gamma.val().dtype() == dtype {
-        return n.forward(x);
-    }
-    let mut n = n.clone();
-    n.gamma = n.gamma.map(|t| t.cast(dtype));
-    n.beta = n.beta.map(|b| b.map(|t| t.cast(dtype)));
-    n.forward(x)
+    in_dtype(n, x.dtype()).forward(x)
 }
 
 /// `c` applied to `x`, summed in f32 and returned in `x`'s dtype. burn's direct convolution
@@ -277,16 +266,26 @@ pub fn layer_norm<const D: usize>(n: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
 /// `sdw doctor` on lavapipe), which compounds over a sampling run.
 pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let dtype = x.dtype();
-    if dtype == DType::F32 && c.weight.val().dtype() == DType::F32 {
-        return c.forward(x);
+    in_dtype(c, DType::F32).forward(x.cast(DType::F32)).cast(dtype)
+}
+
+/// `module` with every float parameter in `dtype`: itself when they already are, else a copy.
+pub fn in_dtype<M: Module + Clone>(module: &M, dtype: DType) -> Cow<'_, M> {
+    struct Differs(DType, bool);
+    impl ModuleVisitor for Differs {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.1 |= param.val().dtype() != self.0;
+        }
     }
-    let PaddingConfig2d::Explicit(top, left, _, _) = c.padding else {
-        unreachable!("sdw builds its convolutions with explicit padding")
-    };
-    let options = ConvOptions::new(c.stride, [top, left], c.dilation, c.groups);
-    let f32 = |t: Tensor<1>| t.cast(DType::F32);
-    let bias = c.bias.as_ref().map(|b| f32(b.val()));
-    conv2d(x.cast(DType::F32), c.weight.val().cast(DType::F32), bias, options).cast(dtype)
+    struct Cast(DType);
+    impl ModuleMapper for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            param.map(|t| t.cast(self.0))
+        }
+    }
+    let mut differs = Differs(dtype, false);
+    module.visit(&mut differs);
+    if differs.1 { Cow::Owned(module.clone().map(&mut Cast(dtype))) } else { Cow::Borrowed(module) }
 }
 
 /// Nearest-neighbour 2x upsampling (F.interpolate(scale_factor=2, mode="nearest")).

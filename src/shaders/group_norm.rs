@@ -14,6 +14,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{DType, Tensor};
 
 use super::SHADERS;
+use crate::model::layers::in_dtype;
 
 /// Threads per workgroup (one workgroup per batch item and group).
 const WORKGROUP: u32 = 256;
@@ -41,33 +42,26 @@ pub trait GroupNormOps: Backend {
 
 /// `norm(x)`, then SiLU when `with_silu`: our kernel where it applies, burn's ops otherwise.
 pub fn forward(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
+    let norm = in_dtype(norm, x.dtype());
     match (&norm.gamma, &norm.beta) {
         (Some(gamma), Some(beta)) if uses_shader(&x) => {
-            let dtype = x.dtype();
             Tensor::from_dispatch(burn::backend::Dispatch::group_norm_silu(
                 x.into_dispatch(),
-                gamma.val().cast(dtype).into_dispatch(),
-                beta.val().cast(dtype).into_dispatch(),
+                gamma.val().into_dispatch(),
+                beta.val().into_dispatch(),
                 norm.num_groups,
                 norm.epsilon,
                 with_silu,
             ))
         }
-        _ => reference(norm, x, with_silu),
+        _ => reference(&norm, x, with_silu),
     }
 }
 
 /// What the shader replaces: burn's GroupNorm and SiLU.
 pub fn reference(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
     // Weights stored in f16 meet f32 activations on the CPU (`--precision f16`).
-    let dtype = x.dtype();
-    let cast = |p: &Option<burn::module::Param<Tensor<1>>>| p.clone().map(|p| p.map(|t| t.cast(dtype)));
-    let y = match &norm.gamma {
-        Some(gamma) if gamma.val().dtype() != dtype => {
-            GroupNorm { gamma: cast(&norm.gamma), beta: cast(&norm.beta), ..norm.clone() }.forward(x)
-        }
-        _ => norm.forward(x),
-    };
+    let y = in_dtype(norm, x.dtype()).forward(x);
     if with_silu { silu(y) } else { y }
 }
 
