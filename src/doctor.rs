@@ -22,6 +22,7 @@ use rand_distr::{Distribution, Normal};
 use crate::device::{Compute, Dtypes};
 use crate::model::attention::attention;
 use crate::model::layers::{gelu, to_host, upsample_nearest_2x, upsample_nearest_to};
+use crate::model::unet::Trace;
 use crate::pipeline::StableDiffusion;
 use crate::shaders::group_norm;
 use crate::weights::HostTensor;
@@ -94,13 +95,7 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
         ("conv 1x1 320->320 (proj_in)", 320, 320, 1, 1, s, 13),
         ("conv 3x3 stride 2 320->320", 320, 320, 3, 2, s, 14),
     ] {
-        add(
-            format!("{name} at {side}x{side}"),
-            Box::new(move |d| {
-                let conv = conv2d(cin, cout, k, stride, seed, d);
-                to_host(conv.forward(input([2, cin, side, side], seed + 100, d)))
-            }),
-        );
+        add(format!("{name} at {side}x{side}"), conv_check(cin, cout, k, stride, side, seed));
     }
     // burn's ops and sdw's shader on the same input: the shader must agree with both.
     let group_norms: [(&str, GroupNormFn); 2] =
@@ -265,15 +260,7 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
             to_host(sd.clip.forward(&[ids.clone(), ids.iter().rev().copied().collect()], 1, d))
         }),
     );
-    add(
-        "tiny UNet, CFG batch of 2 at 8x8".into(),
-        Box::new(|d| {
-            let sd = tiny_model(d);
-            let x = input([2, 4, 8, 8], 80, d);
-            let context = input([2, 77, 128], 81, d);
-            to_host(sd.unet.forward(x, &[801.5, 801.5], &context))
-        }),
-    );
+    add("tiny UNet, CFG batch of 2 at 8x8".into(), Box::new(|d| to_host(tiny_unet(d, &mut |_, _| {}))));
     add(
         "tiny VAE decode 8x8 -> 64x64".into(),
         Box::new(|d| to_host(tiny_model(d).vae.decode(input([1, 4, 8, 8], 82, d)))),
@@ -314,12 +301,7 @@ fn tiny_shape_checks() -> Vec<(String, Op)> {
         ("conv 1x1 96->64 (skip)", 96, 64, 1, 1, 4, 215),
         ("conv 3x3 32->3 (VAE conv_out)", 32, 3, 3, 1, 64, 216),
     ] {
-        add(
-            format!("tiny {name} at {side}x{side}"),
-            Box::new(move |d| {
-                to_host(conv2d(cin, cout, k, stride, seed, d).forward(input([2, cin, side, side], seed + 100, d)))
-            }),
-        );
+        add(format!("tiny {name} at {side}x{side}"), conv_check(cin, cout, k, stride, side, seed));
     }
     let group_norms: [(&str, GroupNormFn); 2] =
         [("burn ops", group_norm::reference), ("sdw shader", group_norm::forward)];
@@ -357,6 +339,13 @@ fn tiny_shape_checks() -> Vec<(String, Op)> {
     list
 }
 
+/// A `k x k` convolution `cin -> cout` with `stride` on a batch of 2 `side x side` inputs.
+fn conv_check(cin: usize, cout: usize, k: usize, stride: usize, side: usize, seed: u64) -> Op {
+    Box::new(move |d| {
+        to_host(conv2d(cin, cout, k, stride, seed, d).forward(input([2, cin, side, side], seed + 100, d)))
+    })
+}
+
 /// Multi-head attention of `[batch, tokens, width]` queries over `keys` keys and values.
 fn attention_check([batch, tokens, width]: [usize; 3], keys: usize, heads: usize, causal: bool, seed: u64) -> Op {
     Box::new(move |d| {
@@ -390,14 +379,8 @@ pub fn run(
 /// departs (later ones inherit its error).
 pub fn trace_unet(compute: &Compute) -> Vec<(String, f64)> {
     let run = |d: &Device| {
-        let sd = tiny_model(d);
         let mut layers = Vec::new();
-        let out = sd.unet.forward_traced(
-            input([2, 4, 8, 8], 80, d),
-            &[801.5, 801.5],
-            &input([2, 77, 128], 81, d),
-            &mut |name, t| layers.push((name.to_owned(), to_host(t.clone()))),
-        );
+        let out = tiny_unet(d, &mut |name, t| layers.push((name.to_owned(), to_host(t.clone()))));
         layers.push(("output".into(), to_host(out)));
         layers
     };
@@ -482,6 +465,12 @@ fn norm(c: usize, seed: u64, d: &Device) -> GroupNorm {
         epsilon: 1e-5,
         affine: true,
     }
+}
+
+/// The "tiny UNet" check's computation: a CFG batch of 2 at 8x8, each layer shown to `trace`.
+fn tiny_unet(d: &Device, trace: Trace) -> Tensor<4> {
+    let (x, context) = (input([2, 4, 8, 8], 80, d), input([2, 77, 128], 81, d));
+    tiny_model(d).unet.forward_traced(x, &[801.5, 801.5], &context, trace)
 }
 
 fn tiny_model(d: &Device) -> StableDiffusion {
