@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 
-use crate::models_dir::ModelsDir;
+use crate::models_dir::{CHECKPOINTS, ModelsDir};
 
 /// What `--model` names.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,20 +68,24 @@ impl ModelSource {
 /// The model to load: `--model` if given, else the first checkpoint in
 /// `models/Stable-diffusion/`, else [`DEFAULT_MODEL`] from the Hub.
 pub fn resolve(model: Option<&str>, models: &ModelsDir) -> anyhow::Result<PathBuf> {
-    let source = match model {
-        Some(arg) => ModelSource::parse(arg)?,
+    match model {
+        Some(arg) => locate(arg),
         None => match models.checkpoints().into_iter().next() {
             Some(entry) => {
-                eprintln!("model: {} (the first in {})", entry.name, models.root.join("Stable-diffusion").display());
-                return Ok(entry.path);
+                eprintln!("model: {} (the first in {})", entry.name, models.root.join(CHECKPOINTS).display());
+                Ok(entry.path)
             }
             None => {
                 eprintln!("model: none given and none in {}; using {DEFAULT_MODEL}", models.root.display());
-                ModelSource::parse(DEFAULT_MODEL)?
+                locate(DEFAULT_MODEL)
             }
         },
-    };
-    Ok(match source {
+    }
+}
+
+/// The local path of a named model: a path as it is, a Hub name from the cache or downloaded.
+pub fn locate(arg: &str) -> anyhow::Result<PathBuf> {
+    Ok(match ModelSource::parse(arg)? {
         ModelSource::Path(p) => p,
         ModelSource::File { repo, file } => Hub::from_env()?.file(&repo, &file)?,
         ModelSource::Repo(repo) => Hub::from_env()?.diffusers(&repo)?,

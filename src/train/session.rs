@@ -30,9 +30,8 @@ pub fn train_until(opts: TrainOptions, stop: &AtomicBool) -> Result<PathBuf, Tra
     let (resume, dir) = open_run(&opts)?;
     let compute = device::select(opts.device).map_err(|e| TrainError::Model(e.to_string()))?;
     eprintln!("device: {}", compute.description);
-    // A Hub name works here too (the models folder is not searched: --model is required).
-    let model = crate::hub::resolve(Some(&opts.model.to_string_lossy()), &crate::models_dir::ModelsDir::new("models"))
-        .map_err(|e| TrainError::Model(format!("{e:#}")))?;
+    // A Hub name works here too (--model is required: no models folder is searched).
+    let model = crate::hub::locate(&opts.model.to_string_lossy()).map_err(|e| TrainError::Model(format!("{e:#}")))?;
     let mut sd = StableDiffusion::load(&model, compute)
         .map_err(|e| TrainError::Model(format!("loading {}: {e}", model.display())))?;
     if let (Some(prompt), Some(class_dir)) = (&opts.class_prompt, &opts.class_dir) {
