@@ -29,12 +29,14 @@ pub struct BenchSettings {
     pub train: bool,
 }
 
-/// Seconds of one part, first call and warm mean.
+/// Seconds of one part, first call and warm mean, and how many cores the warm runs kept
+/// busy (CPU time over wall time, in percent: 200 is two cores; `None` where unknown).
 #[derive(Clone, Debug, Serialize)]
 pub struct Timing {
     pub part: String,
     pub cold_s: f64,
     pub warm_s: f64,
+    pub warm_cpu_percent: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -68,9 +70,12 @@ pub fn run(
         let cold = seconds(&mut *f);
         peak.sample();
         say(&format!("{part}: {cold:.3} s cold, {} warm run(s)", s.repeats));
+        let cpu_before = crate::device::process_cpu_seconds();
         let warm = (0..s.repeats).map(|_| seconds(&mut *f)).sum::<f64>() / s.repeats.max(1) as f64;
+        let cpu = cpu_before.zip(crate::device::process_cpu_seconds()).map(|(a, b)| b - a);
+        let warm_cpu_percent = cpu.filter(|_| s.repeats > 0).map(|c| 100.0 * c / (warm * s.repeats as f64));
         peak.sample();
-        timings.push(Timing { part: part.to_owned(), cold_s: cold, warm_s: warm });
+        timings.push(Timing { part: part.to_owned(), cold_s: cold, warm_s: warm, warm_cpu_percent });
     };
 
     let latent = s.size / 8;
@@ -198,11 +203,12 @@ impl BenchReport {
     /// A table for people.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "device: {}\nmodel: {}\n{}x{}, batch {}, load {:.2} s\n{:<36} {:>10} {:>10}\n",
-            self.device, self.model, self.size, self.size, self.batch, self.load_s, "part", "cold s", "warm s"
+            "device: {}\nmodel: {}\n{}x{}, batch {}, load {:.2} s\n{:<36} {:>10} {:>10} {:>8}\n",
+            self.device, self.model, self.size, self.size, self.batch, self.load_s, "part", "cold s", "warm s", "CPU %"
         );
         for t in &self.timings {
-            out += &format!("{:<36} {:>10.3} {:>10.3}\n", t.part, t.cold_s, t.warm_s);
+            let cpu = t.warm_cpu_percent.map_or("-".into(), |p| format!("{p:.0}"));
+            out += &format!("{:<36} {:>10.3} {:>10.3} {:>8}\n", t.part, t.cold_s, t.warm_s, cpu);
         }
         out += &format!("UNet: {:.2} it/s (warm)\n", self.it_per_s);
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;

@@ -264,6 +264,23 @@ pub fn select(choice: DeviceChoice) -> Result<Compute, DeviceError> {
     }
 }
 
+/// CPU seconds (user + system, all threads) the process has used so far; `None` where
+/// `getrusage` is missing.
+pub fn process_cpu_seconds() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage fills the struct it is given; zeroed is a valid rusage.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+            return None;
+        }
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        Some(secs(usage.ru_utime) + secs(usage.ru_stime))
+    }
+    #[cfg(not(unix))]
+    None
+}
+
 /// The process's peak resident memory (Linux `VmHWM`); `None` elsewhere.
 pub fn peak_host_memory() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
