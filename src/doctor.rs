@@ -21,7 +21,7 @@ use rand_distr::{Distribution, Normal};
 
 use crate::device::{Compute, Dtypes};
 use crate::model::attention::attention;
-use crate::model::layers::{gelu, to_host, upsample_nearest_2x, upsample_nearest_to};
+use crate::model::layers::{conv, geglu, gelu, to_host, upsample_nearest_2x, upsample_nearest_to};
 use crate::model::unet::Trace;
 use crate::pipeline::StableDiffusion;
 use crate::shaders::group_norm;
@@ -99,7 +99,7 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
     }
     // burn's ops and sdw's shader on the same input: the shader must agree with both.
     let group_norms: [(&str, GroupNormFn); 2] =
-        [("burn ops", group_norm::reference), ("sdw shader", group_norm::forward)];
+        [("burn ops", group_norm::reference), ("sdw kernel", group_norm::forward)];
     for (label, f) in group_norms {
         add(
             format!("group norm 32 groups [2,320,{s},{s}] ({label})"),
@@ -109,7 +109,7 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
         );
     }
     add(
-        format!("group norm + SiLU [2,640,{half},{half}] (sdw shader)"),
+        format!("group norm + SiLU [2,640,{half},{half}] (sdw kernel)"),
         Box::new(move |d| to_host(group_norm::forward(&norm(640, 22, d), input([2, 640, half, half], 23, d), true))),
     );
     add(
@@ -129,10 +129,10 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
         Box::new(move |d| to_host(softmax(input([16, half * half, half * half], 31, d).mul_scalar(4.0), 2))),
     );
     add(
-        format!("GELU, SiLU [2,{},1280]", s * s),
+        format!("GEGLU, SiLU [2,{},2560]", s * s),
         Box::new(move |d| {
-            let x = input([2, s * s, 1280], 50, d).mul_scalar(3.0);
-            to_host(gelu(x.clone()) * silu(x))
+            let x = input([2, s * s, 2560], 50, d).mul_scalar(3.0);
+            to_host(geglu(x.clone()) * silu(x.narrow(2, 0, 1280)))
         }),
     );
     add(
@@ -304,7 +304,7 @@ fn tiny_shape_checks() -> Vec<(String, Op)> {
         add(format!("tiny {name} at {side}x{side}"), conv_check(cin, cout, k, stride, side, seed));
     }
     let group_norms: [(&str, GroupNormFn); 2] =
-        [("burn ops", group_norm::reference), ("sdw shader", group_norm::forward)];
+        [("burn ops", group_norm::reference), ("sdw kernel", group_norm::forward)];
     for (label, f) in group_norms {
         for (c, side, silu, seed) in [(32, 8, false, 220), (64, 1, true, 222), (32, 64, true, 224)] {
             add(
@@ -341,9 +341,7 @@ fn tiny_shape_checks() -> Vec<(String, Op)> {
 
 /// A `k x k` convolution `cin -> cout` with `stride` on a batch of 2 `side x side` inputs.
 fn conv_check(cin: usize, cout: usize, k: usize, stride: usize, side: usize, seed: u64) -> Op {
-    Box::new(move |d| {
-        to_host(conv2d(cin, cout, k, stride, seed, d).forward(input([2, cin, side, side], seed + 100, d)))
-    })
+    Box::new(move |d| to_host(conv(&conv2d(cin, cout, k, stride, seed, d), input([2, cin, side, side], seed + 100, d))))
 }
 
 /// Multi-head attention of `[batch, tokens, width]` queries over `keys` keys and values.

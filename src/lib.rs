@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cpu;
 pub mod device;
 pub mod doctor;
 pub mod embeddings;

@@ -1,6 +1,6 @@
-//! Scaled dot-product attention through burn's attention op: flash kernels on the GPU and
-//! the CPU (no `S x S` score tensor), the plain softmax(QK^T)V where burn has no flash
-//! kernel (autodiff). Queries are split into chunks only where a score tensor could exceed
+//! Scaled dot-product attention: sdw's own CPU kernel (`cpu::attention`) on the CPU, burn's
+//! attention op elsewhere: flash kernels on the GPU (no `S x S` score tensor), the plain
+//! softmax(QK^T)V where burn has no flash kernel (autodiff) and for CLIP's causal mask. Queries are split into chunks only where a score tensor could exceed
 //! the device's largest storage binding (128 MiB on lavapipe and many iGPUs; SD 1.5
 //! self-attention at 64x64 latents would need 512 MiB of scores per image).
 
@@ -60,6 +60,9 @@ pub fn attention_with_budget(
     causal: bool,
     budget: usize,
 ) -> Tensor<3> {
+    if !causal && !*NAIVE && crate::cpu::applies(&q) {
+        return crate::cpu::attention(q, k, v, heads);
+    }
     let [b, sq, c] = q.dims();
     let sk = k.dims()[1];
     let d = c / heads;
@@ -78,7 +81,7 @@ pub fn attention_with_budget(
 }
 
 /// `SDW_ATTENTION=naive` computes softmax(QK^T)V with separate kernels instead of burn's
-/// flash kernels, to tell a flash-kernel bug from another on a device we never tested.
+/// flash kernels or ours, to tell a flash-kernel bug from another on a device we never tested.
 static NAIVE: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_ATTENTION").as_deref() == Ok("naive"));
 
 /// burn's attention options for `d`-wide heads. `scale: None` keeps burn's default

@@ -245,6 +245,18 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// GEGLU's activation: `value * gelu(gate)` of a projection `[.., 2F]` holding value then gate.
+pub fn geglu<const D: usize>(h: Tensor<D>) -> Tensor<D> {
+    if crate::cpu::applies(&h) {
+        return crate::cpu::geglu(h);
+    }
+    let half = h.dims()[D - 1] / 2;
+    let mut parts = h.split(half, D - 1);
+    let gate = parts.pop().unwrap();
+    let value = parts.pop().unwrap();
+    value * gelu(gate)
+}
+
 // Layers whose weights may be in another dtype than their input. On the CPU, `--precision
 // f16` keeps the weights in f16 and computes in f32: each layer runs with its parameters in
 // the input's dtype, cast where it is used (nothing is copied when they match, as in f32
@@ -264,9 +276,28 @@ pub fn layer_norm<const D: usize>(n: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
 /// kernel, which autotune may pick, sums in the element type, and an f16 sum over
 /// `C_in x 3 x 3` products loses ~5 f16 roundoffs (2.4e-3 against 2.3e-4 for attention in
 /// `sdw doctor` on lavapipe), which compounds over a sampling run.
+/// On the CPU, stride-1 convolutions run on sdw's own kernel (`cpu::conv`).
 pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let dtype = x.dtype();
-    in_dtype(c, DType::F32).forward(x.cast(DType::F32)).cast(dtype)
+    let c = in_dtype(c, DType::F32);
+    let x = x.cast(DType::F32);
+    if let (Some(padding), Some(bias)) = (cpu_conv_padding(&c), &c.bias)
+        && crate::cpu::applies(&x)
+    {
+        return crate::cpu::conv2d(x, c.weight.val(), bias.val(), padding).cast(dtype);
+    }
+    c.forward(x).cast(dtype)
+}
+
+/// The (top, left, bottom, right) padding of a convolution `cpu::conv` computes: stride 1,
+/// no dilation, one group, explicit or no padding.
+fn cpu_conv_padding(c: &Conv2d) -> Option<[usize; 4]> {
+    let plain = c.stride == [1, 1] && c.dilation == [1, 1] && c.groups == 1;
+    match c.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) if plain => Some([top, left, bottom, right]),
+        PaddingConfig2d::Valid if plain => Some([0; 4]),
+        _ => None,
+    }
 }
 
 /// `module` with every float parameter in `dtype`: itself when they already are, else a copy.

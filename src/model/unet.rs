@@ -11,7 +11,7 @@ use crate::weights::WeightsError;
 
 use super::adapter::Adaptable;
 use super::attention::CrossAttention;
-use super::layers::{Loader, ResnetBlock, conv, gelu, layer_norm, linear, to_device, upsample_nearest_to};
+use super::layers::{Loader, ResnetBlock, conv, geglu, layer_norm, linear, to_device, upsample_nearest_to};
 
 /// SD 1.x `num_heads: 8` (the head width varies per level); SD 2.x uses 64-wide heads.
 const SD1_HEADS: usize = 8;
@@ -58,12 +58,7 @@ struct FeedForward {
 
 impl FeedForward {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = linear(&self.proj, x);
-        let half = h.dims()[2] / 2;
-        let mut parts = h.split(half, 2);
-        let gate = parts.pop().unwrap();
-        let value = parts.pop().unwrap();
-        linear(&self.out, value * gelu(gate))
+        linear(&self.out, geglu(linear(&self.proj, x)))
     }
 }
 

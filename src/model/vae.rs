@@ -11,7 +11,7 @@ use crate::shaders::group_norm;
 use crate::weights::WeightsError;
 
 use super::attention::attention;
-use super::layers::{Loader, ResnetBlock, upsample_nearest_2x};
+use super::layers::{Loader, ResnetBlock, conv, upsample_nearest_2x};
 
 const EPS: f64 = 1e-6;
 /// Latents are scaled by this before the UNet sees them (SD 1.x `scaling_factor`).
@@ -131,17 +131,17 @@ impl Coder {
                 h = r.forward(h, None);
             }
             if let Some(downsampler) = &level.downsampler {
-                h = downsampler.forward(h);
+                h = conv(downsampler, h);
             }
             if let Some(upsampler) = &level.upsampler {
-                h = upsampler.forward(upsample_nearest_2x(h));
+                h = conv(upsampler, upsample_nearest_2x(h));
             }
         }
         h
     }
 
     fn finish(&self, h: Tensor<4>) -> Tensor<4> {
-        self.conv_out.forward(group_norm::forward(&self.conv_norm_out, h, true))
+        conv(&self.conv_out, group_norm::forward(&self.conv_norm_out, h, true))
     }
 }
 
@@ -193,9 +193,9 @@ impl Vae {
 
     /// Pixels `[B, 3, H, W]` in [-1, 1] -> latent distribution `[B, 4, H/8, W/8]`.
     pub fn encode(&self, x: Tensor<4>) -> LatentDist {
-        let h = self.encoder.conv_in.forward(x);
+        let h = conv(&self.encoder.conv_in, x);
         let h = self.encoder.levels(h);
-        let h = self.quant_conv.forward(self.encoder.finish(self.encoder.mid.forward(h)));
+        let h = conv(&self.quant_conv, self.encoder.finish(self.encoder.mid.forward(h)));
         let c = h.dims()[1] / 2;
         let mut parts = h.split(c, 1);
         let logvar = parts.pop().unwrap().clamp(-30.0, 20.0);
@@ -205,7 +205,7 @@ impl Vae {
 
     /// Unscaled latents `[B, 4, h, w]` -> pixels `[B, 3, 8h, 8w]` in about [-1, 1].
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
-        let h = self.decoder.conv_in.forward(self.post_quant_conv.forward(z));
+        let h = conv(&self.decoder.conv_in, conv(&self.post_quant_conv, z));
         let h = self.decoder.mid.forward(h);
         self.decoder.finish(self.decoder.levels(h))
     }

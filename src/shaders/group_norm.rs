@@ -1,6 +1,7 @@
-//! GroupNorm, optionally followed by SiLU, in one kernel of ours (`shaders/group_norm.wgsl`)
-//! on wgpu. Elsewhere — the CPU backend, and tensors that carry gradients (training) — it is
-//! burn's `GroupNorm` and `silu`, which the shader is tested against.
+//! GroupNorm, optionally followed by SiLU, in one kernel of ours: `shaders/group_norm.wgsl`
+//! on wgpu, `cpu::group_norm` on the CPU backend. Elsewhere — other dtypes, and on the CPU
+//! tensors that carry gradients (training) — it is burn's `GroupNorm` and `silu`, which both
+//! kernels are tested against.
 
 use std::sync::LazyLock;
 
@@ -27,7 +28,7 @@ fn enabled() -> bool {
     *ENABLED
 }
 
-#[backend_extension(Cube, Fusion)]
+#[backend_extension(Cube, Fusion, Flex)]
 pub trait GroupNormOps: Backend {
     #[fusion(dtype = x, shape = x)]
     fn group_norm_silu(
@@ -44,7 +45,7 @@ pub trait GroupNormOps: Backend {
 pub fn forward(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
     let norm = in_dtype(norm, x.dtype());
     match (&norm.gamma, &norm.beta) {
-        (Some(gamma), Some(beta)) if uses_shader(&x) => {
+        (Some(gamma), Some(beta)) if uses_kernel(&x) => {
             Tensor::from_dispatch(burn::backend::Dispatch::group_norm_silu(
                 x.into_dispatch(),
                 gamma.val().into_dispatch(),
@@ -58,18 +59,20 @@ pub fn forward(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
     }
 }
 
-/// What the shader replaces: burn's GroupNorm and SiLU.
+/// What our kernels replace: burn's GroupNorm and SiLU.
 pub fn reference(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
     // Weights stored in f16 meet f32 activations on the CPU (`--precision f16`).
     let y = in_dtype(norm, x.dtype()).forward(x);
     if with_silu { silu(y) } else { y }
 }
 
-/// Only on a wgpu device (the template is WGSL), for f32/f16 tensors without gradients.
-fn uses_shader(x: &Tensor<4>) -> bool {
-    enabled()
+/// The shader on a wgpu device (the template is WGSL) for f32/f16 tensors; the CPU kernel
+/// where `cpu::applies`.
+fn uses_kernel(x: &Tensor<4>) -> bool {
+    let shader = enabled()
         && matches!(x.device().as_dispatch(), DispatchDevice::Cube(_))
-        && matches!(x.dtype(), DType::F32 | DType::F16)
+        && matches!(x.dtype(), DType::F32 | DType::F16);
+    shader || crate::cpu::applies(x)
 }
 
 impl GroupNormOps for CubeBackend {

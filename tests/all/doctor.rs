@@ -32,7 +32,7 @@ fn doctor_passes_on_every_device() {
             "layer norm",
             "softmax",
             "attention",
-            "GELU",
+            "GEGLU",
             "upsample",
             "reductions",
             "tiny UNet",

@@ -1,0 +1,208 @@
+//! Multi-head attention on the CPU, softmax(Q K^T / sqrt(d)) V, for Stable Diffusion's
+//! shapes: thousands of pixels as queries and keys, 40-160 wide heads, no mask.
+//!
+//! Work is split into blocks of query rows, each block on one core: for every head it takes
+//! the block's scores against all keys with one matrix product, the softmax of each row, and
+//! the block's output with a second product. The block's scores (`rows x keys`) stay in the
+//! core's cache between the two products, and the softmax is exact (each row's maximum is
+//! known before any exponential), unlike flash attention's running maximum.
+
+use rayon::prelude::*;
+
+use super::math::exp_shifted;
+
+/// The shape of one attention call: `q` is `[batch, queries, width]`, `k` and `v` are
+/// `[batch, keys, width]`, and each of `heads` heads reads `width / heads` columns.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub batch: usize,
+    pub queries: usize,
+    pub keys: usize,
+    pub width: usize,
+    pub heads: usize,
+}
+
+/// Scores per block (4 MiB): they stay in the L3 cache between the two products. Bigger
+/// blocks pack each head's keys fewer times: at SD 1.5's 4096 pixels, 1M scores per block
+/// took 390 ms for the first self-attention where 128K took 510 ms (2 cores, BENCHMARKS.md).
+const BLOCK_SCORES: usize = 1 << 20;
+
+/// Query rows per block: as many as keep the block's scores within [`BLOCK_SCORES`], but
+/// few enough to give each thread 4 blocks; at least 16 (the matrix product's efficiency
+/// falls off below), at most 512 and all of them.
+fn block_rows([batch, queries, keys]: [usize; 3], threads: usize) -> usize {
+    let by_cache = BLOCK_SCORES / keys.max(1);
+    let by_threads = (batch * queries).div_ceil(4 * threads.max(1));
+    by_cache.min(by_threads).clamp(16, 512).min(queries.max(1))
+}
+
+/// `out = attention(q, k, v)`, all row-major f32 in the layouts [`Shape`] names.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Shape) {
+    assert_eq!(s.width % s.heads, 0, "width {} is not a multiple of {} heads", s.width, s.heads);
+    assert_eq!(q.len(), s.batch * s.queries * s.width);
+    assert_eq!(k.len(), s.batch * s.keys * s.width);
+    assert_eq!(v.len(), k.len());
+    assert_eq!(out.len(), q.len());
+    if out.is_empty() || s.keys == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let rows = block_rows([s.batch, s.queries, s.keys], rayon::current_num_threads());
+    // One task per (batch item, block of rows); a block's output rows are contiguous.
+    let tasks: Vec<(usize, usize, &mut [f32])> = out
+        .chunks_mut(s.queries * s.width)
+        .enumerate()
+        .flat_map(|(b, item)| item.chunks_mut(rows * s.width).enumerate().map(move |(j, o)| (b, j * rows, o)))
+        .collect();
+    tasks.into_par_iter().for_each(|(b, first, out_block)| {
+        let q_block = &q[(b * s.queries + first) * s.width..][..out_block.len()];
+        let item = b * s.keys * s.width..(b + 1) * s.keys * s.width;
+        block(q_block, &k[item.clone()], &v[item], out_block, s);
+    });
+}
+
+/// Attention of `n` query rows (`q`, `out`: `[n, width]`) against one batch item's keys and
+/// values (`[keys, width]`), head by head.
+fn block(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Shape) {
+    let (w, d, keys) = (s.width, s.width / s.heads, s.keys);
+    let n = q.len() / w;
+    let mut scores = vec![0f32; n * keys];
+    let mut sums = vec![0f32; n];
+    let scale = 1.0 / (d as f32).sqrt();
+    for h in 0..s.heads {
+        let cols = h * d;
+        // scores[n, keys] = scale * Q_h[n, d] @ K_h^T[d, keys]
+        // SAFETY: every pointer and stride below stays inside its slice: Q_h and K_h read
+        // columns cols..cols+d of rows of width w, scores is n x keys.
+        unsafe {
+            gemm::gemm(
+                n,
+                keys,
+                d,
+                scores.as_mut_ptr(),
+                1,
+                keys as isize,
+                false,
+                q.as_ptr().add(cols),
+                1,
+                w as isize,
+                k.as_ptr().add(cols),
+                w as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (row, sum) in scores.chunks_exact_mut(keys).zip(sums.iter_mut()) {
+            *sum = exp_shifted(row);
+        }
+        // out_h[n, d] = P[n, keys] @ V_h[keys, d], then each row divided by its sum.
+        // SAFETY: as above; out_h writes columns cols..cols+d of n rows of width w.
+        unsafe {
+            gemm::gemm(
+                n,
+                d,
+                keys,
+                out.as_mut_ptr().add(cols),
+                1,
+                w as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                keys as isize,
+                v.as_ptr().add(cols),
+                1,
+                w as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (row, sum) in out.chunks_exact_mut(w).zip(&sums) {
+            let inv = 1.0 / sum;
+            row[cols..cols + d].iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// softmax(QK^T/sqrt(d))V in f64, one score at a time.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], s: Shape) -> Vec<f32> {
+        let d = s.width / s.heads;
+        let mut out = vec![0f32; q.len()];
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                for i in 0..s.queries {
+                    let qi = &q[(b * s.queries + i) * s.width + h * d..][..d];
+                    let scores: Vec<f64> = (0..s.keys)
+                        .map(|j| {
+                            let kj = &k[(b * s.keys + j) * s.width + h * d..][..d];
+                            qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                    let total: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let acc: f64 =
+                            (0..s.keys).map(|j| e[j] * v[(b * s.keys + j) * s.width + h * d + c] as f64).sum();
+                        out[(b * s.queries + i) * s.width + h * d + c] = (acc / total) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn noise(n: usize, seed: u32) -> Vec<f32> {
+        // A small LCG: reproducible values in [-2, 2).
+        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn check(s: Shape) {
+        let q = noise(s.batch * s.queries * s.width, 1);
+        let k = noise(s.batch * s.keys * s.width, 2);
+        let v = noise(s.batch * s.keys * s.width, 3);
+        let mut out = vec![f32::NAN; q.len()];
+        attention(&q, &k, &v, &mut out, s);
+        let want = reference(&q, &k, &v, s);
+        let err = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(err <= 1e-5, "{s:?}: max error {err}");
+    }
+
+    #[test]
+    fn matches_the_definition_across_blocks_heads_and_batch_items() {
+        // 700 queries against 300 keys: several blocks of rows, the last one partial.
+        check(Shape { batch: 2, queries: 700, keys: 300, width: 24, heads: 3 });
+        // Cross-attention's shape: few keys, many queries.
+        check(Shape { batch: 2, queries: 64, keys: 77, width: 32, heads: 8 });
+        // One head (the VAE's), one query.
+        check(Shape { batch: 1, queries: 1, keys: 5, width: 16, heads: 1 });
+    }
+
+    #[test]
+    fn block_rows_fit_the_cache_budget() {
+        assert_eq!(block_rows([2, 4096, 4096], 2), 256);
+        assert_eq!(block_rows([2, 4096, 77], 2), 512);
+        assert_eq!(block_rows([2, 1024, 1024], 2), 256);
+        assert_eq!(block_rows([2, 4096, 4096], 16), 128);
+        assert_eq!(block_rows([1, 10, 4096], 2), 10);
+        assert_eq!(block_rows([2, 4096, 1 << 24], 2), 16);
+    }
+}

@@ -1,0 +1,269 @@
+//! sdw's own kernels for burn's CPU backend (flex), where flex's general-purpose ones are
+//! slow at Stable Diffusion's shapes (measured in BENCHMARKS.md):
+//! - attention over thousands of pixels: flex's flash attention sweeps every query row once
+//!   per 64 keys and takes each exponential with a scalar call;
+//! - the GEGLU feed-forward's `value * gelu(gate)`: flex computes GELU with a scalar `erf`
+//!   on one core, after copying the gate half out of the projection;
+//! - GroupNorm + SiLU (`group_norm`, the CPU side of `shaders::group_norm`);
+//! - stride-1 convolutions (`conv`): flex rebuilds an im2col buffer and repacks the weights
+//!   for every 512 pixels.
+//!
+//! They run for f32 tensors on the flex device without gradients; training, other dtypes and
+//! other devices use burn's ops, which the tests here hold these kernels to.
+//! `SDW_CPU_KERNELS=off` turns them off, to compare.
+
+pub mod attention;
+pub mod conv;
+pub mod group_norm;
+pub mod math;
+
+use std::sync::LazyLock;
+
+use burn::backend::{Backend, DispatchDevice, Flex, backend_extension, tensor::FloatTensor};
+use burn::tensor::{DType, Shape, Tensor, TensorData};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+static ENABLED: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_CPU_KERNELS").as_deref() != Ok("off"));
+
+#[backend_extension(Flex)]
+pub trait CpuOps: Backend {
+    /// Multi-head attention over `[batch, tokens, width]` tensors, no mask.
+    fn attention_heads(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
+
+    /// `value * gelu(gate)` where `x` is `[.., 2F]` holding `value` then `gate`.
+    fn geglu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// A stride-1 convolution of `[B, Cin, H, W]` by `[Cout, Cin, kh, kw]` plus `[Cout]`,
+    /// padded (top, left, bottom, right).
+    fn conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        top: usize,
+        left: usize,
+        bottom: usize,
+        right: usize,
+    ) -> FloatTensor<Self>;
+}
+
+/// Whether our kernels take tensors like `x`: f32 on the flex device, no autodiff.
+pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
+    let device = x.device();
+    *ENABLED
+        && matches!(device.as_dispatch(), DispatchDevice::Flex(_))
+        && !device.is_autodiff()
+        && x.dtype() == DType::F32
+}
+
+/// Multi-head attention of `[B, Sq, C]` queries over `[B, Sk, C]` keys and values; the
+/// caller checks [`applies`].
+pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
+    Tensor::from_dispatch(burn::backend::Dispatch::attention_heads(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        heads,
+    ))
+}
+
+/// GEGLU's activation of a `[.., 2F]` projection; the caller checks [`applies`].
+pub fn geglu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(burn::backend::Dispatch::geglu(x.into_dispatch()))
+}
+
+/// A stride-1 convolution with `bias`, padded `[top, left, bottom, right]`; the caller
+/// checks [`applies`] (the weights in the input's dtype).
+pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, [top, left, bottom, right]: [usize; 4]) -> Tensor<4> {
+    Tensor::from_dispatch(burn::backend::Dispatch::conv2d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        top,
+        left,
+        bottom,
+        right,
+    ))
+}
+
+impl CpuOps for Flex {
+    fn attention_heads(q: FlexTensor, k: FlexTensor, v: FlexTensor, heads: usize) -> FlexTensor {
+        let [batch, queries, width] = dims3(&q);
+        let keys = dims3(&k)[1];
+        let shape = attention::Shape { batch, queries, keys, width, heads };
+        let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
+        let mut out = vec![0f32; batch * queries * width];
+        attention::attention(f32s(&q), f32s(&k), f32s(&v), &mut out, shape);
+        f32_tensor(out, vec![batch, queries, width])
+    }
+
+    fn geglu(x: FlexTensor) -> FlexTensor {
+        let dims: Vec<usize> = x.layout().shape().iter().copied().collect();
+        let half = dims[dims.len() - 1] / 2;
+        let x = x.to_contiguous();
+        let input = f32s(&x);
+        let mut out = vec![0f32; input.len() / 2];
+        // Rows in chunks of ~64K outputs: enough work per task to hide rayon's overhead.
+        let rows_per_task = (65536 / half.max(1)).max(1);
+        out.par_chunks_mut(rows_per_task * half).zip(input.par_chunks(rows_per_task * 2 * half)).for_each(
+            |(out, input)| {
+                for (o, row) in out.chunks_exact_mut(half).zip(input.chunks_exact(2 * half)) {
+                    let (value, gate) = row.split_at(half);
+                    math::gated_gelu(value, gate, o);
+                }
+            },
+        );
+        let mut shape = dims;
+        *shape.last_mut().unwrap() = half;
+        f32_tensor(out, shape)
+    }
+
+    fn conv2d(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        top: usize,
+        left: usize,
+        bottom: usize,
+        right: usize,
+    ) -> FlexTensor {
+        let dims = |t: &FlexTensor| -> [usize; 4] {
+            let s = t.layout().shape();
+            assert_eq!(s.num_dims(), 4, "convolution takes 4D tensors");
+            [s[0], s[1], s[2], s[3]]
+        };
+        let ([batch, channels_in, height, width], [channels_out, _, kh, kw]) = (dims(&x), dims(&weight));
+        let shape = conv::Shape {
+            batch,
+            channels_in,
+            channels_out,
+            height,
+            width,
+            kernel: [kh, kw],
+            padding: [top, left, bottom, right],
+        };
+        let [ho, wo] = shape.output();
+        let (x, weight, bias) = (x.to_contiguous(), weight.to_contiguous(), bias.to_contiguous());
+        let mut out = vec![0f32; batch * channels_out * ho * wo];
+        conv::conv2d(f32s(&x), f32s(&weight), Some(f32s(&bias)), &mut out, shape);
+        f32_tensor(out, vec![batch, channels_out, ho, wo])
+    }
+}
+
+fn dims3(t: &FlexTensor) -> [usize; 3] {
+    let s = t.layout().shape();
+    assert_eq!(s.num_dims(), 3, "attention takes [batch, tokens, width] tensors");
+    [s[0], s[1], s[2]]
+}
+
+/// A contiguous f32 tensor's elements.
+pub(crate) fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice().expect("a contiguous f32 tensor")
+}
+
+pub(crate) fn f32_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, Shape::from(shape)))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::module::attention as sdpa;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::{Device, Distribution, Tensor, activation};
+
+    use super::*;
+
+    fn device() -> Device {
+        crate::device::cpu().device
+    }
+
+    fn relative_error<const D: usize>(got: Tensor<D>, want: Tensor<D>) -> f32 {
+        let norm = |t: Tensor<D>| t.powi_scalar(2).sum().sqrt().into_scalar::<f32>();
+        norm(got - want.clone()) / norm(want)
+    }
+
+    fn random<const D: usize>(shape: [usize; D]) -> Tensor<D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device())
+    }
+
+    /// burn's attention op (flex's flash kernel), heads split out as `[B, H, S, D]`.
+    fn burns_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
+        let [b, sq, c] = q.dims();
+        let split = |t: Tensor<3>| {
+            let s = t.dims()[1];
+            t.reshape([b, s, heads, c / heads]).swap_dims(1, 2)
+        };
+        let out = sdpa(split(q), split(k), split(v), None, None, AttentionModuleOptions::default());
+        out.swap_dims(1, 2).reshape([b, sq, c])
+    }
+
+    #[test]
+    fn attention_matches_burns() {
+        // Self-attention over more keys than one block of rows holds, cross-attention over
+        // 77 tokens, and the VAE's single head.
+        for ([b, sq, sk, c], heads) in [([2, 300, 300, 64], 8), ([2, 200, 77, 96], 4), ([1, 64, 64, 32], 1)] {
+            let (q, k, v) = (random([b, sq, c]), random([b, sk, c]), random([b, sk, c]));
+            assert!(applies(&q));
+            let ours = attention(q.clone(), k.clone(), v.clone(), heads);
+            let err = relative_error(ours, burns_attention(q, k, v, heads));
+            assert!(err <= 1e-5, "[{b},{sq},{c}] x {sk} keys, {heads} heads: relative error {err}");
+        }
+    }
+
+    #[test]
+    fn geglu_matches_burns() {
+        let x = random::<3>([2, 37, 2 * 160]);
+        let [value, gate]: [Tensor<3>; 2] = x.clone().split(160, 2).try_into().unwrap();
+        let err = relative_error(geglu(x), value * activation::gelu(gate));
+        assert!(err <= 1e-6, "relative error {err}");
+    }
+
+    #[test]
+    fn group_norm_matches_burns() {
+        use crate::shaders::group_norm;
+        use burn::module::Param;
+        let mut norm = burn::nn::GroupNormConfig::new(8, 32).init(&device());
+        norm.gamma = Some(Param::from_tensor(random([32])));
+        norm.beta = Some(Param::from_tensor(random([32])));
+        // Shifted away from zero, so the variance is not the mean square.
+        let x = random::<4>([2, 32, 9, 7]).add_scalar(3.0);
+        for silu in [false, true] {
+            let ours = group_norm::forward(&norm, x.clone(), silu);
+            let err = relative_error(ours, group_norm::reference(&norm, x.clone(), silu));
+            assert!(err <= 1e-5, "silu {silu}: relative error {err}");
+        }
+    }
+
+    #[test]
+    fn conv_matches_burns() {
+        use burn::module::Param;
+        use burn::nn::PaddingConfig2d;
+        use burn::nn::conv::Conv2dConfig;
+        // "Same" 3x3 (resnets), 1x1 (skip connections), and uneven padding.
+        for (k, padding) in [(3, [1, 1, 1, 1]), (1, [0, 0, 0, 0]), (3, [0, 2, 1, 0])] {
+            let [top, left, bottom, right] = padding;
+            let mut c = Conv2dConfig::new([6, 10], [k, k])
+                .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
+                .init(&device());
+            c.bias = Some(Param::from_tensor(random([10])));
+            let x = random::<4>([2, 6, 11, 9]);
+            let ours = conv2d(x.clone(), c.weight.val(), c.bias.as_ref().unwrap().val(), padding);
+            let err = relative_error(ours, c.forward(x));
+            assert!(err <= 1e-5, "{k}x{k} padded {padding:?}: relative error {err}");
+        }
+    }
+
+    #[test]
+    fn applies_to_f32_inference_on_the_cpu_only() {
+        let x = random::<2>([2, 2]);
+        assert!(applies(&x));
+        assert!(!applies(&x.clone().cast(DType::F16)));
+        let autodiff = Tensor::<2>::zeros([2, 2], &device().autodiff());
+        assert!(!applies(&autodiff));
+    }
+}
