@@ -6,9 +6,11 @@
 //!   on one core, after copying the gate half out of the projection;
 //! - GroupNorm + SiLU (`group_norm`, the CPU side of `shaders::group_norm`);
 //! - stride-1 convolutions (`conv`): flex rebuilds an im2col buffer and repacks the weights
-//!   for every 512 pixels.
+//!   for every 512 pixels;
+//! - widening f16 weights to f32 (`--precision f16`): flex converts element by element on
+//!   one core.
 //!
-//! They run for f32 tensors on the flex device without gradients; training, other dtypes and
+//! They run for f32 tensors (f16 for the widening) on the flex device without gradients; training, other dtypes and
 //! other devices use burn's ops, which the tests here hold these kernels to.
 //! `SDW_CPU_KERNELS=off` turns them off, to compare.
 
@@ -39,6 +41,9 @@ pub trait CpuOps: Backend {
     /// `value * gelu(gate)` where `x` is `[.., 2F]` holding `value` then `gate`.
     fn geglu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// `x`, an f16 tensor, in f32.
+    fn to_f32(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// A stride-1 convolution of `[B, Cin, H, W]` by `[Cout, Cin, kh, kw]` plus `[Cout]`,
     /// padded (top, left, bottom, right).
     fn conv2d(
@@ -54,11 +59,23 @@ pub trait CpuOps: Backend {
 
 /// Whether our kernels take tensors like `x`: f32 on the flex device, no autodiff.
 pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
+    on_flex(x) && x.dtype() == DType::F32
+}
+
+fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
     let device = x.device();
-    *ENABLED
-        && matches!(device.as_dispatch(), DispatchDevice::Flex(_))
-        && !device.is_autodiff()
-        && x.dtype() == DType::F32
+    *ENABLED && matches!(device.as_dispatch(), DispatchDevice::Flex(_)) && !device.is_autodiff()
+}
+
+/// `x` in `dtype`. On the CPU an f16 tensor widens to f32 on every core with F16C: flex
+/// converts one element at a time on one core, and `--precision f16` widens every weight of
+/// the UNet (1.7 GB) at every step.
+pub fn cast<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if dtype == DType::F32 && x.dtype() == DType::F16 && on_flex(&x) {
+        Tensor::from_dispatch(burn::backend::Dispatch::to_f32(x.into_dispatch()))
+    } else {
+        x.cast(dtype)
+    }
 }
 
 /// Multi-head attention of `[B, Sq, C]` queries over `[B, Sk, C]` keys and values; the
@@ -93,8 +110,7 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, [top, left, bott
 
 impl CpuOps for Flex {
     fn attention_heads(q: FlexTensor, k: FlexTensor, v: FlexTensor, heads: usize) -> FlexTensor {
-        let [batch, queries, width] = dims3(&q);
-        let keys = dims3(&k)[1];
+        let ([batch, queries, width], [_, keys, _]) = (dims(&q), dims(&k));
         let shape = attention::Shape { batch, queries, keys, width, heads };
         let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
         let mut out = vec![0f32; batch * queries * width];
@@ -103,11 +119,15 @@ impl CpuOps for Flex {
     }
 
     fn geglu(x: FlexTensor) -> FlexTensor {
-        let dims: Vec<usize> = x.layout().shape().iter().copied().collect();
-        let half = dims[dims.len() - 1] / 2;
+        let mut shape: Vec<usize> = x.layout().shape().iter().copied().collect();
+        let half = shape[shape.len() - 1] / 2;
+        *shape.last_mut().unwrap() = half;
         let x = x.to_contiguous();
         let input = f32s(&x);
         let mut out = vec![0f32; input.len() / 2];
+        if out.is_empty() {
+            return f32_tensor(out, shape);
+        }
         // Rows in chunks of ~64K outputs: enough work per task to hide rayon's overhead.
         let rows_per_task = (65536 / half.max(1)).max(1);
         out.par_chunks_mut(rows_per_task * half).zip(input.par_chunks(rows_per_task * 2 * half)).for_each(
@@ -118,8 +138,16 @@ impl CpuOps for Flex {
                 }
             },
         );
-        let mut shape = dims;
-        *shape.last_mut().unwrap() = half;
+        f32_tensor(out, shape)
+    }
+
+    fn to_f32(x: FlexTensor) -> FlexTensor {
+        use half::slice::HalfFloatSliceExt;
+        let shape: Vec<usize> = x.layout().shape().iter().copied().collect();
+        let x = x.to_contiguous();
+        let src: &[half::f16] = x.as_slice().expect("a contiguous f16 tensor");
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(o, s)| s.convert_to_f32_slice(o));
         f32_tensor(out, shape)
     }
 
@@ -132,11 +160,6 @@ impl CpuOps for Flex {
         bottom: usize,
         right: usize,
     ) -> FlexTensor {
-        let dims = |t: &FlexTensor| -> [usize; 4] {
-            let s = t.layout().shape();
-            assert_eq!(s.num_dims(), 4, "convolution takes 4D tensors");
-            [s[0], s[1], s[2], s[3]]
-        };
         let ([batch, channels_in, height, width], [channels_out, _, kh, kw]) = (dims(&x), dims(&weight));
         let shape = conv::Shape {
             batch,
@@ -155,10 +178,11 @@ impl CpuOps for Flex {
     }
 }
 
-fn dims3(t: &FlexTensor) -> [usize; 3] {
+/// The shape of a rank-`N` tensor (the typed wrappers above pass only those).
+fn dims<const N: usize>(t: &FlexTensor) -> [usize; N] {
     let s = t.layout().shape();
-    assert_eq!(s.num_dims(), 3, "attention takes [batch, tokens, width] tensors");
-    [s[0], s[1], s[2]]
+    assert_eq!(s.num_dims(), N, "a rank-{N} tensor");
+    std::array::from_fn(|i| s[i])
 }
 
 /// A contiguous f32 tensor's elements.
@@ -256,6 +280,14 @@ mod tests {
             let err = relative_error(ours, c.forward(x));
             assert!(err <= 1e-5, "{k}x{k} padded {padding:?}: relative error {err}");
         }
+    }
+
+    #[test]
+    fn cast_widens_f16_as_burn_does() {
+        let x = random::<2>([33, 70]).cast(DType::F16);
+        let ours = cast(x.clone(), DType::F32);
+        assert_eq!(ours.dtype(), DType::F32);
+        assert_eq!(relative_error(ours, x.cast(DType::F32)), 0.0);
     }
 
     #[test]

@@ -311,7 +311,7 @@ pub fn in_dtype<M: Module + Clone>(module: &M, dtype: DType) -> Cow<'_, M> {
     struct Cast(DType);
     impl ModuleMapper for Cast {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            param.map(|t| t.cast(self.0))
+            param.map(|t| crate::cpu::cast(t, self.0))
         }
     }
     let mut differs = Differs(dtype, false);
