@@ -1,17 +1,13 @@
-//! GroupNorm, optionally followed by SiLU, on the CPU: the flex side of the op that
-//! `shaders::group_norm` runs as a WGSL shader on wgpu. burn's GroupNorm is a chain of
-//! reshapes, reductions and elementwise ops, several passes over tensors that reach 128 MB in
-//! the VAE at 512x512; here each group is read twice (mean, then variance) and written once,
-//! groups in parallel.
+//! GroupNorm, optionally followed by SiLU, on the CPU: the flex side of the op
+//! `shaders::group_norm` (a WGSL shader on wgpu), which launches it. burn's GroupNorm is a
+//! chain of reshapes, reductions and elementwise ops, several passes over tensors that reach
+//! 128 MB in the VAE at 512x512; here each group is read twice (mean, then variance) and
+//! written once, groups in parallel.
 
-use burn::backend::Flex;
-use burn_flex::FlexTensor;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::math::{self, exp};
-use super::{f32_tensor, f32s};
-use crate::shaders::group_norm::GroupNormOps;
 
 /// `x` and `out` are `[batch, channels, pixels]`, row-major; `gamma` and `beta` hold one
 /// value per channel; `channels` splits into `groups` groups of consecutive channels.
@@ -72,25 +68,5 @@ fn affine(x: &[f32], out: &mut [f32], scale: f32, shift: f32, with_silu: bool) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = v * scale + shift;
         }
-    }
-}
-
-impl GroupNormOps for Flex {
-    fn group_norm_silu(
-        x: FlexTensor,
-        gamma: FlexTensor,
-        beta: FlexTensor,
-        groups: usize,
-        epsilon: f64,
-        with_silu: bool,
-    ) -> FlexTensor {
-        let dims: Vec<usize> = x.layout().shape().iter().copied().collect();
-        let channels = dims[1];
-        let pixels = dims[2..].iter().product();
-        let (x, gamma, beta) = (x.to_contiguous(), gamma.to_contiguous(), beta.to_contiguous());
-        let mut out = vec![0f32; f32s(&x).len()];
-        let shape = [channels, pixels];
-        group_norm_silu(f32s(&x), f32s(&gamma), f32s(&beta), &mut out, shape, groups, epsilon as f32, with_silu);
-        f32_tensor(out, dims)
     }
 }

@@ -6,15 +6,17 @@
 use std::sync::LazyLock;
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
-use burn::backend::{Backend, DispatchDevice, backend_extension, tensor::FloatTensor};
+use burn::backend::{Backend, DispatchDevice, Flex, backend_extension, tensor::FloatTensor};
 use burn::cubecl::prelude::KernelId;
 use burn::cubecl::server::KernelArguments;
 use burn::cubecl::{CubeCount, CubeDim};
 use burn::nn::GroupNorm;
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Tensor};
+use burn_flex::FlexTensor;
 
 use super::SHADERS;
+use crate::cpu::{self, f32_tensor, f32s};
 use crate::model::layers::in_dtype;
 
 /// Threads per workgroup (one workgroup per batch item and group).
@@ -72,7 +74,7 @@ fn uses_kernel(x: &Tensor<4>) -> bool {
     let shader = enabled()
         && matches!(x.device().as_dispatch(), DispatchDevice::Cube(_))
         && matches!(x.dtype(), DType::F32 | DType::F16);
-    shader || crate::cpu::applies(x)
+    shader || cpu::applies(x)
 }
 
 impl GroupNormOps for CubeBackend {
@@ -112,6 +114,26 @@ impl GroupNormOps for CubeBackend {
             ]),
         );
         out
+    }
+}
+
+/// The CPU backend: `cpu::group_norm`.
+impl GroupNormOps for Flex {
+    fn group_norm_silu(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        groups: usize,
+        epsilon: f64,
+        with_silu: bool,
+    ) -> FlexTensor {
+        let dims: Vec<usize> = x.layout().shape().iter().copied().collect();
+        let shape = [dims[1], dims[2..].iter().product()];
+        let (x, gamma, beta) = (x.to_contiguous(), gamma.to_contiguous(), beta.to_contiguous());
+        let mut out = vec![0f32; f32s(&x).len()];
+        let (eps, silu) = (epsilon as f32, with_silu);
+        cpu::group_norm::group_norm_silu(f32s(&x), f32s(&gamma), f32s(&beta), &mut out, shape, groups, eps, silu);
+        f32_tensor(out, dims)
     }
 }
 
