@@ -135,6 +135,7 @@ fn block(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Shape) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::noise;
 
     /// softmax(QK^T/sqrt(d))V in f64, one score at a time.
     fn reference(q: &[f32], k: &[f32], v: &[f32], s: Shape) -> Vec<f32> {
@@ -164,21 +165,10 @@ mod tests {
         out
     }
 
-    fn noise(n: usize, seed: u32) -> Vec<f32> {
-        // A small LCG: reproducible values in [-2, 2).
-        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (x >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
-            })
-            .collect()
-    }
-
     fn check(s: Shape) {
-        let q = noise(s.batch * s.queries * s.width, 1);
-        let k = noise(s.batch * s.keys * s.width, 2);
-        let v = noise(s.batch * s.keys * s.width, 3);
+        let q = noise(s.batch * s.queries * s.width, 1, 2.0);
+        let k = noise(s.batch * s.keys * s.width, 2, 2.0);
+        let v = noise(s.batch * s.keys * s.width, 3, 2.0);
         let mut out = vec![f32::NAN; q.len()];
         attention(&q, &k, &v, &mut out, s);
         let want = reference(&q, &k, &v, s);

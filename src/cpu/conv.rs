@@ -157,6 +157,7 @@ fn scatter(grid: &[f32], bias: Option<&[f32]>, out: &mut [f32], [cout, pixels]: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::noise;
 
     /// The definition, one output at a time, in f64.
     fn reference(x: &[f32], w: &[f32], bias: &[f32], s: Shape) -> Vec<f32> {
@@ -188,21 +189,11 @@ mod tests {
         out
     }
 
-    fn noise(n: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(7);
-        (0..n)
-            .map(|_| {
-                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (x >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
-
     fn check(s: Shape) {
         let [kh, kw] = s.kernel;
-        let x = noise(s.batch * s.channels_in * s.height * s.width, 1);
-        let w = noise(s.channels_out * s.channels_in * kh * kw, 2);
-        let bias = noise(s.channels_out, 3);
+        let x = noise(s.batch * s.channels_in * s.height * s.width, 1, 1.0);
+        let w = noise(s.channels_out * s.channels_in * kh * kw, 2, 1.0);
+        let bias = noise(s.channels_out, 3, 1.0);
         let [ho, wo] = s.output();
         let mut out = vec![f32::NAN; s.batch * s.channels_out * ho * wo];
         conv2d(&x, &w, Some(&bias), &mut out, s);

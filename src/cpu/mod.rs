@@ -194,6 +194,18 @@ pub(crate) fn f32_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, Shape::from(shape)))
 }
 
+/// Reproducible values in [-amplitude, amplitude) from a small LCG, for the kernels' tests.
+#[cfg(test)]
+fn noise(n: usize, seed: u32, amplitude: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((x >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * amplitude
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::module::attention as sdpa;
