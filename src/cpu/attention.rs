@@ -3,13 +3,14 @@
 //!
 //! Work is split into blocks of query rows, each block on one core: for every head it takes
 //! the block's scores against all keys with one matrix product, the softmax of each row, and
-//! the block's output with a second product. The block's scores (`rows x keys`) stay in the
-//! core's cache between the two products, and the softmax is exact (each row's maximum is
+//! the block's output with a second product. The block's scores (`rows x keys`, 4 MiB) stay
+//! in the cache between the two products, and the softmax is exact (each row's maximum is
 //! known before any exponential), unlike flash attention's running maximum.
 
 use rayon::prelude::*;
 
 use super::math::exp_shifted;
+use super::product::{Parallelism, View, product};
 
 /// The shape of one attention call: `q` is `[batch, queries, width]`, `k` and `v` are
 /// `[batch, keys, width]`, and each of `heads` heads reads `width / heads` columns.
@@ -71,60 +72,16 @@ fn block(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Shape) {
     let scale = 1.0 / (d as f32).sqrt();
     for h in 0..s.heads {
         let cols = h * d;
-        // scores[n, keys] = scale * Q_h[n, d] @ K_h^T[d, keys]
-        // SAFETY: every pointer and stride below stays inside its slice: Q_h and K_h read
-        // columns cols..cols+d of rows of width w, scores is n x keys.
-        unsafe {
-            gemm::gemm(
-                n,
-                keys,
-                d,
-                scores.as_mut_ptr(),
-                1,
-                keys as isize,
-                false,
-                q.as_ptr().add(cols),
-                1,
-                w as isize,
-                k.as_ptr().add(cols),
-                w as isize,
-                1,
-                0.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        // Head h's columns of the queries, keys and values.
+        let head = |data, rows| View::within(data, cols, [rows, d], w);
+        // scores[n, keys] = Q_h K_h^T / sqrt(d), then each row exponentiated.
+        product(&mut scores, 0, keys, [head(q, n), head(k, keys).t()], scale, Parallelism::None);
         for (row, sum) in scores.chunks_exact_mut(keys).zip(sums.iter_mut()) {
             *sum = exp_shifted(row);
         }
-        // out_h[n, d] = P[n, keys] @ V_h[keys, d], then each row divided by its sum.
-        // SAFETY: as above; out_h writes columns cols..cols+d of n rows of width w.
-        unsafe {
-            gemm::gemm(
-                n,
-                d,
-                keys,
-                out.as_mut_ptr().add(cols),
-                1,
-                w as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                keys as isize,
-                v.as_ptr().add(cols),
-                1,
-                w as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        // out_h[n, d] = P V_h, then each row divided by its sum.
+        let p = View::dense(&scores, n, keys);
+        product(out, cols, w, [p, head(v, keys)], 1.0, Parallelism::None);
         for (row, sum) in out.chunks_exact_mut(w).zip(&sums) {
             let inv = 1.0 / sum;
             row[cols..cols + d].iter_mut().for_each(|x| *x *= inv);

@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use super::product::{Parallelism, View, product};
+
 /// A convolution's shape. `padding` is (top, left, bottom, right), as burn's
 /// `PaddingConfig2d::Explicit`.
 #[derive(Clone, Copy, Debug)]
@@ -53,36 +55,13 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], 
     let tiles = positions.div_ceil(tile);
     let threads = rayon::current_num_threads();
     // Few tiles: let each product spread over the cores instead.
-    let parallelism = if tiles >= 2 * threads { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
+    let parallelism = if tiles >= 2 * threads { Parallelism::None } else { Parallelism::Rayon(threads) };
     // The products' results, tile after tile, each `[cout, tile]`.
     let mut grid = vec![0f32; tiles * cout * tile];
     grid.par_chunks_mut(cout * tile).enumerate().for_each(|(t, g)| {
         let (start, len) = (t * tile, tile.min(positions - t * tile));
         let cols = im2col(x, s, start..start + len);
-        // SAFETY: weight is cout x k and cols k x len, row-major; g is cout x tile.
-        unsafe {
-            gemm::gemm(
-                cout,
-                len,
-                k,
-                g.as_mut_ptr(),
-                1,
-                tile as isize,
-                false,
-                weight.as_ptr(),
-                1,
-                k as isize,
-                cols.as_ptr(),
-                1,
-                len as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        product(g, 0, tile, [View::dense(weight, cout, k), View::dense(&cols, k, len)], 1.0, parallelism);
     });
     scatter(&grid, bias, out, [cout, ho * wo], tile);
 }

@@ -18,6 +18,7 @@ pub mod attention;
 pub mod conv;
 pub mod group_norm;
 pub mod math;
+pub mod product;
 
 use std::sync::LazyLock;
 
