@@ -97,7 +97,7 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
     ] {
         add(format!("{name} at {side}x{side}"), conv_check(cin, cout, k, stride, side, seed));
     }
-    // burn's ops and sdw's shader on the same input: the shader must agree with both.
+    // burn's ops and sdw's kernel (shader or CPU) on the same input: it must agree with both.
     let group_norms: [(&str, GroupNormFn); 2] =
         [("burn ops", group_norm::reference), ("sdw kernel", group_norm::forward)];
     for (label, f) in group_norms {

@@ -41,13 +41,13 @@ impl Shape {
 
 /// `out = conv(x, weight) + bias`: `x` is `[batch, channels_in, height, width]`, `weight`
 /// `[channels_out, channels_in, kh, kw]`, `out` `[batch, channels_out, ..output()]`.
-pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32], s: Shape) {
+pub fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], s: Shape) {
     let [ho, wo] = s.output();
     let (k, cout, positions) = (s.taps(), s.channels_out, s.batch * ho * wo);
     assert_eq!(x.len(), s.batch * s.channels_in * s.height * s.width);
     assert_eq!(weight.len(), cout * k);
     assert_eq!(out.len(), cout * positions);
-    assert!(bias.is_none_or(|b| b.len() == cout));
+    assert_eq!(bias.len(), cout);
     if out.is_empty() {
         return;
     }
@@ -114,10 +114,10 @@ fn im2col(x: &[f32], s: Shape, range: std::ops::Range<usize>) -> Vec<f32> {
 
 /// `out[b, co, pixel] = grid[position] + bias[co]` for `position = b * pixels + pixel`,
 /// which lies in tile `position / tile` (`[cout, tile]`) at column `position % tile`.
-fn scatter(grid: &[f32], bias: Option<&[f32]>, out: &mut [f32], [cout, pixels]: [usize; 2], tile: usize) {
+fn scatter(grid: &[f32], bias: &[f32], out: &mut [f32], [cout, pixels]: [usize; 2], tile: usize) {
     out.par_chunks_mut(pixels).enumerate().for_each(|(plane, mut dst)| {
         let (b, co) = (plane / cout, plane % cout);
-        let add = bias.map_or(0.0, |bias| bias[co]);
+        let add = bias[co];
         let mut position = b * pixels;
         // A plane may cross from one tile into the next.
         while !dst.is_empty() {
@@ -175,7 +175,7 @@ mod tests {
         let bias = noise(s.channels_out, 3, 1.0);
         let [ho, wo] = s.output();
         let mut out = vec![f32::NAN; s.batch * s.channels_out * ho * wo];
-        conv2d(&x, &w, Some(&bias), &mut out, s);
+        conv2d(&x, &w, &bias, &mut out, s);
         let want = reference(&x, &w, &bias, s);
         let err = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(err <= 1e-5, "{s:?}: max error {err}");

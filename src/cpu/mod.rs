@@ -174,7 +174,7 @@ impl CpuOps for Flex {
         let [ho, wo] = shape.output();
         let (x, weight, bias) = (x.to_contiguous(), weight.to_contiguous(), bias.to_contiguous());
         let mut out = vec![0f32; batch * channels_out * ho * wo];
-        conv::conv2d(f32s(&x), f32s(&weight), Some(f32s(&bias)), &mut out, shape);
+        conv::conv2d(f32s(&x), f32s(&weight), f32s(&bias), &mut out, shape);
         f32_tensor(out, vec![batch, channels_out, ho, wo])
     }
 }

@@ -1,8 +1,9 @@
 //! Scaled dot-product attention: sdw's own CPU kernel (`cpu::attention`) on the CPU, burn's
 //! attention op elsewhere: flash kernels on the GPU (no `S x S` score tensor), the plain
-//! softmax(QK^T)V where burn has no flash kernel (autodiff) and for CLIP's causal mask. Queries are split into chunks only where a score tensor could exceed
-//! the device's largest storage binding (128 MiB on lavapipe and many iGPUs; SD 1.5
-//! self-attention at 64x64 latents would need 512 MiB of scores per image).
+//! softmax(QK^T)V where burn has no flash kernel (autodiff) and for CLIP's causal mask.
+//! burn's queries are split into chunks only where a score tensor could exceed the device's
+//! largest storage binding (128 MiB on lavapipe and many iGPUs; SD 1.5 self-attention at
+//! 64x64 latents would need 512 MiB of scores per image).
 
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,10 +49,14 @@ pub fn query_chunk(batch_heads: usize, queries: usize, keys: usize, budget: usiz
 
 /// Multi-head attention over `[B, S, C]` tensors; `causal` hides later keys (CLIP).
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal: bool) -> Tensor<3> {
+    if !causal && !*NAIVE && crate::cpu::applies(&q) {
+        return crate::cpu::attention(q, k, v, heads);
+    }
     attention_with_budget(q, k, v, heads, causal, score_budget())
 }
 
-/// [`attention`] with an explicit score budget in bytes.
+/// burn's attention op with an explicit score budget in bytes (the CPU kernel has none: it
+/// keeps a few MiB of scores per core).
 pub fn attention_with_budget(
     q: Tensor<3>,
     k: Tensor<3>,
@@ -60,9 +65,6 @@ pub fn attention_with_budget(
     causal: bool,
     budget: usize,
 ) -> Tensor<3> {
-    if !causal && !*NAIVE && crate::cpu::applies(&q) {
-        return crate::cpu::attention(q, k, v, heads);
-    }
     let [b, sq, c] = q.dims();
     let sk = k.dims()[1];
     let d = c / heads;
