@@ -17,9 +17,20 @@ use crate::train::adapters::{UNET_PREFIX, attach_new, named};
 use crate::train::step::{Batch, factor_grads, losses};
 use crate::weights::HostTensor;
 
+/// A part of one image that `sdw bench` can time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Clip,
+    Unet,
+    Vae,
+    Txt2img,
+}
+
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct BenchSettings {
+    /// The parts to time, in the order of an image.
+    pub parts: Vec<Part>,
     pub size: usize,
     pub steps: usize,
     pub batch: usize,
@@ -65,6 +76,15 @@ pub fn run(
 ) -> Result<BenchReport, PipelineError> {
     let mut peak = PeakDeviceMemory::new(&sd.compute);
     let mut timings = Vec::new();
+    let device = sd.compute.device.clone();
+    let seconds = |f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        f();
+        // Every part reads its result back, so this wait costs nothing; it also closes a
+        // table of cubecl's kernel profile (`[profiling.logger]`) per run.
+        let _ = device.sync();
+        start.elapsed().as_secs_f64()
+    };
     let mut time = |part: &str, f: &mut dyn FnMut(), peak: &mut PeakDeviceMemory| {
         say(&format!("{part}: first run (on a GPU this compiles and tunes kernels)"));
         let cold = seconds(&mut *f);
@@ -75,38 +95,50 @@ pub fn run(
         let cpu = cpu_before.zip(crate::device::process_cpu_seconds()).map(|(a, b)| b - a);
         let warm_cpu_percent = cpu.filter(|_| s.repeats > 0).map(|c| 100.0 * c / (warm * s.repeats as f64));
         peak.sample();
+        say(&format!("{part}: {warm:.3} s warm"));
         timings.push(Timing { part: part.to_owned(), cold_s: cold, warm_s: warm, warm_cpu_percent });
     };
 
     let latent = s.size / 8;
     let dev = sd.compute.device.clone();
-    time(
-        "CLIP (prompt + negative)",
-        &mut || {
-            let c = Tensor::cat(vec![sd.encode_prompt("a photo of a cat", 1), sd.encode_prompt("", 1)], 0);
-            to_host(c);
-        },
-        &mut peak,
-    );
+    let timed = |part| s.parts.contains(&part);
+    if timed(Part::Clip) {
+        time(
+            "CLIP (prompt + negative)",
+            &mut || {
+                let c = Tensor::cat(vec![sd.encode_prompt("a photo of a cat", 1), sd.encode_prompt("", 1)], 0);
+                to_host(c);
+            },
+            &mut peak,
+        );
+    }
     let context =
         Tensor::cat(vec![sd.encode_prompt("a photo of a cat", 1), sd.encode_prompt("", 1)], 0).repeat_dim(0, s.batch);
     let x = noise([2 * s.batch, 4, latent, latent]);
     let t = vec![500.0; 2 * s.batch];
-    time(
-        &format!("UNet step (CFG batch {})", 2 * s.batch),
-        &mut || {
-            to_host(sd.unet.forward(to_device(x.data.clone(), [2 * s.batch, 4, latent, latent], &dev), &t, &context));
-        },
-        &mut peak,
-    );
+    if timed(Part::Unet) {
+        time(
+            &format!("UNet step (CFG batch {})", 2 * s.batch),
+            &mut || {
+                to_host(sd.unet.forward(
+                    to_device(x.data.clone(), [2 * s.batch, 4, latent, latent], &dev),
+                    &t,
+                    &context,
+                ));
+            },
+            &mut peak,
+        );
+    }
     let z = HostTensor::new(vec![s.batch, 4, latent, latent], noise([s.batch, 4, latent, latent]).data);
-    time(
-        "VAE decode",
-        &mut || {
-            sd.decode(&z).expect("decode");
-        },
-        &mut peak,
-    );
+    if timed(Part::Vae) {
+        time(
+            "VAE decode",
+            &mut || {
+                sd.decode(&z).expect("decode");
+            },
+            &mut peak,
+        );
+    }
     let p = GenerationParams {
         prompt: "a photo of a cat".into(),
         steps: s.steps,
@@ -116,15 +148,17 @@ pub fn run(
         ..Default::default()
     };
     let mut failure = None;
-    time(
-        &format!("txt2img {} steps", s.steps),
-        &mut || {
-            if let Err(e) = sd.txt2img(&p, &mut NoProgress) {
-                failure = Some(e);
-            }
-        },
-        &mut peak,
-    );
+    if timed(Part::Txt2img) {
+        time(
+            &format!("txt2img {} steps", s.steps),
+            &mut || {
+                if let Err(e) = sd.txt2img(&p, &mut NoProgress) {
+                    failure = Some(e);
+                }
+            },
+            &mut peak,
+        );
+    }
     if let Some(e) = failure {
         return Err(e);
     }
@@ -173,12 +207,6 @@ fn train_step<'a>(sd: &'a StableDiffusion, s: &BenchSettings) -> impl FnMut() + 
 fn noise(shape: [usize; 4]) -> HostTensor {
     let n = shape.iter().product();
     HostTensor::new(shape.to_vec(), crate::sampling::Philox::new(1).randn(n))
-}
-
-fn seconds(f: &mut dyn FnMut()) -> f64 {
-    let start = Instant::now();
-    f();
-    start.elapsed().as_secs_f64()
 }
 
 /// The most the device's allocator has held, sampled between parts.

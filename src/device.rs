@@ -111,10 +111,7 @@ static WGPU: OnceLock<Result<WgpuState, String>> = OnceLock::new();
 fn wgpu_state() -> &'static Result<WgpuState, String> {
     WGPU.get_or_init(|| {
         configure_burn();
-        // Autotune results survive the process here, so the second run starts faster.
-        if let Some(dir) = crate::output::cache_dir() {
-            burn::cubecl::environment::set_root(dir.join("kernels"));
-        }
+        keep_kernels_in_sdw_cache();
         let (device, setup) = Device::wgpu_options().init_with_setup().map_err(|e| e.to_string())?;
         // wgpu falls back to OpenGL when there is no Vulkan/Metal/DX12 driver; its GL
         // backend cannot run burn's compute kernels (it dead-locks), so treat it as absent.
@@ -157,6 +154,24 @@ fn configure_burn() {
             eprintln!("warning: burn's settings were read before sdw could turn fusion off");
         }
     });
+}
+
+/// Autotune results (and what else cubecl caches) survive the process in sdw's cache
+/// directory, `kernels/`, so the second run starts faster. cubecl's own default is a
+/// `target/` folder of the Cargo project around the working directory, else the user's
+/// cache. The setting goes through cubecl's configuration: cubecl applies it when the
+/// configuration loads, after (and over) any `environment::set_root` call. A `cubecl.toml`
+/// that names a path itself is kept.
+fn keep_kernels_in_sdw_cache() {
+    use burn::cubecl::config::{CubeClRuntimeConfig, cache::CacheConfig};
+    let Some(dir) = crate::output::cache_dir() else { return };
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    if matches!(config.environment.path, CacheConfig::Target) {
+        config.environment.path = CacheConfig::Directory(dir.join("kernels"));
+    }
+    if !CubeClRuntimeConfig::try_set(config) {
+        eprintln!("warning: cubecl's settings were read before sdw could place its kernel cache");
+    }
 }
 
 /// burn's CPU backend allocates every op's output afresh. glibc hands each buffer over

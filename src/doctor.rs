@@ -21,7 +21,8 @@ use rand_distr::{Distribution, Normal};
 
 use crate::device::{Compute, Dtypes};
 use crate::model::attention::attention;
-use crate::model::layers::{conv, geglu, gelu, to_host, upsample_nearest_2x, upsample_nearest_to};
+use crate::model::conv::conv;
+use crate::model::layers::{geglu, gelu, to_host, upsample_nearest_2x, upsample_nearest_to};
 use crate::model::unet::Trace;
 use crate::pipeline::StableDiffusion;
 use crate::shaders::group_norm;

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::bench::{self, BenchSettings};
+use crate::bench::{self, BenchSettings, Part};
 use crate::device::{self, DeviceChoice, Precision};
 use crate::pipeline::StableDiffusion;
 use crate::weights::synthetic::Architecture;
@@ -32,6 +32,9 @@ pub struct BenchArgs {
     /// Warm repetitions of each part.
     #[arg(long, default_value_t = 2)]
     repeats: usize,
+    /// The parts to time (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Clip, Part::Unet, Part::Vae, Part::Txt2img])]
+    parts: Vec<Part>,
     /// Also time one DreamBooth-LoRA training step.
     #[arg(long)]
     train: bool,
@@ -59,7 +62,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     let load_s = start.elapsed().as_secs_f64();
     eprintln!("model ready in {load_s:.1} s");
-    let settings = BenchSettings { size: a.size, steps: a.steps, batch: a.batch, repeats: a.repeats, train: a.train };
+    let settings = BenchSettings {
+        parts: a.parts,
+        size: a.size,
+        steps: a.steps,
+        batch: a.batch,
+        repeats: a.repeats,
+        train: a.train,
+    };
     let report = bench::run(&sd, &settings, load_s, &mut |line| eprintln!("{line}"))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

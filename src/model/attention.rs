@@ -1,6 +1,7 @@
 //! Scaled dot-product attention: sdw's own CPU kernel (`cpu::attention`) on the CPU, burn's
-//! attention op elsewhere: flash kernels on the GPU (no `S x S` score tensor), the plain
-//! softmax(QK^T)V where burn has no flash kernel (autodiff) and for CLIP's causal mask.
+//! attention op elsewhere: flash kernels on the GPU (no `S x S` score tensor; CLIP's causal
+//! mask too), the plain softmax(QK^T)V where burn has no flash kernel (autodiff) and for the
+//! VAE's one wide head.
 //! burn's queries are split into chunks only where a score tensor could exceed the device's
 //! largest storage binding (128 MiB on lavapipe and many iGPUs; SD 1.5 self-attention at
 //! 64x64 latents would need 512 MiB of scores per image).
@@ -86,10 +87,17 @@ pub fn attention_with_budget(
 /// flash kernels or ours, to tell a flash-kernel bug from another on a device we never tested.
 static NAIVE: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_ATTENTION").as_deref() == Ok("naive"));
 
+/// The widest head burn's flash kernels get. SD's UNet has heads of 40, 80 and 160; the
+/// VAE's one attention has a single 512-wide head, and on an H200 (WGSL) autotuning burn's
+/// flash kernel for it had not finished after 250 s (the whole decode takes under a second
+/// of computation). Its score tensor is small (64 MiB at 512x512), so the plain path costs
+/// nothing there.
+const MAX_FLASH_HEAD: usize = 256;
+
 /// burn's attention options for `d`-wide heads. `scale: None` keeps burn's default
 /// 1/sqrt(d) and its flash kernels; giving the same scale explicitly selects burn's naive path.
 fn options(d: usize) -> AttentionModuleOptions {
-    let scale = NAIVE.then(|| 1.0 / (d as f64).sqrt());
+    let scale = (*NAIVE || d > MAX_FLASH_HEAD).then(|| 1.0 / (d as f64).sqrt());
     AttentionModuleOptions { scale, ..Default::default() }
 }
 

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::rc::Rc;
 
+use super::conv::conv;
 use crate::device::Dtypes;
 use crate::shaders::group_norm;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -270,34 +271,6 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
 /// `n` applied to `x`, in `x`'s dtype.
 pub fn layer_norm<const D: usize>(n: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
     in_dtype(n, x.dtype()).forward(x)
-}
-
-/// `c` applied to `x`, summed in f32 and returned in `x`'s dtype. burn's direct convolution
-/// kernel, which autotune may pick, sums in the element type, and an f16 sum over
-/// `C_in x 3 x 3` products loses ~5 f16 roundoffs (2.4e-3 against 2.3e-4 for attention in
-/// `sdw doctor` on lavapipe), which compounds over a sampling run.
-/// On the CPU, stride-1 convolutions run on sdw's own kernel (`cpu::conv`).
-pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let dtype = x.dtype();
-    let c = in_dtype(c, DType::F32);
-    let x = x.cast(DType::F32);
-    if let (Some(padding), Some(bias)) = (cpu_conv_padding(&c), &c.bias)
-        && crate::cpu::applies(&x)
-    {
-        return crate::cpu::conv2d(x, c.weight.val(), bias.val(), padding).cast(dtype);
-    }
-    c.forward(x).cast(dtype)
-}
-
-/// The (top, left, bottom, right) padding of a convolution `cpu::conv` computes: stride 1,
-/// no dilation, one group, explicit or no padding.
-fn cpu_conv_padding(c: &Conv2d) -> Option<[usize; 4]> {
-    let plain = c.stride == [1, 1] && c.dilation == [1, 1] && c.groups == 1;
-    match c.padding {
-        PaddingConfig2d::Explicit(top, left, bottom, right) if plain => Some([top, left, bottom, right]),
-        PaddingConfig2d::Valid if plain => Some([0; 4]),
-        _ => None,
-    }
 }
 
 /// `module` with every float parameter in `dtype`: itself when they already are, else a copy.

@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod attention;
 pub mod clip;
+pub mod conv;
 pub mod layers;
 pub mod unet;
 pub mod vae;

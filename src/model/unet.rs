@@ -11,7 +11,8 @@ use crate::weights::WeightsError;
 
 use super::adapter::Adaptable;
 use super::attention::CrossAttention;
-use super::layers::{Loader, ResnetBlock, conv, geglu, layer_norm, linear, to_device, upsample_nearest_to};
+use super::conv::conv;
+use super::layers::{Loader, ResnetBlock, geglu, layer_norm, linear, to_device, upsample_nearest_to};
 
 /// SD 1.x `num_heads: 8` (the head width varies per level); SD 2.x uses 64-wide heads.
 const SD1_HEADS: usize = 8;

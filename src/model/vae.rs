@@ -11,7 +11,8 @@ use crate::shaders::group_norm;
 use crate::weights::WeightsError;
 
 use super::attention::attention;
-use super::layers::{Loader, ResnetBlock, conv, upsample_nearest_2x};
+use super::conv::conv;
+use super::layers::{Loader, ResnetBlock, upsample_nearest_2x};
 
 const EPS: f64 = 1e-6;
 /// Latents are scaled by this before the UNet sees them (SD 1.x `scaling_factor`).

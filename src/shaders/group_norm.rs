@@ -23,8 +23,10 @@ use crate::model::layers::in_dtype;
 const WORKGROUP: u32 = 256;
 
 /// `SDW_SHADERS=off` turns our shaders off (burn's ops everywhere), e.g. to compare the
-/// two on a new GPU; read once, as this runs about 60 times per UNet step.
-static ENABLED: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_SHADERS").as_deref() != Ok("off"));
+/// two on a new GPU; read once, as this runs about 60 times per UNet step. A build with the
+/// `spirv` feature compiles burn's kernels to SPIR-V, which takes no WGSL text.
+static ENABLED: LazyLock<bool> =
+    LazyLock::new(|| !cfg!(feature = "spirv") && std::env::var("SDW_SHADERS").as_deref() != Ok("off"));
 
 fn enabled() -> bool {
     *ENABLED

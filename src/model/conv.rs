@@ -1,0 +1,150 @@
+//! Convolutions, each on the fastest correct path for its device:
+//! - the CPU: sdw's own kernel (`cpu::conv`), for stride-1 convolutions;
+//! - a GPU: one matrix product over im2col columns, built from burn's slice and matmul ops.
+//!   burn's wgpu convolution has only its direct kernel where the shader compiler offers no
+//!   cooperative matrices (WGSL); on an H200 that kernel took 79 % of a 512x512 UNet step
+//!   (1.05 s of 1.34 s, at 1-4 TFLOP/s), while burn's matmul runs at ~6 TFLOP/s there.
+//!   `SDW_GPU_CONV=burn` keeps burn's op, to compare;
+//! - elsewhere (training, which would keep the columns for the backward pass) burn's op.
+//!
+//! Every path sums in f32. burn's matmul does so for f16 inputs too; its direct kernel sums
+//! in the element type, so f16 tensors take it in f32: an f16 sum over `C_in x 3 x 3`
+//! products loses ~5 f16 roundoffs (2.4e-3 against 2.3e-4 for attention in `sdw doctor` on
+//! lavapipe), which compounds over a sampling run.
+
+use std::sync::LazyLock;
+
+use burn::backend::DispatchDevice;
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::tensor::{DType, Slice, Tensor};
+
+use super::layers::in_dtype;
+
+/// `c` applied to `x`, summed in f32 and returned in `x`'s dtype.
+pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let padding = explicit_padding(c).filter(|_| c.bias.is_some());
+    if let Some(padding) = padding
+        && on_gpu(&x)
+    {
+        // burn's matmul sums f16 products in f32, so f16 stays f16 here.
+        let c = in_dtype(c, x.dtype());
+        let bias = c.bias.as_ref().expect("filtered above").val();
+        return as_product(x, c.weight.val(), bias, padding, c.stride, column_budget());
+    }
+    let dtype = x.dtype();
+    let c = in_dtype(c, DType::F32);
+    let x = x.cast(DType::F32);
+    let y = match (padding, &c.bias) {
+        (Some(padding), Some(bias)) if c.stride == [1, 1] && crate::cpu::applies(&x) => {
+            crate::cpu::conv2d(x, c.weight.val(), bias.val(), padding)
+        }
+        _ => c.forward(x),
+    };
+    y.cast(dtype)
+}
+
+/// The (top, left, bottom, right) padding of a convolution without dilation or groups, the
+/// ones sdw computes itself.
+fn explicit_padding(c: &Conv2d) -> Option<[usize; 4]> {
+    let plain = c.dilation == [1, 1] && c.groups == 1;
+    match c.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) if plain => Some([top, left, bottom, right]),
+        PaddingConfig2d::Valid if plain => Some([0; 4]),
+        _ => None,
+    }
+}
+
+static GPU_CONV: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_GPU_CONV").as_deref() != Ok("burn"));
+
+fn on_gpu(x: &Tensor<4>) -> bool {
+    let device = x.device();
+    *GPU_CONV && matches!(device.as_dispatch(), DispatchDevice::Cube(_)) && !device.is_autodiff()
+}
+
+/// The largest im2col block one convolution builds: the cap that attention's scores keep
+/// (half the device's largest binding, at most 256 MiB).
+fn column_budget() -> usize {
+    super::attention::score_budget()
+}
+
+/// The convolution as matrix products: for a band of output rows, the `kh x kw` shifted
+/// (strided) views of the padded input are stacked into `[B, C·kh·kw, rows·W_out]` columns,
+/// in the order of the weight's `[O, C, kh, kw]` layout, and multiplied by the weight seen
+/// as `[O, C·kh·kw]`. Bands keep each block of columns within `budget` bytes.
+pub fn as_product(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    [top, left, bottom, right]: [usize; 4],
+    [sh, sw]: [usize; 2],
+    budget: usize,
+) -> Tensor<4> {
+    let [o, c, kh, kw] = weight.dims();
+    let [b, _, h, w] = x.dims();
+    let x = if top + left + bottom + right > 0 { x.pad([(top, bottom), (left, right)], 0.0) } else { x };
+    let (hp, wp) = (h + top + bottom, w + left + right);
+    let (ho, wo) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
+    let k = c * kh * kw;
+    let weight = weight.reshape([1, o, k]);
+    let band = (budget / (b * k * wo * size_of::<f32>()).max(1)).clamp(1, ho);
+    let mut outs = Vec::with_capacity(ho.div_ceil(band));
+    for y0 in (0..ho).step_by(band) {
+        let rows = band.min(ho - y0);
+        let columns = if kh * kw == 1 && sh * sw == 1 && rows == ho {
+            x.clone().reshape([b, c, ho * wo])
+        } else {
+            let view = |i: usize, j: usize| {
+                let span = |start: usize, n: usize, step: usize| {
+                    Slice::new(start as isize, Some((start + (n - 1) * step + 1) as isize), step as isize)
+                };
+                x.clone().slice([span(0, b, 1), span(0, c, 1), span(y0 * sh + i, rows, sh), span(j, wo, sw)])
+            };
+            let views: Vec<Tensor<4>> =
+                (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j))).map(|(i, j)| view(i, j)).collect();
+            Tensor::stack::<5>(views, 2).reshape([b, k, rows * wo])
+        };
+        outs.push(weight.clone().matmul(columns).reshape([b, o, rows, wo]));
+    }
+    let y = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
+    y + bias.reshape([1, o, 1, 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Param;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::{Device, Distribution};
+
+    /// `as_product` against burn's convolution on the CPU backend, for the kinds SD uses
+    /// (3x3 same, 1x1, stride 2 with diffusers' asymmetric VAE padding) and with a budget
+    /// small enough to split the output into bands.
+    #[test]
+    fn matches_burns_convolution() {
+        let device = Device::flex();
+        for (kernel, stride, padding, budget) in [
+            (3, 1, [1, 1, 1, 1], 1 << 30),
+            (3, 1, [1, 1, 1, 1], 4 << 10),
+            (1, 1, [0; 4], 1 << 30),
+            (1, 1, [0; 4], 2 << 10),
+            (3, 2, [1, 1, 1, 1], 1 << 30),
+            (3, 2, [0, 0, 1, 1], 3 << 10),
+        ] {
+            let [top, left, bottom, right] = padding;
+            let mut c = Conv2dConfig::new([6, 5], [kernel, kernel])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
+                .init(&device);
+            c.weight = Param::from_tensor(Tensor::random(c.weight.dims(), Distribution::Normal(0.0, 1.0), &device));
+            let x = Tensor::<4>::random([2, 6, 9, 7], Distribution::Normal(0.0, 1.0), &device);
+            let want = c.forward(x.clone());
+            let bias = c.bias.as_ref().unwrap().val();
+            let got = as_product(x, c.weight.val(), bias, padding, [stride, stride], budget);
+            assert_eq!(got.dims(), want.dims(), "k{kernel} s{stride} {padding:?}");
+            let err = (got - want.clone()).abs().max().into_scalar::<f32>();
+            let scale = want.abs().max().into_scalar::<f32>();
+            assert!(err <= 1e-5 * scale, "k{kernel} s{stride} {padding:?} budget {budget}: {err} of {scale}");
+        }
+    }
+}
