@@ -38,6 +38,8 @@ pub struct BenchSettings {
     pub repeats: usize,
     /// Also time one DreamBooth-LoRA training step (rank 4, every UNet attention).
     pub train: bool,
+    /// ... with burn's balanced gradient checkpointing (`sdw train --gradient-checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 /// Seconds of one part, first call and warm mean, and how many cores the warm runs kept
@@ -91,11 +93,14 @@ pub fn run(
         peak.sample();
         say(&format!("{part}: {cold:.3} s cold, {} warm run(s)", s.repeats));
         let cpu_before = crate::device::process_cpu_seconds();
-        let warm = (0..s.repeats).map(|_| seconds(&mut *f)).sum::<f64>() / s.repeats.max(1) as f64;
+        // NaN (JSON null, "-" in the table) when no warm run was asked for.
+        let warm = (0..s.repeats).map(|_| seconds(&mut *f)).sum::<f64>() / s.repeats as f64;
         let cpu = cpu_before.zip(crate::device::process_cpu_seconds()).map(|(a, b)| b - a);
         let warm_cpu_percent = cpu.filter(|_| s.repeats > 0).map(|c| 100.0 * c / (warm * s.repeats as f64));
         peak.sample();
-        say(&format!("{part}: {warm:.3} s warm"));
+        if s.repeats > 0 {
+            say(&format!("{part}: {warm:.3} s warm"));
+        }
         timings.push(Timing { part: part.to_owned(), cold_s: cold, warm_s: warm, warm_cpu_percent });
     };
 
@@ -163,7 +168,8 @@ pub fn run(
         return Err(e);
     }
     if s.train {
-        time("LoRA training step (rank 4, batch 1)", &mut train_step(sd, s), &mut peak);
+        let part = if s.gradient_checkpointing { "LoRA training step, checkpointed" } else { "LoRA training step" };
+        time(&format!("{part} (rank 4, batch 1)"), &mut train_step(sd, s), &mut peak);
     }
     let unet_warm = timings.iter().find(|t| t.part.starts_with("UNet")).map_or(f64::NAN, |t| t.warm_s);
     Ok(BenchReport {
@@ -185,7 +191,9 @@ fn train_step<'a>(sd: &'a StableDiffusion, s: &BenchSettings) -> impl FnMut() + 
     let latent = s.size / 8;
     let dev = sd.compute.device.clone();
     let mut unet = sd.unet.clone();
-    attach_new(unet.attentions_mut(), 4, 4.0, &mut StdRng::seed_from_u64(0), &dev.clone().autodiff());
+    let grad_device =
+        if s.gradient_checkpointing { dev.clone().autodiff().gradient_checkpointing() } else { dev.clone().autodiff() };
+    attach_new(unet.attentions_mut(), 4, 4.0, &mut StdRng::seed_from_u64(0), &grad_device);
     let context = sd.encode_prompt("photo of sks person", 1);
     let acp = crate::sampling::schedule::alphas_cumprod();
     move || {
@@ -236,9 +244,12 @@ impl BenchReport {
         );
         for t in &self.timings {
             let cpu = t.warm_cpu_percent.map_or("-".into(), |p| format!("{p:.0}"));
-            out += &format!("{:<36} {:>10.3} {:>10.3} {:>8}\n", t.part, t.cold_s, t.warm_s, cpu);
+            let warm = if t.warm_s.is_nan() { "-".into() } else { format!("{:.3}", t.warm_s) };
+            out += &format!("{:<36} {:>10.3} {:>10} {:>8}\n", t.part, t.cold_s, warm, cpu);
         }
-        out += &format!("UNet: {:.2} it/s (warm)\n", self.it_per_s);
+        if self.it_per_s.is_finite() {
+            out += &format!("UNet: {:.2} it/s (warm)\n", self.it_per_s);
+        }
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         if let Some(b) = self.peak_device_bytes {
             out += &format!("peak device memory (allocator): {:.2} GiB\n", gib(b));

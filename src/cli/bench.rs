@@ -38,6 +38,9 @@ pub struct BenchArgs {
     /// Also time one DreamBooth-LoRA training step.
     #[arg(long)]
     train: bool,
+    /// Time that step with gradient checkpointing, as `sdw train --gradient-checkpointing`.
+    #[arg(long, requires = "train")]
+    gradient_checkpointing: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -69,6 +72,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         batch: a.batch,
         repeats: a.repeats,
         train: a.train,
+        gradient_checkpointing: a.gradient_checkpointing,
     };
     let report = bench::run(&sd, &settings, load_s, &mut |line| eprintln!("{line}"))?;
     if a.json {

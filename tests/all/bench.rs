@@ -37,6 +37,26 @@ fn bench_reports_every_part_as_json() {
     assert!(report["peak_host_bytes"].as_u64().unwrap() > 0);
 }
 
+/// `--parts` times only what it names; `--gradient-checkpointing` times the checkpointed
+/// training step; `--repeats 0` reports no warm time (null) rather than zero.
+#[test]
+fn bench_times_only_the_parts_asked_for() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sdw"))
+        .args(["bench", "--device", "cpu", "--size", "64", "--repeats", "0", "--parts", "unet"])
+        .args(["--train", "--gradient-checkpointing", "--json", "--model"])
+        .arg(fixture("tiny-sd-fp16.safetensors"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let timings = report["timings"].as_array().unwrap();
+    let parts: Vec<&str> = timings.iter().map(|t| t["part"].as_str().unwrap()).collect();
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert!(parts[0].starts_with("UNet step") && parts[1].starts_with("LoRA training step, checkpointed"), "{parts:?}");
+    assert!(timings.iter().all(|t| t["warm_s"].is_null() && t["cold_s"].as_f64().unwrap() > 0.0), "{timings:?}");
+}
+
 #[test]
 fn bench_rejects_bad_sizes() {
     let out =
