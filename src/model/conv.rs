@@ -97,10 +97,7 @@ pub fn as_product(
             x.clone().reshape([b, c, ho * wo])
         } else {
             let view = |i: usize, j: usize| {
-                let span = |start: usize, n: usize, step: usize| {
-                    Slice::new(start as isize, Some((start + (n - 1) * step + 1) as isize), step as isize)
-                };
-                x.clone().slice([span(0, b, 1), span(0, c, 1), span(y0 * sh + i, rows, sh), span(j, wo, sw)])
+                x.clone().slice([every(0, b, 1), every(0, c, 1), every(y0 * sh + i, rows, sh), every(j, wo, sw)])
             };
             let views: Vec<Tensor<4>> =
                 (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j))).map(|(i, j)| view(i, j)).collect();
@@ -110,6 +107,11 @@ pub fn as_product(
     }
     let y = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
     y + bias.reshape([1, o, 1, 1])
+}
+
+/// `n` indices from `start`, `step` apart.
+fn every(start: usize, n: usize, step: usize) -> Slice {
+    Slice::new(start as isize, Some((start + (n - 1) * step + 1) as isize), step as isize)
 }
 
 #[cfg(test)]
