@@ -92,7 +92,7 @@ fn block(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Shape) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::noise;
+    use crate::cpu::{max_difference, noise};
 
     /// softmax(QK^T/sqrt(d))V in f64, one score at a time.
     fn reference(q: &[f32], k: &[f32], v: &[f32], s: Shape) -> Vec<f32> {
@@ -129,7 +129,7 @@ mod tests {
         let mut out = vec![f32::NAN; q.len()];
         attention(&q, &k, &v, &mut out, s);
         let want = reference(&q, &k, &v, s);
-        let err = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let err = max_difference(&out, &want);
         assert!(err <= 1e-5, "{s:?}: max error {err}");
     }
 

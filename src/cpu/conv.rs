@@ -136,7 +136,7 @@ fn scatter(grid: &[f32], bias: &[f32], out: &mut [f32], [cout, pixels]: [usize; 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::noise;
+    use crate::cpu::{max_difference, noise};
 
     /// The definition, one output at a time, in f64.
     fn reference(x: &[f32], w: &[f32], bias: &[f32], s: Shape) -> Vec<f32> {
@@ -177,7 +177,7 @@ mod tests {
         let mut out = vec![f32::NAN; s.batch * s.channels_out * ho * wo];
         conv2d(&x, &w, &bias, &mut out, s);
         let want = reference(&x, &w, &bias, s);
-        let err = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let err = max_difference(&out, &want);
         assert!(err <= 1e-5, "{s:?}: max error {err}");
     }
 

@@ -207,6 +207,13 @@ fn noise(n: usize, seed: u32, amplitude: f32) -> Vec<f32> {
         .collect()
 }
 
+/// The largest elementwise difference of two equally long slices, for the kernels' tests.
+#[cfg(test)]
+fn max_difference(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::module::attention as sdpa;
