@@ -362,7 +362,7 @@ pub fn run(
     only: Option<&str>,
     mut report: impl FnMut(&CheckResult),
 ) -> Vec<CheckResult> {
-    crate::model::attention::fit_score_budget(compute.max_binding);
+    crate::model::budget::fit(compute.max_binding);
     let cpu = crate::device::cpu().device;
     let mut results = Vec::new();
     for (name, op) in checks(size).into_iter().filter(|(name, _)| only.is_none_or(|o| name.contains(o))) {

@@ -3,11 +3,9 @@
 //! mask too), the plain softmax(QK^T)V where burn has no flash kernel (autodiff) and for the
 //! VAE's one wide head.
 //! burn's queries are split into chunks only where a score tensor could exceed the device's
-//! largest storage binding (128 MiB on lavapipe and many iGPUs; SD 1.5 self-attention at
-//! 64x64 latents would need 512 MiB of scores per image).
+//! temporary-tensor budget ([`super::budget`]).
 
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::module::Module;
 use burn::nn::Linear;
@@ -21,27 +19,6 @@ use super::Loader;
 use super::adapter::{Adaptable, AttentionAdapters, Projection};
 use super::layers::linear;
 
-/// Largest score tensor (bytes) one attention call may produce if burn computes it naively.
-static SCORE_BUDGET: AtomicUsize = AtomicUsize::new(64 << 20);
-
-/// Caps the attention score tensor (set from the device's binding limit).
-pub fn set_score_budget(bytes: usize) {
-    SCORE_BUDGET.store(bytes.max(1 << 20), Ordering::Relaxed);
-}
-
-/// Sets the score budget for a device whose largest binding is `max_binding` bytes: half
-/// of it (leaving room for the other operands), at most 256 MiB; unbounded devices (the
-/// CPU) keep the default.
-pub fn fit_score_budget(max_binding: Option<usize>) {
-    if let Some(binding) = max_binding {
-        set_score_budget((binding / 2).min(256 << 20));
-    }
-}
-
-pub fn score_budget() -> usize {
-    SCORE_BUDGET.load(Ordering::Relaxed)
-}
-
 /// Query rows per chunk so that `batch * heads * rows * keys` f32 scores fit `budget` bytes.
 pub fn query_chunk(batch_heads: usize, queries: usize, keys: usize, budget: usize) -> usize {
     let per_row = batch_heads * keys * std::mem::size_of::<f32>();
@@ -53,7 +30,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal:
     if !causal && !*NAIVE && crate::cpu::applies(&q) {
         return crate::cpu::attention(q, k, v, heads);
     }
-    attention_with_budget(q, k, v, heads, causal, score_budget())
+    attention_with_budget(q, k, v, heads, causal, super::budget::bytes())
 }
 
 /// burn's attention op with an explicit score budget in bytes (the CPU kernel has none: it

@@ -4,9 +4,10 @@
 //!   burn's wgpu convolution has only its direct kernel where the shader compiler offers no
 //!   cooperative matrices (WGSL); on an H200 that kernel took 79 % of a 512x512 UNet step
 //!   (1.05 s of 1.34 s, at 1-4 TFLOP/s), while burn's matmul runs at ~6 TFLOP/s there.
-//!   `SDW_GPU_CONV=burn` keeps burn's op, to compare. Training takes it too: autodiff keeps the columns for the backward pass, which on the CPU
-//!   raised a checkpointed 512x512 LoRA step from 9.4 to 10.5 GiB, and the backward pass
-//!   becomes matrix products instead of burn's direct kernels;
+//!   `SDW_GPU_CONV=burn` keeps burn's op, to compare. Training takes this path too: its
+//!   backward pass becomes matrix products instead of burn's direct kernels, and autodiff
+//!   keeps the columns (on the CPU, a checkpointed 512x512 LoRA step went from 9.4 to
+//!   10.5 GiB);
 //! - elsewhere (stride-2 convolutions on the CPU, training on the CPU) burn's op.
 //!
 //! Every path sums in f32. burn's matmul does so for f16 inputs too; its direct kernel sums
@@ -25,36 +26,34 @@ use super::layers::in_dtype;
 
 /// `c` applied to `x`, summed in f32 and returned in `x`'s dtype.
 pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let padding = explicit_padding(c).filter(|_| c.bias.is_some());
-    if let Some(padding) = padding
-        && on_gpu(&x)
+    // burn's matmul sums f16 products in f32, so f16 stays f16 on the GPU.
+    if on_gpu(&x)
+        && let Some((weight, bias, padding)) = ours(&in_dtype(c, x.dtype()))
     {
-        // burn's matmul sums f16 products in f32, so f16 stays f16 here.
-        let c = in_dtype(c, x.dtype());
-        let bias = c.bias.as_ref().expect("filtered above").val();
-        return as_product(x, c.weight.val(), bias, padding, c.stride, column_budget());
+        return as_product(x, weight, bias, padding, c.stride, super::budget::bytes());
     }
     let dtype = x.dtype();
     let c = in_dtype(c, DType::F32);
     let x = x.cast(DType::F32);
-    let y = match (padding, &c.bias) {
-        (Some(padding), Some(bias)) if c.stride == [1, 1] && crate::cpu::applies(&x) => {
-            crate::cpu::conv2d(x, c.weight.val(), bias.val(), padding)
+    let y = match ours(&c) {
+        Some((weight, bias, padding)) if c.stride == [1, 1] && crate::cpu::applies(&x) => {
+            crate::cpu::conv2d(x, weight, bias, padding)
         }
         _ => c.forward(x),
     };
     y.cast(dtype)
 }
 
-/// The (top, left, bottom, right) padding of a convolution without dilation or groups, the
-/// ones sdw computes itself.
-fn explicit_padding(c: &Conv2d) -> Option<[usize; 4]> {
-    let plain = c.dilation == [1, 1] && c.groups == 1;
-    match c.padding {
-        PaddingConfig2d::Explicit(top, left, bottom, right) if plain => Some([top, left, bottom, right]),
-        PaddingConfig2d::Valid if plain => Some([0; 4]),
-        _ => None,
-    }
+/// The weight, bias and (top, left, bottom, right) padding of a convolution sdw computes
+/// itself: with a bias, explicit or no padding, no dilation or groups.
+fn ours(c: &Conv2d) -> Option<(Tensor<4>, Tensor<1>, [usize; 4])> {
+    let padding = match c.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
+        PaddingConfig2d::Valid => [0; 4],
+        _ => return None,
+    };
+    let bias = c.bias.as_ref().filter(|_| c.dilation == [1, 1] && c.groups == 1)?;
+    Some((c.weight.val(), bias.val(), padding))
 }
 
 static GPU_CONV: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_GPU_CONV").as_deref() != Ok("burn"));
@@ -62,12 +61,6 @@ static GPU_CONV: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_GPU_CONV")
 /// A wgpu tensor, with or without gradients.
 fn on_gpu(x: &Tensor<4>) -> bool {
     *GPU_CONV && matches!(x.device().as_dispatch().clone().inner(), DispatchDevice::Cube(_))
-}
-
-/// The largest im2col block one convolution builds: the cap that attention's scores keep
-/// (half the device's largest binding, at most 256 MiB).
-fn column_budget() -> usize {
-    super::attention::score_budget()
 }
 
 /// The convolution as matrix products: for a band of output rows, the `kh x kw` shifted

@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod budget;
 pub mod clip;
 pub mod conv;
 pub mod layers;

@@ -79,7 +79,7 @@ impl StableDiffusion {
             .config("vae", "config.json", "scaling_factor")
             .and_then(|v| v.as_f64())
             .map_or(SCALING_FACTOR, |v| v as f32);
-        crate::model::attention::fit_score_budget(compute.max_binding);
+        crate::model::budget::fit(compute.max_binding);
         let dev = &compute.device;
         let clip_loader = Loader::with_dtypes(ckpt, Component::TextEncoder, dev, compute.dtypes);
         let clip = ClipTextModel::load(&clip_loader)?;
