@@ -36,7 +36,8 @@ pub struct BenchSettings {
     pub batch: usize,
     /// Warm repetitions of each part (their mean is reported).
     pub repeats: usize,
-    /// Also time one DreamBooth-LoRA training step (rank 4, every UNet attention).
+    /// Also time one DreamBooth-LoRA training step (rank 4, every UNet attention, `batch`
+    /// instance images and as many prior-preservation images).
     pub train: bool,
     /// ... with burn's balanced gradient checkpointing (`sdw train --gradient-checkpointing`).
     pub gradient_checkpointing: bool,
@@ -169,7 +170,7 @@ pub fn run(
     }
     if s.train {
         let part = if s.gradient_checkpointing { "LoRA training step, checkpointed" } else { "LoRA training step" };
-        time(&format!("{part} (rank 4, batch 1)"), &mut train_step(sd, s), &mut peak);
+        time(&format!("{part} (rank 4, {} + {} prior)", s.batch, s.batch), &mut train_step(sd, s), &mut peak);
     }
     let unet_warm = timings.iter().find(|t| t.part.starts_with("UNet")).map_or(f64::NAN, |t| t.warm_s);
     Ok(BenchReport {
@@ -186,23 +187,27 @@ pub fn run(
     })
 }
 
-/// One training step closure: a fresh rank-4 LoRA on a clone of the UNet, forward + backward.
+/// One training step closure: a fresh rank-4 LoRA on a clone of the UNet, forward + backward,
+/// on `batch` instance images and as many prior-preservation images (as diffusers' reference,
+/// `bench_reference.py --train-lora`, measures it).
 fn train_step<'a>(sd: &'a StableDiffusion, s: &BenchSettings) -> impl FnMut() + 'a {
-    let latent = s.size / 8;
+    let (latent, instances) = (s.size / 8, s.batch);
+    let n = 2 * instances;
     let dev = sd.compute.device.clone();
     let mut unet = sd.unet.clone();
     let grad_device =
         if s.gradient_checkpointing { dev.clone().autodiff().gradient_checkpointing() } else { dev.clone().autodiff() };
     attach_new(unet.attentions_mut(), 4, 4.0, &mut StdRng::seed_from_u64(0), &grad_device);
-    let context = sd.encode_prompt("photo of sks person", 1);
+    let prompts = [sd.encode_prompt("photo of sks person", 1), sd.encode_prompt("photo of a person", 1)];
+    let context = Tensor::cat(prompts.map(|c| c.repeat_dim(0, s.batch)).to_vec(), 0);
     let acp = crate::sampling::schedule::alphas_cumprod();
     move || {
         let batch = Batch {
-            latents: to_device(noise([1, 4, latent, latent]).data, [1, 4, latent, latent], &dev),
-            noise: to_device(noise([1, 4, latent, latent]).data, [1, 4, latent, latent], &dev),
-            timesteps: vec![500],
+            latents: to_device(noise([n, 4, latent, latent]).data, [n, 4, latent, latent], &dev),
+            noise: to_device(noise([n, 4, latent, latent]).data, [n, 4, latent, latent], &dev),
+            timesteps: vec![500; n],
             context: context.clone(),
-            instances: 1,
+            instances,
         };
         let l = losses(&unet, &batch, &acp, 1.0);
         let grads = factor_grads(&named(unet.attentions(), UNET_PREFIX), &l.total.backward());
