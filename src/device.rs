@@ -1,6 +1,7 @@
 //! Choosing where the networks run: the best wgpu adapter (Vulkan, Metal, DX12) or
 //! burn's flex CPU backend.
 
+use std::path::PathBuf;
 use std::sync::{Once, OnceLock};
 
 use burn::BurnConfig;
@@ -103,6 +104,8 @@ struct WgpuState {
     features: wgpu::Features,
     limits: wgpu::Limits,
     max_binding: usize,
+    /// sdw's kernel cache, where it is still empty: this is the first run.
+    fresh_kernel_cache: Option<PathBuf>,
 }
 
 /// wgpu can be initialised once per process; keep the result (or the failure).
@@ -111,7 +114,7 @@ static WGPU: OnceLock<Result<WgpuState, String>> = OnceLock::new();
 fn wgpu_state() -> &'static Result<WgpuState, String> {
     WGPU.get_or_init(|| {
         configure_burn();
-        keep_kernels_in_sdw_cache();
+        let fresh_kernel_cache = keep_kernels_in_sdw_cache();
         let (device, setup) = Device::wgpu_options().init_with_setup().map_err(|e| e.to_string())?;
         // wgpu falls back to OpenGL when there is no Vulkan/Metal/DX12 driver; its GL
         // backend cannot run burn's compute kernels (it dead-locks), so treat it as absent.
@@ -129,6 +132,7 @@ fn wgpu_state() -> &'static Result<WgpuState, String> {
             features: setup.device.features(),
             limits,
             max_binding: binding,
+            fresh_kernel_cache,
         })
     })
 }
@@ -161,17 +165,23 @@ fn configure_burn() {
 /// `target/` folder of the Cargo project around the working directory, else the user's
 /// cache. The setting goes through cubecl's configuration: cubecl applies it when the
 /// configuration loads, after (and over) any `environment::set_root` call. A `cubecl.toml`
-/// that names a path itself is kept.
-fn keep_kernels_in_sdw_cache() {
+/// that names a path itself is kept. Returns the folder where it is still empty (a first run).
+fn keep_kernels_in_sdw_cache() -> Option<PathBuf> {
     use burn::cubecl::config::{CubeClRuntimeConfig, cache::CacheConfig};
-    let Some(dir) = crate::output::cache_dir() else { return };
+    let dir = crate::output::cache_dir()?;
+    let mut fresh = None;
     let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
     if matches!(config.environment.path, CacheConfig::Target) {
-        config.environment.path = CacheConfig::Directory(dir.join("kernels"));
+        let kernels = dir.join("kernels");
+        if std::fs::read_dir(&kernels).map_or(true, |mut d| d.next().is_none()) {
+            fresh = Some(kernels.clone());
+        }
+        config.environment.path = CacheConfig::Directory(kernels);
     }
     if !CubeClRuntimeConfig::try_set(config) {
         eprintln!("warning: cubecl's settings were read before sdw could place its kernel cache");
     }
+    fresh
 }
 
 /// burn's CPU backend allocates every op's output afresh. glibc hands each buffer over
@@ -245,6 +255,17 @@ pub fn adapter_details() -> Result<Vec<(&'static str, String)>, DeviceError> {
 }
 
 fn gpu(s: &WgpuState) -> Compute {
+    if let Some(dir) = &s.fresh_kernel_cache {
+        // Otherwise a first run looks hung: its first UNet step can take minutes of kernel
+        // compilation and autotuning (BENCHMARKS.md, start-up).
+        static NOTE: Once = Once::new();
+        NOTE.call_once(|| {
+            eprintln!(
+                "note: a first run compiles and tunes the GPU's kernels (a minute or more); they are kept in {} for later runs",
+                dir.display()
+            )
+        });
+    }
     Compute {
         device: s.device.clone(),
         description: describe(&s.info),

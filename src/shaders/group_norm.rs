@@ -1,6 +1,8 @@
 //! GroupNorm, optionally followed by SiLU, in one kernel of ours: `shaders/group_norm.wgsl`
-//! on wgpu, `cpu::group_norm` on the CPU backend. Elsewhere — other dtypes, and on the CPU
-//! tensors that carry gradients (training) — it is burn's `GroupNorm` and `silu`, which both
+//! on a wgpu device that compiles WGSL, its `#[cube]` twin (`portable`) where kernels are
+//! compiled to SPIR-V (the `spirv` build) or anything else that takes no WGSL text, and
+//! `cpu::group_norm` on the CPU backend. Elsewhere — other dtypes, and on the CPU tensors
+//! that carry gradients (training) — it is burn's `GroupNorm` and `silu`, which all three
 //! kernels are tested against.
 
 use std::sync::LazyLock;
@@ -22,11 +24,9 @@ use crate::model::layers::in_dtype;
 /// Threads per workgroup (one workgroup per batch item and group).
 const WORKGROUP: u32 = 256;
 
-/// `SDW_SHADERS=off` turns our shaders off (burn's ops everywhere), e.g. to compare the
-/// two on a new GPU; read once, as this runs about 60 times per UNet step. A build with the
-/// `spirv` feature compiles burn's kernels to SPIR-V, which takes no WGSL text.
-static ENABLED: LazyLock<bool> =
-    LazyLock::new(|| !cfg!(feature = "spirv") && std::env::var("SDW_SHADERS").as_deref() != Ok("off"));
+/// `SDW_SHADERS=off` turns our kernels off (burn's ops everywhere), e.g. to compare the
+/// two on a new GPU; read once, as this runs about 60 times per UNet step.
+static ENABLED: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_SHADERS").as_deref() != Ok("off"));
 
 fn enabled() -> bool {
     *ENABLED
@@ -42,11 +42,22 @@ pub trait GroupNormOps: Backend {
         groups: usize,
         epsilon: f64,
         with_silu: bool,
+        portable: bool,
     ) -> FloatTensor<Self>;
 }
 
 /// `norm(x)`, then SiLU when `with_silu`: our kernel where it applies, burn's ops otherwise.
 pub fn forward(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
+    ours(norm, x, with_silu, false)
+}
+
+/// [`forward`] with the `#[cube]` kernel on every wgpu device, also where the WGSL shader
+/// would run: what a SPIR-V device runs, testable on any adapter.
+pub fn forward_portable(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
+    ours(norm, x, with_silu, true)
+}
+
+fn ours(norm: &GroupNorm, x: Tensor<4>, with_silu: bool, portable: bool) -> Tensor<4> {
     let norm = in_dtype(norm, x.dtype());
     match (&norm.gamma, &norm.beta) {
         (Some(gamma), Some(beta)) if uses_kernel(&x) => {
@@ -57,6 +68,7 @@ pub fn forward(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
                 norm.num_groups,
                 norm.epsilon,
                 with_silu,
+                portable,
             ))
         }
         _ => reference(&norm, x, with_silu),
@@ -70,8 +82,7 @@ pub fn reference(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
     if with_silu { silu(y) } else { y }
 }
 
-/// The shader on a wgpu device (the template is WGSL) for f32/f16 tensors; the CPU kernel
-/// where `cpu::applies`.
+/// Our GPU kernels for f32/f16 tensors on a wgpu device; the CPU kernel where `cpu::applies`.
 fn uses_kernel(x: &Tensor<4>) -> bool {
     let shader = enabled()
         && matches!(x.device().as_dispatch(), DispatchDevice::Cube(_))
@@ -87,12 +98,18 @@ impl GroupNormOps for CubeBackend {
         groups: usize,
         epsilon: f64,
         with_silu: bool,
+        portable: bool,
     ) -> CubeTensor {
         let (x, gamma, beta) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta));
         let shape = x.meta.shape().clone();
         let dims: Vec<usize> = shape.iter().copied().collect();
-        let (batch, channels) = (dims[0], dims[1]);
-        let pixels: usize = dims[2..].iter().product();
+        let problem = Problem {
+            channels: dims[1] as u32,
+            pixels: dims[2..].iter().product::<usize>() as u32,
+            groups: groups as u32,
+            epsilon: epsilon as f32,
+            with_silu,
+        };
         let client = x.client.clone();
         let out = CubeTensor::new_contiguous(
             client.clone(),
@@ -101,21 +118,154 @@ impl GroupNormOps for CubeBackend {
             client.empty(shape.num_elements() * x.dtype.size()),
             x.dtype,
         );
-        let info = [channels as u32, pixels as u32, groups as u32, with_silu as u32, (epsilon as f32).to_bits()];
-        let info = client.create_from_slice(bytemuck::cast_slice(&info));
-        let kernel = GroupNormKernel { dtype: x.dtype, template: super::template(&SHADERS[0]) };
-        client.launch(
-            Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
-            CubeCount::Static((batch * groups) as u32, 1, 1),
-            KernelArguments::new().with_buffers(vec![
-                x.handle.clone().binding(),
-                gamma.handle.clone().binding(),
-                beta.handle.clone().binding(),
-                out.handle.clone().binding(),
-                info.binding(),
-            ]),
-        );
+        // One workgroup per (batch item, group) in both kernels.
+        let count = CubeCount::Static((dims[0] * groups) as u32, 1, 1);
+        // cubecl names the compiler in the runtime's name: "wgpu<wgsl>", "wgpu<spirv>", ...
+        if portable || client.name() != "wgpu<wgsl>" {
+            portable::launch(&x, &gamma, &beta, &out, &problem, count);
+        } else {
+            launch_wgsl(&x, &gamma, &beta, &out, &problem, count);
+        }
         out
+    }
+}
+
+/// What both GPU kernels are told besides the tensors.
+struct Problem {
+    channels: u32,
+    pixels: u32,
+    groups: u32,
+    epsilon: f32,
+    with_silu: bool,
+}
+
+fn launch_wgsl(x: &CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, out: &CubeTensor, p: &Problem, count: CubeCount) {
+    let client = &x.client;
+    let info = [p.channels, p.pixels, p.groups, p.with_silu as u32, p.epsilon.to_bits()];
+    let info = client.create_from_slice(bytemuck::cast_slice(&info));
+    let kernel = GroupNormKernel { dtype: x.dtype, template: super::template(&SHADERS[0]) };
+    client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
+        count,
+        KernelArguments::new().with_buffers(vec![
+            x.handle.clone().binding(),
+            gamma.handle.clone().binding(),
+            beta.handle.clone().binding(),
+            out.handle.clone().binding(),
+            info.binding(),
+        ]),
+    );
+}
+
+/// `shaders/group_norm.wgsl` as a `#[cube]` kernel, which cubecl compiles for any runtime
+/// (WGSL, SPIR-V, MSL, CUDA): the same algorithm line for line, so the two are read together.
+mod portable {
+    use burn::backend::cubecl::dtype_to_storage_type;
+    use burn::backend::wgpu::CubeTensor;
+    use burn::cubecl;
+    use burn::cubecl::prelude::*;
+
+    use super::{Problem, WORKGROUP};
+
+    pub(super) fn launch(
+        x: &CubeTensor,
+        gamma: &CubeTensor,
+        beta: &CubeTensor,
+        out: &CubeTensor,
+        p: &Problem,
+        count: CubeCount,
+    ) {
+        group_norm_silu::launch(
+            &x.client,
+            count,
+            CubeDim::new_1d(WORKGROUP),
+            x.clone().into_tensor_arg(),
+            gamma.clone().into_tensor_arg(),
+            beta.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            p.channels,
+            p.pixels,
+            p.groups,
+            p.epsilon,
+            p.with_silu,
+            WORKGROUP as usize,
+            dtype_to_storage_type(x.dtype),
+        );
+    }
+
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_silu<F: Float>(
+        x: &Tensor<F>,
+        gamma: &Tensor<F>,
+        beta: &Tensor<F>,
+        y: &mut Tensor<F>,
+        channels: u32,
+        pixels: u32,
+        groups: u32,
+        epsilon: f32,
+        #[comptime] with_silu: bool,
+        #[comptime] workgroup: usize,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let per_group = (channels / groups) as usize;
+        let pixels = pixels as usize;
+        let count = per_group * pixels;
+        let item = (CUBE_POS_X / groups) as usize;
+        let group = (CUBE_POS_X % groups) as usize;
+        let base = (item * channels as usize + group * per_group) * pixels;
+        let local = UNIT_POS_X as usize;
+        let mut partial = Shared::<[f32]>::new_slice(workgroup);
+
+        let mut sum = 0.0f32;
+        let mut i = local;
+        while i < count {
+            sum += f32::cast_from(x[base + i]);
+            i += workgroup;
+        }
+        let mean = workgroup_sum(&mut partial, local, sum) / f32::cast_from(count);
+
+        let mut squares = 0.0f32;
+        let mut i = local;
+        while i < count {
+            let d = f32::cast_from(x[base + i]) - mean;
+            squares += d * d;
+            i += workgroup;
+        }
+        let variance = workgroup_sum(&mut partial, local, squares) / f32::cast_from(count);
+        let inv_std = (variance + epsilon).inverse_sqrt();
+
+        let mut i = local;
+        while i < count {
+            let c = group * per_group + i / pixels;
+            let mut v =
+                (f32::cast_from(x[base + i]) - mean) * inv_std * f32::cast_from(gamma[c]) + f32::cast_from(beta[c]);
+            if with_silu {
+                v /= 1.0f32 + (-v).exp();
+            }
+            y[base + i] = F::cast_from(v);
+            i += workgroup;
+        }
+    }
+
+    /// The sum of every unit's `value`, returned to all units.
+    #[cube]
+    fn workgroup_sum(partial: &mut Shared<[f32]>, local: usize, value: f32) -> f32 {
+        partial[local] = value;
+        sync_cube();
+        let mut stride = CUBE_DIM_X as usize / 2;
+        while stride > 0 {
+            if local < stride {
+                let other = partial[local + stride];
+                partial[local] += other;
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        let total = partial[0];
+        // Nobody may overwrite `partial` for the next sum before everyone has read this one.
+        sync_cube();
+        total
     }
 }
 
@@ -128,6 +278,7 @@ impl GroupNormOps for Flex {
         groups: usize,
         epsilon: f64,
         with_silu: bool,
+        _portable: bool,
     ) -> FlexTensor {
         let dims: Vec<usize> = x.layout().shape().iter().copied().collect();
         let shape = [dims[1], dims[2..].iter().product()];

@@ -5,6 +5,7 @@ use std::process::Command;
 
 use burn::module::Param;
 use burn::nn::GroupNorm;
+use burn::tensor::DType;
 use sdw::model::layers::{to_device, to_host};
 use sdw::shaders::{self, SHADERS, group_norm};
 
@@ -23,10 +24,11 @@ fn norm(c: usize, dev: &burn::tensor::Device) -> GroupNorm {
     }
 }
 
-/// The shader equals burn's GroupNorm (+ SiLU) on the same device, for the shapes SD uses
-/// (channels per group 1..20, pixel counts that are not multiples of the workgroup, a large mean).
+/// The shader and its `#[cube]` twin (what SPIR-V devices run) equal burn's GroupNorm
+/// (+ SiLU) on the same device, for the shapes SD uses (channels per group 1..20, pixel
+/// counts that are not multiples of the workgroup, a large mean).
 #[test]
-fn group_norm_shader_matches_burn_ops() {
+fn group_norm_kernels_match_burn_ops() {
     if wgpu_skipped() {
         return;
     }
@@ -37,8 +39,18 @@ fn group_norm_shader_matches_burn_ops() {
         let gn = norm(c, d);
         for silu in [false, true] {
             let want = to_host(group_norm::reference(&gn, to_device(x.clone(), [b, c, h, w], d), silu));
-            let got = to_host(group_norm::forward(&gn, to_device(x.clone(), [b, c, h, w], d), silu));
-            assert_close(&format!("group norm shader [{b},{c},{h},{w}] silu={silu}"), &got, &want, 1e-5);
+            let kernels = [
+                ("WGSL shader", group_norm::forward as fn(_, _, _) -> _),
+                ("cube kernel", group_norm::forward_portable),
+            ];
+            for (kernel, run) in kernels {
+                let got = to_host(run(&gn, to_device(x.clone(), [b, c, h, w], d), silu));
+                assert_close(&format!("group norm {kernel} [{b},{c},{h},{w}] silu={silu}"), &got, &want, 1e-5);
+                // In f16 (`--precision f16`), held to the f16 bound of one module (model_parity.rs).
+                let half = to_device(x.clone(), [b, c, h, w], d).cast(DType::F16);
+                let got = to_host(run(&gn, half, silu));
+                assert_close(&format!("group norm {kernel} f16 [{b},{c},{h},{w}] silu={silu}"), &got, &want, 1e-2);
+            }
         }
     }
 }
