@@ -1,12 +1,14 @@
 //! Scaled dot-product attention: sdw's own CPU kernel (`cpu::attention`) on the CPU, burn's
 //! attention op elsewhere: flash kernels on the GPU (no `S x S` score tensor; CLIP's causal
-//! mask too), the plain softmax(QK^T)V where burn has no flash kernel (autodiff) and for the
-//! VAE's one wide head.
-//! burn's queries are split into chunks only where a score tensor could exceed the device's
+//! mask too), the plain softmax(QK^T)V for the VAE's one wide head. In training, sdw's op
+//! ([`super::attention_grad`]) runs burn's forward and recomputes the scores for the
+//! backward pass (CLIP's causal attention, 77 tokens, keeps burn's plain autodiff).
+//! Queries are split into chunks only where a score tensor could exceed the device's
 //! temporary-tensor budget ([`super::budget`]).
 
 use std::sync::LazyLock;
 
+use burn::backend::Dispatch;
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::module::attention as sdpa;
@@ -17,6 +19,7 @@ use crate::weights::WeightsError;
 
 use super::Loader;
 use super::adapter::{Adaptable, AttentionAdapters, Projection};
+use super::attention_grad::AttentionGradOps;
 use super::layers::linear;
 
 /// Query rows per chunk so that `batch * heads * rows * keys` f32 scores fit `budget` bytes.
@@ -49,6 +52,11 @@ pub fn attention_with_budget(
     let split = |t: Tensor<3>, s: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2); // [B, H, S, D]
     let (q, k, v) = (split(q, sq), split(k, sk), split(v, sk));
     let step = query_chunk(b * heads, sq, sk, budget);
+    if !causal && (q.is_tracked() || k.is_tracked() || v.is_tracked()) {
+        // Training: the scores are recomputed for the backward pass, not kept.
+        let out = Dispatch::attention_chunked(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), step);
+        return Tensor::<4>::from_dispatch(out).swap_dims(1, 2).reshape([b, sq, c]);
+    }
     let mut outs = Vec::with_capacity(sq.div_ceil(step));
     for start in (0..sq).step_by(step) {
         let end = (start + step).min(sq);
@@ -73,7 +81,7 @@ const MAX_FLASH_HEAD: usize = 256;
 
 /// burn's attention options for `d`-wide heads. `scale: None` keeps burn's default
 /// 1/sqrt(d) and its flash kernels; giving the same scale explicitly selects burn's naive path.
-fn options(d: usize) -> AttentionModuleOptions {
+pub(super) fn options(d: usize) -> AttentionModuleOptions {
     let scale = (*NAIVE || d > MAX_FLASH_HEAD).then(|| 1.0 / (d as f64).sqrt());
     AttentionModuleOptions { scale, ..Default::default() }
 }

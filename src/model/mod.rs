@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod attention_grad;
 pub mod budget;
 pub mod clip;
 pub mod conv;
