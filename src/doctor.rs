@@ -98,9 +98,13 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
     ] {
         add(format!("{name} at {side}x{side}"), conv_check(cin, cout, k, stride, side, seed));
     }
-    // burn's ops and sdw's kernel (shader or CPU) on the same input: it must agree with both.
-    let group_norms: [(&str, GroupNormFn); 2] =
-        [("burn ops", group_norm::reference), ("sdw kernel", group_norm::forward)];
+    // burn's ops and sdw's kernels (the WGSL shader or, on a SPIR-V device, its cube twin;
+    // the cube twin forced; the CPU kernel) on the same input: each must agree.
+    let group_norms: [(&str, GroupNormFn); 3] = [
+        ("burn ops", group_norm::reference),
+        ("sdw kernel", group_norm::forward),
+        ("sdw cube kernel", group_norm::forward_portable),
+    ];
     for (label, f) in group_norms {
         add(
             format!("group norm 32 groups [2,320,{s},{s}] ({label})"),
