@@ -77,10 +77,10 @@ impl<B: Backend + AttentionGradOps, C: CheckpointStrategy> AttentionGradOps for 
 /// kernels where it has them).
 fn forward<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, chunk: usize) -> FloatTensor<B> {
     let d = q.shape()[3];
-    let parts = rows(q.shape()[2], chunk)
+    let mut parts = rows(q.shape()[2], chunk)
         .map(|r| B::attention(slice::<B>(&q, &r), k.clone(), v.clone(), None, None, super::attention::options(d)))
         .collect::<Vec<_>>();
-    B::float_cat(parts, 2)
+    if parts.len() == 1 { parts.pop().expect("one part") } else { B::float_cat(parts, 2) }
 }
 
 /// (dq, dk, dv), recomputing the scores chunk by chunk.
@@ -116,7 +116,8 @@ fn backward<B: Backend>(
 
 /// The rows of each chunk of `n` query rows.
 fn rows(n: usize, chunk: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    (0..n).step_by(chunk.max(1)).map(move |start| start..(start + chunk.max(1)).min(n))
+    let chunk = chunk.max(1);
+    (0..n).step_by(chunk).map(move |start| start..(start + chunk).min(n))
 }
 
 /// Rows `r` of dimension 2 of a `[B, H, S, D]` tensor.
