@@ -79,13 +79,13 @@ pub fn run(
 ) -> Result<BenchReport, PipelineError> {
     let mut peak = PeakDeviceMemory::new(&sd.compute);
     let mut timings = Vec::new();
-    let device = sd.compute.device.clone();
+    let dev = sd.compute.device.clone();
     let seconds = |f: &mut dyn FnMut()| {
         let start = Instant::now();
         f();
         // Every part reads its result back, so this wait costs nothing; it also closes a
         // table of cubecl's kernel profile (`[profiling.logger]`) per run.
-        let _ = device.sync();
+        let _ = dev.sync();
         start.elapsed().as_secs_f64()
     };
     let mut time = |part: &str, f: &mut dyn FnMut(), peak: &mut PeakDeviceMemory| {
@@ -106,7 +106,6 @@ pub fn run(
     };
 
     let latent = s.size / 8;
-    let dev = sd.compute.device.clone();
     let timed = |part| s.parts.contains(&part);
     if timed(Part::Clip) {
         time(
