@@ -21,11 +21,12 @@ use rand_distr::{Distribution, Normal};
 
 use crate::device::{Compute, Dtypes};
 use crate::model::attention::attention;
+use crate::model::attention_tuned;
 use crate::model::conv::conv;
 use crate::model::layers::{geglu, gelu, to_host, upsample_nearest_2x, upsample_nearest_to};
 use crate::model::unet::Trace;
 use crate::pipeline::StableDiffusion;
-use crate::shaders::group_norm;
+use crate::shaders::{group_norm, matmul};
 use crate::weights::HostTensor;
 use crate::weights::synthetic::Architecture;
 
@@ -82,6 +83,22 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
             let w = input([320, 1280], 2, d).mul_scalar(320f32.powf(-0.5));
             let b = input([1280], 3, d);
             to_host(x.matmul(w.unsqueeze()) + b.unsqueeze())
+        }),
+    );
+    add(
+        format!("matmul {}x320 @ 320x1280 + bias (sdw shader)", 2 * s * s),
+        Box::new(move |d| {
+            let x = input([2, s * s, 320], 1, d);
+            let w = input([320, 1280], 2, d).mul_scalar(320f32.powf(-0.5));
+            let b = input([1280], 3, d);
+            to_host(matmul::matmul_shader(x, w.unsqueeze()) + b.unsqueeze())
+        }),
+    );
+    add(
+        format!("matmul 16x{0}x40 @ (16x{0}x40)^T (sdw shader)", half * half),
+        Box::new(move |d| {
+            let (q, k) = (input([16, half * half, 40], 6, d), input([16, half * half, 40], 7, d));
+            to_host(matmul::matmul_shader(q, k.swap_dims(1, 2)))
         }),
     );
     add(
@@ -180,6 +197,15 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
             attention_check([batch, tokens, width], keys, heads, causal, seed),
         );
     }
+
+    add(
+        format!("self-attention as products [2,{},320]", half * half),
+        Box::new(move |d| {
+            let t = half * half;
+            let [q, k, v] = [80, 81, 82].map(|seed| input([2, 8, t, 40], seed, d));
+            to_host(attention_tuned::products_only(q, k, v, t.div_ceil(3)))
+        }),
+    );
 
     // Training: gradients through each op (burn's autodiff), as DreamBooth-LoRA needs them.
     let t = half * half;

@@ -1,6 +1,7 @@
 //! Scaled dot-product attention: sdw's own CPU kernel (`cpu::attention`) on the CPU, burn's
 //! attention op elsewhere: flash kernels on the GPU (no `S x S` score tensor; CLIP's causal
-//! mask too), the plain softmax(QK^T)V for the VAE's one wide head. In training, sdw's op
+//! mask too) or, on WGSL devices, plain products where autotune finds them faster
+//! ([`super::attention_tuned`]); the plain softmax(QK^T)V for the VAE's one wide head. In training, sdw's op
 //! ([`super::attention_grad`]) runs burn's forward and recomputes the scores for the
 //! backward pass (CLIP's causal attention, 77 tokens, keeps burn's plain autodiff).
 //! Queries are split into chunks only where a score tensor could exceed the device's
@@ -20,6 +21,7 @@ use crate::weights::WeightsError;
 use super::Loader;
 use super::adapter::{Adaptable, AttentionAdapters, Projection};
 use super::attention_grad::AttentionGradOps;
+use super::attention_tuned::TunedAttentionOps;
 use super::layers::linear;
 
 /// Query rows per chunk so that `batch * heads * rows * keys` f32 scores fit `budget` bytes.
@@ -57,6 +59,10 @@ pub fn attention_with_budget(
         let out = Dispatch::attention_chunked(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), step);
         return Tensor::<4>::from_dispatch(out).swap_dims(1, 2).reshape([b, sq, c]);
     }
+    if !causal && tuned(&q, sk) {
+        let out = Dispatch::attention_tuned(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), step, true);
+        return Tensor::<4>::from_dispatch(out).swap_dims(1, 2).reshape([b, sq, c]);
+    }
     let mut outs = Vec::with_capacity(sq.div_ceil(step));
     for start in (0..sq).step_by(step) {
         let end = (start + step).min(sq);
@@ -66,6 +72,14 @@ pub fn attention_with_budget(
     }
     let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
     out.swap_dims(1, 2).reshape([b, sq, c])
+}
+
+/// Whether [`super::attention_tuned`] chooses between burn's flash kernels and plain products:
+/// untracked f32/f16 tensors on a GPU (it tunes on WGSL devices only), heads that the flash
+/// kernels take, the shaders on, and enough work to be worth a tuning run.
+fn tuned(q: &Tensor<4>, keys: usize) -> bool {
+    let [b, h, sq, d] = q.dims();
+    !*NAIVE && d <= MAX_FLASH_HEAD && b * h * sq * keys * d >= 1 << 24 && crate::shaders::matmul::applies(q)
 }
 
 /// `SDW_ATTENTION=naive` computes softmax(QK^T)V with separate kernels instead of burn's

@@ -115,13 +115,13 @@ fn backward<B: Backend>(
 }
 
 /// The rows of each chunk of `n` query rows.
-fn rows(n: usize, chunk: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+pub(super) fn rows(n: usize, chunk: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     let chunk = chunk.max(1);
     (0..n).step_by(chunk).map(move |start| start..(start + chunk).min(n))
 }
 
 /// Rows `r` of dimension 2 of a `[B, H, S, D]` tensor.
-fn slice<B: Backend>(t: &FloatTensor<B>, r: &std::ops::Range<usize>) -> FloatTensor<B> {
+pub(super) fn slice<B: Backend>(t: &FloatTensor<B>, r: &std::ops::Range<usize>) -> FloatTensor<B> {
     let s = t.shape();
     B::float_slice(
         t.clone(),
@@ -130,7 +130,7 @@ fn slice<B: Backend>(t: &FloatTensor<B>, r: &std::ops::Range<usize>) -> FloatTen
 }
 
 /// Softmax over the last of 4 dimensions.
-fn softmax<B: Backend>(s: FloatTensor<B>) -> FloatTensor<B> {
+pub(super) fn softmax<B: Backend>(s: FloatTensor<B>) -> FloatTensor<B> {
     let e = B::float_exp(B::float_sub(s.clone(), B::float_max_dim(s, 3)));
     B::float_div(e.clone(), B::float_sum_dim(e, 3))
 }

@@ -1,6 +1,7 @@
 //! Convolutions, each on the fastest correct path for its device:
 //! - the CPU: sdw's own kernel (`cpu::conv`), for stride-1 convolutions;
-//! - a GPU: one matrix product over im2col columns, built from burn's slice and matmul ops.
+//! - a GPU: one matrix product over im2col columns, built from burn's slice ops and
+//!   `shaders::matmul` (sdw's shader or burn's matmul, whichever is faster there).
 //!   burn's wgpu convolution has only its direct kernel where the shader compiler offers no
 //!   cooperative matrices (WGSL); on an H200 that kernel took 79 % of a 512x512 UNet step
 //!   (1.05 s of 1.34 s, at 1-4 TFLOP/s), while burn's matmul runs at ~6 TFLOP/s there.
@@ -23,6 +24,7 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Slice, Tensor};
 
 use super::layers::in_dtype;
+use crate::shaders::matmul::matmul;
 
 /// `c` applied to `x`, summed in f32 and returned in `x`'s dtype.
 pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
@@ -96,7 +98,7 @@ pub fn as_product(
                 (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j))).map(|(i, j)| view(i, j)).collect();
             Tensor::stack::<5>(views, 2).reshape([b, k, rows * wo])
         };
-        outs.push(weight.clone().matmul(columns).reshape([b, o, rows, wo]));
+        outs.push(matmul(weight.clone(), columns).reshape([b, o, rows, wo]));
     }
     let y = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
     y + bias.reshape([1, o, 1, 1])

@@ -263,9 +263,9 @@ pub fn geglu<const D: usize>(h: Tensor<D>) -> Tensor<D> {
 // the input's dtype, cast where it is used (nothing is copied when they match, as in f32
 // and on the GPU).
 
-/// `l` applied to `x`, in `x`'s dtype.
+/// `l` applied to `x`, in `x`'s dtype (on a GPU through `shaders::matmul`).
 pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
-    in_dtype(l, x.dtype()).forward(x)
+    crate::shaders::matmul::linear(&in_dtype(l, x.dtype()), x)
 }
 
 /// `n` applied to `x`, in `x`'s dtype.

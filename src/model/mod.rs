@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod attention;
 pub mod attention_grad;
+pub mod attention_tuned;
 pub mod budget;
 pub mod clip;
 pub mod conv;

@@ -5,8 +5,6 @@
 //! that carry gradients (training) — it is burn's `GroupNorm` and `silu`, which all three
 //! kernels are tested against.
 
-use std::sync::LazyLock;
-
 use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
 use burn::backend::{Backend, DispatchDevice, Flex, backend_extension, tensor::FloatTensor};
 use burn::cubecl::prelude::KernelId;
@@ -17,20 +15,11 @@ use burn::tensor::activation::silu;
 use burn::tensor::{DType, Tensor};
 use burn_flex::FlexTensor;
 
-use super::SHADERS;
 use crate::cpu::{self, f32_tensor, f32s};
 use crate::model::layers::in_dtype;
 
 /// Threads per workgroup (one workgroup per batch item and group).
 const WORKGROUP: u32 = 256;
-
-/// `SDW_SHADERS=off` turns our kernels off (burn's ops everywhere), e.g. to compare the
-/// two on a new GPU; read once, as this runs about 60 times per UNet step.
-static ENABLED: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_SHADERS").as_deref() != Ok("off"));
-
-fn enabled() -> bool {
-    *ENABLED
-}
 
 #[backend_extension(Cube, Fusion, Flex)]
 pub trait GroupNormOps: Backend {
@@ -84,7 +73,7 @@ pub fn reference(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
 
 /// Our GPU kernels for f32/f16 tensors on a wgpu device; the CPU kernel where `cpu::applies`.
 fn uses_kernel(x: &Tensor<4>) -> bool {
-    let shader = enabled()
+    let shader = super::enabled()
         && matches!(x.device().as_dispatch(), DispatchDevice::Cube(_))
         && matches!(x.dtype(), DType::F32 | DType::F16);
     shader || cpu::applies(x)
@@ -143,7 +132,7 @@ fn launch_wgsl(x: &CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, out: &Cube
     let client = &x.client;
     let info = [p.channels, p.pixels, p.groups, p.with_silu as u32, p.epsilon.to_bits()];
     let info = client.create_from_slice(bytemuck::cast_slice(&info));
-    let kernel = GroupNormKernel { dtype: x.dtype, template: super::template(&SHADERS[0]) };
+    let kernel = GroupNormKernel { dtype: x.dtype, template: super::template(super::builtin("group_norm.wgsl")) };
     client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
         count,

@@ -5,10 +5,11 @@
 //! compiler's line, and the built-in one runs.
 
 pub mod group_norm;
+pub mod matmul;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
 /// A built-in shader: its file name and a set of template values it must compile with.
 pub struct Shader {
@@ -17,11 +18,31 @@ pub struct Shader {
     pub example_values: &'static [(&'static str, &'static str)],
 }
 
-pub const SHADERS: &[Shader] = &[Shader {
-    name: "group_norm.wgsl",
-    source: include_str!("../../shaders/group_norm.wgsl"),
-    example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
-}];
+pub const SHADERS: &[Shader] = &[
+    Shader {
+        name: "group_norm.wgsl",
+        source: include_str!("../../shaders/group_norm.wgsl"),
+        example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
+    },
+    Shader {
+        name: "matmul.wgsl",
+        source: include_str!("../../shaders/matmul.wgsl"),
+        example_values: &[("elem", "f32"), ("extensions", "")],
+    },
+];
+
+/// The built-in shader of that file name.
+pub fn builtin(name: &str) -> &'static Shader {
+    SHADERS.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("{name} is not a built-in shader"))
+}
+
+/// `SDW_SHADERS=off` turns our GPU kernels off (burn's ops everywhere), e.g. to compare the
+/// two on a new GPU; read once, as they run hundreds of times per UNet step.
+static ENABLED: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_SHADERS").as_deref() != Ok("off"));
+
+fn enabled() -> bool {
+    *ENABLED
+}
 
 static SHADER_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
 static LOADED: Mutex<Option<HashMap<&'static str, Template>>> = Mutex::new(None);

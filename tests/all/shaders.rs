@@ -7,7 +7,8 @@ use burn::module::Param;
 use burn::nn::GroupNorm;
 use burn::tensor::DType;
 use sdw::model::layers::{to_device, to_host};
-use sdw::shaders::{self, SHADERS, group_norm};
+use sdw::shaders::{self, SHADERS, group_norm, matmul};
+use sdw::weights::HostTensor;
 
 use crate::common::*;
 
@@ -52,6 +53,128 @@ fn group_norm_kernels_match_burn_ops() {
                 assert_close(&format!("group norm {kernel} f16 [{b},{c},{h},{w}] silu={silu}"), &got, &want, 1e-2);
             }
         }
+    }
+}
+
+/// `a · b` in f64 on the host, for `[batch, m, k]` and `[batch or 1, k, n]` operands.
+fn host_product(a: &[f32], b: &[f32], [batch, m, k, n]: [usize; 4], b_batched: bool) -> Vec<f32> {
+    let mut out = vec![0f32; batch * m * n];
+    for (i, row) in out.chunks_mut(n).enumerate() {
+        let (item, r) = (i / m, i % m);
+        let bb = if b_batched { item * k * n } else { 0 };
+        for (j, o) in row.iter_mut().enumerate() {
+            let a_row = &a[(item * m + r) * k..][..k];
+            *o = a_row.iter().enumerate().map(|(p, &x)| x as f64 * b[bb + p * n + j] as f64).sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
+/// `shaders/matmul.wgsl` against the f64 product on the host: sizes that are not multiples
+/// of its 128 x 128 x 16 tiles, operands broadcast over the batch (a convolution's weight)
+/// and transposed views (read through their strides, no copy), batch dims that need a copy,
+/// f16. And `matmul::matmul` (the faster of the shader and burn's kernels) on a product big
+/// enough to be tuned.
+#[test]
+fn matmul_shader_matches_the_product() {
+    if wgpu_skipped() {
+        return;
+    }
+    let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
+    let d = &gpu.device;
+    let values = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
+    let half = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<_>>();
+    for (batch, m, k, n, b_batched) in
+        [(2, 300, 200, 150, true), (3, 70, 36, 260, false), (1, 1, 5, 1, true), (2, 129, 1, 131, true)]
+    {
+        let (a, b) = (values(batch * m * k, 1), values(if b_batched { batch } else { 1 } * k * n, 2));
+        let bb = if b_batched { batch } else { 1 };
+        let want = HostTensor::new(vec![batch, m, n], host_product(&a, &b, [batch, m, k, n], b_batched));
+        let what = format!("[{batch},{m},{k}] x [{bb},{k},{n}]");
+        let got = matmul::matmul_shader(to_device(a.clone(), [batch, m, k], d), to_device(b.clone(), [bb, k, n], d));
+        assert_close(&format!("matmul {what}"), &to_host(got), &want, 1e-5);
+        // Transposed views: A from [B, K, M], B from [B, N, K].
+        let at = to_device(a.clone(), [batch, m, k], d).swap_dims(1, 2).into_data();
+        let bt = to_device(b.clone(), [bb, k, n], d).swap_dims(1, 2).into_data();
+        let (at, bt) = (burn::tensor::Tensor::<3>::from_data(at, d), burn::tensor::Tensor::<3>::from_data(bt, d));
+        let got = matmul::matmul_shader(at.swap_dims(1, 2), bt.swap_dims(1, 2));
+        assert_close(&format!("matmul transposed {what}"), &to_host(got), &want, 1e-5);
+        // f16 operands, summed in f32: only the output's rounding (2^-11 at most) remains.
+        let want16 =
+            HostTensor::new(vec![batch, m, n], host_product(&half(&a), &half(&b), [batch, m, k, n], b_batched));
+        let (a16, b16) =
+            (to_device(a, [batch, m, k], d).cast(DType::F16), to_device(b, [bb, k, n], d).cast(DType::F16));
+        assert_close(&format!("matmul f16 {what}"), &to_host(matmul::matmul_shader(a16, b16)), &want16, 1e-3);
+    }
+    // Two batch dims that are not laid out as one (A is stored [3, 2, ..] and seen as
+    // [2, 3, ..]): the shader gets a contiguous copy.
+    let (a, b) = (values(6 * 40 * 24, 3), values(6 * 24 * 50, 4));
+    let want = HostTensor::new(vec![6, 40, 50], host_product(&a, &b, [6, 40, 24, 50], true));
+    let block = 40 * 24;
+    let stored: Vec<f32> = (0..6).flat_map(|s| &a[((s % 2) * 3 + s / 2) * block..][..block]).copied().collect();
+    let a4 = to_device(stored, [3, 2, 40, 24], d).swap_dims(0, 1);
+    let got = matmul::matmul_shader(a4, to_device(b, [2, 3, 24, 50], d));
+    assert_close("matmul [2,3,40,24] x [2,3,24,50]", &to_host(got.reshape([6, 40, 50])), &want, 1e-5);
+    // Tuned: whichever kernel wins on this device.
+    let (a, b) = (values(2 * 256 * 256, 5), values(256 * 256, 6));
+    let want = HostTensor::new(vec![2, 256, 256], host_product(&a, &b, [2, 256, 256, 256], false));
+    let got = matmul::matmul(to_device(a, [2, 256, 256], d), to_device(b, [1, 256, 256], d));
+    assert_close("tuned matmul [2,256,256] x [1,256,256]", &to_host(got), &want, 1e-5);
+}
+
+/// Attention as two products around a softmax (what `model::attention_tuned` may choose on a
+/// WGSL device), in one chunk and in chunks that do not divide the queries, and attention as
+/// the model calls it (tuned), against burn's attention on the CPU: self-attention with
+/// 40-wide heads and cross-attention over 77 tokens, both big enough to be tuned.
+#[test]
+fn attention_products_match_burns_attention() {
+    if wgpu_skipped() {
+        return;
+    }
+    let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
+    let (d, cpu) = (&gpu.device, burn::tensor::Device::flex());
+    let values = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
+    for (queries, keys) in [(300, 300), (512, 77)] {
+        let (b, heads, width) = (2, 8, 40);
+        let (q, k, v) = (
+            values(b * queries * heads * width, 7),
+            values(b * keys * heads * width, 8),
+            values(b * keys * heads * width, 9),
+        );
+        let on = |x: &[f32], s: usize, dev| to_device(x.to_vec(), [b, s, heads * width], dev);
+        let heads4 = |t: burn::tensor::Tensor<3>, s: usize| t.reshape([b, s, heads, width]).swap_dims(1, 2);
+        let want = to_host(sdw::model::attention::attention_with_budget(
+            on(&q, queries, &cpu),
+            on(&k, keys, &cpu),
+            on(&v, keys, &cpu),
+            heads,
+            false,
+            1 << 30,
+        ));
+        for chunk in [queries, 70] {
+            let got = sdw::model::attention_tuned::products_only(
+                heads4(on(&q, queries, d), queries),
+                heads4(on(&k, keys, d), keys),
+                heads4(on(&v, keys, d), keys),
+                chunk,
+            );
+            let got = to_host(got.swap_dims(1, 2).reshape([b, queries, heads * width]));
+            assert_close(
+                &format!("attention as products, {queries}x{keys}, {chunk} rows per chunk"),
+                &got,
+                &want,
+                1e-5,
+            );
+        }
+        let got = sdw::model::attention::attention_with_budget(
+            on(&q, queries, d),
+            on(&k, keys, d),
+            on(&v, keys, d),
+            heads,
+            false,
+            1 << 20,
+        );
+        assert_close(&format!("attention tuned, {queries}x{keys}"), &to_host(got), &want, 1e-5);
     }
 }
 

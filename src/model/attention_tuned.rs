@@ -1,0 +1,102 @@
+//! Attention on WGSL devices: burn's flash kernels or plain products — softmax(Q K^T / √d) V
+//! as two matrix products (`shaders::matmul`) around burn's softmax, `chunk` query rows at a
+//! time — whichever cubecl's autotune measures faster for the problem on this device. On an
+//! H200, burn's flash kernel without cooperative matrices took ~16 % of a UNet step at
+//! 2.5 TFLOP/s, below burn's plain matmul there. The products build a score tensor, one
+//! chunk of queries at a time within the temporary-tensor budget ([`super::budget`]).
+//! Elsewhere (other runtimes, the CPU) this is burn's attention.
+
+use burn::backend::wgpu::{CubeBackend, CubeTensor};
+use burn::backend::{Backend, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};
+use burn::cubecl::CubeTuneId;
+use burn::cubecl::tune::{LocalTuner, Tunable, TunableSet, local_tuner};
+use burn::tensor::Tensor;
+
+use super::attention::options;
+use super::attention_grad::{rows, slice, softmax};
+use crate::shaders::matmul::MatmulOps;
+
+#[backend_extension(Cube, Fusion, Flex)]
+pub trait TunedAttentionOps: Backend {
+    /// softmax(q k^T / sqrt(d)) v over `[B, H, S, D]` tensors; the products take `chunk`
+    /// query rows at a time. `tuned`: the faster of the two, else the products.
+    #[fusion(dtype = q, shape = q)]
+    fn attention_tuned(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        chunk: usize,
+        tuned: bool,
+    ) -> FloatTensor<Self> {
+        let _ = (chunk, tuned);
+        flash::<Self>(q, k, v)
+    }
+}
+
+impl TunedAttentionOps for Flex {}
+
+type Inputs = (CubeTensor, CubeTensor, CubeTensor, usize);
+
+impl TunedAttentionOps for CubeBackend {
+    fn attention_tuned(q: CubeTensor, k: CubeTensor, v: CubeTensor, chunk: usize, tuned: bool) -> CubeTensor {
+        if !tuned {
+            return products::<Self>(q, k, v, chunk);
+        }
+        if q.client.name() != "wgpu<wgsl>" {
+            return flash::<Self>(q, k, v);
+        }
+        static TUNER: LocalTuner<String, CubeTuneId> = local_tuner!("attention");
+        let client = q.client.clone();
+        let id = CubeTuneId::new(&q.client, &q.device);
+        let set = TUNER.init(&id, || {
+            // burn's flash kernels first: what runs where autotuning is off.
+            TunableSet::new(key, |_: &String, inputs: &Inputs| inputs.clone())
+                .with(Tunable::new("flash", |(q, k, v, _): Inputs| Ok::<_, String>(flash::<CubeBackend>(q, k, v))))
+                .with(Tunable::new("products", |(q, k, v, chunk): Inputs| {
+                    Ok::<_, String>(products::<CubeBackend>(q, k, v, chunk))
+                }))
+        });
+        TUNER.execute(&id, &client, set, (q, k, v, chunk))
+    }
+}
+
+/// The products alone over `[B, H, S, D]` tensors (on a GPU; burn's attention elsewhere), to
+/// test them.
+pub fn products_only(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, chunk: usize) -> Tensor<4> {
+    let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+    Tensor::from_dispatch(burn::backend::Dispatch::attention_tuned(q, k, v, chunk, false))
+}
+
+/// burn's attention op (its flash kernels where the head is narrow enough).
+fn flash<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>) -> FloatTensor<B> {
+    let d = q.shape()[3];
+    B::attention(q, k, v, None, None, options(d))
+}
+
+/// Q K^T and P V as tuned matrix products, `chunk` query rows at a time; the scale goes on
+/// the queries (S x D values, not S x S).
+fn products<B: Backend + MatmulOps>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    chunk: usize,
+) -> FloatTensor<B> {
+    let scale = 1.0 / (q.shape()[3] as f64).sqrt();
+    let kt = B::float_swap_dims(k, 2, 3);
+    let q = B::float_mul_scalar(q, scale.into());
+    let mut parts = rows(q.shape()[2], chunk)
+        .map(|r| {
+            let p = softmax::<B>(B::sdw_matmul(slice::<B>(&q, &r), kt.clone(), true));
+            B::sdw_matmul(p, v.clone(), true)
+        })
+        .collect::<Vec<_>>();
+    if parts.len() == 1 { parts.pop().expect("one part") } else { B::float_cat(parts, 2) }
+}
+
+/// The autotune key: dtype and sizes in power-of-two buckets.
+fn key((q, k, _, _): &Inputs) -> String {
+    let dtype = q.dtype;
+    let (q, k) = (q.meta.shape(), k.meta.shape());
+    let bucket = |n: usize| n.next_power_of_two();
+    format!("{dtype:?} heads {} queries {} keys {} width {}", bucket(q[0] * q[1]), bucket(q[2]), bucket(k[2]), q[3])
+}
