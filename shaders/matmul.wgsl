@@ -4,17 +4,19 @@
 // cooperative matrices (WGSL): burn's best kernel there reached 6 TFLOP/s on an H200,
 // a tenth of the card's f32 rate.
 //
-// The classic register-tiled product: each workgroup computes a 128 x 128 tile of C,
-// each of its 16 x 16 threads an 8 x 8 block of it (four 4 x 4 quarters, 64 rows and
-// columns apart, so that the threads of a warp read consecutive vec4s of workgroup
-// memory). K advances 16 at a time: the next 128 x 16 slice of A and 16 x 128 slice of
-// B are read into registers while the current ones, in workgroup memory, are multiplied.
-// Workgroup memory holds both slices as vec4s along M and N, whatever the layout of A and
-// B in memory; each thread reads them from A and B along the operand's contiguous
-// dimension, so that a warp reads whole runs of memory.
+// The classic register-tiled product: each workgroup of 16 x 16 threads computes a
+// TILE x TILE tile of C. At TILE 128 each thread computes an 8 x 8 block of it (four
+// 4 x 4 quarters, 64 rows and columns apart, so that the threads of a warp read
+// consecutive vec4s of workgroup memory); at TILE 64, for products too small to give every
+// core a 128 x 128 tile, a 4 x 4 block. K advances 16 at a time: the next TILE x 16 slice
+// of A and 16 x TILE slice of B are read into registers while the current ones, in
+// workgroup memory, are multiplied. Workgroup memory holds both slices as vec4s along M
+// and N, whatever the layout of A and B in memory; each thread reads them from A and B
+// along the operand's contiguous dimension, so that a warp reads whole runs of memory.
 //
-// Dispatch: (ceil(N / 128), ceil(M / 128), batch) workgroups.
-// Template values: {{ elem }} (f32 or f16), {{ extensions }} (`enable f16;` for f16).
+// Dispatch: (ceil(N / TILE), ceil(M / TILE), batch) workgroups of 256 threads.
+// Template values: {{ elem }} (f32 or f16), {{ tile }} (128 or 64), {{ extensions }}
+// (`enable f16;` for f16).
 {{ extensions }}
 
 // All read_write: cubecl hands out tensors as ranges of shared buffers, and wgpu refuses a
@@ -25,17 +27,18 @@
 // M, N, K; A's batch, row and column strides; B's batch, row and column strides (elements).
 @group(0) @binding(3) var<storage, read_write> info: array<u32>;
 
-const TILE: u32 = 128u;    // rows and columns of C per workgroup
-const DEPTH: u32 = 16u;    // K per step
-const LANES: u32 = 32u;    // vec4s across a tile (TILE / 4)
-const ROW: u32 = 33u;      // vec4s per row of workgroup memory: one spare keeps stores
-                           // along K off a single bank
+const TILE: u32 = {{ tile }}u;  // rows and columns of C per workgroup
+const WIDE: bool = TILE == 128u; // 8 x 8 per thread (else 4 x 4)
+const DEPTH: u32 = 16u;          // K per step
+const LANES: u32 = TILE / 4u;    // vec4s across a tile
+const ROW: u32 = LANES + 1u;     // vec4s per row of workgroup memory: one spare keeps
+                                 // stores along K off a single bank
 const THREADS: u32 = 256u;
 
 // tile_a[k * ROW + i] = A[m0 + 4i .. m0 + 4i + 3, k0 + k]; tile_b[k * ROW + i] likewise
 // holds B[k0 + k, n0 + 4i .. n0 + 4i + 3].
-var<workgroup> tile_a: array<vec4<f32>, 528>;  // DEPTH * ROW
-var<workgroup> tile_b: array<vec4<f32>, 528>;
+var<workgroup> tile_a: array<vec4<f32>, DEPTH * ROW>;
+var<workgroup> tile_b: array<vec4<f32>, DEPTH * ROW>;
 
 var<private> M: u32;
 var<private> N: u32;
@@ -71,7 +74,7 @@ fn read_b(base: u32, k: u32, n: u32) -> vec4<f32> {
     return v;
 }
 
-// Which (k, lane) of a slice a thread reads for its `slot` (0 .. 511): consecutive threads
+// Which (k, lane) of a slice a thread reads for its `slot` (0 .. DEPTH * LANES): consecutive threads
 // take consecutive k where the operand is contiguous along K, consecutive lanes otherwise.
 fn place(slot: u32, k_contiguous: bool) -> vec2<u32> {
     if (k_contiguous) {
@@ -105,19 +108,24 @@ fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index
     let a_base = group.z * info[3];
     let b_base = group.z * info[6];
 
-    // This thread's two slots of each slice.
+    // This thread's slots of each slice: two at TILE 128, one at 64 (the second unused).
     let pa0 = place(t, A_COL == 1u);
     let pa1 = place(t + THREADS, A_COL == 1u);
     let pb0 = place(t, B_ROW == 1u);
     let pb1 = place(t + THREADS, B_ROW == 1u);
 
     var next_a0 = read_a(a_base, m0 + 4u * pa0.y, pa0.x);
-    var next_a1 = read_a(a_base, m0 + 4u * pa1.y, pa1.x);
     var next_b0 = read_b(b_base, pb0.x, n0 + 4u * pb0.y);
-    var next_b1 = read_b(b_base, pb1.x, n0 + 4u * pb1.y);
+    var next_a1 = vec4<f32>(0.0);
+    var next_b1 = vec4<f32>(0.0);
+    if (WIDE) {
+        next_a1 = read_a(a_base, m0 + 4u * pa1.y, pa1.x);
+        next_b1 = read_b(b_base, pb1.x, n0 + 4u * pb1.y);
+    }
 
-    // The 8 x 8 block: row r of quarter (i, j) is c{r}{j}, for rows 4 * ty + r (i = 0,
-    // r < 4) and 64 + 4 * ty + r - 4 (i = 1), columns 4 * tx (j = 0) and 64 + 4 * tx (j = 1).
+    // The block: row r of quarter (i, j) is c{r}{j}, for rows 4 * ty + r (i = 0, r < 4) and
+    // 64 + 4 * ty + r - 4 (i = 1), columns 4 * tx (j = 0) and 64 + 4 * tx (j = 1). At
+    // TILE 64 only quarter (0, 0).
     let tx = t % 16u;
     let ty = t / 16u;
     var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0);
@@ -133,45 +141,61 @@ fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index
         // Nobody may overwrite the slices before everyone has multiplied them.
         workgroupBarrier();
         tile_a[pa0.x * ROW + pa0.y] = next_a0;
-        tile_a[pa1.x * ROW + pa1.y] = next_a1;
         tile_b[pb0.x * ROW + pb0.y] = next_b0;
-        tile_b[pb1.x * ROW + pb1.y] = next_b1;
+        if (WIDE) {
+            tile_a[pa1.x * ROW + pa1.y] = next_a1;
+            tile_b[pb1.x * ROW + pb1.y] = next_b1;
+        }
         workgroupBarrier();
 
         // The next slices' reads are in flight while this one is multiplied.
         let k1 = k0 + DEPTH;
         if (k1 < K) {
             next_a0 = read_a(a_base, m0 + 4u * pa0.y, k1 + pa0.x);
-            next_a1 = read_a(a_base, m0 + 4u * pa1.y, k1 + pa1.x);
             next_b0 = read_b(b_base, k1 + pb0.x, n0 + 4u * pb0.y);
-            next_b1 = read_b(b_base, k1 + pb1.x, n0 + 4u * pb1.y);
+            if (WIDE) {
+                next_a1 = read_a(a_base, m0 + 4u * pa1.y, k1 + pa1.x);
+                next_b1 = read_b(b_base, k1 + pb1.x, n0 + 4u * pb1.y);
+            }
         }
 
         for (var k = 0u; k < DEPTH; k = k + 1u) {
             let a0 = tile_a[k * ROW + ty];
-            let a1 = tile_a[k * ROW + 16u + ty];
             let b0 = tile_b[k * ROW + tx];
-            let b1 = tile_b[k * ROW + 16u + tx];
-            c00 += a0.x * b0; c01 += a0.x * b1;
-            c10 += a0.y * b0; c11 += a0.y * b1;
-            c20 += a0.z * b0; c21 += a0.z * b1;
-            c30 += a0.w * b0; c31 += a0.w * b1;
-            c40 += a1.x * b0; c41 += a1.x * b1;
-            c50 += a1.y * b0; c51 += a1.y * b1;
-            c60 += a1.z * b0; c61 += a1.z * b1;
-            c70 += a1.w * b0; c71 += a1.w * b1;
+            c00 += a0.x * b0;
+            c10 += a0.y * b0;
+            c20 += a0.z * b0;
+            c30 += a0.w * b0;
+            if (WIDE) {
+                let a1 = tile_a[k * ROW + 16u + ty];
+                let b1 = tile_b[k * ROW + 16u + tx];
+                c01 += a0.x * b1;
+                c11 += a0.y * b1;
+                c21 += a0.z * b1;
+                c31 += a0.w * b1;
+                c40 += a1.x * b0; c41 += a1.x * b1;
+                c50 += a1.y * b0; c51 += a1.y * b1;
+                c60 += a1.z * b0; c61 += a1.z * b1;
+                c70 += a1.w * b0; c71 += a1.w * b1;
+            }
         }
     }
 
     let base = group.z * M * N;
     let m = m0 + 4u * ty;
     let n = n0 + 4u * tx;
-    write_c(base, m, n, c00); write_c(base, m, n + 64u, c01);
-    write_c(base, m + 1u, n, c10); write_c(base, m + 1u, n + 64u, c11);
-    write_c(base, m + 2u, n, c20); write_c(base, m + 2u, n + 64u, c21);
-    write_c(base, m + 3u, n, c30); write_c(base, m + 3u, n + 64u, c31);
-    write_c(base, m + 64u, n, c40); write_c(base, m + 64u, n + 64u, c41);
-    write_c(base, m + 65u, n, c50); write_c(base, m + 65u, n + 64u, c51);
-    write_c(base, m + 66u, n, c60); write_c(base, m + 66u, n + 64u, c61);
-    write_c(base, m + 67u, n, c70); write_c(base, m + 67u, n + 64u, c71);
+    write_c(base, m, n, c00);
+    write_c(base, m + 1u, n, c10);
+    write_c(base, m + 2u, n, c20);
+    write_c(base, m + 3u, n, c30);
+    if (WIDE) {
+        write_c(base, m, n + 64u, c01);
+        write_c(base, m + 1u, n + 64u, c11);
+        write_c(base, m + 2u, n + 64u, c21);
+        write_c(base, m + 3u, n + 64u, c31);
+        write_c(base, m + 64u, n, c40); write_c(base, m + 64u, n + 64u, c41);
+        write_c(base, m + 65u, n, c50); write_c(base, m + 65u, n + 64u, c51);
+        write_c(base, m + 66u, n, c60); write_c(base, m + 66u, n + 64u, c61);
+        write_c(base, m + 67u, n, c70); write_c(base, m + 67u, n + 64u, c71);
+    }
 }

@@ -86,19 +86,19 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
         }),
     );
     add(
-        format!("matmul {}x320 @ 320x1280 + bias (sdw shader)", 2 * s * s),
+        format!("matmul {}x320 @ 320x1280 + bias (sdw shader, tile 128)", 2 * s * s),
         Box::new(move |d| {
             let x = input([2, s * s, 320], 1, d);
             let w = input([320, 1280], 2, d).mul_scalar(320f32.powf(-0.5));
             let b = input([1280], 3, d);
-            to_host(matmul::matmul_shader(x, w.unsqueeze()) + b.unsqueeze())
+            to_host(matmul::matmul_shader(x, w.unsqueeze(), 128) + b.unsqueeze())
         }),
     );
     add(
-        format!("matmul 16x{0}x40 @ (16x{0}x40)^T (sdw shader)", half * half),
+        format!("matmul 16x{0}x40 @ (16x{0}x40)^T (sdw shader, tile 64)", half * half),
         Box::new(move |d| {
             let (q, k) = (input([16, half * half, 40], 6, d), input([16, half * half, 40], 7, d));
-            to_host(matmul::matmul_shader(q, k.swap_dims(1, 2)))
+            to_host(matmul::matmul_shader(q, k.swap_dims(1, 2), 64))
         }),
     );
     add(

@@ -1,9 +1,10 @@
 //! Attention on WGSL devices: burn's flash kernels or plain products — softmax(Q K^T / √d) V
 //! as two matrix products (`shaders::matmul`) around burn's softmax, `chunk` query rows at a
 //! time — whichever cubecl's autotune measures faster for the problem on this device. On an
-//! H200, burn's flash kernel without cooperative matrices took ~16 % of a UNet step at
-//! 2.5 TFLOP/s, below burn's plain matmul there. The products build a score tensor, one
-//! chunk of queries at a time within the temporary-tensor budget ([`super::budget`]).
+//! H200, burn's flash kernels without cooperative matrices took 220 ms of a 512x512 UNet step
+//! at ~2.5 TFLOP/s (the whole step takes 0.39 s since convolutions became products), where
+//! burn's plain matmul reached 6. The products build a score tensor, one chunk of queries at a time
+//! within the temporary-tensor budget ([`super::budget`]).
 //! Elsewhere (other runtimes, the CPU) this is burn's attention.
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor};
@@ -14,7 +15,7 @@ use burn::tensor::Tensor;
 
 use super::attention::options;
 use super::attention_grad::{rows, slice, softmax};
-use crate::shaders::matmul::MatmulOps;
+use crate::shaders::matmul::{MatmulOps, TUNED};
 
 #[backend_extension(Cube, Fusion, Flex)]
 pub trait TunedAttentionOps: Backend {
@@ -49,7 +50,7 @@ impl TunedAttentionOps for CubeBackend {
         let client = q.client.clone();
         let id = CubeTuneId::new(&q.client, &q.device);
         let set = TUNER.init(&id, || {
-            // burn's flash kernels first: what runs where autotuning is off.
+            // burn's flash kernels first: where tuning cannot finish at once (wasm), the first runs.
             TunableSet::new(key, |_: &String, inputs: &Inputs| inputs.clone())
                 .with(Tunable::new("flash", |(q, k, v, _): Inputs| Ok::<_, String>(flash::<CubeBackend>(q, k, v))))
                 .with(Tunable::new("products", |(q, k, v, chunk): Inputs| {
@@ -86,8 +87,8 @@ fn products<B: Backend + MatmulOps>(
     let q = B::float_mul_scalar(q, scale.into());
     let mut parts = rows(q.shape()[2], chunk)
         .map(|r| {
-            let p = softmax::<B>(B::sdw_matmul(slice::<B>(&q, &r), kt.clone(), true));
-            B::sdw_matmul(p, v.clone(), true)
+            let p = softmax::<B>(B::sdw_matmul(slice::<B>(&q, &r), kt.clone(), TUNED));
+            B::sdw_matmul(p, v.clone(), TUNED)
         })
         .collect::<Vec<_>>();
     if parts.len() == 1 { parts.pop().expect("one part") } else { B::float_cat(parts, 2) }

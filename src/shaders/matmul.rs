@@ -18,20 +18,25 @@ use burn::cubecl::{CubeCount, CubeDim};
 use burn::nn::Linear;
 use burn::tensor::{DType, Shape, Tensor};
 
-/// Rows and columns of the product per workgroup, and its threads (`shaders/matmul.wgsl`).
-const TILE: usize = 128;
+/// The shader's tiles (rows and columns of the product per workgroup) and its threads
+/// (`shaders/matmul.wgsl`): 128 for big products, 64 for those too small to keep every core
+/// busy with 128 x 128 tiles.
+pub const TILES: [usize; 2] = [128, 64];
 const THREADS: u32 = 256;
+
+/// `sdw_matmul`'s `tile` that asks for the fastest of the shader's tiles and burn's kernels.
+pub const TUNED: usize = 0;
 
 /// Products smaller than this (M·N·K) are not worth a tuning run: burn's kernel.
 const MIN_WORK: usize = 1 << 24;
 
 #[backend_extension(Cube, Fusion, Flex)]
 pub trait MatmulOps: Backend {
-    /// `lhs · rhs` with burn's matmul semantics; `tuned`: the faster of sdw's shader and
-    /// burn's kernels, else sdw's shader wherever it can run.
+    /// `lhs · rhs` with burn's matmul semantics: sdw's shader with tiles of `tile` wherever
+    /// it can run, or with `tile` 0 the fastest of the shader's tiles and burn's kernels.
     #[fusion(dtype = lhs, shape = output_shape(lhs, rhs))]
-    fn sdw_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, tuned: bool) -> FloatTensor<Self> {
-        let _ = tuned;
+    fn sdw_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, tile: usize) -> FloatTensor<Self> {
+        let _ = tile;
         Self::float_matmul(lhs, rhs)
     }
 }
@@ -44,9 +49,13 @@ pub fn output_shape(lhs: &Shape, rhs: &Shape) -> Shape {
     Shape::from(dims)
 }
 
-/// `lhs · rhs`: on a WGSL device the faster of sdw's shader and burn's matmul, else burn's.
+/// `lhs · rhs`: on a WGSL device the fastest of sdw's shader and burn's matmul, else burn's.
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
-    if shader_may_run(&lhs, &rhs) && work(&lhs, &rhs) >= MIN_WORK { product(lhs, rhs, true) } else { lhs.matmul(rhs) }
+    if shader_may_run(&lhs, &rhs) && worth_tuning(lhs.dims()[D - 2], lhs.dims()[D - 1], rhs.dims()[D - 1]) {
+        product(lhs, rhs, TUNED)
+    } else {
+        lhs.matmul(rhs)
+    }
 }
 
 /// `l` applied to `x`, its product by [`matmul`] where the shader may run; elsewhere
@@ -54,23 +63,29 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
 pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     let [d_in, d_out] = l.weight.dims();
     let rows: usize = x.dims()[..D - 1].iter().product();
-    if D < 2 || !applies(&x) || x.dtype() != l.weight.val().dtype() || rows * d_in * d_out < MIN_WORK {
+    if D < 2 || !applies(&x) || x.dtype() != l.weight.val().dtype() || !worth_tuning(rows, d_in, d_out) {
         return l.forward(x);
     }
-    let y = matmul(x, l.weight.val().unsqueeze());
-    match &l.bias {
+    // One [rows, d_in] x [d_in, d_out] product, as burn's `Linear` folds it: bigger tiles.
+    let mut dims = x.dims();
+    let y = matmul(x.reshape([rows, d_in]), l.weight.val());
+    let y = match &l.bias {
         Some(bias) => y + bias.val().unsqueeze(),
         None => y,
-    }
+    };
+    dims[D - 1] = d_out;
+    y.reshape(dims)
 }
 
-/// `lhs · rhs` by sdw's shader wherever it can run (f32/f16 on a WGSL device), to test it.
-pub fn matmul_shader<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
-    if shader_may_run(&lhs, &rhs) { product(lhs, rhs, false) } else { lhs.matmul(rhs) }
+/// `lhs · rhs` by sdw's shader with tiles of `tile` (one of [`TILES`]) wherever it can run
+/// (f32/f16 on a WGSL device), to test it.
+pub fn matmul_shader<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, tile: usize) -> Tensor<D> {
+    assert!(TILES.contains(&tile), "the shader has no {tile} x {tile} tile");
+    if shader_may_run(&lhs, &rhs) { product(lhs, rhs, tile) } else { lhs.matmul(rhs) }
 }
 
-fn product<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, tuned: bool) -> Tensor<D> {
-    Tensor::from_dispatch(burn::backend::Dispatch::sdw_matmul(lhs.into_dispatch(), rhs.into_dispatch(), tuned))
+fn product<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, tile: usize) -> Tensor<D> {
+    Tensor::from_dispatch(burn::backend::Dispatch::sdw_matmul(lhs.into_dispatch(), rhs.into_dispatch(), tile))
 }
 
 /// Untracked f32/f16 tensors of one dtype on a cubecl device (whether it compiles WGSL is
@@ -87,29 +102,31 @@ pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
         && matches!(x.dtype(), DType::F32 | DType::F16)
 }
 
-fn work<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>) -> usize {
-    let (l, r) = (lhs.dims(), rhs.dims());
-    l[D - 2] * l[D - 1] * r[D - 1]
+/// Whether the product is worth a tuning run: enough work, and rows and columns for at least
+/// one of the shader's smaller tiles (a thinner product wastes most of it).
+fn worth_tuning(m: usize, k: usize, n: usize) -> bool {
+    m * k * n >= MIN_WORK && m.min(n) >= TILES[1]
 }
 
 impl MatmulOps for Flex {}
 
 impl MatmulOps for CubeBackend {
-    fn sdw_matmul(lhs: CubeTensor, rhs: CubeTensor, tuned: bool) -> CubeTensor {
+    fn sdw_matmul(lhs: CubeTensor, rhs: CubeTensor, tile: usize) -> CubeTensor {
         if lhs.client.name() != "wgpu<wgsl>" {
             return burns(lhs, rhs);
         }
-        if !tuned {
-            return ours(lhs.clone(), rhs.clone()).unwrap_or_else(|_| burns(lhs, rhs));
+        if tile != TUNED {
+            return ours(lhs.clone(), rhs.clone(), tile).unwrap_or_else(|_| burns(lhs, rhs));
         }
         static TUNER: LocalTuner<String, CubeTuneId> = local_tuner!("matmul");
         let client = lhs.client.clone();
         let id = CubeTuneId::new(&lhs.client, &lhs.device);
         let set = TUNER.init(&id, || {
-            // burn's kernel first: it is what runs where autotuning is off.
+            // burn's kernel first: where tuning cannot finish at once (wasm), the first runs.
             TunableSet::new(key, |_: &String, (l, r): &(CubeTensor, CubeTensor)| (l.clone(), r.clone()))
                 .with(Tunable::new("burn", |(l, r): (CubeTensor, CubeTensor)| Ok::<_, String>(burns(l, r))))
-                .with(Tunable::new("sdw_wgsl", |(l, r): (CubeTensor, CubeTensor)| ours(l, r)))
+                .with(Tunable::new("sdw_wgsl", |(l, r): (CubeTensor, CubeTensor)| ours(l, r, 128)))
+                .with(Tunable::new("sdw_wgsl_64", |(l, r): (CubeTensor, CubeTensor)| ours(l, r, 64)))
         });
         TUNER.execute(&id, &client, set, (lhs, rhs))
     }
@@ -124,7 +141,8 @@ fn float_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTe
 }
 
 /// The autotune key: dtype, batch and sizes in power-of-two buckets (burn's matmul buckets
-/// them too), and the operands' layouts, which decide how the shader reads them.
+/// them too), the operands' layouts, which decide how the shader reads them, and the
+/// shader's hash, so that a user's edited shader (`--shader-dir`) is measured anew.
 fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
     let (l, r) = (lhs.meta.shape(), rhs.meta.shape());
     let rank = l.num_dims();
@@ -141,14 +159,15 @@ fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
         }
     };
     format!(
-        "{:?} batch {} m {} k {} n {} lhs {} rhs {}",
+        "{:?} batch {} m {} k {} n {} lhs {} rhs {} shader {:016x}",
         lhs.dtype,
         bucket(batch),
         bucket(l[rank - 2]),
         bucket(l[rank - 1]),
         bucket(r[rank - 1]),
         layout(lhs),
-        layout(rhs)
+        layout(rhs),
+        super::template(super::builtin("matmul.wgsl")).hash
     )
 }
 
@@ -158,8 +177,8 @@ struct Operand {
     strides: [usize; 3],
 }
 
-/// Runs the shader, or says why it cannot (the tuner then skips it).
-fn ours(lhs: CubeTensor, rhs: CubeTensor) -> Result<CubeTensor, String> {
+/// Runs the shader with tiles of `tile`, or says why it cannot (the tuner then skips it).
+fn ours(lhs: CubeTensor, rhs: CubeTensor, tile: usize) -> Result<CubeTensor, String> {
     let out_shape = output_shape(lhs.meta.shape(), rhs.meta.shape());
     let rank = out_shape.num_dims();
     let batch: usize = out_shape.iter().take(rank - 2).product();
@@ -172,7 +191,7 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor) -> Result<CubeTensor, String> {
     if batch * m * n >= u32::MAX as usize || !fits(&a, m, k) || !fits(&b, k, n) {
         return Err("indices beyond u32".into());
     }
-    if batch > u16::MAX as usize || n.div_ceil(TILE) > u16::MAX as usize || m.div_ceil(TILE) > u16::MAX as usize {
+    if batch > u16::MAX as usize || n.div_ceil(tile) > u16::MAX as usize || m.div_ceil(tile) > u16::MAX as usize {
         return Err("more workgroups than a dispatch takes".into());
     }
     if m == 0 || n == 0 || k == 0 || batch == 0 {
@@ -191,10 +210,10 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor) -> Result<CubeTensor, String> {
     let [bbs, brs, bcs] = b.strides;
     let info = [m, n, k, abs, ars, acs, bbs, brs, bcs].map(|v| v as u32);
     let info = client.create_from_slice(bytemuck::cast_slice(&info));
-    let kernel = MatmulKernel { dtype, template: super::template(super::builtin("matmul.wgsl")) };
+    let kernel = MatmulKernel { dtype, tile, template: super::template(super::builtin("matmul.wgsl")) };
     client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(THREADS))),
-        CubeCount::Static(n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, batch as u32),
+        CubeCount::Static(n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, batch as u32),
         KernelArguments::new().with_buffers(vec![
             a.tensor.handle.clone().binding(),
             b.tensor.handle.clone().binding(),
@@ -236,18 +255,23 @@ fn batch_stride(dims: &[usize], strides: &[usize]) -> Option<usize> {
 
 struct MatmulKernel {
     dtype: DType,
+    tile: usize,
     template: super::Template,
 }
 
 impl KernelSource for MatmulKernel {
     fn source(&self) -> SourceTemplate {
         let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
-        SourceTemplate::new(super::fill(&self.template.text, &[("elem", elem), ("extensions", extensions)]))
+        let tile = self.tile.to_string();
+        SourceTemplate::new(super::fill(
+            &self.template.text,
+            &[("elem", elem), ("tile", &tile), ("extensions", extensions)],
+        ))
     }
 
     fn id(&self) -> KernelId {
         // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
-        KernelId::new::<Self>().info((format!("{:?}", self.dtype), self.template.hash))
+        KernelId::new::<Self>().info((format!("{:?}", self.dtype), self.tile, self.template.hash))
     }
 
     fn lang(&self) -> &'static str {

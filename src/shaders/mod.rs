@@ -27,7 +27,7 @@ pub const SHADERS: &[Shader] = &[
     Shader {
         name: "matmul.wgsl",
         source: include_str!("../../shaders/matmul.wgsl"),
-        example_values: &[("elem", "f32"), ("extensions", "")],
+        example_values: &[("elem", "f32"), ("tile", "128"), ("extensions", "")],
     },
 ];
 

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use burn::module::Param;
 use burn::nn::GroupNorm;
-use burn::tensor::DType;
+use burn::tensor::{DType, Tensor};
 use sdw::model::layers::{to_device, to_host};
 use sdw::shaders::{self, SHADERS, group_norm, matmul};
 use sdw::weights::HostTensor;
@@ -70,11 +70,11 @@ fn host_product(a: &[f32], b: &[f32], [batch, m, k, n]: [usize; 4], b_batched: b
     out
 }
 
-/// `shaders/matmul.wgsl` against the f64 product on the host: sizes that are not multiples
-/// of its 128 x 128 x 16 tiles, operands broadcast over the batch (a convolution's weight)
-/// and transposed views (read through their strides, no copy), batch dims that need a copy,
-/// f16. And `matmul::matmul` (the faster of the shader and burn's kernels) on a product big
-/// enough to be tuned.
+/// `shaders/matmul.wgsl`, with each of its tiles, against the f64 product on the host: sizes
+/// that are not multiples of its tiles, operands broadcast over the batch (a convolution's
+/// weight) and transposed views (read through their strides, no copy), batch dims that need
+/// a copy, f16. And `matmul::matmul` (the fastest of the shader and burn's kernels) on a
+/// product big enough to be tuned.
 #[test]
 fn matmul_shader_matches_the_product() {
     if wgpu_skipped() {
@@ -84,37 +84,41 @@ fn matmul_shader_matches_the_product() {
     let d = &gpu.device;
     let values = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
     let half = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<_>>();
-    for (batch, m, k, n, b_batched) in
-        [(2, 300, 200, 150, true), (3, 70, 36, 260, false), (1, 1, 5, 1, true), (2, 129, 1, 131, true)]
-    {
-        let (a, b) = (values(batch * m * k, 1), values(if b_batched { batch } else { 1 } * k * n, 2));
-        let bb = if b_batched { batch } else { 1 };
-        let want = HostTensor::new(vec![batch, m, n], host_product(&a, &b, [batch, m, k, n], b_batched));
-        let what = format!("[{batch},{m},{k}] x [{bb},{k},{n}]");
-        let got = matmul::matmul_shader(to_device(a.clone(), [batch, m, k], d), to_device(b.clone(), [bb, k, n], d));
-        assert_close(&format!("matmul {what}"), &to_host(got), &want, 1e-5);
-        // Transposed views: A from [B, K, M], B from [B, N, K].
-        let at = to_device(a.clone(), [batch, m, k], d).swap_dims(1, 2).into_data();
-        let bt = to_device(b.clone(), [bb, k, n], d).swap_dims(1, 2).into_data();
-        let (at, bt) = (burn::tensor::Tensor::<3>::from_data(at, d), burn::tensor::Tensor::<3>::from_data(bt, d));
-        let got = matmul::matmul_shader(at.swap_dims(1, 2), bt.swap_dims(1, 2));
-        assert_close(&format!("matmul transposed {what}"), &to_host(got), &want, 1e-5);
-        // f16 operands, summed in f32: only the output's rounding (2^-11 at most) remains.
-        let want16 =
-            HostTensor::new(vec![batch, m, n], host_product(&half(&a), &half(&b), [batch, m, k, n], b_batched));
-        let (a16, b16) =
-            (to_device(a, [batch, m, k], d).cast(DType::F16), to_device(b, [bb, k, n], d).cast(DType::F16));
-        assert_close(&format!("matmul f16 {what}"), &to_host(matmul::matmul_shader(a16, b16)), &want16, 1e-3);
+    for tile in matmul::TILES {
+        for (batch, m, k, n, b_batched) in
+            [(2, 300, 200, 150, true), (3, 70, 36, 260, false), (1, 1, 5, 1, true), (2, 129, 1, 131, true)]
+        {
+            let bb = if b_batched { batch } else { 1 };
+            let (a, b) = (values(batch * m * k, 1), values(bb * k * n, 2));
+            let want = HostTensor::new(vec![batch, m, n], host_product(&a, &b, [batch, m, k, n], b_batched));
+            let what = format!("[{batch},{m},{k}] x [{bb},{k},{n}], tile {tile}");
+            let (ad, bd) = (to_device(a.clone(), [batch, m, k], d), to_device(b.clone(), [bb, k, n], d));
+            assert_close(&format!("matmul {what}"), &to_host(matmul::matmul_shader(ad, bd, tile)), &want, 1e-5);
+            // Transposed views: A from [B, K, M], B from [B, N, K].
+            let at = to_device(a.clone(), [batch, m, k], d).swap_dims(1, 2).into_data();
+            let bt = to_device(b.clone(), [bb, k, n], d).swap_dims(1, 2).into_data();
+            let (at, bt) = (Tensor::<3>::from_data(at, d), Tensor::<3>::from_data(bt, d));
+            let got = matmul::matmul_shader(at.swap_dims(1, 2), bt.swap_dims(1, 2), tile);
+            assert_close(&format!("matmul transposed {what}"), &to_host(got), &want, 1e-5);
+            // f16 operands, summed in f32: only the output's rounding (2^-11 at most) remains.
+            let want16 =
+                HostTensor::new(vec![batch, m, n], host_product(&half(&a), &half(&b), [batch, m, k, n], b_batched));
+            let (a16, b16) =
+                (to_device(a, [batch, m, k], d).cast(DType::F16), to_device(b, [bb, k, n], d).cast(DType::F16));
+            let got = to_host(matmul::matmul_shader(a16, b16, tile));
+            assert_close(&format!("matmul f16 {what}"), &got, &want16, 1e-3);
+        }
+        // Two batch dims that are not laid out as one (A is stored [3, 2, ..] and seen as
+        // [2, 3, ..]): the shader gets a contiguous copy.
+        let (a, b) = (values(6 * 40 * 24, 3), values(6 * 24 * 50, 4));
+        let want = HostTensor::new(vec![6, 40, 50], host_product(&a, &b, [6, 40, 24, 50], true));
+        let block = 40 * 24;
+        let stored: Vec<f32> = (0..6).flat_map(|s| &a[((s % 2) * 3 + s / 2) * block..][..block]).copied().collect();
+        let a4 = to_device(stored, [3, 2, 40, 24], d).swap_dims(0, 1);
+        let got = matmul::matmul_shader(a4, to_device(b, [2, 3, 24, 50], d), tile);
+        let what = format!("matmul [2,3,40,24] x [2,3,24,50], tile {tile}");
+        assert_close(&what, &to_host(got.reshape([6, 40, 50])), &want, 1e-5);
     }
-    // Two batch dims that are not laid out as one (A is stored [3, 2, ..] and seen as
-    // [2, 3, ..]): the shader gets a contiguous copy.
-    let (a, b) = (values(6 * 40 * 24, 3), values(6 * 24 * 50, 4));
-    let want = HostTensor::new(vec![6, 40, 50], host_product(&a, &b, [6, 40, 24, 50], true));
-    let block = 40 * 24;
-    let stored: Vec<f32> = (0..6).flat_map(|s| &a[((s % 2) * 3 + s / 2) * block..][..block]).copied().collect();
-    let a4 = to_device(stored, [3, 2, 40, 24], d).swap_dims(0, 1);
-    let got = matmul::matmul_shader(a4, to_device(b, [2, 3, 24, 50], d));
-    assert_close("matmul [2,3,40,24] x [2,3,24,50]", &to_host(got.reshape([6, 40, 50])), &want, 1e-5);
     // Tuned: whichever kernel wins on this device.
     let (a, b) = (values(2 * 256 * 256, 5), values(256 * 256, 6));
     let want = HostTensor::new(vec![2, 256, 256], host_product(&a, &b, [2, 256, 256, 256], false));
@@ -142,7 +146,7 @@ fn attention_products_match_burns_attention() {
             values(b * keys * heads * width, 9),
         );
         let on = |x: &[f32], s: usize, dev| to_device(x.to_vec(), [b, s, heads * width], dev);
-        let heads4 = |t: burn::tensor::Tensor<3>, s: usize| t.reshape([b, s, heads, width]).swap_dims(1, 2);
+        let heads4 = |t: Tensor<3>, s: usize| t.reshape([b, s, heads, width]).swap_dims(1, 2);
         let want = to_host(sdw::model::attention::attention_with_budget(
             on(&q, queries, &cpu),
             on(&k, keys, &cpu),
