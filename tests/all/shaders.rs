@@ -72,8 +72,8 @@ fn host_product(a: &[f32], b: &[f32], [batch, m, k, n]: [usize; 4], b_batched: b
 
 /// `shaders/matmul.wgsl`, with each of its tiles, against the f64 product on the host: sizes
 /// that are not multiples of its tiles, operands broadcast over the batch (a convolution's
-/// weight) and transposed views (read through their strides, no copy), batch dims that need
-/// a copy, f16. And `matmul::matmul` (the fastest of the shader and burn's kernels) on a
+/// weight) and transposed views (read through their strides, no copy), views at an offset
+/// into their buffer, batch dims that need a copy, f16. And `matmul::matmul` (the fastest of the shader and burn's kernels) on a
 /// product big enough to be tuned.
 #[test]
 fn matmul_shader_matches_the_product() {
@@ -118,6 +118,19 @@ fn matmul_shader_matches_the_product() {
         let got = matmul::matmul_shader(a4, to_device(b, [2, 3, 24, 50], d), tile);
         let what = format!("matmul [2,3,40,24] x [2,3,24,50], tile {tile}");
         assert_close(&what, &to_host(got.reshape([6, 40, 50])), &want, 1e-5);
+        // As attention's products read their operands: a chunk of query rows (a view at an
+        // offset into its buffer) times the keys transposed (a view through strides).
+        let (q, k) = (values(16 * 300 * 40, 10), values(16 * 300 * 40, 11));
+        let rows: Vec<f32> = (0..16).flat_map(|bh| &q[(bh * 300 + 64) * 40..][..64 * 40]).copied().collect();
+        let kt: Vec<f32> = (0..16 * 40 * 300)
+            .map(|i| (i / 12000, i / 300 % 40, i % 300))
+            .map(|(bh, p, j)| k[(bh * 300 + j) * 40 + p])
+            .collect();
+        let want = HostTensor::new(vec![16, 64, 300], host_product(&rows, &kt, [16, 64, 40, 300], true));
+        let qd = to_device(q, [2, 8, 300, 40], d).slice([0..2, 0..8, 64..128]);
+        let kd = to_device(k, [2, 8, 300, 40], d).swap_dims(2, 3);
+        let got = to_host(matmul::matmul_shader(qd, kd, tile).reshape([16, 64, 300]));
+        assert_close(&format!("matmul q[64..128] x k^T, tile {tile}"), &got, &want, 1e-5);
     }
     // Tuned: whichever kernel wins on this device.
     let (a, b) = (values(2 * 256 * 256, 5), values(256 * 256, 6));
@@ -127,9 +140,10 @@ fn matmul_shader_matches_the_product() {
 }
 
 /// Attention as two products around a softmax (what `model::attention_tuned` may choose on a
-/// WGSL device), in one chunk and in chunks that do not divide the queries, and attention as
-/// the model calls it (tuned), against burn's attention on the CPU: self-attention with
-/// 40-wide heads and cross-attention over 77 tokens, both big enough to be tuned.
+/// WGSL device), in one chunk and in chunks that do not divide the queries, in f16, and
+/// attention as the model calls it (tuned), against burn's attention on the CPU:
+/// self-attention with 40-wide heads and cross-attention over 77 tokens, both big enough to
+/// be tuned.
 #[test]
 fn attention_products_match_burns_attention() {
     if wgpu_skipped() {
@@ -170,6 +184,11 @@ fn attention_products_match_burns_attention() {
                 1e-5,
             );
         }
+        // In f16 (`--precision f16`), held to the f16 bound of one module (model_parity.rs).
+        let half = |x: &[f32], s: usize| heads4(on(x, s, d), s).cast(DType::F16);
+        let got = sdw::model::attention_tuned::products_only(half(&q, queries), half(&k, keys), half(&v, keys), 70);
+        let got = to_host(got.swap_dims(1, 2).reshape([b, queries, heads * width]));
+        assert_close(&format!("attention as products in f16, {queries}x{keys}"), &got, &want, 1e-2);
         let got = sdw::model::attention::attention_with_budget(
             on(&q, queries, d),
             on(&k, keys, d),
