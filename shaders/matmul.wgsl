@@ -61,7 +61,8 @@ fn read_a(base: u32, m: u32, k: u32) -> vec4<f32> {
     return v;
 }
 
-// B[k, n .. n + 3] from the batch item at `base`, zero outside the matrix.
+// B[k, n .. n + 3] from the batch item at `base`, zero outside the matrix: read_a's twin
+// (a WGSL function cannot take the storage buffer to read as an argument).
 fn read_b(base: u32, k: u32, n: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
     if (k < K) {

@@ -65,6 +65,9 @@ impl CheckResult {
 /// A GroupNorm(+SiLU) implementation: burn's ops or sdw's shader.
 type GroupNormFn = fn(&GroupNorm, Tensor<4>, bool) -> Tensor<4>;
 
+/// A matrix product of `[B, M, K]` and `[B, K, N]` tensors: burn's or sdw's shader.
+type MatmulFn = fn(Tensor<3>, Tensor<3>) -> Tensor<3>;
+
 /// What a check computes, on whichever device it is given.
 type Op = Box<dyn Fn(&Device) -> HostTensor>;
 
@@ -75,25 +78,21 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
     let mut list: Vec<(String, Op)> = Vec::new();
     let mut add = |name: String, op: Op| list.push((name, op));
 
-    // Linear layers: token projections and the feed-forward widths.
-    add(
-        format!("matmul {}x320 @ 320x1280 + bias", 2 * s * s),
-        Box::new(move |d| {
-            let x = input([2, s * s, 320], 1, d);
-            let w = input([320, 1280], 2, d).mul_scalar(320f32.powf(-0.5));
-            let b = input([1280], 3, d);
-            to_host(x.matmul(w.unsqueeze()) + b.unsqueeze())
-        }),
-    );
-    add(
-        format!("matmul {}x320 @ 320x1280 + bias (sdw shader, tile 128)", 2 * s * s),
-        Box::new(move |d| {
-            let x = input([2, s * s, 320], 1, d);
-            let w = input([320, 1280], 2, d).mul_scalar(320f32.powf(-0.5));
-            let b = input([1280], 3, d);
-            to_host(matmul::matmul_shader(x, w.unsqueeze(), 128) + b.unsqueeze())
-        }),
-    );
+    // Linear layers: token projections and the feed-forward widths, by burn's matmul and by
+    // sdw's shader (which autotune may choose on a WGSL device).
+    let products: [(&str, MatmulFn); 2] =
+        [("", |x, w| x.matmul(w)), (" (sdw shader, tile 128)", |x, w| matmul::matmul_shader(x, w, 128))];
+    for (label, product) in products {
+        add(
+            format!("matmul {}x320 @ 320x1280 + bias{label}", 2 * s * s),
+            Box::new(move |d| {
+                let x = input([2, s * s, 320], 1, d);
+                let w = input([320, 1280], 2, d).mul_scalar(320f32.powf(-0.5));
+                let b = input([1280], 3, d);
+                to_host(product(x, w.unsqueeze()) + b.unsqueeze())
+            }),
+        );
+    }
     add(
         format!("matmul 16x{0}x40 @ (16x{0}x40)^T (sdw shader, tile 64)", half * half),
         Box::new(move |d| {
