@@ -7,7 +7,7 @@
 //! within the temporary-tensor budget ([`super::budget`]).
 //! Elsewhere (other runtimes, the CPU) this is burn's attention.
 
-use burn::backend::wgpu::{CubeBackend, CubeTensor};
+use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeTuneId;
 use burn::cubecl::tune::{LocalTuner, Tunable, TunableSet, local_tuner};
@@ -40,11 +40,15 @@ type Inputs = (CubeTensor, CubeTensor, CubeTensor, usize);
 
 impl TunedAttentionOps for CubeBackend {
     fn attention_tuned(q: CubeTensor, k: CubeTensor, v: CubeTensor, chunk: usize, tuned: bool) -> CubeTensor {
+        if tuned && q.client.name() != "wgpu<wgsl>" {
+            return flash::<Self>(q, k, v);
+        }
+        // The heads come as views of [B, S, H·D] projections, whose batch and head dims do not
+        // merge into one stride: the shader would copy its operands for every chunk. Once here,
+        // a chunk of queries and K^T are views it reads in place.
+        let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
         if !tuned {
             return products::<Self>(q, k, v, chunk);
-        }
-        if q.client.name() != "wgpu<wgsl>" {
-            return flash::<Self>(q, k, v);
         }
         static TUNER: LocalTuner<String, CubeTuneId> = local_tuner!("attention");
         let client = q.client.clone();
