@@ -71,8 +71,8 @@ fn host_product(a: &[f32], b: &[f32], [batch, m, k, n]: [usize; 4], b_batched: b
 }
 
 /// `shaders/matmul.wgsl`, with each of its tiles, against the f64 product on the host: sizes
-/// that are not multiples of its tiles, operands broadcast over the batch (a convolution's
-/// weight) and transposed views (read through their strides, no copy), views at an offset
+/// that are not multiples of its tiles, either operand broadcast over the batch (a
+/// convolution's weight is the left one) and transposed views (read through their strides, no copy), views at an offset
 /// into their buffer, batch dims that need a copy, f16. And `matmul::matmul` (the fastest of the shader and burn's kernels) on a
 /// product big enough to be tuned.
 #[test]
@@ -118,6 +118,12 @@ fn matmul_shader_matches_the_product() {
         let got = matmul::matmul_shader(a4, to_device(b, [2, 3, 24, 50], d), tile);
         let what = format!("matmul [2,3,40,24] x [2,3,24,50], tile {tile}");
         assert_close(&what, &to_host(got.reshape([6, 40, 50])), &want, 1e-5);
+        // As a convolution's product: its weight broadcast over the batch of im2col columns.
+        let (w, cols) = (values(70 * 36, 12), values(3 * 36 * 260, 13));
+        let repeated: Vec<f32> = w.iter().copied().cycle().take(3 * 70 * 36).collect();
+        let want = HostTensor::new(vec![3, 70, 260], host_product(&repeated, &cols, [3, 70, 36, 260], true));
+        let got = matmul::matmul_shader(to_device(w, [1, 70, 36], d), to_device(cols, [3, 36, 260], d), tile);
+        assert_close(&format!("matmul [1,70,36] x [3,36,260], tile {tile}"), &to_host(got), &want, 1e-5);
         // As attention's products read their operands: a chunk of query rows (a view at an
         // offset into its buffer) times the keys transposed (a view through strides).
         let (q, k) = (values(16 * 300 * 40, 10), values(16 * 300 * 40, 11));
