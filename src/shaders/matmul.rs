@@ -8,6 +8,8 @@
 //! Elsewhere — the CPU, SPIR-V devices, tensors that carry gradients (training), other
 //! dtypes, small products — it is burn's matmul. `SDW_SHADERS=off` turns the shader off.
 
+use std::sync::OnceLock;
+
 use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
 use burn::backend::{Backend, DispatchDevice, Flex, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeTuneId;
@@ -27,8 +29,9 @@ const THREADS: u32 = 256;
 /// `sdw_matmul`'s `tile` that asks for the fastest of the shader's tiles and burn's kernels.
 pub const TUNED: usize = 0;
 
-/// Products smaller than this (M·N·K) are not worth a tuning run: burn's kernel.
-const MIN_WORK: usize = 1 << 24;
+/// Products smaller than this (M·N·K) are not worth a tuning run: burn's kernel. Attention
+/// takes the same bound for its Q K^T (`model::attention_tuned`).
+pub const MIN_WORK: usize = 1 << 24;
 
 #[backend_extension(Cube, Fusion, Flex)]
 pub trait MatmulOps: Backend {
@@ -63,12 +66,13 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
 pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     let [d_in, d_out] = l.weight.dims();
     let rows: usize = x.dims()[..D - 1].iter().product();
-    if D < 2 || !applies(&x) || x.dtype() != l.weight.val().dtype() || !worth_tuning(rows, d_in, d_out) {
+    let weight = l.weight.val();
+    if D < 2 || !applies(&x) || x.dtype() != weight.dtype() || !worth_tuning(rows, d_in, d_out) {
         return l.forward(x);
     }
     // One [rows, d_in] x [d_in, d_out] product, as burn's `Linear` folds it: bigger tiles.
     let mut dims = x.dims();
-    let y = matmul(x.reshape([rows, d_in]), l.weight.val());
+    let y = matmul(x.reshape([rows, d_in]), weight);
     let y = match &l.bias {
         Some(bias) => y + bias.val().unsqueeze(),
         None => y,
@@ -167,8 +171,15 @@ fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
         bucket(r[rank - 1]),
         layout(lhs),
         layout(rhs),
-        super::template(super::builtin("matmul.wgsl")).hash
+        template().hash
     )
+}
+
+/// The shader's text for this process (built in or the user's), looked up once: the tune
+/// key needs its hash for every product.
+fn template() -> &'static super::Template {
+    static TEMPLATE: OnceLock<super::Template> = OnceLock::new();
+    TEMPLATE.get_or_init(|| super::template(super::builtin("matmul.wgsl")))
 }
 
 /// One operand as the shader reads it: batch, row and column strides in elements.
@@ -183,6 +194,10 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, tile: usize) -> Result<CubeTensor, Str
     let rank = out_shape.num_dims();
     let batch: usize = out_shape.iter().take(rank - 2).product();
     let (m, k, n) = (lhs.meta.shape()[rank - 2], lhs.meta.shape()[rank - 1], rhs.meta.shape()[rank - 1]);
+    // First: the bounds below count from the last index.
+    if m == 0 || n == 0 || k == 0 || batch == 0 {
+        return Err("empty product".into());
+    }
     let (a, b) = (operand(lhs, &out_shape)?, operand(rhs, &out_shape)?);
     let fits = |o: &Operand, rows: usize, cols: usize| {
         let [bs, rs, cs] = o.strides;
@@ -193,9 +208,6 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, tile: usize) -> Result<CubeTensor, Str
     }
     if batch > u16::MAX as usize || n.div_ceil(tile) > u16::MAX as usize || m.div_ceil(tile) > u16::MAX as usize {
         return Err("more workgroups than a dispatch takes".into());
-    }
-    if m == 0 || n == 0 || k == 0 || batch == 0 {
-        return Err("empty product".into());
     }
     let client = a.tensor.client.clone();
     let dtype = a.tensor.dtype;
@@ -210,7 +222,7 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, tile: usize) -> Result<CubeTensor, Str
     let [bbs, brs, bcs] = b.strides;
     let info = [m, n, k, abs, ars, acs, bbs, brs, bcs].map(|v| v as u32);
     let info = client.create_from_slice(bytemuck::cast_slice(&info));
-    let kernel = MatmulKernel { dtype, tile, template: super::template(super::builtin("matmul.wgsl")) };
+    let kernel = MatmulKernel { dtype, tile, template: template().clone() };
     client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(THREADS))),
         CubeCount::Static(n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, batch as u32),
