@@ -9,13 +9,14 @@
 
 use std::sync::LazyLock;
 
-use burn::backend::Dispatch;
+use burn::backend::{Backend, Dispatch, TensorMetadata, tensor::FloatTensor};
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::module::attention as sdpa;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, Slice, Tensor, TensorData};
 
+use crate::shaders::matmul::MIN_WORK;
 use crate::weights::WeightsError;
 
 use super::Loader;
@@ -54,23 +55,23 @@ pub fn attention_with_budget(
     let split = |t: Tensor<3>, s: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2); // [B, H, S, D]
     let (q, k, v) = (split(q, sq), split(k, sk), split(v, sk));
     let step = query_chunk(b * heads, sq, sk, budget);
-    if !causal && (q.is_tracked() || k.is_tracked() || v.is_tracked()) {
+    let out = if !causal && (q.is_tracked() || k.is_tracked() || v.is_tracked()) {
         // Training: the scores are recomputed for the backward pass, not kept.
-        let out = Dispatch::attention_chunked(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), step);
-        return Tensor::<4>::from_dispatch(out).swap_dims(1, 2).reshape([b, sq, c]);
-    }
-    if !causal && tuned(&q, sk) {
-        let out = Dispatch::attention_tuned(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), step, true);
-        return Tensor::<4>::from_dispatch(out).swap_dims(1, 2).reshape([b, sq, c]);
-    }
-    let mut outs = Vec::with_capacity(sq.div_ceil(step));
-    for start in (0..sq).step_by(step) {
-        let end = (start + step).min(sq);
-        let qc = if step == sq { q.clone() } else { q.clone().slice([0..b, 0..heads, start..end]) };
-        let mask = causal.then(|| causal_mask(start..end, sk, [b, heads], &qc.device()));
-        outs.push(sdpa(qc, k.clone(), v.clone(), mask, None, options(d)));
-    }
-    let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
+        let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+        Tensor::from_dispatch(Dispatch::attention_chunked(q, k, v, step))
+    } else if !causal && tuned(&q, sk) {
+        let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+        Tensor::from_dispatch(Dispatch::attention_tuned(q, k, v, step, true))
+    } else {
+        let mut outs: Vec<Tensor<4>> = rows(sq, step)
+            .map(|r| {
+                let qc = if r.len() == sq { q.clone() } else { q.clone().slice([0..b, 0..heads, r.clone()]) };
+                let mask = causal.then(|| causal_mask(r, sk, [b, heads], &qc.device()));
+                sdpa(qc, k.clone(), v.clone(), mask, None, options(d))
+            })
+            .collect();
+        if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) }
+    };
     out.swap_dims(1, 2).reshape([b, sq, c])
 }
 
@@ -79,7 +80,7 @@ pub fn attention_with_budget(
 /// kernels take, the shaders on, and enough work to be worth a tuning run.
 fn tuned(q: &Tensor<4>, keys: usize) -> bool {
     let [b, h, sq, d] = q.dims();
-    !*NAIVE && d <= MAX_FLASH_HEAD && b * h * sq * keys * d >= 1 << 24 && crate::shaders::matmul::applies(q)
+    !*NAIVE && d <= MAX_FLASH_HEAD && b * h * sq * keys * d >= MIN_WORK && crate::shaders::matmul::applies(q)
 }
 
 /// `SDW_ATTENTION=naive` computes softmax(QK^T)V with separate kernels instead of burn's
@@ -98,6 +99,30 @@ const MAX_FLASH_HEAD: usize = 256;
 pub(super) fn options(d: usize) -> AttentionModuleOptions {
     let scale = (*NAIVE || d > MAX_FLASH_HEAD).then(|| 1.0 / (d as f64).sqrt());
     AttentionModuleOptions { scale, ..Default::default() }
+}
+
+// Backend-level pieces of chunked attention, shared by training's op (`attention_grad`) and
+// the tuned products (`attention_tuned`).
+
+/// The rows of each chunk of `n` query rows.
+pub(super) fn rows(n: usize, chunk: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let chunk = chunk.max(1);
+    (0..n).step_by(chunk).map(move |start| start..(start + chunk).min(n))
+}
+
+/// Rows `r` of dimension 2 of a `[B, H, S, D]` tensor.
+pub(super) fn slice<B: Backend>(t: &FloatTensor<B>, r: &std::ops::Range<usize>) -> FloatTensor<B> {
+    let s = t.shape();
+    B::float_slice(
+        t.clone(),
+        &[Slice::from(0..s[0]), Slice::from(0..s[1]), Slice::from(r.clone()), Slice::from(0..s[3])],
+    )
+}
+
+/// Softmax over the last of 4 dimensions.
+pub(super) fn softmax<B: Backend>(s: FloatTensor<B>) -> FloatTensor<B> {
+    let e = B::float_exp(B::float_sub(s.clone(), B::float_max_dim(s, 3)));
+    B::float_div(e.clone(), B::float_sum_dim(e, 3))
 }
 
 /// `true` where key `j` comes after query `i` (hidden), for query rows `rows`.

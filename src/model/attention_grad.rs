@@ -17,7 +17,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::wgpu::CubeBackend;
 use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};
-use burn::tensor::Slice;
+
+use super::attention::{options, rows, slice, softmax};
 
 #[backend_extension(Cube, Fusion, Flex, Autodiff)]
 pub trait AttentionGradOps: Backend {
@@ -78,7 +79,7 @@ impl<B: Backend + AttentionGradOps, C: CheckpointStrategy> AttentionGradOps for 
 fn forward<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, chunk: usize) -> FloatTensor<B> {
     let d = q.shape()[3];
     let mut parts = rows(q.shape()[2], chunk)
-        .map(|r| B::attention(slice::<B>(&q, &r), k.clone(), v.clone(), None, None, super::attention::options(d)))
+        .map(|r| B::attention(slice::<B>(&q, &r), k.clone(), v.clone(), None, None, options(d)))
         .collect::<Vec<_>>();
     if parts.len() == 1 { parts.pop().expect("one part") } else { B::float_cat(parts, 2) }
 }
@@ -112,27 +113,6 @@ fn backward<B: Backend>(
     }
     let (dk, dv) = (dk.expect("at least one query"), dv.expect("at least one query"));
     (B::float_cat(dq, 2), dk, dv)
-}
-
-/// The rows of each chunk of `n` query rows.
-pub(super) fn rows(n: usize, chunk: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let chunk = chunk.max(1);
-    (0..n).step_by(chunk).map(move |start| start..(start + chunk).min(n))
-}
-
-/// Rows `r` of dimension 2 of a `[B, H, S, D]` tensor.
-pub(super) fn slice<B: Backend>(t: &FloatTensor<B>, r: &std::ops::Range<usize>) -> FloatTensor<B> {
-    let s = t.shape();
-    B::float_slice(
-        t.clone(),
-        &[Slice::from(0..s[0]), Slice::from(0..s[1]), Slice::from(r.clone()), Slice::from(0..s[3])],
-    )
-}
-
-/// Softmax over the last of 4 dimensions.
-pub(super) fn softmax<B: Backend>(s: FloatTensor<B>) -> FloatTensor<B> {
-    let e = B::float_exp(B::float_sub(s.clone(), B::float_max_dim(s, 3)));
-    B::float_div(e.clone(), B::float_sum_dim(e, 3))
 }
 
 #[cfg(test)]

@@ -13,8 +13,7 @@ use burn::cubecl::CubeTuneId;
 use burn::cubecl::tune::{LocalTuner, Tunable, TunableSet, local_tuner};
 use burn::tensor::Tensor;
 
-use super::attention::options;
-use super::attention_grad::{rows, slice, softmax};
+use super::attention::{options, rows, slice, softmax};
 use crate::shaders::matmul::{MatmulOps, TUNED};
 
 #[backend_extension(Cube, Fusion, Flex)]
