@@ -2,7 +2,7 @@
 //! burn's flex CPU backend.
 
 use std::path::PathBuf;
-use std::sync::{Once, OnceLock};
+use std::sync::{LazyLock, Once, OnceLock};
 
 use burn::BurnConfig;
 use burn::cubecl::config::RuntimeConfig;
@@ -103,6 +103,8 @@ struct WgpuState {
     info: wgpu::AdapterInfo,
     features: wgpu::Features,
     limits: wgpu::Limits,
+    /// The cooperative-matrix products the adapter offers (tensor cores).
+    cooperative: Vec<wgpu::CooperativeMatrixProperties>,
     max_binding: usize,
     /// sdw's kernel cache, where it is still empty: this is the first run.
     fresh_kernel_cache: Option<PathBuf>,
@@ -131,6 +133,7 @@ fn wgpu_state() -> &'static Result<WgpuState, String> {
             info: setup.adapter.get_info(),
             features: setup.device.features(),
             limits,
+            cooperative: setup.adapter.cooperative_matrix_properties(),
             max_binding: binding,
             fresh_kernel_cache,
         })
@@ -237,7 +240,7 @@ pub fn adapter_details() -> Result<Vec<(&'static str, String)>, DeviceError> {
         ("driver", format!("{} {}", i.driver, i.driver_info).trim().to_string()),
         ("shader f16", yes(f.contains(wgpu::Features::SHADER_F16))),
         ("subgroups", subgroups),
-        ("cooperative matrix", yes(f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX))),
+        ("cooperative matrix", cooperative(s)),
         ("max storage binding", format!("{} MiB", l.max_storage_buffer_binding_size >> 20)),
         ("max buffer", format!("{} MiB", l.max_buffer_size >> 20)),
         (
@@ -252,6 +255,49 @@ pub fn adapter_details() -> Result<Vec<(&'static str, String)>, DeviceError> {
         ),
         ("workgroup memory", format!("{} KiB", l.max_compute_workgroup_storage_size >> 10)),
     ])
+}
+
+fn cooperative(s: &WgpuState) -> String {
+    if !s.features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) || s.cooperative.is_empty() {
+        return "no".into();
+    }
+    let products: Vec<String> = s
+        .cooperative
+        .iter()
+        .map(|p| format!("{}x{}x{} {:?}->{:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type))
+        .collect();
+    format!("yes, {}", products.join(", "))
+}
+
+/// How a GPU's cooperative matrices multiply f16 into f32 sums, for
+/// `shaders/matmul_coop.wgsl`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CooperativeF16 {
+    /// Rows, columns and depth of one product: 16 (NVIDIA, AMD), or 8 (lavapipe, Apple).
+    pub fragment: u32,
+    /// Threads per subgroup, the same for every subgroup.
+    pub subgroup: u32,
+}
+
+/// The adapter's square f16 -> f32 cooperative products, the larger where it has both; none
+/// where it has none or its subgroups vary in size (the shader counts on four per workgroup),
+/// or with `SDW_COOPERATIVE=off` (to tell a driver's fault there from the rest).
+pub fn f16_cooperative() -> Option<CooperativeF16> {
+    static OFF: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_COOPERATIVE").as_deref() == Ok("off"));
+    let s = wgpu_state().as_ref().ok().filter(|_| !*OFF)?;
+    let features =
+        wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16;
+    if !s.features.contains(features) || s.info.subgroup_min_size != s.info.subgroup_max_size {
+        return None;
+    }
+    let fragment = s
+        .cooperative
+        .iter()
+        .filter(|p| p.ab_type == wgpu::CooperativeScalarType::F16 && p.cr_type == wgpu::CooperativeScalarType::F32)
+        .filter(|p| p.m_size == p.n_size && p.n_size == p.k_size)
+        .map(|p| p.m_size)
+        .max()?;
+    Some(CooperativeF16 { fragment, subgroup: s.info.subgroup_min_size })
 }
 
 fn gpu(s: &WgpuState) -> Compute {

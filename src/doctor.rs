@@ -26,12 +26,24 @@ use crate::model::conv::conv;
 use crate::model::layers::{geglu, gelu, to_host, upsample_nearest_2x, upsample_nearest_to};
 use crate::model::unet::Trace;
 use crate::pipeline::StableDiffusion;
+use crate::shaders::matmul::Kernel;
 use crate::shaders::{group_norm, matmul};
 use crate::weights::HostTensor;
 use crate::weights::synthetic::Architecture;
 
 /// Relative error a correct fp32 op or module meets (the fixtures' README).
 pub const BOUND: f64 = 1e-4;
+
+/// Relative error of a product of f16 operands whose output is rounded to f16 (2^-11 of each
+/// element at most; 2e-4 measured), against the same product rounded only at the end.
+pub const F16_OUTPUT_BOUND: f64 = 1e-3;
+
+/// One computation to compare, and the bound it must meet.
+pub struct Check {
+    pub name: String,
+    pub op: Op,
+    pub bound: f64,
+}
 
 /// One compared computation.
 #[derive(Clone, Debug)]
@@ -69,19 +81,26 @@ type GroupNormFn = fn(&GroupNorm, Tensor<4>, bool) -> Tensor<4>;
 type MatmulFn = fn(Tensor<3>, Tensor<3>) -> Tensor<3>;
 
 /// What a check computes, on whichever device it is given.
-type Op = Box<dyn Fn(&Device) -> HostTensor>;
+pub type Op = Box<dyn Fn(&Device) -> HostTensor>;
 
 /// The checks for images of `size` pixels (SD 1.5 runs 512: a 64x64 latent).
-pub fn checks(size: usize) -> Vec<(String, Op)> {
+pub fn checks(size: usize) -> Vec<Check> {
     let s = (size / 8).max(8);
     let half = s / 2;
-    let mut list: Vec<(String, Op)> = Vec::new();
-    let mut add = |name: String, op: Op| list.push((name, op));
+    let mut list: Vec<Check> = Vec::new();
+    // f16 products on cooperative matrices (tensor cores), where the adapter offers them to
+    // WGSL: the only check with f16 operands, so it has its own bound.
+    if crate::device::f16_cooperative().is_some() {
+        let name = format!("matmul f16 {}x320 @ 320x1280 (sdw tensor-core shader)", 2 * s * s);
+        let op: Op = Box::new(move |d| f16_product([2, s * s, 320, 1280], d));
+        list.push(Check { name, op, bound: F16_OUTPUT_BOUND });
+    }
+    let mut add = |name: String, op: Op| list.push(Check { name, op, bound: BOUND });
 
     // Linear layers: token projections and the feed-forward widths, by burn's matmul and by
     // sdw's shader (which autotune may choose on a WGSL device).
     let products: [(&str, MatmulFn); 2] =
-        [("", |x, w| x.matmul(w)), (" (sdw shader, tile 128)", |x, w| matmul::matmul_shader(x, w, 128))];
+        [("", |x, w| x.matmul(w)), (" (sdw shader, tile 128)", |x, w| matmul::matmul_with(x, w, Kernel::Tiled(128)))];
     for (label, product) in products {
         add(
             format!("matmul {}x320 @ 320x1280 + bias{label}", 2 * s * s),
@@ -97,7 +116,7 @@ pub fn checks(size: usize) -> Vec<(String, Op)> {
         format!("matmul 16x{0}x40 @ (16x{0}x40)^T (sdw shader, tile 64)", half * half),
         Box::new(move |d| {
             let (q, k) = (input([16, half * half, 40], 6, d), input([16, half * half, 40], 7, d));
-            to_host(matmul::matmul_shader(q, k.swap_dims(1, 2), 64))
+            to_host(matmul::matmul_with(q, k.swap_dims(1, 2), Kernel::Tiled(64)))
         }),
     );
     add(
@@ -369,6 +388,19 @@ fn tiny_shape_checks() -> Vec<(String, Op)> {
     list
 }
 
+/// `[b, m, k] x [k, n]` with operands rounded to f16: on a WGSL device by the cooperative-
+/// matrix shader (f16 output), elsewhere in f32 from the same f16 values.
+fn f16_product([b, m, k, n]: [usize; 4], d: &Device) -> HostTensor {
+    let x = input([b, m, k], 21, d).cast(burn::tensor::DType::F16);
+    let w = input([k, n], 22, d).mul_scalar((k as f32).powf(-0.5)).cast(burn::tensor::DType::F16).unsqueeze();
+    let y = if crate::shaders::matmul::applies(&x) {
+        matmul::matmul_with(x, w, Kernel::Cooperative(128))
+    } else {
+        x.cast(burn::tensor::DType::F32).matmul(w.cast(burn::tensor::DType::F32))
+    };
+    to_host(y.cast(burn::tensor::DType::F32))
+}
+
 /// A `k x k` convolution `cin -> cout` with `stride` on a batch of 2 `side x side` inputs.
 fn conv_check(cin: usize, cout: usize, k: usize, stride: usize, side: usize, seed: u64) -> Op {
     Box::new(move |d| to_host(conv(&conv2d(cin, cout, k, stride, seed, d), input([2, cin, side, side], seed + 100, d))))
@@ -394,8 +426,8 @@ pub fn run(
     crate::model::budget::fit(compute.max_binding);
     let cpu = crate::device::cpu().device;
     let mut results = Vec::new();
-    for (name, op) in checks(size).into_iter().filter(|(name, _)| only.is_none_or(|o| name.contains(o))) {
-        let result = compare(&name, &op, &compute.device, &cpu);
+    for check in checks(size).into_iter().filter(|c| only.is_none_or(|o| c.name.contains(o))) {
+        let result = compare(&check, &compute.device, &cpu);
         report(&result);
         results.push(result);
     }
@@ -417,7 +449,7 @@ pub fn trace_unet(compute: &Compute) -> Vec<(String, f64)> {
     want.into_iter().zip(got).map(|((name, w), (_, g))| (name, rel_err(&g.data, &w.data))).collect()
 }
 
-fn compare(name: &str, op: &Op, device: &Device, cpu: &Device) -> CheckResult {
+fn compare(Check { name, op, bound }: &Check, device: &Device, cpu: &Device) -> CheckResult {
     // A kernel that panics on some driver (or on the CPU) must fail its check, not end the report.
     let run = |d: &Device| catch_unwind(AssertUnwindSafe(|| op(d)));
     let want = run(cpu);
@@ -430,7 +462,7 @@ fn compare(name: &str, op: &Op, device: &Device, cpu: &Device) -> CheckResult {
         (Err(panic), _) => (f64::NAN, Some(panic_text(&panic))),
         (_, Err(panic)) => (f64::NAN, Some(format!("on the CPU backend {}", panic_text(&panic)))),
     };
-    CheckResult { name: name.to_owned(), error, bound: BOUND, millis, note }
+    CheckResult { name: name.to_owned(), error, bound: *bound, millis, note }
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {

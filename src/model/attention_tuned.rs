@@ -14,7 +14,7 @@ use burn::cubecl::tune::{LocalTuner, Tunable, TunableSet, local_tuner};
 use burn::tensor::Tensor;
 
 use super::attention::{options, rows, slice, softmax};
-use crate::shaders::matmul::{MatmulOps, TUNED};
+use crate::shaders::matmul::{Kernel, MatmulOps};
 
 #[backend_extension(Cube, Fusion, Flex)]
 pub trait TunedAttentionOps: Backend {
@@ -90,8 +90,8 @@ fn products<B: Backend + MatmulOps>(
     let q = B::float_mul_scalar(q, scale.into());
     let mut parts = rows(q.shape()[2], chunk)
         .map(|r| {
-            let p = softmax::<B>(B::sdw_matmul(slice::<B>(&q, &r), kt.clone(), TUNED));
-            B::sdw_matmul(p, v.clone(), TUNED)
+            let p = softmax::<B>(B::sdw_matmul(slice::<B>(&q, &r), kt.clone(), Kernel::Tuned));
+            B::sdw_matmul(p, v.clone(), Kernel::Tuned)
         })
         .collect::<Vec<_>>();
     if parts.len() == 1 { parts.pop().expect("one part") } else { B::float_cat(parts, 2) }

@@ -1,12 +1,16 @@
-//! Matrix products on WGSL devices: `shaders/matmul.wgsl` (a register-tiled product that
-//! reads its operands through strides) or burn's matmul, whichever cubecl's autotune measures
-//! faster for the problem on this device. On an H200 burn's best WGSL kernel ran at 6 TFLOP/s,
-//! a tenth of the card's f32 rate, and the UNet step is mostly matrix products (its
-//! convolutions are products too, `model::conv`). The choice is cached with burn's own
-//! (`~/.cache/sdw/kernels`), so it is measured once per GPU and shape.
+//! Matrix products on WGSL devices: sdw's shaders or burn's matmul, whichever cubecl's
+//! autotune measures faster for the problem on this device. On an H200 burn's best WGSL
+//! kernel ran at 6 TFLOP/s, a tenth of the card's f32 rate, and the UNet step is mostly
+//! matrix products (its convolutions are products too, `model::conv`). The candidates:
+//! - `shaders/matmul.wgsl`, a register-tiled product for f32 and f16 that runs on any GPU;
+//! - `shaders/matmul_coop.wgsl`, an f16 product on cooperative matrices (tensor cores), where
+//!   the adapter offers them to WGSL (`device::f16_cooperative`);
+//! - burn's matmul.
 //!
-//! Elsewhere — the CPU, SPIR-V devices, tensors that carry gradients (training), other
-//! dtypes, small products — it is burn's matmul. `SDW_SHADERS=off` turns the shader off.
+//! The choice is cached with burn's own (`~/.cache/sdw/kernels`), so it is measured once per
+//! GPU and shape. Elsewhere — the CPU, SPIR-V devices, tensors that carry gradients
+//! (training), other dtypes, small products — it is burn's matmul. `SDW_SHADERS=off` turns
+//! the shaders off.
 
 use std::sync::OnceLock;
 
@@ -16,18 +20,24 @@ use burn::cubecl::CubeTuneId;
 use burn::cubecl::prelude::KernelId;
 use burn::cubecl::server::KernelArguments;
 use burn::cubecl::tune::{LocalTuner, Tunable, TunableSet, local_tuner};
-use burn::cubecl::{CubeCount, CubeDim};
+use burn::cubecl::{CubeCount, CubeDim, CubeKernel};
 use burn::nn::Linear;
 use burn::tensor::{DType, Shape, Tensor};
 
-/// The shader's tiles (rows and columns of the product per workgroup) and its threads
-/// (`shaders/matmul.wgsl`): 128 for big products, 64 for those too small to keep every core
-/// busy with 128 x 128 tiles.
+/// The shaders' tiles (rows and columns of the product per workgroup): 128 for big products,
+/// 64 for those too small to keep every core busy with 128 x 128 tiles.
 pub const TILES: [usize; 2] = [128, 64];
-const THREADS: u32 = 256;
 
-/// `sdw_matmul`'s `tile` that asks for the fastest of the shader's tiles and burn's kernels.
-pub const TUNED: usize = 0;
+/// Which kernel computes a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// The fastest of the shaders and burn's kernels for this device, dtype and shape.
+    Tuned,
+    /// `shaders/matmul.wgsl` with tiles of 128 or 64.
+    Tiled(usize),
+    /// `shaders/matmul_coop.wgsl` with tiles of 128 or 64: f16 on cooperative matrices.
+    Cooperative(usize),
+}
 
 /// Products smaller than this (M·N·K) are not worth a tuning run: burn's kernel. Attention
 /// takes the same bound for its Q K^T (`model::attention_tuned`).
@@ -35,11 +45,11 @@ pub const MIN_WORK: usize = 1 << 24;
 
 #[backend_extension(Cube, Fusion, Flex)]
 pub trait MatmulOps: Backend {
-    /// `lhs · rhs` with burn's matmul semantics: sdw's shader with tiles of `tile` wherever
-    /// it can run, or with `tile` 0 the fastest of the shader's tiles and burn's kernels.
+    /// `lhs · rhs` with burn's matmul semantics, by `kernel` wherever it can run (else by
+    /// burn's matmul).
     #[fusion(dtype = lhs, shape = output_shape(lhs, rhs))]
-    fn sdw_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, tile: usize) -> FloatTensor<Self> {
-        let _ = tile;
+    fn sdw_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, kernel: Kernel) -> FloatTensor<Self> {
+        let _ = kernel;
         Self::float_matmul(lhs, rhs)
     }
 }
@@ -52,10 +62,10 @@ pub fn output_shape(lhs: &Shape, rhs: &Shape) -> Shape {
     Shape::from(dims)
 }
 
-/// `lhs · rhs`: on a WGSL device the fastest of sdw's shader and burn's matmul, else burn's.
+/// `lhs · rhs`: on a WGSL device the fastest of sdw's shaders and burn's matmul, else burn's.
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     if shader_may_run(&lhs, &rhs) && worth_tuning(lhs.dims()[D - 2], lhs.dims()[D - 1], rhs.dims()[D - 1]) {
-        product(lhs, rhs, TUNED)
+        product(lhs, rhs, Kernel::Tuned)
     } else {
         lhs.matmul(rhs)
     }
@@ -81,15 +91,18 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     y.reshape(dims)
 }
 
-/// `lhs · rhs` by sdw's shader with tiles of `tile` (one of [`TILES`]) wherever it can run
-/// (f32/f16 on a WGSL device), to test it.
-pub fn matmul_shader<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, tile: usize) -> Tensor<D> {
-    assert!(TILES.contains(&tile), "the shader has no {tile} x {tile} tile");
-    if shader_may_run(&lhs, &rhs) { product(lhs, rhs, tile) } else { lhs.matmul(rhs) }
+/// `lhs · rhs` by `kernel`, to test it: on a WGSL device it panics where the kernel cannot run
+/// the product ([`Kernel::Cooperative`] needs f16 and cooperative matrices); elsewhere (the
+/// CPU, SPIR-V) it is burn's matmul.
+pub fn matmul_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Tensor<D> {
+    if let Kernel::Tiled(tile) | Kernel::Cooperative(tile) = kernel {
+        assert!(TILES.contains(&tile), "the shaders have no {tile} x {tile} tile");
+    }
+    if shader_may_run(&lhs, &rhs) { product(lhs, rhs, kernel) } else { lhs.matmul(rhs) }
 }
 
-fn product<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, tile: usize) -> Tensor<D> {
-    Tensor::from_dispatch(burn::backend::Dispatch::sdw_matmul(lhs.into_dispatch(), rhs.into_dispatch(), tile))
+fn product<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Tensor<D> {
+    Tensor::from_dispatch(burn::backend::Dispatch::sdw_matmul(lhs.into_dispatch(), rhs.into_dispatch(), kernel))
 }
 
 /// Untracked f32/f16 tensors of one dtype on a cubecl device (whether it compiles WGSL is
@@ -115,22 +128,30 @@ fn worth_tuning(m: usize, k: usize, n: usize) -> bool {
 impl MatmulOps for Flex {}
 
 impl MatmulOps for CubeBackend {
-    fn sdw_matmul(lhs: CubeTensor, rhs: CubeTensor, tile: usize) -> CubeTensor {
+    fn sdw_matmul(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> CubeTensor {
         if lhs.client.name() != "wgpu<wgsl>" {
             return burns(lhs, rhs);
         }
-        if tile != TUNED {
-            return ours(lhs.clone(), rhs.clone(), tile).unwrap_or_else(|_| burns(lhs, rhs));
+        if kernel != Kernel::Tuned {
+            // Asked for by tests and `sdw doctor`: a kernel that cannot run must not pass as one.
+            return ours(lhs, rhs, kernel).unwrap_or_else(|why| panic!("{kernel:?} cannot run this product: {why}"));
         }
         static TUNER: LocalTuner<String, CubeTuneId> = local_tuner!("matmul");
         let client = lhs.client.clone();
         let id = CubeTuneId::new(&lhs.client, &lhs.device);
         let set = TUNER.init(&id, || {
+            let candidate = |name: &str, kernel: Kernel| {
+                Tunable::new(name, move |(l, r): (CubeTensor, CubeTensor)| ours(l, r, kernel))
+            };
             // burn's kernel first: where tuning cannot finish at once (wasm), the first runs.
+            // A shader that cannot run a product (cooperative matrices on f32, say) says so,
+            // and the tuner passes over it.
             TunableSet::new(key, |_: &String, (l, r): &(CubeTensor, CubeTensor)| (l.clone(), r.clone()))
                 .with(Tunable::new("burn", |(l, r): (CubeTensor, CubeTensor)| Ok::<_, String>(burns(l, r))))
-                .with(Tunable::new("sdw_wgsl", |(l, r): (CubeTensor, CubeTensor)| ours(l, r, 128)))
-                .with(Tunable::new("sdw_wgsl_64", |(l, r): (CubeTensor, CubeTensor)| ours(l, r, 64)))
+                .with(candidate("sdw_wgsl", Kernel::Tiled(128)))
+                .with(candidate("sdw_wgsl_64", Kernel::Tiled(64)))
+                .with(candidate("sdw_coop", Kernel::Cooperative(128)))
+                .with(candidate("sdw_coop_64", Kernel::Cooperative(64)))
         });
         TUNER.execute(&id, &client, set, (lhs, rhs))
     }
@@ -145,8 +166,10 @@ fn float_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTe
 }
 
 /// The autotune key: dtype, batch and sizes in power-of-two buckets (burn's matmul buckets
-/// them too), the operands' layouts, which decide how the shader reads them, and the
-/// shader's hash, so that a user's edited shader (`--shader-dir`) is measured anew.
+/// them too), the operands' layouts, which decide how the shaders read them, the shaders'
+/// hashes, so that a user's edited shader (`--shader-dir`) is measured anew, and the
+/// cooperative matrices the tensor-core shader would use (none with `SDW_COOPERATIVE=off`:
+/// a choice of it must not be replayed then).
 fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
     let (l, r) = (lhs.meta.shape(), rhs.meta.shape());
     let rank = l.num_dims();
@@ -163,7 +186,7 @@ fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
         }
     };
     format!(
-        "{:?} batch {} m {} k {} n {} lhs {} rhs {} shader {:016x}",
+        "{:?} batch {} m {} k {} n {} lhs {} rhs {} shaders {:016x} {:016x} cooperative {}",
         lhs.dtype,
         bucket(batch),
         bucket(l[rank - 2]),
@@ -171,15 +194,22 @@ fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
         bucket(r[rank - 1]),
         layout(lhs),
         layout(rhs),
-        template().hash
+        tiled().hash,
+        cooperative().hash,
+        crate::device::f16_cooperative().map_or("none".into(), |c| format!("{}/{}", c.fragment, c.subgroup))
     )
 }
 
-/// The shader's text for this process (built in or the user's), looked up once: the tune
-/// key needs its hash for every product.
-fn template() -> &'static super::Template {
+/// The shaders' texts for this process (built in or the user's), looked up once: the tune
+/// key needs their hashes for every product.
+fn tiled() -> &'static super::Template {
     static TEMPLATE: OnceLock<super::Template> = OnceLock::new();
     TEMPLATE.get_or_init(|| super::template(super::builtin("matmul.wgsl")))
+}
+
+fn cooperative() -> &'static super::Template {
+    static TEMPLATE: OnceLock<super::Template> = OnceLock::new();
+    TEMPLATE.get_or_init(|| super::template(super::builtin("matmul_coop.wgsl")))
 }
 
 /// One operand as the shader reads it: batch, row and column strides in elements.
@@ -188,8 +218,23 @@ struct Operand {
     strides: [usize; 3],
 }
 
-/// Runs the shader with tiles of `tile`, or says why it cannot (the tuner then skips it).
-fn ours(lhs: CubeTensor, rhs: CubeTensor, tile: usize) -> Result<CubeTensor, String> {
+/// Runs one of the shaders, or says why it cannot (the tuner then skips it).
+fn ours(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> Result<CubeTensor, String> {
+    let (tile, task): (usize, Box<dyn CubeKernel>) = match kernel {
+        Kernel::Tuned => return Err("not a shader".into()),
+        Kernel::Tiled(tile) => {
+            let source = Tiled { dtype: lhs.dtype, tile, template: tiled().clone() };
+            (tile, Box::new(SourceKernel::new(source, CubeDim::new_1d(256))))
+        }
+        Kernel::Cooperative(tile) => {
+            let how = crate::device::f16_cooperative().ok_or("no f16 cooperative matrices")?;
+            if lhs.dtype != DType::F16 {
+                return Err("cooperative matrices take f16".into());
+            }
+            let source = Cooperative { tile, how, template: cooperative().clone() };
+            (tile, Box::new(SourceKernel::new(source, CubeDim::new_1d(4 * how.subgroup))))
+        }
+    };
     let out_shape = output_shape(lhs.meta.shape(), rhs.meta.shape());
     let rank = out_shape.num_dims();
     let batch: usize = out_shape.iter().take(rank - 2).product();
@@ -222,9 +267,8 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, tile: usize) -> Result<CubeTensor, Str
     let [bbs, brs, bcs] = b.strides;
     let info = [m, n, k, abs, ars, acs, bbs, brs, bcs].map(|v| v as u32);
     let info = client.create_from_slice(bytemuck::cast_slice(&info));
-    let kernel = MatmulKernel { dtype, tile, template: template().clone() };
     client.launch(
-        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(THREADS))),
+        task,
         CubeCount::Static(n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, batch as u32),
         KernelArguments::new().with_buffers(vec![
             a.tensor.handle.clone().binding(),
@@ -265,13 +309,14 @@ fn batch_stride(dims: &[usize], strides: &[usize]) -> Option<usize> {
     merges.then(|| kept.last().map_or(0, |&(_, s)| s))
 }
 
-struct MatmulKernel {
+/// `shaders/matmul.wgsl`: 256 threads per workgroup.
+struct Tiled {
     dtype: DType,
     tile: usize,
     template: super::Template,
 }
 
-impl KernelSource for MatmulKernel {
+impl KernelSource for Tiled {
     fn source(&self) -> SourceTemplate {
         let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
         let tile = self.tile.to_string();
@@ -284,6 +329,32 @@ impl KernelSource for MatmulKernel {
     fn id(&self) -> KernelId {
         // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
         KernelId::new::<Self>().info((format!("{:?}", self.dtype), self.tile, self.template.hash))
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+/// `shaders/matmul_coop.wgsl`: four subgroups per workgroup, each a quarter of the tile.
+struct Cooperative {
+    tile: usize,
+    how: crate::device::CooperativeF16,
+    template: super::Template,
+}
+
+impl KernelSource for Cooperative {
+    fn source(&self) -> SourceTemplate {
+        let frags = (self.tile as u32 / (2 * self.how.fragment)).to_string();
+        let (frag, subgroup) = (self.how.fragment.to_string(), self.how.subgroup.to_string());
+        SourceTemplate::new(super::fill(
+            &self.template.text,
+            &[("frag", &frag), ("frags", &frags), ("subgroup", &subgroup)],
+        ))
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((self.tile, self.how.fragment, self.how.subgroup, self.template.hash))
     }
 
     fn lang(&self) -> &'static str {

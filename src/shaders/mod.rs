@@ -29,6 +29,11 @@ pub const SHADERS: &[Shader] = &[
         source: include_str!("../../shaders/matmul.wgsl"),
         example_values: &[("elem", "f32"), ("tile", "128"), ("extensions", "")],
     },
+    Shader {
+        name: "matmul_coop.wgsl",
+        source: include_str!("../../shaders/matmul_coop.wgsl"),
+        example_values: &[("frag", "16"), ("frags", "4"), ("subgroup", "32")],
+    },
 ];
 
 /// The built-in shader of that file name.

@@ -7,6 +7,7 @@ use burn::module::Param;
 use burn::nn::GroupNorm;
 use burn::tensor::{DType, Tensor};
 use sdw::model::layers::{to_device, to_host};
+use sdw::shaders::matmul::Kernel;
 use sdw::shaders::{self, SHADERS, group_norm, matmul};
 use sdw::weights::HostTensor;
 
@@ -70,79 +71,98 @@ fn host_product(a: &[f32], b: &[f32], [batch, m, k, n]: [usize; 4], b_batched: b
     out
 }
 
-/// `shaders/matmul.wgsl`, with each of its tiles, against the f64 product on the host: sizes
-/// that are not multiples of its tiles, either operand broadcast over the batch (a
-/// convolution's weight is the left one) and transposed views (read through their strides, no copy), views at an offset
-/// into their buffer, batch dims that need a copy, f16. And `matmul::matmul` (the fastest of the shader and burn's kernels) on a
-/// product big enough to be tuned.
+/// The matrix-product shaders, each with each tile and dtype it takes (`matmul.wgsl`: f32 and
+/// f16; `matmul_coop.wgsl`: f16, where the adapter has cooperative matrices), against the f64
+/// product on the host: sizes that are not multiples of the tiles, either operand broadcast
+/// over the batch (a convolution's weight is the left one), transposed views (read through
+/// their strides, no copy), views at an offset into their buffer, batch dims that need a
+/// copy. And `matmul::matmul` (the fastest of the shaders and burn's kernels) on a product big
+/// enough to be tuned.
 #[test]
-fn matmul_shader_matches_the_product() {
+fn matmul_shaders_match_the_product() {
     if wgpu_skipped() {
         return;
     }
     let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
     let d = &gpu.device;
-    let values = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
-    let half = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<_>>();
-    for tile in matmul::TILES {
-        for (batch, m, k, n, b_batched) in
-            [(2, 300, 200, 150, true), (3, 70, 36, 260, false), (1, 1, 5, 1, true), (2, 129, 1, 131, true)]
-        {
-            let bb = if b_batched { batch } else { 1 };
-            let (a, b) = (values(batch * m * k, 1), values(bb * k * n, 2));
-            let want = HostTensor::new(vec![batch, m, n], host_product(&a, &b, [batch, m, k, n], b_batched));
-            let what = format!("[{batch},{m},{k}] x [{bb},{k},{n}], tile {tile}");
-            let (ad, bd) = (to_device(a.clone(), [batch, m, k], d), to_device(b.clone(), [bb, k, n], d));
-            assert_close(&format!("matmul {what}"), &to_host(matmul::matmul_shader(ad, bd, tile)), &want, 1e-5);
-            // Transposed views: A from [B, K, M], B from [B, N, K].
-            let at = to_device(a.clone(), [batch, m, k], d).swap_dims(1, 2).into_data();
-            let bt = to_device(b.clone(), [bb, k, n], d).swap_dims(1, 2).into_data();
-            let (at, bt) = (Tensor::<3>::from_data(at, d), Tensor::<3>::from_data(bt, d));
-            let got = matmul::matmul_shader(at.swap_dims(1, 2), bt.swap_dims(1, 2), tile);
-            assert_close(&format!("matmul transposed {what}"), &to_host(got), &want, 1e-5);
-            // f16 operands, summed in f32: only the output's rounding (2^-11 at most) remains.
-            let want16 =
-                HostTensor::new(vec![batch, m, n], host_product(&half(&a), &half(&b), [batch, m, k, n], b_batched));
-            let (a16, b16) =
-                (to_device(a, [batch, m, k], d).cast(DType::F16), to_device(b, [bb, k, n], d).cast(DType::F16));
-            let got = to_host(matmul::matmul_shader(a16, b16, tile));
-            assert_close(&format!("matmul f16 {what}"), &got, &want16, 1e-3);
-        }
-        // Two batch dims that are not laid out as one (A is stored [3, 2, ..] and seen as
-        // [2, 3, ..]): the shader gets a contiguous copy.
-        let (a, b) = (values(6 * 40 * 24, 3), values(6 * 24 * 50, 4));
-        let want = HostTensor::new(vec![6, 40, 50], host_product(&a, &b, [6, 40, 24, 50], true));
-        let block = 40 * 24;
-        let stored: Vec<f32> = (0..6).flat_map(|s| &a[((s % 2) * 3 + s / 2) * block..][..block]).copied().collect();
-        let a4 = to_device(stored, [3, 2, 40, 24], d).swap_dims(0, 1);
-        let got = matmul::matmul_shader(a4, to_device(b, [2, 3, 24, 50], d), tile);
-        let what = format!("matmul [2,3,40,24] x [2,3,24,50], tile {tile}");
-        assert_close(&what, &to_host(got.reshape([6, 40, 50])), &want, 1e-5);
-        // As a convolution's product: its weight broadcast over the batch of im2col columns.
-        let (w, cols) = (values(70 * 36, 12), values(3 * 36 * 260, 13));
-        let repeated: Vec<f32> = w.iter().copied().cycle().take(3 * 70 * 36).collect();
-        let want = HostTensor::new(vec![3, 70, 260], host_product(&repeated, &cols, [3, 70, 36, 260], true));
-        let got = matmul::matmul_shader(to_device(w, [1, 70, 36], d), to_device(cols, [3, 36, 260], d), tile);
-        assert_close(&format!("matmul [1,70,36] x [3,36,260], tile {tile}"), &to_host(got), &want, 1e-5);
-        // As attention's products read their operands: a chunk of query rows (a view at an
-        // offset into its buffer) times the keys transposed (a view through strides).
-        let (q, k) = (values(16 * 300 * 40, 10), values(16 * 300 * 40, 11));
-        let rows: Vec<f32> = (0..16).flat_map(|bh| &q[(bh * 300 + 64) * 40..][..64 * 40]).copied().collect();
-        let kt: Vec<f32> = (0..16 * 40 * 300)
-            .map(|i| (i / 12000, i / 300 % 40, i % 300))
-            .map(|(bh, p, j)| k[(bh * 300 + j) * 40 + p])
-            .collect();
-        let want = HostTensor::new(vec![16, 64, 300], host_product(&rows, &kt, [16, 64, 40, 300], true));
-        let qd = to_device(q, [2, 8, 300, 40], d).slice([0..2, 0..8, 64..128]);
-        let kd = to_device(k, [2, 8, 300, 40], d).swap_dims(2, 3);
-        let got = to_host(matmul::matmul_shader(qd, kd, tile).reshape([16, 64, 300]));
-        assert_close(&format!("matmul q[64..128] x k^T, tile {tile}"), &got, &want, 1e-5);
+    let mut kernels: Vec<(Kernel, DType)> =
+        matmul::TILES.iter().flat_map(|&t| [(Kernel::Tiled(t), DType::F32), (Kernel::Tiled(t), DType::F16)]).collect();
+    if sdw::device::f16_cooperative().is_some() {
+        kernels.extend(matmul::TILES.map(|t| (Kernel::Cooperative(t), DType::F16)));
+    } else {
+        // CI runs this test again on a lavapipe that has them (.ci/lavapipe-coop), and asks.
+        let required = std::env::var_os("SDW_TEST_REQUIRE_COOPERATIVE").is_some();
+        assert!(!required, "{} has no f16 cooperative matrices for WGSL", gpu.description);
+        eprintln!("note: {} has no f16 cooperative matrices for WGSL: matmul_coop.wgsl not tested", gpu.description);
+    }
+    for (kernel, dtype) in kernels {
+        check_product(kernel, dtype, d);
     }
     // Tuned: whichever kernel wins on this device.
+    let values = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
     let (a, b) = (values(2 * 256 * 256, 5), values(256 * 256, 6));
     let want = HostTensor::new(vec![2, 256, 256], host_product(&a, &b, [2, 256, 256, 256], false));
     let got = matmul::matmul(to_device(a, [2, 256, 256], d), to_device(b, [1, 256, 256], d));
     assert_close("tuned matmul [2,256,256] x [1,256,256]", &to_host(got), &want, 1e-5);
+}
+
+/// One shader's cases (see above). In f16 the operands are rounded to f16 on the host too:
+/// with f32 sums only the output's rounding (2^-11 at most) remains, hence 1e-3.
+fn check_product(kernel: Kernel, dtype: DType, d: &burn::tensor::Device) {
+    let f16 = dtype == DType::F16;
+    let values = |n: usize, seed: u64| {
+        let v = sdw::sampling::Philox::new(seed).randn(n);
+        if f16 { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() } else { v }
+    };
+    let bound = if f16 { 1e-3 } else { 1e-5 };
+    let on = |v: Vec<f32>, shape: [usize; 3]| to_device(v, shape, d).cast(dtype);
+    let check = |what: String, got: Tensor<3>, want: HostTensor| {
+        assert_close(&format!("{kernel:?} {dtype:?} {what}"), &to_host(got), &want, bound)
+    };
+    for (batch, m, k, n, b_batched) in
+        [(2, 300, 200, 150, true), (3, 70, 36, 260, false), (1, 1, 5, 1, true), (2, 129, 1, 131, true)]
+    {
+        let bb = if b_batched { batch } else { 1 };
+        let (a, b) = (values(batch * m * k, 1), values(bb * k * n, 2));
+        let want = HostTensor::new(vec![batch, m, n], host_product(&a, &b, [batch, m, k, n], b_batched));
+        let what = format!("[{batch},{m},{k}] x [{bb},{k},{n}]");
+        let got = matmul::matmul_with(on(a.clone(), [batch, m, k]), on(b.clone(), [bb, k, n]), kernel);
+        check(what.clone(), got, want.clone());
+        // Transposed views: A from [B, K, M], B from [B, N, K].
+        let at = on(a, [batch, m, k]).swap_dims(1, 2).into_data();
+        let bt = on(b, [bb, k, n]).swap_dims(1, 2).into_data();
+        let (at, bt) = (Tensor::<3>::from_data(at, d).cast(dtype), Tensor::<3>::from_data(bt, d).cast(dtype));
+        let got = matmul::matmul_with(at.swap_dims(1, 2), bt.swap_dims(1, 2), kernel);
+        check(format!("transposed {what}"), got, want);
+    }
+    // Two batch dims that are not laid out as one (A is stored [3, 2, ..] and seen as
+    // [2, 3, ..]): the shader gets a contiguous copy.
+    let (a, b) = (values(6 * 40 * 24, 3), values(6 * 24 * 50, 4));
+    let want = HostTensor::new(vec![6, 40, 50], host_product(&a, &b, [6, 40, 24, 50], true));
+    let block = 40 * 24;
+    let stored: Vec<f32> = (0..6).flat_map(|s| &a[((s % 2) * 3 + s / 2) * block..][..block]).copied().collect();
+    let a4 = to_device(stored, [3, 2, 40, 24], d).cast(dtype).swap_dims(0, 1);
+    let got = matmul::matmul_with(a4, to_device(b, [2, 3, 24, 50], d).cast(dtype), kernel);
+    check("[2,3,40,24] x [2,3,24,50]".into(), got.reshape([6, 40, 50]), want);
+    // As a convolution's product: its weight broadcast over the batch of im2col columns.
+    let (w, cols) = (values(70 * 36, 12), values(3 * 36 * 260, 13));
+    let repeated: Vec<f32> = w.iter().copied().cycle().take(3 * 70 * 36).collect();
+    let want = HostTensor::new(vec![3, 70, 260], host_product(&repeated, &cols, [3, 70, 36, 260], true));
+    let got = matmul::matmul_with(on(w, [1, 70, 36]), on(cols, [3, 36, 260]), kernel);
+    check("[1,70,36] x [3,36,260]".into(), got, want);
+    // As attention's products read their operands: a chunk of query rows (a view at an
+    // offset into its buffer) times the keys transposed (a view through strides).
+    let (q, k) = (values(16 * 300 * 40, 10), values(16 * 300 * 40, 11));
+    let rows: Vec<f32> = (0..16).flat_map(|bh| &q[(bh * 300 + 64) * 40..][..64 * 40]).copied().collect();
+    let kt: Vec<f32> = (0..16 * 40 * 300)
+        .map(|i| (i / 12000, i / 300 % 40, i % 300))
+        .map(|(bh, p, j)| k[(bh * 300 + j) * 40 + p])
+        .collect();
+    let want = HostTensor::new(vec![16, 64, 300], host_product(&rows, &kt, [16, 64, 40, 300], true));
+    let qd = to_device(q, [2, 8, 300, 40], d).cast(dtype).slice([0..2, 0..8, 64..128]);
+    let kd = to_device(k, [2, 8, 300, 40], d).cast(dtype).swap_dims(2, 3);
+    let got = matmul::matmul_with(qd, kd, kernel).reshape([16, 64, 300]);
+    check("q[64..128] x k^T".into(), got, want);
 }
 
 /// Attention as two products around a softmax (what `model::attention_tuned` may choose on a

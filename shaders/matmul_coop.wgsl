@@ -1,0 +1,135 @@
+// Matrix product C = A B for a batch of f16 matrices on cooperative matrices (NVIDIA's
+// tensor cores, AMD's WMMA, Intel's XMX through Vulkan's VK_KHR_cooperative_matrix), summed
+// in f32: A is M x K, B is K x N, both read through strides (a transposed or broadcast
+// operand needs no copy), C is written contiguous. Same contract as matmul.wgsl, which
+// sums on the ordinary ALUs: burn's best WGSL product reached 6 TFLOP/s on an H200, whose
+// tensor cores do ~900 TFLOP/s in f16.
+//
+// Each workgroup of four subgroups computes a TILE x TILE tile of C; each subgroup one
+// quarter of it, FRAGS x FRAGS fragments of FRAG x FRAG held in cooperative matrices. K advances
+// DEPTH at a time: the workgroup copies the TILE x DEPTH slice of A and the DEPTH x TILE slice
+// of B into workgroup memory (zero outside the matrices, so that any M, N and K work), then
+// every subgroup multiplies its fragments from there. At the end each fragment goes through
+// workgroup memory to C, where the subgroup's threads write the elements inside the matrix.
+//
+// Dispatch: (ceil(N / TILE), ceil(M / TILE), batch) workgroups of 4 x SUBGROUP threads, on
+// an adapter whose subgroups are all SUBGROUP wide and which multiplies FRAG x FRAG x FRAG
+// f16 matrices into f32 (`src/shaders/matmul.rs` checks both).
+// Template values: {{ frag }} (16, or 8 where the adapter offers only that, as lavapipe and
+// Apple GPUs do), {{ frags }} (fragments per subgroup along each side: TILE / (2 FRAG) for
+// tiles of 64 or 128), {{ subgroup }} (the adapter's subgroup size).
+// (The subgroup builtins need no `enable subgroups;`: naga does not take it yet.)
+enable f16;
+enable wgpu_cooperative_matrix;
+
+// All read_write: cubecl hands out tensors as ranges of shared buffers, and wgpu refuses a
+// buffer bound read-only and writable in one dispatch.
+@group(0) @binding(0) var<storage, read_write> a: array<f16>;
+@group(0) @binding(1) var<storage, read_write> b: array<f16>;
+@group(0) @binding(2) var<storage, read_write> c: array<f16>;
+// M, N, K; A's batch, row and column strides; B's batch, row and column strides (elements).
+@group(0) @binding(3) var<storage, read_write> info: array<u32>;
+
+const FRAG: u32 = {{ frag }}u;       // rows and columns of a fragment
+const FRAGS: u32 = {{ frags }}u;     // fragments per subgroup along M and along N
+const SUBGROUP: u32 = {{ subgroup }}u;
+const THREADS: u32 = 4u * SUBGROUP;
+const QUARTER: u32 = FRAG * FRAGS;    // rows and columns of C per subgroup
+const TILE: u32 = 2u * QUARTER;      // rows and columns of C per workgroup
+const DEPTH: u32 = 32u;              // K per step
+// Halves per row of the slices in workgroup memory: 8 spare keep the rows 16-byte aligned
+// for the cooperative loads and spread them over the banks.
+const A_ROW: u32 = DEPTH + 8u;
+const B_ROW: u32 = TILE + 8u;
+
+var<workgroup> slice_a: array<f16, TILE * A_ROW>;  // slice_a[i * A_ROW + k] = A[m0 + i, k0 + k]
+var<workgroup> slice_b: array<f16, DEPTH * B_ROW>; // slice_b[k * B_ROW + j] = B[k0 + k, n0 + j]
+var<workgroup> staged: array<f32, 4u * FRAG * FRAG>; // one fragment of C per subgroup
+
+@compute @workgroup_size(THREADS, 1, 1)
+fn main(
+    @builtin(workgroup_id) group: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+    @builtin(subgroup_id) subgroup: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let M = info[0];
+    let N = info[1];
+    let K = info[2];
+    let a_row = info[4];
+    let a_col = info[5];
+    let b_row = info[7];
+    let b_col = info[8];
+    let m0 = group.y * TILE;
+    let n0 = group.x * TILE;
+    let a_base = group.z * info[3];
+    let b_base = group.z * info[6];
+    // This subgroup's quarter of the tile.
+    let qm = (subgroup / 2u) * QUARTER;
+    let qn = (subgroup % 2u) * QUARTER;
+
+    var sums: array<coop_mat{{ frag }}x{{ frag }}<f32, C>, FRAGS * FRAGS>;
+
+    for (var k0 = 0u; k0 < K; k0 += DEPTH) {
+        // Consecutive threads read consecutive elements of the operand's contiguous dimension.
+        for (var slot = t; slot < TILE * DEPTH; slot += THREADS) {
+            var i = slot / DEPTH;
+            var k = slot % DEPTH;
+            if (a_col != 1u) {
+                i = slot % TILE;
+                k = slot / TILE;
+            }
+            var v = f16(0.0);
+            if (m0 + i < M && k0 + k < K) {
+                v = a[a_base + (m0 + i) * a_row + (k0 + k) * a_col];
+            }
+            slice_a[i * A_ROW + k] = v;
+        }
+        for (var slot = t; slot < DEPTH * TILE; slot += THREADS) {
+            var k = slot / TILE;
+            var j = slot % TILE;
+            if (b_col != 1u) {
+                k = slot % DEPTH;
+                j = slot / DEPTH;
+            }
+            var v = f16(0.0);
+            if (k0 + k < K && n0 + j < N) {
+                v = b[b_base + (k0 + k) * b_row + (n0 + j) * b_col];
+            }
+            slice_b[k * B_ROW + j] = v;
+        }
+        workgroupBarrier();
+
+        for (var k = 0u; k < DEPTH; k += FRAG) {
+            var from_b: array<coop_mat{{ frag }}x{{ frag }}<f16, B>, FRAGS>;
+            for (var j = 0u; j < FRAGS; j++) {
+                from_b[j] = coopLoadT<coop_mat{{ frag }}x{{ frag }}<f16, B>>(&slice_b[k * B_ROW + qn + FRAG * j], B_ROW);
+            }
+            for (var i = 0u; i < FRAGS; i++) {
+                let from_a = coopLoadT<coop_mat{{ frag }}x{{ frag }}<f16, A>>(&slice_a[(qm + FRAG * i) * A_ROW + k], A_ROW);
+                for (var j = 0u; j < FRAGS; j++) {
+                    sums[i * FRAGS + j] = coopMultiplyAdd(from_a, from_b[j], sums[i * FRAGS + j]);
+                }
+            }
+        }
+        // Nobody may overwrite the slices before everyone has multiplied them.
+        workgroupBarrier();
+    }
+
+    let c_base = group.z * M * N;
+    for (var f = 0u; f < FRAGS * FRAGS; f++) {
+        let at = subgroup * FRAG * FRAG;
+        coopStoreT(sums[f], &staged[at], FRAG);
+        workgroupBarrier();
+        let m = m0 + qm + FRAG * (f / FRAGS);
+        let n = n0 + qn + FRAG * (f % FRAGS);
+        for (var e = lane; e < FRAG * FRAG; e += SUBGROUP) {
+            let row = m + e / FRAG;
+            let col = n + e % FRAG;
+            if (row < M && col < N) {
+                c[c_base + row * N + col] = f16(staged[at + e]);
+            }
+        }
+        workgroupBarrier();
+    }
+}
