@@ -26,6 +26,11 @@ pub fn run(a: DoctorArgs) -> anyhow::Result<()> {
         for (key, value) in device::adapter_details()? {
             println!("  {key:<20} {value}");
         }
+        let tensor_cores = match crate::shaders::matmul::cooperative_status(&compute.device) {
+            Ok(how) => format!("runs ({0} x {0} fragments, subgroups of {1})", how.fragment, how.subgroup),
+            Err(why) => format!("left out: {why}"),
+        };
+        println!("  {:<20} {tensor_cores}", "tensor-core shader");
     }
     println!(
         "checks against the CPU backend (relative error = ||device - cpu|| / ||cpu||; times include kernel compilation):"

@@ -60,6 +60,7 @@ pub fn attention_with_budget(
         let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
         Tensor::from_dispatch(Dispatch::attention_chunked(q, k, v, step))
     } else if !causal && tuned(&q, sk) {
+        crate::shaders::matmul::prove_cooperative(&q);
         let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
         Tensor::from_dispatch(Dispatch::attention_tuned(q, k, v, step, true))
     } else {

@@ -24,6 +24,8 @@ use burn::cubecl::{CubeCount, CubeDim, CubeKernel};
 use burn::nn::Linear;
 use burn::tensor::{DType, Shape, Tensor};
 
+use crate::device::{CooperativeF16, f16_cooperative};
+
 /// The shaders' tiles (rows and columns of the product per workgroup): 128 for big products,
 /// 64 for those too small to keep every core busy with 128 x 128 tiles.
 pub const TILES: [usize; 2] = [128, 64];
@@ -65,6 +67,7 @@ pub fn output_shape(lhs: &Shape, rhs: &Shape) -> Shape {
 /// `lhs · rhs`: on a WGSL device the fastest of sdw's shaders and burn's matmul, else burn's.
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     if shader_may_run(&lhs, &rhs) && worth_tuning(lhs.dims()[D - 2], lhs.dims()[D - 1], rhs.dims()[D - 1]) {
+        prove_cooperative(&lhs);
         product(lhs, rhs, Kernel::Tuned)
     } else {
         lhs.matmul(rhs)
@@ -125,6 +128,70 @@ fn worth_tuning(m: usize, k: usize, n: usize) -> bool {
     m * k * n >= MIN_WORK && m.min(n) >= TILES[1]
 }
 
+/// Whether the tuner may offer the tensor-core shader in this process: the adapter has the
+/// cooperative matrices, and the shader computed a small product exactly here. It rests on an
+/// experimental extension, so a driver that refuses or miscompiles it must cost speed, not the
+/// image (a kernel that fails to compile fails the whole computation, not just its tuning run).
+static COOPERATIVE: OnceLock<Result<CooperativeF16, String>> = OnceLock::new();
+
+/// The tensor-core shader on `device`: how it runs, or why it is left out. Tried once per
+/// process (`sdw doctor` shows it).
+pub fn cooperative_status(device: &burn::tensor::Device) -> &'static Result<CooperativeF16, String> {
+    COOPERATIVE.get_or_init(|| {
+        if cfg!(feature = "spirv") {
+            return Err("the spirv build runs burn's kernels on Vulkan".into());
+        }
+        let how = f16_cooperative()
+            .ok_or("the adapter offers WGSL no square f16 -> f32 cooperative matrices on subgroups of one size")?;
+        cooperative_works(device).map(|()| how)
+    })
+}
+
+/// Tries the tensor-core shader on the first f16 product or attention that may be tuned,
+/// before the tuner could pick it; says so when a GPU that has the matrices fails it.
+pub fn prove_cooperative<const D: usize>(x: &Tensor<D>) {
+    if x.dtype() == DType::F16
+        && COOPERATIVE.get().is_none()
+        && let Err(why) = cooperative_status(&x.device())
+        && f16_cooperative().is_some()
+    {
+        eprintln!("note: sdw's tensor-core shader is left out on this GPU: {why}");
+    }
+}
+
+fn cooperative_proven() -> bool {
+    COOPERATIVE.get().is_some_and(|r| r.is_ok())
+}
+
+/// A 96 x 72 x 80 product of small integers (exact in f16 and in f32 sums) by the shader with
+/// each tile, against the host's.
+fn cooperative_works(device: &burn::tensor::Device) -> Result<(), String> {
+    let (m, k, n) = (96, 72, 80);
+    let small = |i: usize| ((i * 7 + i / 5) % 5) as f32 - 2.0;
+    let a: Vec<f32> = (0..m * k).map(small).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| small(i + 3)).collect();
+    let want: Vec<f32> = (0..m * n).map(|i| (0..k).map(|p| a[i / n * k + p] * b[p * n + i % n]).sum()).collect();
+    let on = |v: Vec<f32>, rows, cols| {
+        Tensor::<2>::from_data(burn::tensor::TensorData::new(v, [rows, cols]), device).cast(DType::F16)
+    };
+    let right = |tile: usize| -> Result<(), String> {
+        let got = matmul_with(on(a.clone(), m, k), on(b.clone(), k, n), Kernel::Cooperative(tile));
+        let got =
+            got.cast(DType::F32).try_into_data().map_err(|e| format!("the GPU refused it ({})", first_cause(&e)))?;
+        let got = got.try_into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        (got == want).then_some(()).ok_or_else(|| format!("its {tile} tile computed a test product wrong"))
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| TILES.iter().try_for_each(|&t| right(t))))
+        .unwrap_or_else(|_| Err("it crashed".into()))
+}
+
+/// The line of a device error that says what went wrong (wgpu's are many lines long).
+fn first_cause(e: &impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    let useful = |l: &&str| l.contains("error") || l.contains("Error") || l.contains("failed");
+    text.lines().rev().find(useful).or(text.lines().next()).unwrap_or_default().trim().to_owned()
+}
+
 impl MatmulOps for Flex {}
 
 impl MatmulOps for CubeBackend {
@@ -141,7 +208,10 @@ impl MatmulOps for CubeBackend {
         let id = CubeTuneId::new(&lhs.client, &lhs.device);
         let set = TUNER.init(&id, || {
             let candidate = |name: &str, kernel: Kernel| {
-                Tunable::new(name, move |(l, r): (CubeTensor, CubeTensor)| ours(l, r, kernel))
+                Tunable::new(name, move |(l, r): (CubeTensor, CubeTensor)| match kernel {
+                    Kernel::Cooperative(_) if !cooperative_proven() => Err("the tensor-core shader is left out".into()),
+                    _ => ours(l, r, kernel),
+                })
             };
             // burn's kernel first: where tuning cannot finish at once (wasm), the first runs.
             // A shader that cannot run a product (cooperative matrices on f32, say) says so,
@@ -168,8 +238,8 @@ fn float_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTe
 /// The autotune key: dtype, batch and sizes in power-of-two buckets (burn's matmul buckets
 /// them too), the operands' layouts, which decide how the shaders read them, the shaders'
 /// hashes, so that a user's edited shader (`--shader-dir`) is measured anew, and the
-/// cooperative matrices the tensor-core shader would use (none with `SDW_COOPERATIVE=off`:
-/// a choice of it must not be replayed then).
+/// cooperative matrices the tensor-core shader would use (none where it is left out, e.g. with
+/// `SDW_COOPERATIVE=off`: a choice of it must not be replayed then).
 fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
     let (l, r) = (lhs.meta.shape(), rhs.meta.shape());
     let rank = l.num_dims();
@@ -196,7 +266,10 @@ fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
         layout(rhs),
         tiled().hash,
         cooperative().hash,
-        crate::device::f16_cooperative().map_or("none".into(), |c| format!("{}/{}", c.fragment, c.subgroup))
+        COOPERATIVE
+            .get()
+            .and_then(|r| r.as_ref().ok())
+            .map_or("none".into(), |c| format!("{}/{}", c.fragment, c.subgroup))
     )
 }
 
@@ -227,7 +300,7 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> Result<CubeTensor, 
             (tile, Box::new(SourceKernel::new(source, CubeDim::new_1d(256))))
         }
         Kernel::Cooperative(tile) => {
-            let how = crate::device::f16_cooperative().ok_or("no f16 cooperative matrices")?;
+            let how = f16_cooperative().ok_or("no f16 cooperative matrices")?;
             if lhs.dtype != DType::F16 {
                 return Err("cooperative matrices take f16".into());
             }
@@ -339,7 +412,7 @@ impl KernelSource for Tiled {
 /// `shaders/matmul_coop.wgsl`: four subgroups per workgroup, each a quarter of the tile.
 struct Cooperative {
     tile: usize,
-    how: crate::device::CooperativeF16,
+    how: CooperativeF16,
     template: super::Template,
 }
 

@@ -88,6 +88,8 @@ fn matmul_shaders_match_the_product() {
     let mut kernels: Vec<(Kernel, DType)> =
         matmul::TILES.iter().flat_map(|&t| [(Kernel::Tiled(t), DType::F32), (Kernel::Tiled(t), DType::F16)]).collect();
     if sdw::device::f16_cooperative().is_some() {
+        // What the tuner asks before it may offer the shader.
+        assert_eq!(matmul::cooperative_status(d).as_ref().map(|_| ()), Ok(()), "the tensor-core shader's own probe");
         kernels.extend(matmul::TILES.map(|t| (Kernel::Cooperative(t), DType::F16)));
     } else {
         // CI runs this test again on a lavapipe that has them (.ci/lavapipe-coop), and asks.
