@@ -1,6 +1,5 @@
-// Matrix product C = A B for a batch of f16 matrices on cooperative matrices (NVIDIA's
-// tensor cores, AMD's WMMA, Intel's XMX through Vulkan's VK_KHR_cooperative_matrix), summed
-// in f32: A is M x K, B is K x N, both read through strides (a transposed or broadcast
+// Matrix product C = A B for a batch of f16 matrices on cooperative matrices (tensor cores,
+// through Vulkan's VK_KHR_cooperative_matrix or Metal's simdgroup matrices), summed in f32: A is M x K, B is K x N, both read through strides (a transposed or broadcast
 // operand needs no copy), C is written contiguous. Same contract as matmul.wgsl, which
 // sums on the ordinary ALUs: burn's best WGSL product reached 6 TFLOP/s on an H200, whose
 // tensor cores do ~900 TFLOP/s in f16.
@@ -12,12 +11,19 @@
 // every subgroup multiplies its fragments from there. At the end each fragment goes through
 // workgroup memory to C, where the subgroup's threads write the elements inside the matrix.
 //
+// DIRECT instead reads each fragment of A and B straight from memory into the cooperative
+// matrices, with no copy into workgroup memory and no loads thread by thread (the GPU's
+// caches serve the reuse). It needs what those loads need: M, N and K multiples of FRAG, each
+// operand contiguous along one of its dimensions, its other strides multiples of 8 (16 bytes)
+// and its first element 16-byte aligned (the launching code checks).
+//
 // Dispatch: (ceil(N / TILE), ceil(M / TILE), batch) workgroups of 4 x SUBGROUP threads, on
 // an adapter whose subgroups are all SUBGROUP wide and which multiplies FRAG x FRAG x FRAG
 // f16 matrices into f32 (`src/shaders/matmul.rs` checks both).
 // Template values: {{ frag }} (16, or 8 where the adapter offers only that, as lavapipe and
 // Apple GPUs do), {{ frags }} (fragments per subgroup along each side: TILE / (2 FRAG) for
-// tiles of 64 or 128), {{ subgroup }} (the adapter's subgroup size).
+// tiles of 64 or 128), {{ subgroup }} (the adapter's subgroup size), {{ direct }} (true or
+// false).
 // (The subgroup builtins need no `enable subgroups;`: naga does not take it yet.)
 enable f16;
 enable wgpu_cooperative_matrix;
@@ -36,6 +42,7 @@ const SUBGROUP: u32 = {{ subgroup }}u;
 const THREADS: u32 = 4u * SUBGROUP;
 const QUARTER: u32 = FRAG * FRAGS;    // rows and columns of C per subgroup
 const TILE: u32 = 2u * QUARTER;      // rows and columns of C per workgroup
+const DIRECT: bool = {{ direct }};
 const DEPTH: u32 = 32u;              // K per step
 // Halves per row of the slices in workgroup memory: 8 spare keep the rows 16-byte aligned
 // for the cooperative loads and spread them over the banks.
@@ -45,6 +52,10 @@ const B_ROW: u32 = TILE + 8u;
 var<workgroup> slice_a: array<f16, TILE * A_ROW>;  // slice_a[i * A_ROW + k] = A[m0 + i, k0 + k]
 var<workgroup> slice_b: array<f16, DEPTH * B_ROW>; // slice_b[k * B_ROW + j] = B[k0 + k, n0 + j]
 var<workgroup> staged: array<f32, 4u * FRAG * FRAG>; // one fragment of C per subgroup
+// Which operands are contiguous along a row (bit 0: A, bit 1: B), read through
+// workgroupUniformLoad: a cooperative load may only sit behind a branch that is provably the
+// same for every thread, which a value read from a storage buffer is not.
+var<workgroup> row_major: u32;
 
 @compute @workgroup_size(THREADS, 1, 1)
 fn main(
@@ -70,7 +81,38 @@ fn main(
 
     var sums: array<coop_mat{{ frag }}x{{ frag }}<f32, C>, FRAGS * FRAGS>;
 
-    for (var k0 = 0u; k0 < K; k0 += DEPTH) {
+    if (t == 0u) {
+        row_major = select(0u, 1u, a_col == 1u) | select(0u, 2u, b_col == 1u);
+    }
+    let rows_contiguous = workgroupUniformLoad(&row_major);
+    // DIRECT: fragments of the quarter outside C read the last one inside instead (the
+    // cooperative operations need control flow that is the same for every thread); C never
+    // gets them.
+    for (var k0 = 0u; DIRECT && k0 < K; k0 += FRAG) {
+        var from_b: array<coop_mat{{ frag }}x{{ frag }}<f16, B>, FRAGS>;
+        for (var j = 0u; j < FRAGS; j++) {
+            let at = b_base + k0 * b_row + min(n0 + qn + FRAG * j, N - FRAG) * b_col;
+            if ((rows_contiguous & 2u) != 0u) {
+                from_b[j] = coopLoadT<coop_mat{{ frag }}x{{ frag }}<f16, B>>(&b[at], b_row);
+            } else {
+                from_b[j] = coopLoad<coop_mat{{ frag }}x{{ frag }}<f16, B>>(&b[at], b_col);
+            }
+        }
+        for (var i = 0u; i < FRAGS; i++) {
+            let at = a_base + min(m0 + qm + FRAG * i, M - FRAG) * a_row + k0 * a_col;
+            var from_a: coop_mat{{ frag }}x{{ frag }}<f16, A>;
+            if ((rows_contiguous & 1u) != 0u) {
+                from_a = coopLoadT<coop_mat{{ frag }}x{{ frag }}<f16, A>>(&a[at], a_row);
+            } else {
+                from_a = coopLoad<coop_mat{{ frag }}x{{ frag }}<f16, A>>(&a[at], a_col);
+            }
+            for (var j = 0u; j < FRAGS; j++) {
+                sums[i * FRAGS + j] = coopMultiplyAdd(from_a, from_b[j], sums[i * FRAGS + j]);
+            }
+        }
+    }
+
+    for (var k0 = 0u; !DIRECT && k0 < K; k0 += DEPTH) {
         // Consecutive threads read consecutive elements of the operand's contiguous dimension.
         for (var slot = t; slot < TILE * DEPTH; slot += THREADS) {
             var i = slot / DEPTH;

@@ -39,6 +39,8 @@ pub enum Kernel {
     Tiled(usize),
     /// `shaders/matmul_coop.wgsl` with tiles of 128 or 64: f16 on cooperative matrices.
     Cooperative(usize),
+    /// The same, reading fragments straight from memory (products that tile exactly).
+    CooperativeDirect(usize),
 }
 
 /// Products smaller than this (M·N·K) are not worth a tuning run: burn's kernel. Attention
@@ -95,10 +97,11 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
 }
 
 /// `lhs · rhs` by `kernel`, to test it: on a WGSL device it panics where the kernel cannot run
-/// the product ([`Kernel::Cooperative`] needs f16 and cooperative matrices); elsewhere (the
-/// CPU, SPIR-V) it is burn's matmul.
+/// the product ([`Kernel::Cooperative`] needs f16 and cooperative matrices, and
+/// [`Kernel::CooperativeDirect`] aligned operands that the fragments tile); elsewhere (the CPU,
+/// SPIR-V) it is burn's matmul.
 pub fn matmul_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Tensor<D> {
-    if let Kernel::Tiled(tile) | Kernel::Cooperative(tile) = kernel {
+    if let Kernel::Tiled(tile) | Kernel::Cooperative(tile) | Kernel::CooperativeDirect(tile) = kernel {
         assert!(TILES.contains(&tile), "the shaders have no {tile} x {tile} tile");
     }
     if shader_may_run(&lhs, &rhs) { product(lhs, rhs, kernel) } else { lhs.matmul(rhs) }
@@ -174,14 +177,15 @@ fn cooperative_works(device: &burn::tensor::Device) -> Result<(), String> {
     let on = |v: Vec<f32>, rows, cols| {
         Tensor::<2>::from_data(burn::tensor::TensorData::new(v, [rows, cols]), device).cast(DType::F16)
     };
-    let right = |tile: usize| -> Result<(), String> {
-        let got = matmul_with(on(a.clone(), m, k), on(b.clone(), k, n), Kernel::Cooperative(tile));
+    let right = |kernel: Kernel| -> Result<(), String> {
+        let got = matmul_with(on(a.clone(), m, k), on(b.clone(), k, n), kernel);
         let got =
             got.cast(DType::F32).try_into_data().map_err(|e| format!("the GPU refused it ({})", first_cause(&e)))?;
         let got = got.try_into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-        (got == want).then_some(()).ok_or_else(|| format!("its {tile} tile computed a test product wrong"))
+        (got == want).then_some(()).ok_or_else(|| format!("{kernel:?} computed a test product wrong"))
     };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| TILES.iter().try_for_each(|&t| right(t))))
+    let kernels = TILES.iter().flat_map(|&t| [Kernel::Cooperative(t), Kernel::CooperativeDirect(t)]);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kernels.clone().try_for_each(right)))
         .unwrap_or_else(|_| Err("it crashed".into()))
 }
 
@@ -209,7 +213,15 @@ impl MatmulOps for CubeBackend {
         let set = TUNER.init(&id, || {
             let candidate = |name: &str, kernel: Kernel| {
                 Tunable::new(name, move |(l, r): (CubeTensor, CubeTensor)| match kernel {
-                    Kernel::Cooperative(_) if !cooperative_proven() => Err("the tensor-core shader is left out".into()),
+                    Kernel::Cooperative(_) | Kernel::CooperativeDirect(_) if !cooperative_proven() => {
+                        Err("the tensor-core shader is left out".into())
+                    }
+                    // A choice is replayed for every product of its key, and the key does not
+                    // see alignment (a query chunk's offset, say): there it reads through
+                    // workgroup memory instead.
+                    Kernel::CooperativeDirect(tile) => {
+                        ours(l.clone(), r.clone(), kernel).or_else(|_| ours(l, r, Kernel::Cooperative(tile)))
+                    }
                     _ => ours(l, r, kernel),
                 })
             };
@@ -222,6 +234,8 @@ impl MatmulOps for CubeBackend {
                 .with(candidate("sdw_wgsl_64", Kernel::Tiled(64)))
                 .with(candidate("sdw_coop", Kernel::Cooperative(128)))
                 .with(candidate("sdw_coop_64", Kernel::Cooperative(64)))
+                .with(candidate("sdw_coop_direct", Kernel::CooperativeDirect(128)))
+                .with(candidate("sdw_coop_direct_64", Kernel::CooperativeDirect(64)))
         });
         TUNER.execute(&id, &client, set, (lhs, rhs))
     }
@@ -239,7 +253,8 @@ fn float_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTe
 /// them too), the operands' layouts, which decide how the shaders read them, the shaders'
 /// hashes, so that a user's edited shader (`--shader-dir`) is measured anew, and the
 /// cooperative matrices the tensor-core shader would use (none where it is left out, e.g. with
-/// `SDW_COOPERATIVE=off`: a choice of it must not be replayed then).
+/// `SDW_COOPERATIVE=off`: a choice of it must not be replayed then), and whether their
+/// fragments tile the product (where its direct loads apply).
 fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
     let (l, r) = (lhs.meta.shape(), rhs.meta.shape());
     let rank = l.num_dims();
@@ -255,8 +270,9 @@ fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
             "strided"
         }
     };
+    let proven = COOPERATIVE.get().and_then(|r| r.as_ref().ok());
     format!(
-        "{:?} batch {} m {} k {} n {} lhs {} rhs {} shaders {:016x} {:016x} cooperative {}",
+        "{:?} batch {} m {} k {} n {} lhs {} rhs {} shaders {:016x} {:016x} cooperative {}{}",
         lhs.dtype,
         bucket(batch),
         bucket(l[rank - 2]),
@@ -266,10 +282,13 @@ fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
         layout(rhs),
         tiled().hash,
         cooperative().hash,
-        COOPERATIVE
-            .get()
-            .and_then(|r| r.as_ref().ok())
-            .map_or("none".into(), |c| format!("{}/{}", c.fragment, c.subgroup))
+        proven.map_or("none".into(), |c| format!("{}/{}", c.fragment, c.subgroup)),
+        match proven {
+            Some(c)
+                if [l[rank - 2], l[rank - 1], r[rank - 1]].iter().all(|d| d.is_multiple_of(c.fragment as usize)) =>
+                " tiled",
+            _ => "",
+        }
     )
 }
 
@@ -293,21 +312,6 @@ struct Operand {
 
 /// Runs one of the shaders, or says why it cannot (the tuner then skips it).
 fn ours(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> Result<CubeTensor, String> {
-    let (tile, task): (usize, Box<dyn CubeKernel>) = match kernel {
-        Kernel::Tuned => return Err("not a shader".into()),
-        Kernel::Tiled(tile) => {
-            let source = Tiled { dtype: lhs.dtype, tile, template: tiled().clone() };
-            (tile, Box::new(SourceKernel::new(source, CubeDim::new_1d(256))))
-        }
-        Kernel::Cooperative(tile) => {
-            let how = f16_cooperative().ok_or("no f16 cooperative matrices")?;
-            if lhs.dtype != DType::F16 {
-                return Err("cooperative matrices take f16".into());
-            }
-            let source = Cooperative { tile, how, template: cooperative().clone() };
-            (tile, Box::new(SourceKernel::new(source, CubeDim::new_1d(4 * how.subgroup))))
-        }
-    };
     let out_shape = output_shape(lhs.meta.shape(), rhs.meta.shape());
     let rank = out_shape.num_dims();
     let batch: usize = out_shape.iter().take(rank - 2).product();
@@ -324,6 +328,7 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> Result<CubeTensor, 
     if batch * m * n >= u32::MAX as usize || !fits(&a, m, k) || !fits(&b, k, n) {
         return Err("indices beyond u32".into());
     }
+    let (tile, task) = kernel_task(kernel, &a, &b, [m, k, n])?;
     if batch > u16::MAX as usize || n.div_ceil(tile) > u16::MAX as usize || m.div_ceil(tile) > u16::MAX as usize {
         return Err("more workgroups than a dispatch takes".into());
     }
@@ -351,6 +356,50 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> Result<CubeTensor, 
         ]),
     );
     Ok(out)
+}
+
+/// The shader that `kernel` names, ready for these operands, and its tile; or why it cannot
+/// run them.
+fn kernel_task(
+    kernel: Kernel,
+    a: &Operand,
+    b: &Operand,
+    mkn: [usize; 3],
+) -> Result<(usize, Box<dyn CubeKernel>), String> {
+    let dtype = a.tensor.dtype;
+    let (tile, direct) = match kernel {
+        Kernel::Tuned => return Err("not a shader".into()),
+        Kernel::Tiled(tile) => {
+            let source = Tiled { dtype, tile, template: tiled().clone() };
+            return Ok((tile, Box::new(SourceKernel::new(source, CubeDim::new_1d(256)))));
+        }
+        Kernel::Cooperative(tile) => (tile, false),
+        Kernel::CooperativeDirect(tile) => (tile, true),
+    };
+    let how = f16_cooperative().ok_or("no f16 cooperative matrices")?;
+    if dtype != DType::F16 {
+        return Err("cooperative matrices take f16".into());
+    }
+    if direct {
+        let frag = how.fragment as usize;
+        if mkn.iter().any(|d| !d.is_multiple_of(frag)) {
+            return Err(format!("sizes that {frag} x {frag} fragments do not tile"));
+        }
+        if !loads_whole_fragments(a) || !loads_whole_fragments(b) {
+            return Err("an operand the fragments cannot be loaded from".into());
+        }
+    }
+    let source = Cooperative { tile, how, direct, template: cooperative().clone() };
+    Ok((tile, Box::new(SourceKernel::new(source, CubeDim::new_1d(4 * how.subgroup)))))
+}
+
+/// Whether cooperative loads can read `o` in place: contiguous along its rows or its columns,
+/// its other strides and its start 16-byte aligned (what Vulkan asks of them).
+fn loads_whole_fragments(o: &Operand) -> bool {
+    let [batch, row, col] = o.strides;
+    let aligned = |stride: usize| stride.is_multiple_of(8);
+    let start = o.tensor.handle.offset_start.unwrap_or(0);
+    (row == 1 || col == 1) && aligned(batch) && aligned(row.max(col)) && start.is_multiple_of(16)
 }
 
 /// `t` with its batch dims seen as one: stride 0 when it is broadcast over the batch. A
@@ -413,6 +462,7 @@ impl KernelSource for Tiled {
 struct Cooperative {
     tile: usize,
     how: CooperativeF16,
+    direct: bool,
     template: super::Template,
 }
 
@@ -422,12 +472,13 @@ impl KernelSource for Cooperative {
         let (frag, subgroup) = (self.how.fragment.to_string(), self.how.subgroup.to_string());
         SourceTemplate::new(super::fill(
             &self.template.text,
-            &[("frag", &frag), ("frags", &frags), ("subgroup", &subgroup)],
+            &[("frag", &frag), ("frags", &frags), ("subgroup", &subgroup), ("direct", &self.direct.to_string())],
         ))
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.tile, self.how.fragment, self.how.subgroup, self.template.hash))
+        let how = (self.how.fragment, self.how.subgroup);
+        KernelId::new::<Self>().info((self.tile, how, self.direct, self.template.hash))
     }
 
     fn lang(&self) -> &'static str {

@@ -32,7 +32,7 @@ pub const SHADERS: &[Shader] = &[
     Shader {
         name: "matmul_coop.wgsl",
         source: include_str!("../../shaders/matmul_coop.wgsl"),
-        example_values: &[("frag", "16"), ("frags", "4"), ("subgroup", "32")],
+        example_values: &[("frag", "16"), ("frags", "4"), ("subgroup", "32"), ("direct", "false")],
     },
 ];
 

@@ -97,15 +97,68 @@ fn matmul_shaders_match_the_product() {
         assert!(!required, "{} has no f16 cooperative matrices for WGSL", gpu.description);
         eprintln!("note: {} has no f16 cooperative matrices for WGSL: matmul_coop.wgsl not tested", gpu.description);
     }
+    let direct = kernels.iter().any(|(k, _)| matches!(k, Kernel::Cooperative(_)));
     for (kernel, dtype) in kernels {
         check_product(kernel, dtype, d);
     }
-    // Tuned: whichever kernel wins on this device.
+    if direct {
+        for tile in matmul::TILES {
+            check_direct_product(Kernel::CooperativeDirect(tile), d);
+        }
+    }
+    // Tuned: whichever kernel wins on this device, in f32 and in f16.
     let values = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
     let (a, b) = (values(2 * 256 * 256, 5), values(256 * 256, 6));
     let want = HostTensor::new(vec![2, 256, 256], host_product(&a, &b, [2, 256, 256, 256], false));
-    let got = matmul::matmul(to_device(a, [2, 256, 256], d), to_device(b, [1, 256, 256], d));
+    let got = matmul::matmul(to_device(a.clone(), [2, 256, 256], d), to_device(b.clone(), [1, 256, 256], d));
     assert_close("tuned matmul [2,256,256] x [1,256,256]", &to_host(got), &want, 1e-5);
+    let half = |v: Vec<f32>| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    let (a, b) = (half(a), half(b));
+    let want = HostTensor::new(vec![2, 256, 256], host_product(&a, &b, [2, 256, 256, 256], false));
+    let on = |v: Vec<f32>, shape| to_device(v, shape, d).cast(DType::F16);
+    let got = matmul::matmul(on(a, [2, 256, 256]), on(b, [1, 256, 256]));
+    assert_close("tuned matmul f16 [2,256,256] x [1,256,256]", &to_host(got), &want, 1e-3);
+}
+
+/// The tensor-core shader's direct loads, on products that its fragments tile (multiples of 16):
+/// row-major and column-major operands, either one broadcast over the batch, a query chunk at
+/// an offset into its buffer times K^T, tiles that reach past M and N.
+fn check_direct_product(kernel: Kernel, d: &burn::tensor::Device) {
+    let values = |n: usize, seed: u64| -> Vec<f32> {
+        sdw::sampling::Philox::new(seed).randn(n).iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+    };
+    let on = |v: Vec<f32>, shape: [usize; 3]| to_device(v, shape, d).cast(DType::F16);
+    let check = |what: &str, got: Tensor<3>, want: HostTensor| {
+        assert_close(&format!("{kernel:?} {what}"), &to_host(got), &want, 1e-3)
+    };
+    for (batch, m, k, n, b_batched) in [(2, 96, 64, 80, true), (3, 144, 32, 48, false)] {
+        let bb = if b_batched { batch } else { 1 };
+        let (a, b) = (values(batch * m * k, 1), values(bb * k * n, 2));
+        let want = HostTensor::new(vec![batch, m, n], host_product(&a, &b, [batch, m, k, n], b_batched));
+        let what = format!("[{batch},{m},{k}] x [{bb},{k},{n}]");
+        let got = matmul::matmul_with(on(a.clone(), [batch, m, k]), on(b.clone(), [bb, k, n]), kernel);
+        check(&what, got, want.clone());
+        // Column-major operands: A from [B, K, M], B from [B, N, K].
+        let at = on(a, [batch, m, k]).swap_dims(1, 2).into_data();
+        let bt = on(b, [bb, k, n]).swap_dims(1, 2).into_data();
+        let (at, bt) = (Tensor::<3>::from_data(at, d).cast(DType::F16), Tensor::<3>::from_data(bt, d).cast(DType::F16));
+        let got = matmul::matmul_with(at.swap_dims(1, 2), bt.swap_dims(1, 2), kernel);
+        check(&format!("column-major {what}"), got, want);
+    }
+    let (w, cols) = (values(48 * 32, 12), values(3 * 32 * 80, 13));
+    let repeated: Vec<f32> = w.iter().copied().cycle().take(3 * 48 * 32).collect();
+    let want = HostTensor::new(vec![3, 48, 80], host_product(&repeated, &cols, [3, 48, 32, 80], true));
+    check("[1,48,32] x [3,32,80]", matmul::matmul_with(on(w, [1, 48, 32]), on(cols, [3, 32, 80]), kernel), want);
+    let (q, k) = (values(16 * 160 * 48, 10), values(16 * 160 * 48, 11));
+    let rows: Vec<f32> = (0..16).flat_map(|bh| &q[(bh * 160 + 64) * 48..][..64 * 48]).copied().collect();
+    let kt: Vec<f32> = (0..16 * 48 * 160)
+        .map(|i| (i / (48 * 160), i / 160 % 48, i % 160))
+        .map(|(bh, p, j)| k[(bh * 160 + j) * 48 + p])
+        .collect();
+    let want = HostTensor::new(vec![16, 64, 160], host_product(&rows, &kt, [16, 64, 48, 160], true));
+    let qd = to_device(q, [2, 8, 160, 48], d).cast(DType::F16).slice([0..2, 0..8, 64..128]);
+    let kd = to_device(k, [2, 8, 160, 48], d).cast(DType::F16).swap_dims(2, 3);
+    check("q[64..128] x k^T", matmul::matmul_with(qd, kd, kernel).reshape([16, 64, 160]), want);
 }
 
 /// One shader's cases (see above). In f16 the operands are rounded to f16 on the host too:
