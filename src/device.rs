@@ -273,7 +273,8 @@ fn cooperative(s: &WgpuState) -> String {
 /// `shaders/matmul_coop.wgsl`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CooperativeF16 {
-    /// Rows, columns and depth of one product: 16 (NVIDIA, AMD), or 8 (lavapipe, Apple).
+    /// Rows, columns and depth of one product: 16 (NVIDIA), or 8 where that is all there is
+    /// (lavapipe, Apple).
     pub fragment: u32,
     /// Threads per subgroup, the same for every subgroup.
     pub subgroup: u32,
