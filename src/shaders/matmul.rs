@@ -292,16 +292,13 @@ fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
     )
 }
 
-/// The shaders' texts for this process (built in or the user's), looked up once: the tune
-/// key needs their hashes for every product.
+/// The shaders' texts for this process (built in or the user's).
 fn tiled() -> &'static super::Template {
-    static TEMPLATE: OnceLock<super::Template> = OnceLock::new();
-    TEMPLATE.get_or_init(|| super::template(super::builtin("matmul.wgsl")))
+    super::template(super::builtin("matmul.wgsl"))
 }
 
 fn cooperative() -> &'static super::Template {
-    static TEMPLATE: OnceLock<super::Template> = OnceLock::new();
-    TEMPLATE.get_or_init(|| super::template(super::builtin("matmul_coop.wgsl")))
+    super::template(super::builtin("matmul_coop.wgsl"))
 }
 
 /// One operand as the shader reads it: batch, row and column strides in elements.

@@ -7,32 +7,39 @@
 pub mod group_norm;
 pub mod matmul;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 /// A built-in shader: its file name and a set of template values it must compile with.
 pub struct Shader {
     pub name: &'static str,
     pub source: &'static str,
     pub example_values: &'static [(&'static str, &'static str)],
+    /// The text this process uses (built in or the user's), chosen on first use.
+    chosen: OnceLock<Template>,
 }
 
-pub const SHADERS: &[Shader] = &[
+/// The built-in shaders (a static, not a const: each keeps the text chosen for the process).
+pub static SHADERS: &[Shader] = &BUILT_IN;
+
+static BUILT_IN: [Shader; 3] = [
     Shader {
         name: "group_norm.wgsl",
         source: include_str!("../../shaders/group_norm.wgsl"),
         example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
+        chosen: OnceLock::new(),
     },
     Shader {
         name: "matmul.wgsl",
         source: include_str!("../../shaders/matmul.wgsl"),
         example_values: &[("elem", "f32"), ("tile", "128"), ("extensions", "")],
+        chosen: OnceLock::new(),
     },
     Shader {
         name: "matmul_coop.wgsl",
         source: include_str!("../../shaders/matmul_coop.wgsl"),
         example_values: &[("frag", "16"), ("frags", "4"), ("subgroup", "32"), ("direct", "false")],
+        chosen: OnceLock::new(),
     },
 ];
 
@@ -50,7 +57,6 @@ fn enabled() -> bool {
 }
 
 static SHADER_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
-static LOADED: Mutex<Option<HashMap<&'static str, Template>>> = Mutex::new(None);
 
 /// A shader's text as chosen for this process, and its hash: compiled kernels are cached
 /// by it, so an edited shader never reuses the old kernel.
@@ -71,15 +77,12 @@ fn shader_dir() -> Option<&'static Path> {
 }
 
 /// The template text of a built-in shader, or the user's replacement when it compiles.
-/// Read and checked once per process.
-pub fn template(shader: &'static Shader) -> Template {
-    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
-    let loaded = loaded.get_or_insert_with(HashMap::new);
-    let make = || {
+/// Read and checked once per process; after that a lookup per kernel launch, lock-free.
+pub fn template(shader: &'static Shader) -> &'static Template {
+    shader.chosen.get_or_init(|| {
         let text = choose(shader, shader_dir());
         Template { hash: crate::output::fnv1a(&text), text }
-    };
-    loaded.entry(shader.name).or_insert_with(make).clone()
+    })
 }
 
 fn choose(shader: &Shader, dir: Option<&Path>) -> Arc<str> {
