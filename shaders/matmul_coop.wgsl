@@ -52,10 +52,20 @@ const B_ROW: u32 = TILE + 8u;
 var<workgroup> slice_a: array<f16, TILE * A_ROW>;  // slice_a[i * A_ROW + k] = A[m0 + i, k0 + k]
 var<workgroup> slice_b: array<f16, DEPTH * B_ROW>; // slice_b[k * B_ROW + j] = B[k0 + k, n0 + j]
 var<workgroup> staged: array<f32, 4u * FRAG * FRAG>; // one fragment of C per subgroup
-// Which operands are contiguous along a row (bit 0: A, bit 1: B), read through
-// workgroupUniformLoad: a cooperative load may only sit behind a branch that is provably the
-// same for every thread, which a value read from a storage buffer is not.
+// Which operands are contiguous along a row (bit 0: A, bit 1: B), for both modes, read
+// through workgroupUniformLoad: a cooperative load may only sit behind a branch that is
+// provably the same for every thread, which a value read from a storage buffer is not.
 var<workgroup> row_major: u32;
+
+// The (row, column) of a `rows` x `cols` slice that a thread copies for its `slot`:
+// consecutive threads take consecutive elements along the operand's contiguous dimension, so
+// that a subgroup reads a run of memory.
+fn cell(slot: u32, rows: u32, cols: u32, along_rows: bool) -> vec2<u32> {
+    if (along_rows) {
+        return vec2<u32>(slot / cols, slot % cols);
+    }
+    return vec2<u32>(slot % rows, slot / rows);
+}
 
 @compute @workgroup_size(THREADS, 1, 1)
 fn main(
@@ -113,32 +123,21 @@ fn main(
     }
 
     for (var k0 = 0u; !DIRECT && k0 < K; k0 += DEPTH) {
-        // Consecutive threads read consecutive elements of the operand's contiguous dimension.
         for (var slot = t; slot < TILE * DEPTH; slot += THREADS) {
-            var i = slot / DEPTH;
-            var k = slot % DEPTH;
-            if (a_col != 1u) {
-                i = slot % TILE;
-                k = slot / TILE;
-            }
+            let at = cell(slot, TILE, DEPTH, (rows_contiguous & 1u) != 0u); // (i, k)
             var v = f16(0.0);
-            if (m0 + i < M && k0 + k < K) {
-                v = a[a_base + (m0 + i) * a_row + (k0 + k) * a_col];
+            if (m0 + at.x < M && k0 + at.y < K) {
+                v = a[a_base + (m0 + at.x) * a_row + (k0 + at.y) * a_col];
             }
-            slice_a[i * A_ROW + k] = v;
+            slice_a[at.x * A_ROW + at.y] = v;
         }
         for (var slot = t; slot < DEPTH * TILE; slot += THREADS) {
-            var k = slot / TILE;
-            var j = slot % TILE;
-            if (b_col != 1u) {
-                k = slot % DEPTH;
-                j = slot / DEPTH;
-            }
+            let at = cell(slot, DEPTH, TILE, (rows_contiguous & 2u) != 0u); // (k, j)
             var v = f16(0.0);
-            if (k0 + k < K && n0 + j < N) {
-                v = b[b_base + (k0 + k) * b_row + (n0 + j) * b_col];
+            if (k0 + at.x < K && n0 + at.y < N) {
+                v = b[b_base + (k0 + at.x) * b_row + (n0 + at.y) * b_col];
             }
-            slice_b[k * B_ROW + j] = v;
+            slice_b[at.x * B_ROW + at.y] = v;
         }
         workgroupBarrier();
 

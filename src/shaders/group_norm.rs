@@ -132,7 +132,8 @@ fn launch_wgsl(x: &CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, out: &Cube
     let client = &x.client;
     let info = [p.channels, p.pixels, p.groups, p.with_silu as u32, p.epsilon.to_bits()];
     let info = client.create_from_slice(bytemuck::cast_slice(&info));
-    let kernel = GroupNormKernel { dtype: x.dtype, template: super::template(super::builtin("group_norm.wgsl")).clone() };
+    let kernel =
+        GroupNormKernel { dtype: x.dtype, template: super::template(super::builtin("group_norm.wgsl")).clone() };
     client.launch(
         Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
         count,

@@ -284,9 +284,7 @@ fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
         cooperative().hash,
         proven.map_or("none".into(), |c| format!("{}/{}", c.fragment, c.subgroup)),
         match proven {
-            Some(c)
-                if [l[rank - 2], l[rank - 1], r[rank - 1]].iter().all(|d| d.is_multiple_of(c.fragment as usize)) =>
-                " tiled",
+            Some(c) if fragments_tile([l[rank - 2], l[rank - 1], r[rank - 1]], *c) => " tiled",
             _ => "",
         }
     )
@@ -378,9 +376,8 @@ fn kernel_task(
         return Err("cooperative matrices take f16".into());
     }
     if direct {
-        let frag = how.fragment as usize;
-        if mkn.iter().any(|d| !d.is_multiple_of(frag)) {
-            return Err(format!("sizes that {frag} x {frag} fragments do not tile"));
+        if !fragments_tile(mkn, how) {
+            return Err(format!("sizes that {0} x {0} fragments do not tile", how.fragment));
         }
         if !loads_whole_fragments(a) || !loads_whole_fragments(b) {
             return Err("an operand the fragments cannot be loaded from".into());
@@ -388,6 +385,11 @@ fn kernel_task(
     }
     let source = Cooperative { tile, how, direct, template: cooperative().clone() };
     Ok((tile, Box::new(SourceKernel::new(source, CubeDim::new_1d(4 * how.subgroup)))))
+}
+
+/// Whether M, K and N are multiples of the fragments' side (the direct mode's loads).
+fn fragments_tile(mkn: [usize; 3], how: CooperativeF16) -> bool {
+    mkn.iter().all(|d| d.is_multiple_of(how.fragment as usize))
 }
 
 /// Whether cooperative loads can read `o` in place: contiguous along its rows or its columns,
