@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use rand::{SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
@@ -193,7 +193,8 @@ fn train_step<'a>(sd: &'a StableDiffusion, s: &BenchSettings) -> impl FnMut() + 
     let (latent, instances) = (s.size / 8, s.batch);
     let n = 2 * instances;
     let dev = sd.compute.device.clone();
-    let mut unet = sd.unet.clone();
+    // Training computes in f32 (`Compute::for_training`), with the weights of inference.
+    let mut unet = sd.unet.clone().computing_in(DType::F32);
     let grad_device =
         if s.gradient_checkpointing { dev.clone().autodiff().gradient_checkpointing() } else { dev.clone().autodiff() };
     attach_new(unet.attentions_mut(), 4, 4.0, &mut StdRng::seed_from_u64(0), &grad_device);

@@ -80,6 +80,15 @@ impl Compute {
         Ok(self)
     }
 
+    /// This device set up for training, which computes in f32 (its gradients would underflow
+    /// in f16 without loss scaling): a precision of f16 keeps the frozen weights in f16 there.
+    pub fn for_training(mut self) -> Self {
+        if self.dtypes.weights == DType::F16 {
+            self.dtypes = Dtypes::F16_WEIGHTS;
+        }
+        self
+    }
+
     /// The device line users see: adapter, and the precision when it is not f32.
     pub fn summary(&self) -> String {
         match self.dtypes {

@@ -17,7 +17,8 @@ pub struct BenchArgs {
     model: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceChoice,
-    /// What CLIP and the UNet compute in: `auto` is f16 on a GPU with f16 shaders.
+    /// What CLIP and the UNet compute in: `auto` is f16 on a GPU with f16 shaders. The
+    /// `--train` step computes in f32 with these weights, as `sdw train --precision` does.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
     /// Image side in pixels (a multiple of 8).

@@ -9,13 +9,15 @@
 //!   backward pass becomes matrix products instead of burn's direct kernels, and autodiff
 //!   keeps the columns (on the CPU, a checkpointed 512x512 LoRA step went from 9.4 to
 //!   10.5 GiB);
-//! - elsewhere (stride-2 convolutions on the CPU, training on the CPU) burn's op.
+//! - elsewhere (stride-2 convolutions on the CPU, training on the CPU with f32 weights)
+//!   burn's op.
 //!
 //! Every path sums in f32. burn's matmul does so for f16 inputs too; its direct kernel sums
 //! in the element type, so f16 tensors take it in f32: an f16 sum over `C_in x 3 x 3`
 //! products loses ~5 f16 roundoffs (2.4e-3 against 2.3e-4 for attention in `sdw doctor` on
 //! lavapipe), which compounds over a sampling run.
 
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 use burn::backend::DispatchDevice;
@@ -28,11 +30,16 @@ use crate::shaders::matmul::matmul;
 
 /// `c` applied to `x`, summed in f32 and returned in `x`'s dtype.
 pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    // burn's matmul sums f16 products in f32, so f16 stays f16 on the GPU.
-    if on_gpu(&x)
-        && let Some((weight, bias, padding)) = ours(&in_dtype(c, x.dtype()))
-    {
-        return as_product(x, weight, bias, padding, c.stride, super::budget::bytes());
+    // Under autodiff the product widens frozen f16 weights itself and keeps only them for the
+    // backward pass (`shaders::matmul`), where burn's convolution would keep f32 copies: so
+    // training with f16 weights takes the product on the CPU too.
+    let tracked = x.device().is_autodiff();
+    if on_gpu(&x) || tracked && c.weight.val().dtype() != x.dtype() {
+        // burn's matmul sums f16 products in f32, so f16 stays f16 on the GPU.
+        let c = if tracked { Cow::Borrowed(c) } else { in_dtype(c, x.dtype()) };
+        if let Some((weight, bias, padding)) = ours(&c) {
+            return as_product(x, weight, bias, padding, c.stride, super::budget::bytes());
+        }
     }
     let dtype = x.dtype();
     let c = in_dtype(c, DType::F32);
@@ -101,6 +108,7 @@ pub fn as_product(
         outs.push(matmul(weight.clone(), columns).reshape([b, o, rows, wo]));
     }
     let y = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
+    let bias = crate::cpu::cast(bias, y.dtype());
     y + bias.reshape([1, o, 1, 1])
 }
 

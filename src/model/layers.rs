@@ -259,13 +259,13 @@ pub fn geglu<const D: usize>(h: Tensor<D>) -> Tensor<D> {
 }
 
 // Layers whose weights may be in another dtype than their input. On the CPU, `--precision
-// f16` keeps the weights in f16 and computes in f32: each layer runs with its parameters in
-// the input's dtype, cast where it is used (nothing is copied when they match, as in f32
-// and on the GPU).
+// f16` keeps the weights in f16 and computes in f32, and so does training everywhere: each
+// layer runs with its parameters in the input's dtype, cast where it is used (nothing is
+// copied when they match, as in f32 and in f16 on the GPU).
 
-/// `l` applied to `x`, in `x`'s dtype (on a GPU through `shaders::matmul`).
+/// `l` applied to `x`, in `x`'s dtype (its product through `shaders::matmul`).
 pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
-    crate::shaders::matmul::linear(&in_dtype(l, x.dtype()), x)
+    crate::shaders::matmul::linear(l, x)
 }
 
 /// `n` applied to `x`, in `x`'s dtype.

@@ -257,6 +257,13 @@ impl Unet {
         })
     }
 
+    /// This UNet computing in `dtype`, its weights as they are (training computes in f32
+    /// with the f16 weights of inference).
+    pub fn computing_in(mut self, dtype: DType) -> Self {
+        self.activations = dtype;
+        self
+    }
+
     /// What the UNet's weights are in (f32, or f16).
     pub fn dtype(&self) -> DType {
         self.conv_in.weight.val().dtype()

@@ -8,9 +8,9 @@
 //! - burn's matmul.
 //!
 //! The choice is cached with burn's own (`~/.cache/sdw/kernels`), so it is measured once per
-//! GPU and shape. Elsewhere — the CPU, SPIR-V devices, tensors that carry gradients
-//! (training), other dtypes, small products — it is burn's matmul. `SDW_SHADERS=off` turns
-//! the shaders off.
+//! GPU and shape. Elsewhere — the CPU, SPIR-V devices, other dtypes, small products — it is
+//! burn's matmul. Training takes the same kernels, forward and backward, through
+//! `matmul_grad`. `SDW_SHADERS=off` turns the shaders off.
 
 use std::sync::OnceLock;
 
@@ -24,7 +24,9 @@ use burn::cubecl::{CubeCount, CubeDim, CubeKernel};
 use burn::nn::Linear;
 use burn::tensor::{DType, Shape, Tensor};
 
+use crate::cpu::cast;
 use crate::device::{CooperativeF16, f16_cooperative};
+use crate::model::layers::in_dtype;
 
 /// The shaders' tiles (rows and columns of the product per workgroup): 128 for big products,
 /// 64 for those too small to keep every core busy with 128 x 128 tiles.
@@ -35,6 +37,8 @@ pub const TILES: [usize; 2] = [128, 64];
 pub enum Kernel {
     /// The fastest of the shaders and burn's kernels for this device, dtype and shape.
     Tuned,
+    /// burn's matmul.
+    Burn,
     /// `shaders/matmul.wgsl` with tiles of 128 or 64.
     Tiled(usize),
     /// `shaders/matmul_coop.wgsl` with tiles of 128 or 64: f16 on cooperative matrices.
@@ -47,7 +51,7 @@ pub enum Kernel {
 /// takes the same bound for its Q K^T (`model::attention_tuned`).
 pub const MIN_WORK: usize = 1 << 24;
 
-#[backend_extension(Cube, Fusion, Flex)]
+#[backend_extension(Cube, Fusion, Flex, Autodiff)]
 pub trait MatmulOps: Backend {
     /// `lhs · rhs` with burn's matmul semantics, by `kernel` wherever it can run (else by
     /// burn's matmul).
@@ -67,29 +71,41 @@ pub fn output_shape(lhs: &Shape, rhs: &Shape) -> Shape {
 }
 
 /// `lhs · rhs`: on a WGSL device the fastest of sdw's shaders and burn's matmul, else burn's.
+/// Under autodiff (training) an untracked operand, a frozen weight, may be f16 while the
+/// tracked one is f32: it widens where it is used, and only the f16 original is kept for the
+/// backward pass (`matmul_grad`).
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
-    if shader_may_run(&lhs, &rhs) && worth_tuning(lhs.dims()[D - 2], lhs.dims()[D - 1], rhs.dims()[D - 1]) {
+    let tracked = lhs.device().is_autodiff() || rhs.device().is_autodiff();
+    let tuned =
+        shader_may_run(&lhs, &rhs, tracked) && worth_tuning(lhs.dims()[D - 2], lhs.dims()[D - 1], rhs.dims()[D - 1]);
+    // A frozen f16 weight times f32 activations is an f32 product: no tensor cores.
+    if tuned && lhs.dtype() == rhs.dtype() {
         prove_cooperative(&lhs);
-        product(lhs, rhs, Kernel::Tuned)
-    } else {
-        lhs.matmul(rhs)
+    }
+    match (tuned, tracked) {
+        (true, _) => product(lhs, rhs, Kernel::Tuned),
+        (false, true) => product(lhs, rhs, Kernel::Burn),
+        (false, false) => lhs.matmul(rhs),
     }
 }
 
-/// `l` applied to `x`, its product by [`matmul`] where the shader may run; elsewhere
-/// burn's `Linear` (on the CPU, its folded product).
+/// `l` applied to `x`, in `x`'s dtype: one `[rows, d_in] x [d_in, d_out]` product by
+/// [`matmul`], as burn's `Linear` folds it (bigger tiles), where the shaders may run or `x`
+/// carries gradients; elsewhere burn's `Linear` (on the CPU, its folded product).
 pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     let [d_in, d_out] = l.weight.dims();
     let rows: usize = x.dims()[..D - 1].iter().product();
-    let weight = l.weight.val();
-    if D < 2 || !applies(&x) || x.dtype() != weight.dtype() || !worth_tuning(rows, d_in, d_out) {
-        return l.forward(x);
+    let tracked = x.device().is_autodiff();
+    if D < 2 || !(tracked || applies(&x) && worth_tuning(rows, d_in, d_out)) {
+        return in_dtype(l, x.dtype()).forward(x);
     }
-    // One [rows, d_in] x [d_in, d_out] product, as burn's `Linear` folds it: bigger tiles.
+    let dtype = x.dtype();
+    // Under autodiff the product widens a frozen f16 weight itself (see `matmul`).
+    let weight = if tracked { l.weight.val() } else { cast(l.weight.val(), dtype) };
     let mut dims = x.dims();
     let y = matmul(x.reshape([rows, d_in]), weight);
     let y = match &l.bias {
-        Some(bias) => y + bias.val().unsqueeze(),
+        Some(bias) => y + cast(bias.val(), dtype).unsqueeze(),
         None => y,
     };
     dims[D - 1] = d_out;
@@ -99,35 +115,41 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
 /// `lhs · rhs` by `kernel`, to test it: on a WGSL device it panics where the kernel cannot run
 /// the product ([`Kernel::Cooperative`] needs f16 and cooperative matrices, and
 /// [`Kernel::CooperativeDirect`] aligned operands that the fragments tile); elsewhere (the CPU,
-/// SPIR-V) it is burn's matmul.
+/// SPIR-V) it is burn's matmul. Under autodiff the gradients' products take the same shader
+/// (`Kernel::Tiled`) or the tuned choice.
 pub fn matmul_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Tensor<D> {
     if let Kernel::Tiled(tile) | Kernel::Cooperative(tile) | Kernel::CooperativeDirect(tile) = kernel {
         assert!(TILES.contains(&tile), "the shaders have no {tile} x {tile} tile");
     }
-    if shader_may_run(&lhs, &rhs) { product(lhs, rhs, kernel) } else { lhs.matmul(rhs) }
+    let tracked = lhs.device().is_autodiff() || rhs.device().is_autodiff();
+    if tracked || shader_may_run(&lhs, &rhs, false) { product(lhs, rhs, kernel) } else { lhs.matmul(rhs) }
 }
 
 fn product<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Tensor<D> {
     Tensor::from_dispatch(burn::backend::Dispatch::sdw_matmul(lhs.into_dispatch(), rhs.into_dispatch(), kernel))
 }
 
-/// Untracked f32/f16 tensors of one dtype on a cubecl device (whether it compiles WGSL is
-/// known only to its client, in [`MatmulOps::sdw_matmul`]).
-fn shader_may_run<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>) -> bool {
-    D >= 2 && applies(lhs) && applies(rhs) && lhs.dtype() == rhs.dtype()
+/// f32/f16 tensors of one dtype on a cubecl device, or under autodiff (`tracked`) on one,
+/// where a frozen operand may be f16 (whether the device compiles WGSL is known only to its
+/// client, in [`MatmulOps::sdw_matmul`]).
+fn shader_may_run<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>, tracked: bool) -> bool {
+    let operand = |x: &Tensor<D>| {
+        super::enabled()
+            && matches!(x.device().as_dispatch().clone().inner(), DispatchDevice::Cube(_))
+            && matches!(x.dtype(), DType::F32 | DType::F16)
+    };
+    D >= 2 && operand(lhs) && operand(rhs) && (tracked || lhs.dtype() == rhs.dtype())
 }
 
-/// Whether `x` may be an operand of the shader: an untracked f32/f16 tensor on a cubecl
-/// device, with the shader on.
+/// Whether `x` may be an operand of the shader outside autodiff: an untracked f32/f16 tensor
+/// on a cubecl device, with the shader on.
 pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
-    super::enabled()
-        && matches!(x.device().as_dispatch(), DispatchDevice::Cube(_))
-        && matches!(x.dtype(), DType::F32 | DType::F16)
+    !x.device().is_autodiff() && shader_may_run(x, x, false)
 }
 
 /// Whether the product is worth a tuning run: enough work, and rows and columns for at least
 /// one of the shader's smaller tiles (a thinner product wastes most of it).
-fn worth_tuning(m: usize, k: usize, n: usize) -> bool {
+pub(super) fn worth_tuning(m: usize, k: usize, n: usize) -> bool {
     m * k * n >= MIN_WORK && m.min(n) >= TILES[1]
 }
 
@@ -200,7 +222,7 @@ impl MatmulOps for Flex {}
 
 impl MatmulOps for CubeBackend {
     fn sdw_matmul(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> CubeTensor {
-        if lhs.client.name() != "wgpu<wgsl>" {
+        if lhs.client.name() != "wgpu<wgsl>" || kernel == Kernel::Burn {
             return burns(lhs, rhs);
         }
         if kernel != Kernel::Tuned {
@@ -363,7 +385,7 @@ fn kernel_task(
 ) -> Result<(usize, Box<dyn CubeKernel>), String> {
     let dtype = a.tensor.dtype;
     let (tile, direct) = match kernel {
-        Kernel::Tuned => return Err("not a shader".into()),
+        Kernel::Tuned | Kernel::Burn => return Err("not a shader".into()),
         Kernel::Tiled(tile) => {
             let source = Tiled { dtype, tile, template: tiled().clone() };
             return Ok((tile, Box::new(SourceKernel::new(source, CubeDim::new_1d(256)))));

@@ -6,6 +6,7 @@
 
 pub mod group_norm;
 pub mod matmul;
+mod matmul_grad;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, OnceLock};

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, Precision};
 
 use super::schedule::LrSchedule;
 
@@ -74,6 +74,11 @@ pub struct TrainOptions {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// What the frozen model's weights are kept in: `f16` halves their memory (and changes
+    /// nothing for an f16 checkpoint), `auto` is f16 on a GPU with f16 shaders. Training
+    /// computes in f32 either way.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     /// Write a resumable checkpoint every N steps (0: only at the end and on Ctrl-C).
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: usize,

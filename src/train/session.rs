@@ -28,8 +28,11 @@ pub fn train_until(opts: TrainOptions, stop: &AtomicBool) -> Result<PathBuf, Tra
     opts.validate().map_err(TrainError::Options)?;
     data::check_readable(&data::list_images(&opts.instance_dir)?)?;
     let (resume, dir) = open_run(&opts)?;
-    let compute = device::select(opts.device).map_err(|e| TrainError::Model(e.to_string()))?;
-    eprintln!("device: {}", compute.description);
+    let compute = device::select(opts.device)
+        .and_then(|c| c.with_precision(opts.precision))
+        .map_err(|e| TrainError::Model(e.to_string()))?
+        .for_training();
+    eprintln!("device: {}", compute.summary());
     // A Hub name works here too (--model is required: no models folder is searched).
     let model = crate::hub::locate(&opts.model.to_string_lossy()).map_err(|e| TrainError::Model(format!("{e:#}")))?;
     let mut sd = StableDiffusion::load(&model, compute)

@@ -344,3 +344,104 @@ fn shader_dir_overrides_and_reports_broken_files() {
         }
     }
 }
+
+/// Products under autodiff (training), forward and gradients, against f64 products on the
+/// host, on the CPU and on wgpu (there by the tuned choice and by the tiled shader):
+/// a linear layer's activations times a frozen weight, a convolution's frozen weight
+/// (broadcast over the batch) times its columns, both operands trainable with the left one
+/// broadcast; frozen weights in f32 and in f16 (widened by the product, `sdw train
+/// --precision f16`), and a product big enough to be tuned.
+#[test]
+fn matmul_gradients_match_the_product() {
+    for c in devices() {
+        let gpu = c.max_binding.is_some();
+        let mut kernels = vec![None];
+        if gpu {
+            kernels.extend(matmul::TILES.map(|t| Some(Kernel::Tiled(t))));
+        }
+        let cases: &[([usize; 4], bool, bool)] = &[
+            // [batch, m, k, n], lhs broadcast over the batch, both operands trainable
+            ([1, 64, 96, 72], false, false),
+            ([3, 24, 36, 50], true, false),
+            ([3, 20, 30, 25], true, true),
+            ([1, 256, 256, 320], false, false),
+        ];
+        for &(dims, lhs_broadcast, both) in cases {
+            for frozen in [DType::F32, DType::F16] {
+                if both && frozen == DType::F16 {
+                    continue;
+                }
+                for &kernel in &kernels {
+                    check_gradients(dims, lhs_broadcast, both, frozen, kernel, &c);
+                }
+            }
+        }
+    }
+}
+
+/// One case of [`matmul_gradients_match_the_product`]: `loss = sum(A·B ⊙ G)`, so the
+/// gradients are `dA = G·Bᵀ` (summed over the batch where A is broadcast) and `dB = Aᵀ·G`.
+fn check_gradients(
+    [batch, m, k, n]: [usize; 4],
+    lhs_broadcast: bool,
+    both: bool,
+    frozen: DType,
+    kernel: Option<Kernel>,
+    c: &sdw::device::Compute,
+) {
+    let d = &c.device;
+    let to_f16 = |v: Vec<f32>| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    let values = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
+    let lb = if lhs_broadcast { 1 } else { batch };
+    let (mut a, mut b, g) = (values(lb * m * k, 11), values(batch * k * n, 12), values(batch * m * n, 13));
+    // The frozen operand: B for a linear layer, A (the weight) for a convolution.
+    if frozen == DType::F16 {
+        if lhs_broadcast { a = to_f16(a) } else { b = to_f16(b) }
+    }
+    let what =
+        format!("[{lb},{m},{k}] x [{batch},{k},{n}] frozen {frozen:?} both {both} {kernel:?} [{}]", c.description);
+    // `[items, rows, cols]` -> `[items, cols, rows]`.
+    let transpose = |v: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+        let mut t = vec![0f32; v.len()];
+        for (i, x) in v.iter().enumerate() {
+            let (item, r, col) = (i / (rows * cols), i / cols % rows, i % cols);
+            t[item * rows * cols + col * rows + r] = *x;
+        }
+        t
+    };
+    // Forward, with A repeated over the batch when it is broadcast.
+    let a_full: Vec<f32> =
+        (0..batch).flat_map(|i| a[if lhs_broadcast { 0 } else { i * m * k }..][..m * k].to_vec()).collect();
+    let want = HostTensor::new(vec![batch, m, n], host_product(&a_full, &b, [batch, m, k, n], true));
+    // dA = G · Bᵀ, summed over the batch when A is broadcast; dB = Aᵀ · G.
+    let bt = transpose(&b, k, n);
+    let mut da = host_product(&g, &bt, [batch, m, n, k], true);
+    if lhs_broadcast {
+        da = (0..m * k).map(|i| (0..batch).map(|j| da[j * m * k + i]).sum()).collect();
+    }
+    let at = transpose(&a_full, m, k);
+    let db = host_product(&at, &g, [batch, k, m, n], true);
+
+    let tensor = |v: &[f32], shape: [usize; 3]| to_device(v.to_vec(), shape, d);
+    let trainable = |t: Tensor<3>| t.autodiff().require_grad();
+    let (lhs, rhs) = (tensor(&a, [lb, m, k]), tensor(&b, [batch, k, n]));
+    let (lhs, rhs) = match (lhs_broadcast, both) {
+        (_, true) => (trainable(lhs), trainable(rhs)),
+        (true, false) => (lhs.cast(frozen), trainable(rhs)),
+        (false, false) => (trainable(lhs), rhs.cast(frozen)),
+    };
+    let out = match kernel {
+        Some(kernel) => matmul::matmul_with(lhs.clone(), rhs.clone(), kernel),
+        None => matmul::matmul(lhs.clone(), rhs.clone()),
+    };
+    assert_close(&format!("{what}: product"), &to_host(out.clone().inner()), &want, 1e-5);
+    let grads = (out * tensor(&g, [batch, m, n]).autodiff()).sum().backward();
+    if lhs_broadcast || both {
+        let got = to_host(rhs.grad(&grads).expect("B's gradient"));
+        assert_close(&format!("{what}: dB"), &got, &HostTensor::new(vec![batch, k, n], db), 1e-5);
+    }
+    if !lhs_broadcast || both {
+        let got = to_host(lhs.grad(&grads).expect("A's gradient"));
+        assert_close(&format!("{what}: dA"), &got, &HostTensor::new(vec![lb, m, k], da), 1e-5);
+    }
+}
