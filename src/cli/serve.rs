@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::device::{self, DeviceChoice, Precision};
 use crate::models_dir::ModelsDir;
-use crate::server::{ServeOptions, serve};
+use crate::server::{ServeOptions, TrainDevice, serve};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -28,7 +28,8 @@ pub struct ServeArgs {
     cors_allow_origins: Vec<String>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
-    /// What CLIP and the UNet compute in: `auto` is f16 on a GPU with f16 shaders.
+    /// What CLIP and the UNet compute in: `auto` is f16 on a GPU with f16 shaders. Training
+    /// runs keep their frozen weights in it and compute in f32 (`sdw train --precision`).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
     /// Where `save_images` (and the web UI) write images: txt2img/, img2img/ below it.
@@ -52,7 +53,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         auth,
         cors_origins: a.cors_allow_origins,
         outdir: a.outdir,
-        device: a.device,
+        training: TrainDevice { device: a.device, precision: a.precision },
     };
     if opts.models.checkpoints().is_empty() {
         eprintln!(

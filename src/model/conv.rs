@@ -6,9 +6,8 @@
 //!   cooperative matrices (WGSL); on an H200 that kernel took 79 % of a 512x512 UNet step
 //!   (1.05 s of 1.34 s, at 1-4 TFLOP/s), while burn's matmul runs at ~6 TFLOP/s there.
 //!   `SDW_GPU_CONV=burn` keeps burn's op, to compare. Training takes this path too: its
-//!   backward pass becomes matrix products instead of burn's direct kernels, and autodiff
-//!   keeps the columns (on the CPU, a checkpointed 512x512 LoRA step went from 9.4 to
-//!   10.5 GiB);
+//!   backward pass becomes matrix products instead of burn's direct kernels, and keeps no
+//!   columns (see [`columns`]);
 //! - elsewhere (stride-2 convolutions on the CPU, training on the CPU with f32 weights)
 //!   burn's op.
 //!
@@ -20,10 +19,15 @@
 use std::borrow::Cow;
 use std::sync::LazyLock;
 
-use burn::backend::DispatchDevice;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::wgpu::CubeBackend;
+use burn::backend::{Autodiff, Backend, DispatchDevice, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
-use burn::tensor::{DType, Slice, Tensor};
+use burn::tensor::{DType, Shape, Slice, Tensor};
 
 use super::layers::in_dtype;
 use crate::shaders::matmul::matmul;
@@ -103,13 +107,64 @@ pub fn as_product(
             };
             let views: Vec<Tensor<4>> =
                 (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j))).map(|(i, j)| view(i, j)).collect();
-            Tensor::stack::<5>(views, 2).reshape([b, k, rows * wo])
+            columns(Tensor::stack::<5>(views, 2), [b, k, rows * wo])
         };
         outs.push(matmul(weight.clone(), columns).reshape([b, o, rows, wo]));
     }
     let y = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
     let bias = crate::cpu::cast(bias, y.dtype());
     y + bias.reshape([1, o, 1, 1])
+}
+
+/// The stacked views `[B, C, kh·kw, rows, W_out]` seen as `[B, C·kh·kw, rows·W_out]` columns:
+/// a reshape that keeps nothing for the backward pass. Under gradient checkpointing burn keeps
+/// the output of a concatenation (the stack) for any reshape after it until the backward pass,
+/// in case the reshape must be recomputed; here that would keep every convolution's columns,
+/// 9x its input, while the product needs none of them (its weight is frozen). This one is
+/// marked compute-bound, so nothing before it is kept.
+fn columns(stacked: Tensor<5>, shape: [usize; 3]) -> Tensor<3> {
+    Tensor::from_dispatch(burn::backend::Dispatch::conv_columns(stacked.into_dispatch(), shape))
+}
+
+#[backend_extension(Cube, Fusion, Flex, Autodiff)]
+pub trait ColumnOps: Backend {
+    /// `x` reshaped to `shape`.
+    #[fusion(dtype = x, shape = Shape::from(*shape))]
+    fn conv_columns(x: FloatTensor<Self>, shape: [usize; 3]) -> FloatTensor<Self> {
+        Self::float_reshape(x, Shape::from(shape))
+    }
+}
+
+impl ColumnOps for CubeBackend {}
+
+impl ColumnOps for Flex {}
+
+impl<B: Backend + ColumnOps, C: CheckpointStrategy> ColumnOps for Autodiff<B, C> {
+    fn conv_columns(x: FloatTensor<Self>, shape: [usize; 3]) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Columns;
+
+        impl<B: Backend> Backward<B, 1> for Columns {
+            /// The stacked views' shape.
+            type State = Shape;
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                if let [Some(node)] = ops.parents {
+                    grads.register::<B>(node.id, B::float_reshape(grad, ops.state));
+                }
+            }
+        }
+
+        let parents = [x.node()];
+        let x = x.into_primitive();
+        let stacked = x.shape();
+        let out = B::float_reshape(x, Shape::from(shape));
+        match Columns.prepare::<C>(parents).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(stacked, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
 }
 
 /// `n` indices from `start`, `step` apart.

@@ -14,6 +14,8 @@ mod routes;
 mod training;
 pub mod worker;
 
+pub use training::TrainDevice;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -34,8 +36,8 @@ pub struct ServeOptions {
     pub auth: Vec<(String, String)>,
     pub cors_origins: Vec<String>,
     pub outdir: PathBuf,
-    /// The device training runs use (the same one generation uses).
-    pub device: crate::device::DeviceChoice,
+    /// The device and precision training runs use (those generation uses).
+    pub training: training::TrainDevice,
 }
 
 /// Serves until Ctrl-C; the running job stops after its current step and its finished

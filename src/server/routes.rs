@@ -39,7 +39,7 @@ pub struct App {
     outdir: PathBuf,
     auth: Vec<(String, String)>,
     cors: Vec<String>,
-    device: crate::device::DeviceChoice,
+    training: training::TrainDevice,
     /// A1111's options dict: the keys sdw acts on and whatever clients posted.
     options: Mutex<Map<String, Value>>,
 }
@@ -67,7 +67,7 @@ impl App {
             outdir: opts.outdir,
             auth: opts.auth,
             cors: opts.cors_origins,
-            device: opts.device,
+            training: opts.training,
             options: Mutex::new(options),
         })
     }
@@ -485,9 +485,9 @@ async fn train(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let req: TrainRequest = body(bytes)?;
     let (checkpoint, _) = app.model_for(&Map::new())?;
-    let (models, outdir, device) = (app.models.clone(), app.outdir.clone(), app.device);
+    let (models, outdir, training) = (app.models.clone(), app.outdir.clone(), app.training);
     // Decoding and saving a dozen photos is blocking work: off the async threads.
-    let job = tokio::task::spawn_blocking(move || training::prepare(req, &models, &outdir, &checkpoint, device))
+    let job = tokio::task::spawn_blocking(move || training::prepare(req, &models, &outdir, &checkpoint, training))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
     training::enqueue(&app.worker.shared, &job)?;

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, Precision};
 use crate::models_dir::{Entry, ModelsDir};
 use crate::output;
 use crate::train::{TrainError, TrainOptions, run::run_dir};
@@ -110,6 +110,14 @@ fn read_losses(csv: &Path) -> Vec<[f64; 3]> {
         .collect()
 }
 
+/// The device and precision a training run takes: those `sdw serve` generates with
+/// (`--precision f16` keeps the frozen weights in f16 there).
+#[derive(Clone, Copy, Debug)]
+pub struct TrainDevice {
+    pub device: DeviceChoice,
+    pub precision: Precision,
+}
+
 /// Checks the request, saves the photos and builds the run's options; `checkpoint` is
 /// the base model. 409 when the name is taken (nothing a user made is overwritten).
 pub fn prepare(
@@ -117,7 +125,7 @@ pub fn prepare(
     models: &ModelsDir,
     outdir: &Path,
     checkpoint: &Entry,
-    device: DeviceChoice,
+    on: TrainDevice,
 ) -> Result<TrainJob, ApiError> {
     let name = req.name.trim();
     let plain = !name.is_empty() && name.chars().all(|c| c.is_alphanumeric() || "-_. ".contains(c));
@@ -162,7 +170,8 @@ pub fn prepare(
     arg("num-validation-images", req.num_validation_images.unwrap_or(2).to_string());
     arg("checkpoint-every", (steps / 4).max(1).to_string());
     arg("seed", req.seed.unwrap_or(0).to_string());
-    arg("device", format!("{device:?}").to_lowercase());
+    arg("device", format!("{:?}", on.device).to_lowercase());
+    arg("precision", format!("{:?}", on.precision).to_lowercase());
     if let Some(p) = &req.validation_prompt {
         arg("validation-prompt", p.clone());
     }
