@@ -7,7 +7,7 @@
 //!   (1.05 s of 1.34 s, at 1-4 TFLOP/s), while burn's matmul runs at ~6 TFLOP/s there.
 //!   `SDW_GPU_CONV=burn` keeps burn's op, to compare. Training takes this path too: its
 //!   backward pass becomes matrix products instead of burn's direct kernels, and keeps no
-//!   columns (see [`columns`]);
+//!   columns (see `columns`);
 //! - elsewhere (stride-2 convolutions on the CPU, training on the CPU with f32 weights)
 //!   burn's op.
 //!
