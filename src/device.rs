@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::{LazyLock, Once, OnceLock};
 
 use burn::BurnConfig;
+use burn::backend::DispatchDevice;
 use burn::cubecl::config::RuntimeConfig;
 use burn::tensor::{DType, Device};
 
@@ -215,6 +216,15 @@ fn keep_freed_memory() {
 }
 
 /// burn's flex CPU backend.
+/// Whether `device` is a cubecl one (a GPU, or lavapipe), with or without autodiff.
+pub fn on_cube(device: &Device) -> bool {
+    match device.as_dispatch() {
+        DispatchDevice::Cube(_) => true,
+        DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Cube(_)),
+        _ => false,
+    }
+}
+
 pub fn cpu() -> Compute {
     configure_burn();
     keep_freed_memory();

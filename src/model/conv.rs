@@ -24,7 +24,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::wgpu::CubeBackend;
-use burn::backend::{Autodiff, Backend, DispatchDevice, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};
+use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Shape, Slice, Tensor};
@@ -73,7 +73,7 @@ static GPU_CONV: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_GPU_CONV")
 
 /// A wgpu tensor, with or without gradients.
 fn on_gpu(x: &Tensor<4>) -> bool {
-    *GPU_CONV && matches!(x.device().as_dispatch().clone().inner(), DispatchDevice::Cube(_))
+    *GPU_CONV && crate::device::on_cube(&x.device())
 }
 
 /// The convolution as matrix products: for a band of output rows, the `kh x kw` shifted

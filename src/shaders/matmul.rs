@@ -15,7 +15,7 @@
 use std::sync::OnceLock;
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
-use burn::backend::{Backend, DispatchDevice, Flex, backend_extension, tensor::FloatTensor};
+use burn::backend::{Backend, Flex, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeTuneId;
 use burn::cubecl::prelude::KernelId;
 use burn::cubecl::server::KernelArguments;
@@ -75,7 +75,7 @@ pub fn output_shape(lhs: &Shape, rhs: &Shape) -> Shape {
 /// tracked one is f32: it widens where it is used, and only the f16 original is kept for the
 /// backward pass (`matmul_grad`).
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
-    let tracked = lhs.device().is_autodiff() || rhs.device().is_autodiff();
+    let tracked = tracked(&lhs, &rhs);
     let tuned =
         shader_may_run(&lhs, &rhs, tracked) && worth_tuning(lhs.dims()[D - 2], lhs.dims()[D - 1], rhs.dims()[D - 1]);
     // A frozen f16 weight times f32 activations is an f32 product: no tensor cores.
@@ -96,7 +96,7 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     let [d_in, d_out] = l.weight.dims();
     let rows: usize = x.dims()[..D - 1].iter().product();
     let tracked = x.device().is_autodiff();
-    if D < 2 || !(tracked || applies(&x) && worth_tuning(rows, d_in, d_out)) {
+    if D < 2 || !(tracked || shader_may_run(&x, &x, false) && worth_tuning(rows, d_in, d_out)) {
         return in_dtype(l, x.dtype()).forward(x);
     }
     let dtype = x.dtype();
@@ -121,8 +121,13 @@ pub fn matmul_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kerne
     if let Kernel::Tiled(tile) | Kernel::Cooperative(tile) | Kernel::CooperativeDirect(tile) = kernel {
         assert!(TILES.contains(&tile), "the shaders have no {tile} x {tile} tile");
     }
-    let tracked = lhs.device().is_autodiff() || rhs.device().is_autodiff();
-    if tracked || shader_may_run(&lhs, &rhs, false) { product(lhs, rhs, kernel) } else { lhs.matmul(rhs) }
+    if tracked(&lhs, &rhs) || shader_may_run(&lhs, &rhs, false) { product(lhs, rhs, kernel) } else { lhs.matmul(rhs) }
+}
+
+/// Whether either operand is on an autodiff device: the product then goes through sdw's op,
+/// whose autodiff version widens a frozen operand (`matmul_grad`).
+fn tracked<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>) -> bool {
+    lhs.device().is_autodiff() || rhs.device().is_autodiff()
 }
 
 fn product<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Tensor<D> {
@@ -134,9 +139,7 @@ fn product<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Te
 /// client, in [`MatmulOps::sdw_matmul`]).
 fn shader_may_run<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>, tracked: bool) -> bool {
     let operand = |x: &Tensor<D>| {
-        super::enabled()
-            && matches!(x.device().as_dispatch().clone().inner(), DispatchDevice::Cube(_))
-            && matches!(x.dtype(), DType::F32 | DType::F16)
+        super::enabled() && crate::device::on_cube(&x.device()) && matches!(x.dtype(), DType::F32 | DType::F16)
     };
     D >= 2 && operand(lhs) && operand(rhs) && (tracked || lhs.dtype() == rhs.dtype())
 }

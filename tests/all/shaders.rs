@@ -57,6 +57,11 @@ fn group_norm_kernels_match_burn_ops() {
     }
 }
 
+/// `v` rounded to f16 values, so that an f16 operand holds exactly what the host multiplies.
+fn f16_exact(v: Vec<f32>) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+}
+
 /// `a · b` in f64 on the host, for `[batch, m, k]` and `[batch or 1, k, n]` operands.
 fn host_product(a: &[f32], b: &[f32], [batch, m, k, n]: [usize; 4], b_batched: bool) -> Vec<f32> {
     let mut out = vec![0f32; batch * m * n];
@@ -112,8 +117,7 @@ fn matmul_shaders_match_the_product() {
     let want = HostTensor::new(vec![2, 256, 256], host_product(&a, &b, [2, 256, 256, 256], false));
     let got = matmul::matmul(to_device(a.clone(), [2, 256, 256], d), to_device(b.clone(), [1, 256, 256], d));
     assert_close("tuned matmul [2,256,256] x [1,256,256]", &to_host(got), &want, 1e-5);
-    let half = |v: Vec<f32>| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<f32>>();
-    let (a, b) = (half(a), half(b));
+    let (a, b) = (f16_exact(a), f16_exact(b));
     let want = HostTensor::new(vec![2, 256, 256], host_product(&a, &b, [2, 256, 256, 256], false));
     let on = |v: Vec<f32>, shape| to_device(v, shape, d).cast(DType::F16);
     let got = matmul::matmul(on(a, [2, 256, 256]), on(b, [1, 256, 256]));
@@ -124,9 +128,7 @@ fn matmul_shaders_match_the_product() {
 /// row-major and column-major operands, either one broadcast over the batch, a query chunk at
 /// an offset into its buffer times K^T, tiles that reach past M and N.
 fn check_direct_product(kernel: Kernel, d: &burn::tensor::Device) {
-    let values = |n: usize, seed: u64| -> Vec<f32> {
-        sdw::sampling::Philox::new(seed).randn(n).iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
-    };
+    let values = |n: usize, seed: u64| f16_exact(sdw::sampling::Philox::new(seed).randn(n));
     let on = |v: Vec<f32>, shape: [usize; 3]| to_device(v, shape, d).cast(DType::F16);
     let check = |what: &str, got: Tensor<3>, want: HostTensor| {
         assert_close(&format!("{kernel:?} {what}"), &to_host(got), &want, 1e-3)
@@ -167,7 +169,7 @@ fn check_product(kernel: Kernel, dtype: DType, d: &burn::tensor::Device) {
     let f16 = dtype == DType::F16;
     let values = |n: usize, seed: u64| {
         let v = sdw::sampling::Philox::new(seed).randn(n);
-        if f16 { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() } else { v }
+        if f16 { f16_exact(v) } else { v }
     };
     let bound = if f16 { 1e-3 } else { 1e-5 };
     let on = |v: Vec<f32>, shape: [usize; 3]| to_device(v, shape, d).cast(dtype);
@@ -390,13 +392,12 @@ fn check_gradients(
     c: &sdw::device::Compute,
 ) {
     let d = &c.device;
-    let to_f16 = |v: Vec<f32>| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<f32>>();
     let values = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
     let lb = if lhs_broadcast { 1 } else { batch };
     let (mut a, mut b, g) = (values(lb * m * k, 11), values(batch * k * n, 12), values(batch * m * n, 13));
     // The frozen operand: B for a linear layer, A (the weight) for a convolution.
     if frozen == DType::F16 {
-        if lhs_broadcast { a = to_f16(a) } else { b = to_f16(b) }
+        if lhs_broadcast { a = f16_exact(a) } else { b = f16_exact(b) }
     }
     let what =
         format!("[{lb},{m},{k}] x [{batch},{k},{n}] frozen {frozen:?} both {both} {kernel:?} [{}]", c.description);
