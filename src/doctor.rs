@@ -23,7 +23,7 @@ use crate::device::{Compute, Dtypes};
 use crate::model::attention::attention;
 use crate::model::attention_tuned;
 use crate::model::conv::conv;
-use crate::model::layers::{geglu, gelu, to_host, upsample_nearest_2x, upsample_nearest_to};
+use crate::model::layers::{geglu, gelu, layer_norm, to_host, upsample_nearest_2x, upsample_nearest_to};
 use crate::model::unet::Trace;
 use crate::pipeline::StableDiffusion;
 use crate::shaders::matmul::Kernel;
@@ -157,7 +157,7 @@ pub fn checks(size: usize) -> Vec<Check> {
         Box::new(move |d| {
             let mut ln = LayerNormConfig::new(320).with_epsilon(1e-5).init(d);
             ln.gamma = Param::from_tensor(input([320], 24, d).mul_scalar(0.1).add_scalar(1.0));
-            to_host(ln.forward(input([2, s * s, 320], 25, d).mul_scalar(2.0)))
+            to_host(layer_norm(&ln, input([2, s * s, 320], 25, d).mul_scalar(2.0)))
         }),
     );
     add(

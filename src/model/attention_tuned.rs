@@ -39,7 +39,7 @@ type Inputs = (CubeTensor, CubeTensor, CubeTensor, usize);
 
 impl TunedAttentionOps for CubeBackend {
     fn attention_tuned(q: CubeTensor, k: CubeTensor, v: CubeTensor, chunk: usize, tuned: bool) -> CubeTensor {
-        if tuned && q.client.name() != "wgpu<wgsl>" {
+        if tuned && !crate::shaders::compiles_wgsl(&q) {
             return flash::<Self>(q, k, v);
         }
         // The heads come as views of [B, S, H·D] projections, whose batch and head dims do not

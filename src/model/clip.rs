@@ -14,7 +14,6 @@ use super::layers::{Loader, layer_norm, linear, to_device};
 
 /// CLIP heads are 64 wide in every SD checkpoint.
 const HEAD_DIM: usize = 64;
-const LN_EPS: f64 = 1e-5;
 
 #[derive(Module, Debug)]
 struct EncoderLayer {
@@ -39,12 +38,12 @@ impl EncoderLayer {
     fn load(l: &Loader, heads: usize) -> Result<Self, WeightsError> {
         let a = l.pp("self_attn");
         Ok(Self {
-            layer_norm1: l.layer_norm("layer_norm1", LN_EPS)?,
+            layer_norm1: l.layer_norm("layer_norm1")?,
             q_proj: a.linear("q_proj")?,
             k_proj: a.linear("k_proj")?,
             v_proj: a.linear("v_proj")?,
             out_proj: a.linear("out_proj")?,
-            layer_norm2: l.layer_norm("layer_norm2", LN_EPS)?,
+            layer_norm2: l.layer_norm("layer_norm2")?,
             fc1: l.linear("mlp.fc1")?,
             fc2: l.linear("mlp.fc2")?,
             adapters: AttentionAdapters::default(),
@@ -131,7 +130,7 @@ impl ClipTextModel {
             token_embedding,
             position_embedding: Param::from_tensor(l.weight(pos.data, [positions, hidden])),
             layers,
-            final_layer_norm: l.layer_norm("final_layer_norm", LN_EPS)?,
+            final_layer_norm: l.layer_norm("final_layer_norm")?,
             activations: l.activations(),
         })
     }

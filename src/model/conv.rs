@@ -30,6 +30,7 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Shape, Slice, Tensor};
 
 use super::layers::in_dtype;
+use crate::shaders::im2col::{self, Band};
 use crate::shaders::matmul::matmul;
 
 /// `c` applied to `x`, summed in f32 and returned in `x`'s dtype.
@@ -79,41 +80,62 @@ fn on_gpu(x: &Tensor<4>) -> bool {
 /// The convolution as matrix products: for a band of output rows, the `kh x kw` shifted
 /// (strided) views of the padded input are stacked into `[B, C·kh·kw, rows·W_out]` columns,
 /// in the order of the weight's `[O, C, kh, kw]` layout, and multiplied by the weight seen
-/// as `[O, C·kh·kw]`. Bands keep each block of columns within `budget` bytes.
+/// as `[O, C·kh·kw]`. Bands keep each block of columns within `budget` bytes. The columns
+/// come from our kernel where it applies (`shaders::im2col`), else from burn's ops.
 pub fn as_product(
     x: Tensor<4>,
     weight: Tensor<4>,
     bias: Tensor<1>,
     [top, left, bottom, right]: [usize; 4],
-    [sh, sw]: [usize; 2],
+    stride: [usize; 2],
     budget: usize,
 ) -> Tensor<4> {
     let [o, c, kh, kw] = weight.dims();
     let [b, _, h, w] = x.dims();
-    let x = if top + left + bottom + right > 0 { x.pad([(top, bottom), (left, right)], 0.0) } else { x };
     let (hp, wp) = (h + top + bottom, w + left + right);
+    let [sh, sw] = stride;
     let (ho, wo) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
     let k = c * kh * kw;
     let weight = weight.reshape([1, o, k]);
     let band = (budget / (b * k * wo * size_of::<f32>()).max(1)).clamp(1, ho);
+    let unpadded = top + left + bottom + right == 0;
+    let ours = im2col::applies(&x);
+    // burn's ops take the views of a padded copy; our kernel reads the padding as zeros.
+    let padded = if ours || unpadded { x.clone() } else { x.clone().pad([(top, bottom), (left, right)], 0.0) };
     let mut outs = Vec::with_capacity(ho.div_ceil(band));
     for y0 in (0..ho).step_by(band) {
         let rows = band.min(ho - y0);
-        let columns = if kh * kw == 1 && sh * sw == 1 && rows == ho {
+        let columns = if kh * kw == 1 && sh * sw == 1 && unpadded && rows == ho {
             x.clone().reshape([b, c, ho * wo])
+        } else if ours {
+            let band = Band { kernel: [kh, kw], stride, top_left: [top, left], y0, rows, w_out: wo };
+            im2col::columns(x.clone(), band)
         } else {
-            let view = |i: usize, j: usize| {
-                x.clone().slice([every(0, b, 1), every(0, c, 1), every(y0 * sh + i, rows, sh), every(j, wo, sw)])
-            };
-            let views: Vec<Tensor<4>> =
-                (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j))).map(|(i, j)| view(i, j)).collect();
-            columns(Tensor::stack::<5>(views, 2), [b, k, rows * wo])
+            stacked_columns(&padded, [kh, kw], stride, y0, rows, wo)
         };
         outs.push(matmul(weight.clone(), columns).reshape([b, o, rows, wo]));
     }
     let y = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
     let bias = crate::cpu::cast(bias, y.dtype());
     y + bias.reshape([1, o, 1, 1])
+}
+
+/// The columns of a band of `rows` output rows from `y0`, `w_out` wide, by burn's ops: the
+/// `kh x kw` strided views of the `padded` input, stacked.
+pub fn stacked_columns(
+    padded: &Tensor<4>,
+    [kh, kw]: [usize; 2],
+    [sh, sw]: [usize; 2],
+    y0: usize,
+    rows: usize,
+    w_out: usize,
+) -> Tensor<3> {
+    let [b, c, _, _] = padded.dims();
+    let view = |i: usize, j: usize| {
+        padded.clone().slice([every(0, b, 1), every(0, c, 1), every(y0 * sh + i, rows, sh), every(j, w_out, sw)])
+    };
+    let views: Vec<Tensor<4>> = (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j))).map(|(i, j)| view(i, j)).collect();
+    columns(Tensor::stack::<5>(views, 2), [b, c * kh * kw, rows * w_out])
 }
 
 /// The stacked views `[B, C, kh·kw, rows, W_out]` seen as `[B, C·kh·kw, rows·W_out]` columns:

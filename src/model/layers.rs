@@ -214,10 +214,10 @@ impl<'a> Loader<'a> {
         })
     }
 
-    pub fn layer_norm(&self, name: &str, eps: f64) -> Result<LayerNorm, WeightsError> {
+    pub fn layer_norm(&self, name: &str) -> Result<LayerNorm, WeightsError> {
         let l = self.pp(name);
         let c = l.shape("weight")?[0];
-        let mut ln = LayerNormConfig::new(c).with_epsilon(eps).init(self.device());
+        let mut ln = LayerNormConfig::new(c).with_epsilon(LAYER_NORM_EPS).init(self.device());
         ln.gamma = Param::from_tensor(l.tensor("weight", [c])?);
         ln.beta = Some(Param::from_tensor(l.tensor("bias", [c])?));
         Ok(ln)
@@ -246,16 +246,17 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
 }
 
-/// GEGLU's activation: `value * gelu(gate)` of a projection `[.., 2F]` holding value then gate.
+/// GEGLU's activation: `value * gelu(gate)` of a projection `[.., 2F]` holding value then gate;
+/// one kernel of ours on the CPU and on a GPU.
 pub fn geglu<const D: usize>(h: Tensor<D>) -> Tensor<D> {
+    use crate::shaders::geglu;
     if crate::cpu::applies(&h) {
-        return crate::cpu::geglu(h);
+        crate::cpu::geglu(h)
+    } else if geglu::applies(&h) {
+        geglu::forward(h)
+    } else {
+        geglu::reference(h)
     }
-    let half = h.dims()[D - 1] / 2;
-    let mut parts = h.split(half, D - 1);
-    let gate = parts.pop().unwrap();
-    let value = parts.pop().unwrap();
-    value * gelu(gate)
 }
 
 // Layers whose weights may be in another dtype than their input. On the CPU, `--precision
@@ -268,9 +269,14 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     crate::shaders::matmul::linear(l, x)
 }
 
-/// `n` applied to `x`, in `x`'s dtype.
+/// The epsilon of every LayerNorm in SD 1.x, CLIP's and the UNet's (burn's `LayerNorm` keeps
+/// its own private, so our kernel is told it here).
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// `n` (made by [`Loader::layer_norm`]) applied to `x`, in `x`'s dtype (our kernel on a GPU:
+/// `shaders::group_norm`).
 pub fn layer_norm<const D: usize>(n: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
-    in_dtype(n, x.dtype()).forward(x)
+    crate::shaders::group_norm::layer_norm(n, LAYER_NORM_EPS, x)
 }
 
 /// `module` with every float parameter in `dtype`: itself when they already are, else a copy.

@@ -18,7 +18,6 @@ use super::layers::{Loader, ResnetBlock, geglu, layer_norm, linear, to_device, u
 const SD1_HEADS: usize = 8;
 const RESNET_EPS: f64 = 1e-5;
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
-const LN_EPS: f64 = 1e-5;
 
 /// What the weights say about the network.
 #[derive(Clone, Debug)]
@@ -76,11 +75,11 @@ struct TransformerBlock {
 impl TransformerBlock {
     fn load(l: &Loader, heads: usize) -> Result<Self, WeightsError> {
         Ok(Self {
-            norm1: l.layer_norm("norm1", LN_EPS)?,
+            norm1: l.layer_norm("norm1")?,
             attn1: CrossAttention::load(&l.pp("attn1"), heads)?,
-            norm2: l.layer_norm("norm2", LN_EPS)?,
+            norm2: l.layer_norm("norm2")?,
             attn2: CrossAttention::load(&l.pp("attn2"), heads)?,
-            norm3: l.layer_norm("norm3", LN_EPS)?,
+            norm3: l.layer_norm("norm3")?,
             ff: FeedForward { proj: l.linear("ff.net.0.proj")?, out: l.linear("ff.net.2")? },
         })
     }

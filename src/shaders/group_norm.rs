@@ -1,5 +1,5 @@
-//! GroupNorm, optionally followed by SiLU, in one kernel of ours: `shaders/group_norm.wgsl`
-//! on a wgpu device that compiles WGSL, its `#[cube]` twin (`portable`) where kernels are
+//! GroupNorm, optionally followed by SiLU, and LayerNorm (a GroupNorm of one group per row),
+//! in one kernel of ours: `shaders/group_norm.wgsl` on a wgpu device that compiles WGSL, its `#[cube]` twin (`portable`) where kernels are
 //! compiled to SPIR-V (the `spirv` build) or anything else that takes no WGSL text, and
 //! `cpu::group_norm` on the CPU backend. Elsewhere — other dtypes, and on the CPU tensors
 //! that carry gradients (training) — it is burn's `GroupNorm` and `silu`, which all three
@@ -10,7 +10,7 @@ use burn::backend::{Backend, DispatchDevice, Flex, backend_extension, tensor::Fl
 use burn::cubecl::prelude::KernelId;
 use burn::cubecl::server::KernelArguments;
 use burn::cubecl::{CubeCount, CubeDim};
-use burn::nn::GroupNorm;
+use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Tensor};
 use burn_flex::FlexTensor;
@@ -64,6 +64,33 @@ fn ours(norm: &GroupNorm, x: Tensor<4>, with_silu: bool, portable: bool) -> Tens
     }
 }
 
+/// `n` with this `epsilon` (burn's `LayerNorm` keeps its own private) applied to `x`
+/// (`[.., d]`), in `x`'s dtype. A LayerNorm is a GroupNorm with one group
+/// over each row seen as `[rows, d, 1]`: on a wgpu device our kernel, one launch where burn's
+/// layer norm takes nine (means, differences, square root, scale, shift); elsewhere burn's.
+pub fn layer_norm<const D: usize>(n: &LayerNorm, epsilon: f64, x: Tensor<D>) -> Tensor<D> {
+    let n = in_dtype(n, x.dtype());
+    let dims = x.dims();
+    let [rows, d] = [dims[..D - 1].iter().product::<usize>(), dims[D - 1]];
+    match &n.beta {
+        // One workgroup per row, and a dispatch holds at most 65535 of them in a dimension.
+        Some(beta) if on_gpu(&x) && rows <= u16::MAX as usize => {
+            let x = x.reshape([rows, d, 1]);
+            let y = burn::backend::Dispatch::group_norm_silu(
+                x.into_dispatch(),
+                n.gamma.val().into_dispatch(),
+                beta.val().into_dispatch(),
+                1,
+                epsilon,
+                false,
+                false,
+            );
+            Tensor::<3>::from_dispatch(y).reshape(dims)
+        }
+        _ => n.forward(x),
+    }
+}
+
 /// What our kernels replace: burn's GroupNorm and SiLU.
 pub fn reference(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
     // Weights stored in f16 meet f32 activations on the CPU (`--precision f16`).
@@ -73,10 +100,14 @@ pub fn reference(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
 
 /// Our GPU kernels for f32/f16 tensors on a wgpu device; the CPU kernel where `cpu::applies`.
 fn uses_kernel(x: &Tensor<4>) -> bool {
-    let shader = super::enabled()
+    on_gpu(x) || cpu::applies(x)
+}
+
+/// An f32/f16 tensor on a wgpu device, without gradients.
+fn on_gpu<const D: usize>(x: &Tensor<D>) -> bool {
+    super::enabled()
         && matches!(x.device().as_dispatch(), DispatchDevice::Cube(_))
-        && matches!(x.dtype(), DType::F32 | DType::F16);
-    shader || cpu::applies(x)
+        && matches!(x.dtype(), DType::F32 | DType::F16)
 }
 
 impl GroupNormOps for CubeBackend {
@@ -109,8 +140,7 @@ impl GroupNormOps for CubeBackend {
         );
         // One workgroup per (batch item, group) in both kernels.
         let count = CubeCount::Static((dims[0] * groups) as u32, 1, 1);
-        // cubecl names the compiler in the runtime's name: "wgpu<wgsl>", "wgpu<spirv>", ...
-        if portable || client.name() != "wgpu<wgsl>" {
+        if portable || !super::compiles_wgsl(&x) {
             portable::launch(&x, &gamma, &beta, &out, &problem, count);
         } else {
             launch_wgsl(&x, &gamma, &beta, &out, &problem, count);

@@ -225,7 +225,7 @@ impl MatmulOps for Flex {}
 
 impl MatmulOps for CubeBackend {
     fn sdw_matmul(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> CubeTensor {
-        if lhs.client.name() != "wgpu<wgsl>" || kernel == Kernel::Burn {
+        if !super::compiles_wgsl(&lhs) || kernel == Kernel::Burn {
             return burns(lhs, rhs);
         }
         if kernel != Kernel::Tuned {

@@ -4,7 +4,9 @@
 //! after naga has checked it; one that does not compile is reported with its name and the
 //! compiler's line, and the built-in one runs.
 
+pub mod geglu;
 pub mod group_norm;
+pub mod im2col;
 pub mod matmul;
 mod matmul_grad;
 
@@ -23,11 +25,23 @@ pub struct Shader {
 /// The built-in shaders (a static, not a const: each keeps the text chosen for the process).
 pub static SHADERS: &[Shader] = &BUILT_IN;
 
-static BUILT_IN: [Shader; 3] = [
+static BUILT_IN: [Shader; 5] = [
+    Shader {
+        name: "geglu.wgsl",
+        source: include_str!("../../shaders/geglu.wgsl"),
+        example_values: &[("elem", "f32"), ("extensions", "")],
+        chosen: OnceLock::new(),
+    },
     Shader {
         name: "group_norm.wgsl",
         source: include_str!("../../shaders/group_norm.wgsl"),
         example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
+        chosen: OnceLock::new(),
+    },
+    Shader {
+        name: "im2col.wgsl",
+        source: include_str!("../../shaders/im2col.wgsl"),
+        example_values: &[("elem", "f32"), ("extensions", "")],
         chosen: OnceLock::new(),
     },
     Shader {
@@ -55,6 +69,23 @@ static ENABLED: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_SHADERS").a
 
 fn enabled() -> bool {
     *ENABLED
+}
+
+/// Threads per workgroup of the element-wise kernels (`geglu`, `im2col`).
+const WORKGROUP: u32 = 256;
+
+/// Workgroups for `threads` threads of an element-wise kernel: more than 65535 spill over into
+/// y (each dimension of a dispatch is capped there); the kernels skip threads past the end.
+fn workgroups(threads: usize) -> burn::cubecl::CubeCount {
+    let groups = threads.div_ceil(WORKGROUP as usize) as u32;
+    let x = groups.min(u16::MAX as u32);
+    burn::cubecl::CubeCount::Static(x, groups.div_ceil(x), 1)
+}
+
+/// Whether the device compiles WGSL, so that our shaders' text can run on it; cubecl names the
+/// compiler in the runtime's name: "wgpu<wgsl>", "wgpu<spirv>", ...
+pub fn compiles_wgsl(x: &burn::backend::wgpu::CubeTensor) -> bool {
+    x.client.name() == "wgpu<wgsl>"
 }
 
 static SHADER_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();

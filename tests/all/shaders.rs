@@ -57,6 +57,101 @@ fn group_norm_kernels_match_burn_ops() {
     }
 }
 
+/// LayerNorm by the GroupNorm kernel (one group per row) equals burn's LayerNorm on the same
+/// device, for CLIP's and the UNet's widths, with rows fewer and more than a workgroup's
+/// threads and a large mean.
+#[test]
+fn layer_norm_kernel_matches_burn_ops() {
+    use burn::nn::LayerNormConfig;
+    if wgpu_skipped() {
+        return;
+    }
+    let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
+    let d = &gpu.device;
+    for [b, t, c] in [[2, 77, 768], [2, 64, 320], [1, 5, 1280], [3, 2, 100]] {
+        let mut ln = LayerNormConfig::new(c).with_epsilon(1e-5).init(d);
+        let gamma: Vec<f32> = sdw::sampling::Philox::new(3).randn(c).iter().map(|v| 1.0 + 0.1 * v).collect();
+        let beta: Vec<f32> = sdw::sampling::Philox::new(4).randn(c).iter().map(|v| 0.1 * v).collect();
+        ln.gamma = Param::from_tensor(to_device(gamma, [c], d));
+        ln.beta = Some(Param::from_tensor(to_device(beta, [c], d)));
+        let x: Vec<f32> = sdw::sampling::Philox::new(9).randn(b * t * c).iter().map(|v| 3.0 * v + 5.0).collect();
+        let want = to_host(ln.forward(to_device(x.clone(), [b, t, c], d)));
+        let got = to_host(group_norm::layer_norm(&ln, 1e-5, to_device(x.clone(), [b, t, c], d)));
+        assert_close(&format!("layer norm [{b},{t},{c}]"), &got, &want, 1e-5);
+        let got = to_host(group_norm::layer_norm(&ln, 1e-5, to_device(x, [b, t, c], d).cast(DType::F16)));
+        assert_close(&format!("layer norm f16 [{b},{t},{c}]"), &got, &want, 1e-2);
+    }
+}
+
+/// GEGLU's activation by the shader and its `#[cube]` twin equals burn's ops (split, erf-form
+/// gelu, product) on the same device, for the UNet's widths and a row count that is not a
+/// multiple of the workgroup, with gates far out on both tails.
+#[test]
+fn geglu_kernels_match_burn_ops() {
+    use sdw::shaders::geglu;
+    if wgpu_skipped() {
+        return;
+    }
+    let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
+    let d = &gpu.device;
+    for [b, t, f] in [[2, 64, 1280], [1, 7, 2560], [2, 3, 5]] {
+        let h: Vec<f32> = sdw::sampling::Philox::new(11).randn(b * t * 2 * f).iter().map(|v| 2.5 * v).collect();
+        let want = to_host(geglu::reference(to_device(h.clone(), [b, t, 2 * f], d)));
+        let kernels =
+            [("WGSL shader", geglu::forward::<3> as fn(_) -> _), ("cube kernel", geglu::forward_portable::<3>)];
+        for (kernel, run) in kernels {
+            let got = to_host(run(to_device(h.clone(), [b, t, 2 * f], d)));
+            assert_close(&format!("geglu {kernel} [{b},{t},{f}]"), &got, &want, 1e-5);
+            let got = to_host(run(to_device(h.clone(), [b, t, 2 * f], d).cast(DType::F16)));
+            assert_close(&format!("geglu {kernel} f16 [{b},{t},{f}]"), &got, &want, 1e-2);
+        }
+    }
+}
+
+/// The im2col shader and its `#[cube]` twin make exactly the columns burn's pad, slice and
+/// stack make (a copy: equal to the bit), for the convolutions SD has (3x3 same, 1x1, stride 2
+/// with the VAE's bottom-right-only padding) and bands that start inside the image and at its
+/// last row, in f32 and f16, with more workgroups than one dispatch dimension holds.
+#[test]
+fn im2col_kernels_match_burn_ops() {
+    use sdw::model::conv::stacked_columns;
+    use sdw::shaders::im2col::{self, Band};
+    if wgpu_skipped() {
+        return;
+    }
+    let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
+    let d = &gpu.device;
+    // (shape, kernel, stride, padding top-left-bottom-right, first row, rows)
+    let cases = [
+        ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 0, 9),
+        ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 3, 4),
+        ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 8, 1),
+        ([1, 6, 8, 10], 1, 1, [0, 0, 0, 0], 2, 5),
+        ([1, 4, 9, 8], 3, 2, [1, 1, 1, 1], 1, 3),
+        ([1, 4, 9, 8], 3, 2, [0, 0, 1, 1], 0, 4),
+        ([1, 3, 4, 4], 3, 1, [2, 0, 1, 2], 0, 5),
+        ([1, 17, 1000, 1000], 1, 1, [0, 0, 0, 0], 0, 1000),
+    ];
+    for (shape, k, s, [top, left, bottom, right], y0, rows) in cases {
+        let n: usize = shape.iter().product();
+        let x = to_device(sdw::sampling::Philox::new(5).randn(n), shape, d);
+        let w_out = (shape[3] + left + right - k) / s + 1;
+        let padded = x.clone().pad([(top, bottom), (left, right)], 0.0);
+        let band = Band { kernel: [k, k], stride: [s, s], top_left: [top, left], y0, rows, w_out };
+        for dtype in [DType::F32, DType::F16] {
+            let (x, padded) = (x.clone().cast(dtype), padded.clone().cast(dtype));
+            let want = to_host(stacked_columns(&padded, [k, k], [s, s], y0, rows, w_out).cast(DType::F32));
+            let kernels =
+                [("WGSL shader", im2col::columns as fn(_, _) -> _), ("cube kernel", im2col::columns_portable)];
+            for (kernel, run) in kernels {
+                let got = to_host(run(x.clone(), band).cast(DType::F32));
+                assert_eq!(got.shape, want.shape, "im2col {kernel} {dtype:?} {shape:?} {band:?}");
+                assert!(got.data == want.data, "im2col {kernel} {dtype:?} {shape:?} {band:?}: columns differ");
+            }
+        }
+    }
+}
+
 /// `v` rounded to f16 values, so that an f16 operand holds exactly what the host multiplies.
 fn f16_exact(v: Vec<f32>) -> Vec<f32> {
     v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
@@ -299,7 +394,7 @@ fn dump_writes_builtins_and_keeps_user_files() {
     let out = sdw(&["shaders", "dump", dir.to_str().unwrap()]);
     assert!(out.status.success());
     let file = dir.join("group_norm.wgsl");
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), SHADERS[0].source);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), shaders::builtin("group_norm.wgsl").source);
     std::fs::write(&file, "// my edit\n").unwrap();
     let out = sdw(&["shaders", "dump", dir.to_str().unwrap()]);
     assert!(out.status.success());
@@ -318,9 +413,10 @@ fn shader_dir_overrides_and_reports_broken_files() {
     for device in devices {
         let dir = std::env::temp_dir().join(format!("sdw-shader-dir-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let builtin = shaders::builtin("group_norm.wgsl").source;
         for (name, text, expect) in [
-            ("edited", format!("// an edited copy\n{}", SHADERS[0].source), "instead of the built-in group_norm.wgsl"),
-            ("broken", SHADERS[0].source.replace("let mean =", "let mean = )"), "does not compile"),
+            ("edited", format!("// an edited copy\n{builtin}"), "instead of the built-in group_norm.wgsl"),
+            ("broken", builtin.replace("let mean =", "let mean = )"), "does not compile"),
         ] {
             std::fs::write(dir.join("group_norm.wgsl"), &text).unwrap();
             let out_png = dir.join(format!("{name}.png"));

@@ -1,0 +1,161 @@
+//! GEGLU's activation, `value * gelu(gate)` of a `[.., 2F]` projection holding value then
+//! gate, in one kernel of ours on a GPU: `shaders/geglu.wgsl` where the device compiles WGSL,
+//! its `#[cube]` twin (`portable`) elsewhere (the `spirv` build). burn's ops take six kernels
+//! (its erf-form gelu is five) and six passes over the projection. Tensors that carry
+//! gradients keep burn's ops ([`reference`]), which the kernels are tested against.
+
+use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
+use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
+use burn::cubecl::CubeDim;
+use burn::cubecl::prelude::KernelId;
+use burn::cubecl::server::KernelArguments;
+use burn::tensor::{DType, Shape, Tensor};
+
+use super::{WORKGROUP, workgroups};
+
+#[backend_extension(Cube, Fusion)]
+pub trait GegluOps: Backend {
+    #[fusion(dtype = h, shape = half_width(h))]
+    fn geglu(h: FloatTensor<Self>, portable: bool) -> FloatTensor<Self>;
+}
+
+/// `[.., 2F]` -> `[.., F]`.
+pub fn half_width(h: &Shape) -> Shape {
+    let mut dims: Vec<usize> = h.iter().copied().collect();
+    *dims.last_mut().expect("a projection has a last dim") /= 2;
+    Shape::from(dims)
+}
+
+/// Whether our kernels compute `h`'s activation: an f32/f16 tensor on a cubecl device,
+/// without gradients.
+pub fn applies<const D: usize>(h: &Tensor<D>) -> bool {
+    super::enabled()
+        && !h.device().is_autodiff()
+        && crate::device::on_cube(&h.device())
+        && matches!(h.dtype(), DType::F32 | DType::F16)
+}
+
+/// Our kernel; where [`applies`] holds.
+pub fn forward<const D: usize>(h: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(burn::backend::Dispatch::geglu(h.into_dispatch(), false))
+}
+
+/// [`forward`] by the `#[cube]` kernel also where the WGSL shader would run: what a SPIR-V
+/// device runs, testable on any adapter.
+pub fn forward_portable<const D: usize>(h: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(burn::backend::Dispatch::geglu(h.into_dispatch(), true))
+}
+
+/// What our kernels replace: burn's split, gelu and product (`layers::gelu`: under autodiff
+/// the erf form built from burn's `erf`, whose gradient is exact).
+pub fn reference<const D: usize>(h: Tensor<D>) -> Tensor<D> {
+    let half = h.dims()[D - 1] / 2;
+    let mut parts = h.split(half, D - 1);
+    let gate = parts.pop().unwrap();
+    let value = parts.pop().unwrap();
+    value * crate::model::layers::gelu(gate)
+}
+
+impl GegluOps for CubeBackend {
+    fn geglu(h: CubeTensor, portable: bool) -> CubeTensor {
+        let h = into_contiguous(h);
+        let shape = half_width(h.meta.shape());
+        let client = h.client.clone();
+        let out = CubeTensor::new_contiguous(
+            client.clone(),
+            h.device.clone(),
+            shape.clone(),
+            client.empty(shape.num_elements() * h.dtype.size()),
+            h.dtype,
+        );
+        let width = shape[shape.num_dims() - 1];
+        let rows = shape.num_elements() / width.max(1);
+        let [rows, width] = [rows, width].map(|v| u32::try_from(v).expect("a projection too large for 32-bit indices"));
+        let count = workgroups(shape.num_elements());
+        if portable || !super::compiles_wgsl(&h) {
+            portable::geglu::launch(
+                &client,
+                count,
+                CubeDim::new_1d(WORKGROUP),
+                h.clone().into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                rows,
+                width,
+                burn::backend::cubecl::dtype_to_storage_type(h.dtype),
+            );
+        } else {
+            let info = client.create_from_slice(bytemuck::cast_slice(&[rows, width]));
+            let kernel =
+                GegluKernel { dtype: h.dtype, template: super::template(super::builtin("geglu.wgsl")).clone() };
+            client.launch(
+                Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
+                count,
+                KernelArguments::new().with_buffers(vec![
+                    h.handle.clone().binding(),
+                    out.handle.clone().binding(),
+                    info.binding(),
+                ]),
+            );
+        }
+        out
+    }
+}
+
+struct GegluKernel {
+    dtype: DType,
+    template: super::Template,
+}
+
+impl KernelSource for GegluKernel {
+    fn source(&self) -> SourceTemplate {
+        let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
+        SourceTemplate::new(super::fill(&self.template.text, &[("elem", elem), ("extensions", extensions)]))
+    }
+
+    fn id(&self) -> KernelId {
+        // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
+        KernelId::new::<Self>().info((format!("{:?}", self.dtype), self.template.hash))
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+/// `shaders/geglu.wgsl` as a `#[cube]` kernel, which cubecl compiles for any runtime: the
+/// same arithmetic line for line, so the two are read together.
+mod portable {
+    use burn::cubecl;
+    use burn::cubecl::prelude::*;
+
+    #[cube(launch)]
+    pub(super) fn geglu<F: Float>(
+        h: &Tensor<F>,
+        y: &mut Tensor<F>,
+        rows: u32,
+        width: u32,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        // Workgroups beyond 65535 spill over into y.
+        let thread = ABSOLUTE_POS_X + ABSOLUTE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X;
+        if thread >= rows * width {
+            terminate!();
+        }
+        let r = thread / width;
+        let j = thread % width;
+        let value = f32::cast_from(h[(r * 2 * width + j) as usize]);
+        let gate = f32::cast_from(h[(r * 2 * width + width + j) as usize]);
+        y[thread as usize] =
+            F::cast_from(value * 0.5f32 * gate * (1.0f32 + erf(gate * std::f32::consts::FRAC_1_SQRT_2)));
+    }
+
+    /// erf by Abramowitz and Stegun 7.1.26, as in the shader.
+    #[cube]
+    fn erf(x: f32) -> f32 {
+        let a = x.abs();
+        let t = 1.0f32 / (1.0f32 + 0.3275911f32 * a);
+        let poly = ((((1.0614054f32 * t - 1.453152f32) * t + 1.4214137f32) * t - 0.28449674f32) * t + 0.2548296f32) * t;
+        let e = 1.0f32 - poly * (-a * a).exp();
+        if x < 0.0f32 { -e } else { e }
+    }
+}
