@@ -4,11 +4,9 @@
 //! (its erf-form gelu is five) and six passes over the projection. Tensors that carry
 //! gradients keep burn's ops ([`reference`]), which the kernels are tested against.
 
-use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
+use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeDim;
-use burn::cubecl::prelude::KernelId;
-use burn::cubecl::server::KernelArguments;
 use burn::tensor::{DType, Shape, Tensor};
 
 use super::{WORKGROUP, workgroups};
@@ -60,21 +58,14 @@ impl GegluOps for CubeBackend {
     fn geglu(h: CubeTensor, portable: bool) -> CubeTensor {
         let h = into_contiguous(h);
         let shape = half_width(h.meta.shape());
-        let client = h.client.clone();
-        let out = CubeTensor::new_contiguous(
-            client.clone(),
-            h.device.clone(),
-            shape.clone(),
-            client.empty(shape.num_elements() * h.dtype.size()),
-            h.dtype,
-        );
+        let out = super::empty_like(&h, shape.clone());
         let width = shape[shape.num_dims() - 1];
         let rows = shape.num_elements() / width.max(1);
         let [rows, width] = [rows, width].map(|v| u32::try_from(v).expect("a projection too large for 32-bit indices"));
         let count = workgroups(shape.num_elements());
         if portable || !super::compiles_wgsl(&h) {
             portable::geglu::launch(
-                &client,
+                &h.client,
                 count,
                 CubeDim::new_1d(WORKGROUP),
                 h.clone().into_tensor_arg(),
@@ -84,41 +75,11 @@ impl GegluOps for CubeBackend {
                 burn::backend::cubecl::dtype_to_storage_type(h.dtype),
             );
         } else {
-            let info = client.create_from_slice(bytemuck::cast_slice(&[rows, width]));
-            let kernel =
-                GegluKernel { dtype: h.dtype, template: super::template(super::builtin("geglu.wgsl")).clone() };
-            client.launch(
-                Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
-                count,
-                KernelArguments::new().with_buffers(vec![
-                    h.handle.clone().binding(),
-                    out.handle.clone().binding(),
-                    info.binding(),
-                ]),
-            );
+            let info = h.client.create_from_slice(bytemuck::cast_slice(&[rows, width]));
+            let buffers = vec![h.handle.clone().binding(), out.handle.clone().binding(), info.binding()];
+            super::launch_shader("geglu.wgsl", &h, vec![], WORKGROUP, count, buffers);
         }
         out
-    }
-}
-
-struct GegluKernel {
-    dtype: DType,
-    template: super::Template,
-}
-
-impl KernelSource for GegluKernel {
-    fn source(&self) -> SourceTemplate {
-        let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
-        SourceTemplate::new(super::fill(&self.template.text, &[("elem", elem), ("extensions", extensions)]))
-    }
-
-    fn id(&self) -> KernelId {
-        // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
-        KernelId::new::<Self>().info((format!("{:?}", self.dtype), self.template.hash))
-    }
-
-    fn lang(&self) -> &'static str {
-        "wgsl"
     }
 }
 

@@ -5,11 +5,9 @@
 //! that carry gradients (training) — it is burn's `GroupNorm` and `silu`, which all three
 //! kernels are tested against.
 
-use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
+use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, DispatchDevice, Flex, backend_extension, tensor::FloatTensor};
-use burn::cubecl::prelude::KernelId;
-use burn::cubecl::server::KernelArguments;
-use burn::cubecl::{CubeCount, CubeDim};
+use burn::cubecl::CubeCount;
 use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Tensor};
@@ -130,14 +128,7 @@ impl GroupNormOps for CubeBackend {
             epsilon: epsilon as f32,
             with_silu,
         };
-        let client = x.client.clone();
-        let out = CubeTensor::new_contiguous(
-            client.clone(),
-            x.device.clone(),
-            shape.clone(),
-            client.empty(shape.num_elements() * x.dtype.size()),
-            x.dtype,
-        );
+        let out = super::empty_like(&x, shape);
         // One workgroup per (batch item, group) in both kernels.
         let count = CubeCount::Static((dims[0] * groups) as u32, 1, 1);
         if portable || !super::compiles_wgsl(&x) {
@@ -159,22 +150,11 @@ struct Problem {
 }
 
 fn launch_wgsl(x: &CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, out: &CubeTensor, p: &Problem, count: CubeCount) {
-    let client = &x.client;
     let info = [p.channels, p.pixels, p.groups, p.with_silu as u32, p.epsilon.to_bits()];
-    let info = client.create_from_slice(bytemuck::cast_slice(&info));
-    let kernel =
-        GroupNormKernel { dtype: x.dtype, template: super::template(super::builtin("group_norm.wgsl")).clone() };
-    client.launch(
-        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
-        count,
-        KernelArguments::new().with_buffers(vec![
-            x.handle.clone().binding(),
-            gamma.handle.clone().binding(),
-            beta.handle.clone().binding(),
-            out.handle.clone().binding(),
-            info.binding(),
-        ]),
-    );
+    let info = x.client.create_from_slice(bytemuck::cast_slice(&info));
+    let buffers = [x, gamma, beta, out].map(|t| t.handle.clone().binding()).into_iter().chain([info.binding()]);
+    let values = vec![("workgroup", WORKGROUP.to_string())];
+    super::launch_shader("group_norm.wgsl", x, values, WORKGROUP, count, buffers.collect());
 }
 
 /// `shaders/group_norm.wgsl` as a `#[cube]` kernel, which cubecl compiles for any runtime
@@ -307,29 +287,5 @@ impl GroupNormOps for Flex {
         let (eps, silu) = (epsilon as f32, with_silu);
         cpu::group_norm::group_norm_silu(f32s(&x), f32s(&gamma), f32s(&beta), &mut out, shape, groups, eps, silu);
         f32_tensor(out, dims)
-    }
-}
-
-struct GroupNormKernel {
-    dtype: DType,
-    template: super::Template,
-}
-
-impl KernelSource for GroupNormKernel {
-    fn source(&self) -> SourceTemplate {
-        let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
-        SourceTemplate::new(super::fill(
-            &self.template.text,
-            &[("elem", elem), ("workgroup", &WORKGROUP.to_string()), ("extensions", extensions)],
-        ))
-    }
-
-    fn id(&self) -> KernelId {
-        // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
-        KernelId::new::<Self>().info((format!("{:?}", self.dtype), WORKGROUP, self.template.hash))
-    }
-
-    fn lang(&self) -> &'static str {
-        "wgsl"
     }
 }

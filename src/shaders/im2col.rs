@@ -6,11 +6,8 @@
 //! whose columns the kernels are tested against. One thread per (batch item, channel, output
 //! pixel).
 
-use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
+use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
-use burn::cubecl::CubeDim;
-use burn::cubecl::prelude::KernelId;
-use burn::cubecl::server::KernelArguments;
 use burn::tensor::{DType, Shape, Tensor};
 
 use super::{WORKGROUP, workgroups};
@@ -62,15 +59,7 @@ pub fn columns_portable(x: Tensor<4>, band: Band) -> Tensor<3> {
 impl Im2colOps for CubeBackend {
     fn im2col(x: CubeTensor, band: Band, portable: bool) -> CubeTensor {
         let x = into_contiguous(x);
-        let shape = columns_shape(x.meta.shape(), &band);
-        let client = x.client.clone();
-        let out = CubeTensor::new_contiguous(
-            client.clone(),
-            x.device.clone(),
-            shape.clone(),
-            client.empty(shape.num_elements() * x.dtype.size()),
-            x.dtype,
-        );
+        let out = super::empty_like(&x, columns_shape(x.meta.shape(), &band));
         let dims: Vec<usize> = x.meta.shape().iter().copied().collect();
         let info = Info::new(&dims, &band);
         let threads = dims[0] * dims[1] * band.rows * band.w_out;
@@ -95,39 +84,9 @@ impl Info {
 }
 
 fn launch_wgsl(x: &CubeTensor, out: &CubeTensor, info: &Info, threads: usize) {
-    let client = &x.client;
-    let info = client.create_from_slice(bytemuck::cast_slice(&info.0));
-    let kernel = Im2colKernel { dtype: x.dtype, template: super::template(super::builtin("im2col.wgsl")).clone() };
-    client.launch(
-        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
-        workgroups(threads),
-        KernelArguments::new().with_buffers(vec![
-            x.handle.clone().binding(),
-            out.handle.clone().binding(),
-            info.binding(),
-        ]),
-    );
-}
-
-struct Im2colKernel {
-    dtype: DType,
-    template: super::Template,
-}
-
-impl KernelSource for Im2colKernel {
-    fn source(&self) -> SourceTemplate {
-        let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
-        SourceTemplate::new(super::fill(&self.template.text, &[("elem", elem), ("extensions", extensions)]))
-    }
-
-    fn id(&self) -> KernelId {
-        // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
-        KernelId::new::<Self>().info((format!("{:?}", self.dtype), self.template.hash))
-    }
-
-    fn lang(&self) -> &'static str {
-        "wgsl"
-    }
+    let info = x.client.create_from_slice(bytemuck::cast_slice(&info.0));
+    let buffers = vec![x.handle.clone().binding(), out.handle.clone().binding(), info.binding()];
+    super::launch_shader("im2col.wgsl", x, vec![], WORKGROUP, workgroups(threads), buffers);
 }
 
 /// `shaders/im2col.wgsl` as a `#[cube]` kernel, which cubecl compiles for any runtime:

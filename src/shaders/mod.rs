@@ -11,6 +11,10 @@ pub mod matmul;
 mod matmul_grad;
 
 use std::path::{Path, PathBuf};
+
+use burn::backend::wgpu::{CubeTensor, KernelSource, SourceKernel, SourceTemplate};
+use burn::cubecl::prelude::KernelId;
+use burn::tensor::{DType, Shape};
 use std::sync::{Arc, LazyLock, OnceLock};
 
 /// A built-in shader: its file name and a set of template values it must compile with.
@@ -82,9 +86,61 @@ fn workgroups(threads: usize) -> burn::cubecl::CubeCount {
     burn::cubecl::CubeCount::Static(x, groups.div_ceil(x), 1)
 }
 
+/// A new contiguous tensor of `shape` in `like`'s dtype, on its device (our kernels write
+/// every element).
+fn empty_like(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    let client = like.client.clone();
+    let bytes = client.empty(shape.num_elements() * like.dtype.size());
+    CubeTensor::new_contiguous(client, like.device.clone(), shape, bytes, like.dtype)
+}
+
+/// Runs one of our shaders whose element type is a template value (`elem`, with the
+/// `extensions` f16 needs) on `buffers`, `like`'s dtype, with `workgroup` threads per
+/// workgroup and the shader's other template `values`.
+fn launch_shader(
+    name: &'static str,
+    like: &CubeTensor,
+    values: Vec<(&'static str, String)>,
+    workgroup: u32,
+    count: burn::cubecl::CubeCount,
+    buffers: Vec<burn::cubecl::server::BufferBinding>,
+) {
+    let kernel = ElemKernel { name, dtype: like.dtype, values, template: template(builtin(name)).clone() };
+    like.client.launch(
+        Box::new(SourceKernel::new(kernel, burn::cubecl::CubeDim::new_1d(workgroup))),
+        count,
+        burn::cubecl::server::KernelArguments::new().with_buffers(buffers),
+    );
+}
+
+struct ElemKernel {
+    name: &'static str,
+    dtype: DType,
+    values: Vec<(&'static str, String)>,
+    template: Template,
+}
+
+impl KernelSource for ElemKernel {
+    fn source(&self) -> SourceTemplate {
+        let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
+        let mut values: Vec<(&str, &str)> = vec![("elem", elem), ("extensions", extensions)];
+        values.extend(self.values.iter().map(|(k, v)| (*k, v.as_str())));
+        SourceTemplate::new(fill(&self.template.text, &values))
+    }
+
+    fn id(&self) -> KernelId {
+        // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
+        KernelId::new::<Self>().info((self.name, format!("{:?}", self.dtype), self.values.clone(), self.template.hash))
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
 /// Whether the device compiles WGSL, so that our shaders' text can run on it; cubecl names the
 /// compiler in the runtime's name: "wgpu<wgsl>", "wgpu<spirv>", ...
-pub fn compiles_wgsl(x: &burn::backend::wgpu::CubeTensor) -> bool {
+pub fn compiles_wgsl(x: &CubeTensor) -> bool {
     x.client.name() == "wgpu<wgsl>"
 }
 
