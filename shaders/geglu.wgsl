@@ -5,7 +5,8 @@
 //
 // One thread per output element; f32 arithmetic for f16 too.
 //
-// Template values: {{ elem }} (f32 or f16), {{ extensions }} (`enable f16;` for f16).
+// Template values: {{ elem }} (f32 or f16), {{ workgroup }} (threads per workgroup),
+// {{ extensions }} (`enable f16;` for f16).
 {{ extensions }}
 
 @group(0) @binding(0) var<storage, read_write> h: array<{{ elem }}>;
@@ -13,7 +14,7 @@
 // rows, F
 @group(0) @binding(2) var<storage, read_write> info: array<u32>;
 
-const WORKGROUP: u32 = 256u;
+const WORKGROUP: u32 = {{ workgroup }}u;
 
 // erf by Abramowitz and Stegun 7.1.26 (largest error 1.5e-7), the approximation burn's erf
 // uses, so that the two agree to f32 roundoff.
@@ -24,7 +25,7 @@ fn erf(x: f32) -> f32 {
     return sign(x) * (1.0 - poly * exp(-a * a));
 }
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size({{ workgroup }}, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     let rows = info[0];
     let width = info[1];

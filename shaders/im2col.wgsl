@@ -7,7 +7,8 @@
 // One thread per (b, c, r, q): it reads the kh x kw taps around its pixel and writes them
 // kh x kw rows apart, so neighbouring threads write neighbouring columns.
 //
-// Template values: {{ elem }} (f32 or f16), {{ extensions }} (`enable f16;` for f16).
+// Template values: {{ elem }} (f32 or f16), {{ workgroup }} (threads per workgroup),
+// {{ extensions }} (`enable f16;` for f16).
 {{ extensions }}
 
 @group(0) @binding(0) var<storage, read_write> x: array<{{ elem }}>;
@@ -15,9 +16,9 @@
 // batch, channels, height, width, kh, kw, sh, sw, top, left, y0, rows, W_out
 @group(0) @binding(2) var<storage, read_write> info: array<u32>;
 
-const WORKGROUP: u32 = 256u;
+const WORKGROUP: u32 = {{ workgroup }}u;
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size({{ workgroup }}, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     let batch = info[0];
     let channels = info[1];

@@ -215,7 +215,6 @@ fn keep_freed_memory() {
     }
 }
 
-/// burn's flex CPU backend.
 /// Whether `device` is a cubecl one (a GPU, or lavapipe), with or without autodiff.
 pub fn on_cube(device: &Device) -> bool {
     match device.as_dispatch() {
@@ -225,6 +224,7 @@ pub fn on_cube(device: &Device) -> bool {
     }
 }
 
+/// burn's flex CPU backend.
 pub fn cpu() -> Compute {
     configure_burn();
     keep_freed_memory();

@@ -99,7 +99,7 @@ pub fn as_product(
     let weight = weight.reshape([1, o, k]);
     let band = (budget / (b * k * wo * size_of::<f32>()).max(1)).clamp(1, ho);
     let unpadded = top + left + bottom + right == 0;
-    let ours = im2col::applies(&x);
+    let ours = crate::shaders::applies(&x);
     // burn's ops take the views of a padded copy; our kernel reads the padding as zeros.
     let padded = if ours || unpadded { x.clone() } else { x.clone().pad([(top, bottom), (left, right)], 0.0) };
     let mut outs = Vec::with_capacity(ho.div_ceil(band));

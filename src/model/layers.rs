@@ -252,7 +252,7 @@ pub fn geglu<const D: usize>(h: Tensor<D>) -> Tensor<D> {
     use crate::shaders::geglu;
     if crate::cpu::applies(&h) {
         crate::cpu::geglu(h)
-    } else if geglu::applies(&h) {
+    } else if crate::shaders::applies(&h) {
         geglu::forward(h)
     } else {
         geglu::reference(h)

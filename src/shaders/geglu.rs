@@ -7,7 +7,7 @@
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeDim;
-use burn::tensor::{DType, Shape, Tensor};
+use burn::tensor::{Shape, Tensor};
 
 use super::{WORKGROUP, workgroups};
 
@@ -24,16 +24,7 @@ pub fn half_width(h: &Shape) -> Shape {
     Shape::from(dims)
 }
 
-/// Whether our kernels compute `h`'s activation: an f32/f16 tensor on a cubecl device,
-/// without gradients.
-pub fn applies<const D: usize>(h: &Tensor<D>) -> bool {
-    super::enabled()
-        && !h.device().is_autodiff()
-        && crate::device::on_cube(&h.device())
-        && matches!(h.dtype(), DType::F32 | DType::F16)
-}
-
-/// Our kernel; where [`applies`] holds.
+/// Our kernel; where `shaders::applies` holds.
 pub fn forward<const D: usize>(h: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(burn::backend::Dispatch::geglu(h.into_dispatch(), false))
 }
@@ -77,7 +68,7 @@ impl GegluOps for CubeBackend {
         } else {
             let info = h.client.create_from_slice(bytemuck::cast_slice(&[rows, width]));
             let buffers = vec![h.handle.clone().binding(), out.handle.clone().binding(), info.binding()];
-            super::launch_shader("geglu.wgsl", &h, vec![], WORKGROUP, count, buffers);
+            super::launch_shader("geglu.wgsl", &h, count, buffers);
         }
         out
     }

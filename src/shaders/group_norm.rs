@@ -1,23 +1,20 @@
 //! GroupNorm, optionally followed by SiLU, and LayerNorm (a GroupNorm of one group per row),
-//! in one kernel of ours: `shaders/group_norm.wgsl` on a wgpu device that compiles WGSL, its `#[cube]` twin (`portable`) where kernels are
-//! compiled to SPIR-V (the `spirv` build) or anything else that takes no WGSL text, and
+//! in one kernel of ours: `shaders/group_norm.wgsl` on a wgpu device that compiles WGSL, its
+//! `#[cube]` twin (`portable`) where kernels are compiled to SPIR-V (the `spirv` build) or anything else that takes no WGSL text, and
 //! `cpu::group_norm` on the CPU backend. Elsewhere — other dtypes, and on the CPU tensors
 //! that carry gradients (training) — it is burn's `GroupNorm` and `silu`, which all three
 //! kernels are tested against.
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
-use burn::backend::{Backend, DispatchDevice, Flex, backend_extension, tensor::FloatTensor};
+use burn::backend::{Backend, Flex, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeCount;
 use burn::nn::{GroupNorm, LayerNorm};
+use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
-use burn::tensor::{DType, Tensor};
 use burn_flex::FlexTensor;
 
 use crate::cpu::{self, f32_tensor, f32s};
 use crate::model::layers::in_dtype;
-
-/// Threads per workgroup (one workgroup per batch item and group).
-const WORKGROUP: u32 = 256;
 
 #[backend_extension(Cube, Fusion, Flex)]
 pub trait GroupNormOps: Backend {
@@ -72,7 +69,7 @@ pub fn layer_norm<const D: usize>(n: &LayerNorm, epsilon: f64, x: Tensor<D>) -> 
     let [rows, d] = [dims[..D - 1].iter().product::<usize>(), dims[D - 1]];
     match &n.beta {
         // One workgroup per row, and a dispatch holds at most 65535 of them in a dimension.
-        Some(beta) if on_gpu(&x) && rows <= u16::MAX as usize => {
+        Some(beta) if super::applies(&x) && rows <= u16::MAX as usize => {
             let x = x.reshape([rows, d, 1]);
             let y = burn::backend::Dispatch::group_norm_silu(
                 x.into_dispatch(),
@@ -98,14 +95,7 @@ pub fn reference(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
 
 /// Our GPU kernels for f32/f16 tensors on a wgpu device; the CPU kernel where `cpu::applies`.
 fn uses_kernel(x: &Tensor<4>) -> bool {
-    on_gpu(x) || cpu::applies(x)
-}
-
-/// An f32/f16 tensor on a wgpu device, without gradients.
-fn on_gpu<const D: usize>(x: &Tensor<D>) -> bool {
-    super::enabled()
-        && matches!(x.device().as_dispatch(), DispatchDevice::Cube(_))
-        && matches!(x.dtype(), DType::F32 | DType::F16)
+    super::applies(x) || cpu::applies(x)
 }
 
 impl GroupNormOps for CubeBackend {
@@ -153,8 +143,7 @@ fn launch_wgsl(x: &CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, out: &Cube
     let info = [p.channels, p.pixels, p.groups, p.with_silu as u32, p.epsilon.to_bits()];
     let info = x.client.create_from_slice(bytemuck::cast_slice(&info));
     let buffers = [x, gamma, beta, out].map(|t| t.handle.clone().binding()).into_iter().chain([info.binding()]);
-    let values = vec![("workgroup", WORKGROUP.to_string())];
-    super::launch_shader("group_norm.wgsl", x, values, WORKGROUP, count, buffers.collect());
+    super::launch_shader("group_norm.wgsl", x, count, buffers.collect());
 }
 
 /// `shaders/group_norm.wgsl` as a `#[cube]` kernel, which cubecl compiles for any runtime
@@ -165,7 +154,8 @@ mod portable {
     use burn::cubecl;
     use burn::cubecl::prelude::*;
 
-    use super::{Problem, WORKGROUP};
+    use super::Problem;
+    use crate::shaders::WORKGROUP;
 
     pub(super) fn launch(
         x: &CubeTensor,

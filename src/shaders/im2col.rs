@@ -8,7 +8,7 @@
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
-use burn::tensor::{DType, Shape, Tensor};
+use burn::tensor::{Shape, Tensor};
 
 use super::{WORKGROUP, workgroups};
 
@@ -36,16 +36,7 @@ pub fn columns_shape(x: &Shape, band: &Band) -> Shape {
     Shape::from([x[0], x[1] * kh * kw, band.rows * band.w_out])
 }
 
-/// Whether our kernels make `x`'s columns: an f32/f16 tensor on a cubecl device, without
-/// gradients (the columns have no backward pass).
-pub fn applies(x: &Tensor<4>) -> bool {
-    super::enabled()
-        && !x.device().is_autodiff()
-        && crate::device::on_cube(&x.device())
-        && matches!(x.dtype(), DType::F32 | DType::F16)
-}
-
-/// The columns of `x` (unpadded) for `band`; where [`applies`] holds.
+/// The columns of `x` (unpadded) for `band`; where `shaders::applies` holds.
 pub fn columns(x: Tensor<4>, band: Band) -> Tensor<3> {
     Tensor::from_dispatch(burn::backend::Dispatch::im2col(x.into_dispatch(), band, false))
 }
@@ -86,7 +77,7 @@ impl Info {
 fn launch_wgsl(x: &CubeTensor, out: &CubeTensor, info: &Info, threads: usize) {
     let info = x.client.create_from_slice(bytemuck::cast_slice(&info.0));
     let buffers = vec![x.handle.clone().binding(), out.handle.clone().binding(), info.binding()];
-    super::launch_shader("im2col.wgsl", x, vec![], WORKGROUP, workgroups(threads), buffers);
+    super::launch_shader("im2col.wgsl", x, workgroups(threads), buffers);
 }
 
 /// `shaders/im2col.wgsl` as a `#[cube]` kernel, which cubecl compiles for any runtime:

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::wgpu::{CubeTensor, KernelSource, SourceKernel, SourceTemplate};
 use burn::cubecl::prelude::KernelId;
-use burn::tensor::{DType, Shape};
+use burn::tensor::{DType, Shape, Tensor};
 use std::sync::{Arc, LazyLock, OnceLock};
 
 /// A built-in shader: its file name and a set of template values it must compile with.
@@ -33,7 +33,7 @@ static BUILT_IN: [Shader; 5] = [
     Shader {
         name: "geglu.wgsl",
         source: include_str!("../../shaders/geglu.wgsl"),
-        example_values: &[("elem", "f32"), ("extensions", "")],
+        example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
         chosen: OnceLock::new(),
     },
     Shader {
@@ -45,7 +45,7 @@ static BUILT_IN: [Shader; 5] = [
     Shader {
         name: "im2col.wgsl",
         source: include_str!("../../shaders/im2col.wgsl"),
-        example_values: &[("elem", "f32"), ("extensions", "")],
+        example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
         chosen: OnceLock::new(),
     },
     Shader {
@@ -75,7 +75,18 @@ fn enabled() -> bool {
     *ENABLED
 }
 
-/// Threads per workgroup of the element-wise kernels (`geglu`, `im2col`).
+/// Whether our GPU kernels (GroupNorm, GEGLU, im2col, the tuned products) may take `x`: an
+/// f32/f16 tensor on a cubecl device, without gradients (they have no backward pass of
+/// their own), unless `SDW_SHADERS=off`.
+pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
+    enabled()
+        && !x.device().is_autodiff()
+        && crate::device::on_cube(&x.device())
+        && matches!(x.dtype(), DType::F32 | DType::F16)
+}
+
+/// Threads per workgroup of our element-typed shaders (`{{ workgroup }}` in their text) and
+/// their `#[cube]` twins.
 const WORKGROUP: u32 = 256;
 
 /// Workgroups for `threads` threads of an element-wise kernel: more than 65535 spill over into
@@ -94,20 +105,17 @@ fn empty_like(like: &CubeTensor, shape: Shape) -> CubeTensor {
     CubeTensor::new_contiguous(client, like.device.clone(), shape, bytes, like.dtype)
 }
 
-/// Runs one of our shaders whose element type is a template value (`elem`, with the
-/// `extensions` f16 needs) on `buffers`, `like`'s dtype, with `workgroup` threads per
-/// workgroup and the shader's other template `values`.
+/// Runs one of our element-typed shaders (`{{ elem }}` and the `{{ extensions }}` f16 needs,
+/// `{{ workgroup }}` threads per workgroup) on `buffers`, in `like`'s dtype.
 fn launch_shader(
     name: &'static str,
     like: &CubeTensor,
-    values: Vec<(&'static str, String)>,
-    workgroup: u32,
     count: burn::cubecl::CubeCount,
     buffers: Vec<burn::cubecl::server::BufferBinding>,
 ) {
-    let kernel = ElemKernel { name, dtype: like.dtype, values, template: template(builtin(name)).clone() };
+    let kernel = ElemKernel { name, dtype: like.dtype, template: template(builtin(name)).clone() };
     like.client.launch(
-        Box::new(SourceKernel::new(kernel, burn::cubecl::CubeDim::new_1d(workgroup))),
+        Box::new(SourceKernel::new(kernel, burn::cubecl::CubeDim::new_1d(WORKGROUP))),
         count,
         burn::cubecl::server::KernelArguments::new().with_buffers(buffers),
     );
@@ -116,21 +124,22 @@ fn launch_shader(
 struct ElemKernel {
     name: &'static str,
     dtype: DType,
-    values: Vec<(&'static str, String)>,
     template: Template,
 }
 
 impl KernelSource for ElemKernel {
     fn source(&self) -> SourceTemplate {
         let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
-        let mut values: Vec<(&str, &str)> = vec![("elem", elem), ("extensions", extensions)];
-        values.extend(self.values.iter().map(|(k, v)| (*k, v.as_str())));
-        SourceTemplate::new(fill(&self.template.text, &values))
+        let workgroup = WORKGROUP.to_string();
+        SourceTemplate::new(fill(
+            &self.template.text,
+            &[("elem", elem), ("workgroup", &workgroup), ("extensions", extensions)],
+        ))
     }
 
     fn id(&self) -> KernelId {
         // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
-        KernelId::new::<Self>().info((self.name, format!("{:?}", self.dtype), self.values.clone(), self.template.hash))
+        KernelId::new::<Self>().info((self.name, format!("{:?}", self.dtype), self.template.hash))
     }
 
     fn lang(&self) -> &'static str {

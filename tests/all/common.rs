@@ -46,16 +46,17 @@ pub fn wgpu_skipped() -> bool {
     skip
 }
 
+/// The wgpu device (lavapipe in CI), or none when `SDW_TEST_SKIP_WGPU=1`.
+pub fn wgpu() -> Option<Compute> {
+    (!wgpu_skipped()).then(|| {
+        device::select(DeviceChoice::Wgpu)
+            .expect("a wgpu adapter (install mesa-vulkan-drivers, or set SDW_TEST_SKIP_WGPU=1)")
+    })
+}
+
 /// The CPU backend, and wgpu (lavapipe in CI) unless `SDW_TEST_SKIP_WGPU=1`.
 pub fn devices() -> Vec<Compute> {
-    let mut out = vec![device::select(DeviceChoice::Cpu).unwrap()];
-    if !wgpu_skipped() {
-        out.push(
-            device::select(DeviceChoice::Wgpu)
-                .expect("a wgpu adapter (install mesa-vulkan-drivers, or set SDW_TEST_SKIP_WGPU=1)"),
-        );
-    }
-    out
+    std::iter::once(device::select(DeviceChoice::Cpu).unwrap()).chain(wgpu()).collect()
 }
 
 /// The generation parameters of a `cases.json` pipeline case (64x64 unless it says).

@@ -31,10 +31,7 @@ fn norm(c: usize, dev: &burn::tensor::Device) -> GroupNorm {
 /// counts that are not multiples of the workgroup, a large mean).
 #[test]
 fn group_norm_kernels_match_burn_ops() {
-    if wgpu_skipped() {
-        return;
-    }
-    let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
+    let Some(gpu) = wgpu() else { return };
     let d = &gpu.device;
     for (b, c, h, w) in [(2, 320, 8, 8), (1, 64, 5, 7), (2, 640, 3, 3), (1, 32, 17, 9)] {
         let x: Vec<f32> = sdw::sampling::Philox::new(9).randn(b * c * h * w).iter().map(|v| 3.0 * v + 5.0).collect();
@@ -63,10 +60,7 @@ fn group_norm_kernels_match_burn_ops() {
 #[test]
 fn layer_norm_kernel_matches_burn_ops() {
     use burn::nn::LayerNormConfig;
-    if wgpu_skipped() {
-        return;
-    }
-    let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
+    let Some(gpu) = wgpu() else { return };
     let d = &gpu.device;
     for [b, t, c] in [[2, 77, 768], [2, 64, 320], [1, 5, 1280], [3, 2, 100]] {
         let mut ln = LayerNormConfig::new(c).with_epsilon(1e-5).init(d);
@@ -89,10 +83,7 @@ fn layer_norm_kernel_matches_burn_ops() {
 #[test]
 fn geglu_kernels_match_burn_ops() {
     use sdw::shaders::geglu;
-    if wgpu_skipped() {
-        return;
-    }
-    let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
+    let Some(gpu) = wgpu() else { return };
     let d = &gpu.device;
     for [b, t, f] in [[2, 64, 1280], [1, 7, 2560], [2, 3, 5]] {
         let h: Vec<f32> = sdw::sampling::Philox::new(11).randn(b * t * 2 * f).iter().map(|v| 2.5 * v).collect();
@@ -116,10 +107,7 @@ fn geglu_kernels_match_burn_ops() {
 fn im2col_kernels_match_burn_ops() {
     use sdw::model::conv::stacked_columns;
     use sdw::shaders::im2col::{self, Band};
-    if wgpu_skipped() {
-        return;
-    }
-    let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
+    let Some(gpu) = wgpu() else { return };
     let d = &gpu.device;
     // (shape, kernel, stride, padding top-left-bottom-right, first row, rows)
     let cases = [
@@ -180,10 +168,7 @@ fn host_product(a: &[f32], b: &[f32], [batch, m, k, n]: [usize; 4], b_batched: b
 /// enough to be tuned.
 #[test]
 fn matmul_shaders_match_the_product() {
-    if wgpu_skipped() {
-        return;
-    }
-    let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
+    let Some(gpu) = wgpu() else { return };
     let d = &gpu.device;
     let mut kernels: Vec<(Kernel, DType)> =
         matmul::TILES.iter().flat_map(|&t| [(Kernel::Tiled(t), DType::F32), (Kernel::Tiled(t), DType::F16)]).collect();
@@ -324,10 +309,7 @@ fn check_product(kernel: Kernel, dtype: DType, d: &burn::tensor::Device) {
 /// be tuned.
 #[test]
 fn attention_products_match_burns_attention() {
-    if wgpu_skipped() {
-        return;
-    }
-    let gpu = sdw::device::select(sdw::device::DeviceChoice::Wgpu).unwrap();
+    let Some(gpu) = wgpu() else { return };
     let (d, cpu) = (&gpu.device, burn::tensor::Device::flex());
     let values = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
     for (queries, keys) in [(300, 300), (512, 77)] {
