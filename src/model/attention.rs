@@ -1,7 +1,8 @@
-//! Scaled dot-product attention: sdw's own CPU kernel (`cpu::attention`) on the CPU, burn's
-//! attention op elsewhere: flash kernels on the GPU (no `S x S` score tensor; CLIP's causal
-//! mask too) or, on WGSL devices, plain products where autotune finds them faster
-//! ([`super::attention_tuned`]); the plain softmax(QK^T)V for the VAE's one wide head. In training, sdw's op
+//! Scaled dot-product attention: sdw's own CPU kernel (`cpu::attention`) on the CPU; on a
+//! GPU sdw's attention ([`super::attention_tuned`]): burn's flash kernels (no `S x S` score
+//! tensor) or plain products around sdw's softmax kernel, whichever autotune finds faster,
+//! and the products alone for problems too small to tune and for the VAE's one wide head.
+//! CLIP's causal attention is burn's attention op. In training, sdw's op
 //! ([`super::attention_grad`]) runs burn's forward and recomputes the scores for the
 //! backward pass (CLIP's causal attention, 77 tokens, keeps burn's plain autodiff).
 //! Queries are split into chunks only where a score tensor could exceed the device's
@@ -16,13 +17,13 @@ use burn::tensor::module::attention as sdpa;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Slice, Tensor, TensorData};
 
-use crate::shaders::matmul::MIN_WORK;
+use crate::shaders::matmul::{Kernel, MIN_WORK};
 use crate::weights::WeightsError;
 
 use super::Loader;
 use super::adapter::{Adaptable, AttentionAdapters, Projection};
 use super::attention_grad::AttentionGradOps;
-use super::attention_tuned::TunedAttentionOps;
+use super::attention_tuned::{Route, TunedAttentionOps};
 use super::layers::linear;
 
 /// Query rows per chunk so that `batch * heads * rows * keys` f32 scores fit `budget` bytes.
@@ -59,10 +60,9 @@ pub fn attention_with_budget(
         // Training: the scores are recomputed for the backward pass, not kept.
         let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
         Tensor::from_dispatch(Dispatch::attention_chunked(q, k, v, step))
-    } else if !causal && tuned(&q, sk) {
-        crate::shaders::matmul::prove_cooperative(&q);
+    } else if let Some(route) = route(&q, sk, causal) {
         let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
-        Tensor::from_dispatch(Dispatch::attention_tuned(q, k, v, step, true))
+        Tensor::from_dispatch(Dispatch::attention_tuned(q, k, v, step, route))
     } else {
         let mut outs: Vec<Tensor<4>> = rows(sq, step)
             .map(|r| {
@@ -76,12 +76,20 @@ pub fn attention_with_budget(
     out.swap_dims(1, 2).reshape([b, sq, c])
 }
 
-/// Whether [`super::attention_tuned`] chooses between burn's flash kernels and plain products:
-/// untracked f32/f16 tensors on a GPU (it tunes on WGSL devices only), heads that the flash
-/// kernels take, the shaders on, and enough work to be worth a tuning run.
-fn tuned(q: &Tensor<4>, keys: usize) -> bool {
+/// How sdw's attention ([`super::attention_tuned`]) computes, where it may: untracked f32/f16
+/// tensors on a GPU with the shaders on, without a mask. Problems worth a tuning run whose
+/// heads burn's flash kernels take: the faster of those and the products; the others (small
+/// ones, and the VAE's 512-wide head): the products, tuned where they are big enough.
+fn route(q: &Tensor<4>, keys: usize, causal: bool) -> Option<Route> {
     let [b, h, sq, d] = q.dims();
-    !*NAIVE && d <= MAX_FLASH_HEAD && b * h * sq * keys * d >= MIN_WORK && crate::shaders::matmul::applies(q)
+    if *NAIVE || causal || !crate::shaders::matmul::applies(q) {
+        return None;
+    }
+    if b * h * sq * keys * d < MIN_WORK {
+        return Some(Route::Products(Kernel::Burn));
+    }
+    crate::shaders::matmul::prove_cooperative(q);
+    Some(if d <= MAX_FLASH_HEAD { Route::Tuned } else { Route::Products(Kernel::Tuned) })
 }
 
 /// `SDW_ATTENTION=naive` computes softmax(QK^T)V with separate kernels instead of burn's
@@ -91,7 +99,7 @@ static NAIVE: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_ATTENTION").a
 /// The widest head burn's flash kernels get. SD's UNet has heads of 40, 80 and 160; the
 /// VAE's one attention has a single 512-wide head, and on an H200 (WGSL) autotuning burn's
 /// flash kernel for it had not finished after 250 s (the whole decode takes under a second
-/// of computation). Its score tensor is small (64 MiB at 512x512), so the plain path costs
+/// of computation). Its score tensor is small (64 MiB at 512x512), so the products cost
 /// nothing there.
 const MAX_FLASH_HEAD: usize = 256;
 
@@ -118,12 +126,6 @@ pub(super) fn slice<B: Backend>(t: &FloatTensor<B>, r: &std::ops::Range<usize>) 
         t.clone(),
         &[Slice::from(0..s[0]), Slice::from(0..s[1]), Slice::from(r.clone()), Slice::from(0..s[3])],
     )
-}
-
-/// Softmax over the last of 4 dimensions.
-pub(super) fn softmax<B: Backend>(s: FloatTensor<B>) -> FloatTensor<B> {
-    let e = B::float_exp(B::float_sub(s.clone(), B::float_max_dim(s, 3)));
-    B::float_div(e.clone(), B::float_sum_dim(e, 3))
 }
 
 /// `true` where key `j` comes after query `i` (hidden), for query rows `rows`.

@@ -18,7 +18,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::wgpu::CubeBackend;
 use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};
 
-use super::attention::{options, rows, slice, softmax};
+use super::attention::{options, rows, slice};
+use crate::shaders::softmax::reference as softmax;
 
 #[backend_extension(Cube, Fusion, Flex, Autodiff)]
 pub trait AttentionGradOps: Backend {

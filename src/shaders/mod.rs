@@ -9,6 +9,7 @@ pub mod group_norm;
 pub mod im2col;
 pub mod matmul;
 mod matmul_grad;
+pub mod softmax;
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +30,7 @@ pub struct Shader {
 /// The built-in shaders (a static, not a const: each keeps the text chosen for the process).
 pub static SHADERS: &[Shader] = &BUILT_IN;
 
-static BUILT_IN: [Shader; 5] = [
+static BUILT_IN: [Shader; 6] = [
     Shader {
         name: "geglu.wgsl",
         source: include_str!("../../shaders/geglu.wgsl"),
@@ -60,6 +61,12 @@ static BUILT_IN: [Shader; 5] = [
         example_values: &[("frag", "16"), ("frags", "4"), ("subgroup", "32"), ("direct", "false")],
         chosen: OnceLock::new(),
     },
+    Shader {
+        name: "softmax.wgsl",
+        source: include_str!("../../shaders/softmax.wgsl"),
+        example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
+        chosen: OnceLock::new(),
+    },
 ];
 
 /// The built-in shader of that file name.
@@ -75,7 +82,7 @@ fn enabled() -> bool {
     *ENABLED
 }
 
-/// Whether our GPU kernels (GroupNorm, GEGLU, im2col, the tuned products) may take `x`: an
+/// Whether our GPU kernels (GroupNorm, GEGLU, im2col, softmax, the tuned products) may take `x`: an
 /// f32/f16 tensor on a cubecl device, without gradients (they have no backward pass of
 /// their own), unless `SDW_SHADERS=off`.
 pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {

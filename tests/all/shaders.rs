@@ -99,6 +99,60 @@ fn geglu_kernels_match_burn_ops() {
     }
 }
 
+/// The softmax shader and its `#[cube]` twin equal burn's softmax ops on the same device, for
+/// the attention widths SD has (CLIP's 77 keys, 64 to 4096 pixels) and rows shorter than a
+/// team, in f32 and f16 (on f16 inputs, so that only the kernel's rounding counts), with
+/// scores of an attention's size (a row max far from 0) and more workgroups than one dispatch
+/// dimension holds (in f16 only: lavapipe binds at most 128 MiB, and the reference takes the
+/// rows in two halves). The kernel works in place: a tensor the caller still holds, or a view,
+/// must come through unchanged.
+#[test]
+fn softmax_kernels_match_burn_ops() {
+    use sdw::shaders::softmax;
+    let Some(gpu) = wgpu() else { return };
+    let d = &gpu.device;
+    let reference = |x: Vec<f32>, [b, r, n]: [usize; 3]| {
+        let halves = if r > 60_000 { 2 } else { 1 };
+        let rows = b * r / halves;
+        let data = x
+            .chunks(rows * n)
+            .flat_map(|h| to_host(burn::tensor::activation::softmax(to_device(h.to_vec(), [1, rows, n], d), 2)).data);
+        sdw::weights::HostTensor::new(vec![b, r, n], data.collect())
+    };
+    let kernels =
+        [("WGSL shader", softmax::forward::<3> as fn(_) -> _), ("cube kernel", softmax::forward_portable::<3>)];
+    for [b, r, n] in [[16, 64, 77], [2, 9, 4096], [3, 33, 64], [2, 5, 3], [1, 65_600, 520]] {
+        let x: Vec<f32> = sdw::sampling::Philox::new(13).randn(b * r * n).iter().map(|v| 20.0 * v + 30.0).collect();
+        let dtypes: &[DType] = if r > 60_000 { &[DType::F16] } else { &[DType::F32, DType::F16] };
+        for &dtype in dtypes {
+            let x = if dtype == DType::F16 { f16_exact(x.clone()) } else { x.clone() };
+            let want = reference(x.clone(), [b, r, n]);
+            let bound = if dtype == DType::F16 { 1e-3 } else { 1e-5 };
+            for (kernel, run) in kernels {
+                let what = format!("softmax {kernel} {dtype:?} [{b},{r},{n}]");
+                // Made in its dtype: the f32 tensor of the largest case is past lavapipe's 128 MiB.
+                let held = match dtype {
+                    DType::F16 => {
+                        let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+                        Tensor::<3>::from_data(burn::tensor::TensorData::new(h, [b, r, n]), (d, DType::F16))
+                    }
+                    _ => to_device(x.clone(), [b, r, n], d),
+                };
+                let got = to_host(run(held.clone()));
+                assert_close(&what, &got, &want, bound);
+                assert_eq!(to_host(held).data, x, "{what}: the input changed");
+            }
+        }
+    }
+    // A transposed view: the kernel reads it as the tensor it stands for.
+    let x = sdw::sampling::Philox::new(14).randn(2 * 40 * 70);
+    let view = || to_device(x.clone(), [2, 40, 70], d).swap_dims(1, 2);
+    let want = to_host(burn::tensor::activation::softmax(view(), 2));
+    for (kernel, run) in kernels {
+        assert_close(&format!("softmax {kernel} of a view"), &to_host(run(view())), &want, 1e-5);
+    }
+}
+
 /// The im2col shader and its `#[cube]` twin make exactly the columns burn's pad, slice and
 /// stack make (a copy: equal to the bit), for the convolutions SD has (3x3 same, 1x1, stride 2
 /// with the VAE's bottom-right-only padding) and bands that start inside the image and at its
