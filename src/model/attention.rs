@@ -17,7 +17,7 @@ use burn::tensor::module::attention as sdpa;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Slice, Tensor, TensorData};
 
-use crate::shaders::matmul::{Kernel, MIN_WORK};
+use crate::shaders::matmul::{Kernel, MIN_WORK, TILES};
 use crate::weights::WeightsError;
 
 use super::Loader;
@@ -78,15 +78,17 @@ pub fn attention_with_budget(
 
 /// How sdw's attention ([`super::attention_tuned`]) computes, where it may: untracked f32/f16
 /// tensors on a GPU with the shaders on, without a mask. Problems worth a tuning run whose
-/// heads burn's flash kernels take: the faster of those and the products; the others (small
-/// ones, and the VAE's 512-wide head): the products, tuned where they are big enough.
+/// heads burn's flash kernels take: the faster of those and the products; the VAE's 512-wide
+/// head: the products, tuned; problems too small to tune: the products by sdw's tiled shader.
 fn route(q: &Tensor<4>, keys: usize, causal: bool) -> Option<Route> {
     let [b, h, sq, d] = q.dims();
     if *NAIVE || causal || !crate::shaders::matmul::applies(q) {
         return None;
     }
     if b * h * sq * keys * d < MIN_WORK {
-        return Some(Route::Products(Kernel::Burn));
+        // sdw's tiled shader: one pipeline for every shape, where burn's matmul compiles a
+        // variant per shape class (on lavapipe the first step took 8 s longer with it).
+        return Some(Route::Products(Kernel::Tiled(TILES[1])));
     }
     crate::shaders::matmul::prove_cooperative(q);
     Some(if d <= MAX_FLASH_HEAD { Route::Tuned } else { Route::Products(Kernel::Tuned) })

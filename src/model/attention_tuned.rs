@@ -6,9 +6,10 @@
 //! step takes 0.39 s since convolutions became products), where burn's plain matmul reached 6.
 //! The products build a score tensor, one chunk of queries at a time within the
 //! temporary-tensor budget ([`super::budget`]).
-//! Problems too small to tune, and heads too wide for the flash kernels (the VAE's), take the
-//! products alone ([`Route::Products`]): four kernels where burn's unfused attention takes
-//! a dozen. Elsewhere (other runtimes, the CPU) this is burn's attention.
+//! Problems too small to tune (by sdw's tiled shader) and heads too wide for the flash kernels
+//! (the VAE's; tuned) take the products alone ([`Route::Products`]): four kernels besides the
+//! heads' copies, where burn's unfused attention takes a dozen. Elsewhere (other runtimes, the
+//! CPU) this is burn's attention.
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};

@@ -413,6 +413,28 @@ fn attention_products_match_burns_attention() {
         );
         assert_close(&format!("attention tuned, {queries}x{keys}"), &to_host(got), &want, 1e-5);
     }
+    // Attentions too small to tune (the products by burn's matmul) and the VAE's 512-wide
+    // head (no flash kernel: the products, tuned), as the model routes them.
+    for [b, heads, width, queries, keys] in [[2, 8, 40, 64, 64], [2, 8, 80, 16, 77], [1, 1, 512, 256, 256]] {
+        let (q, k, v) = (
+            values(b * queries * heads * width, 17),
+            values(b * keys * heads * width, 18),
+            values(b * keys * heads * width, 19),
+        );
+        let run = |dev| {
+            let on = |x: &[f32], s: usize| to_device(x.to_vec(), [b, s, heads * width], dev);
+            sdw::model::attention::attention_with_budget(
+                on(&q, queries),
+                on(&k, keys),
+                on(&v, keys),
+                heads,
+                false,
+                1 << 20,
+            )
+        };
+        let what = format!("attention routed, {heads} heads of {width}, {queries}x{keys}");
+        assert_close(&what, &to_host(run(d)), &to_host(run(&cpu)), 1e-5);
+    }
 }
 
 #[test]
