@@ -464,12 +464,9 @@ struct Tiled {
 
 impl KernelSource for Tiled {
     fn source(&self) -> SourceTemplate {
-        let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
         let tile = self.tile.to_string();
-        SourceTemplate::new(super::fill(
-            &self.template.text,
-            &[("elem", elem), ("tile", &tile), ("extensions", extensions)],
-        ))
+        let values = [("tile", tile.as_str())];
+        SourceTemplate::new(super::fill(&self.template.text, &[&super::elem_values(self.dtype)[..], &values].concat()))
     }
 
     fn id(&self) -> KernelId {

@@ -134,14 +134,18 @@ struct ElemKernel {
     template: Template,
 }
 
+/// The `{{ elem }}` and `{{ extensions }}` template values of a shader computing in `dtype`
+/// (f32 or f16).
+fn elem_values(dtype: DType) -> [(&'static str, &'static str); 2] {
+    let (elem, extensions) = if dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
+    [("elem", elem), ("extensions", extensions)]
+}
+
 impl KernelSource for ElemKernel {
     fn source(&self) -> SourceTemplate {
-        let (elem, extensions) = if self.dtype == DType::F16 { ("f16", "enable f16;") } else { ("f32", "") };
         let workgroup = WORKGROUP.to_string();
-        SourceTemplate::new(fill(
-            &self.template.text,
-            &[("elem", elem), ("workgroup", &workgroup), ("extensions", extensions)],
-        ))
+        let values = [("workgroup", workgroup.as_str())];
+        SourceTemplate::new(fill(&self.template.text, &[&elem_values(self.dtype)[..], &values].concat()))
     }
 
     fn id(&self) -> KernelId {

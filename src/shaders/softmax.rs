@@ -2,13 +2,14 @@
 //! where the device compiles WGSL, its `#[cube]` twin (`portable`) elsewhere (the `spirv`
 //! build). It takes the attention scores that sdw's products make (`model::attention_tuned`),
 //! in place: burn's softmax is five kernels (max, subtract, exp, sum, divide) and eight passes
-//! over a score tensor of up to a few hundred MiB. Other dtypes and `SDW_SHADERS=off` get
-//! burn's ops ([`reference`]), which the kernels are tested against.
+//! over a score tensor of up to a few hundred MiB. Where `shaders::applies` does not hold
+//! ([`of_last_dim`]) and in training's attention backward it is burn's ops ([`reference`]),
+//! which the kernels are tested against.
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, TensorMetadata, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeDim;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 
 use super::{WORKGROUP, workgroups};
 
@@ -49,9 +50,6 @@ fn team(n: usize) -> u32 {
 
 impl SoftmaxOps for CubeBackend {
     fn sdw_softmax(s: CubeTensor, portable: bool) -> CubeTensor {
-        if !super::enabled() || !matches!(s.dtype, DType::F32 | DType::F16) {
-            return reference::<Self>(s);
-        }
         // In place on a tensor of its own: a product's fresh scores are; anything else is copied.
         let s = if !s.is_contiguous() {
             into_contiguous(s)
