@@ -24,7 +24,9 @@
 @group(0) @binding(0) var<storage, read_write> a: array<{{ elem }}>;
 @group(0) @binding(1) var<storage, read_write> b: array<{{ elem }}>;
 @group(0) @binding(2) var<storage, read_write> c: array<{{ elem }}>;
-// M, N, K; A's batch, row and column strides; B's batch, row and column strides (elements).
+// M, N, K; A's outer batch, row and column strides; B's likewise; the inner batch size;
+// A's and B's inner batch strides (elements). Batch item z is (z / inner, z % inner):
+// attention's heads are read in place from the [B, S, H, D] projections.
 @group(0) @binding(3) var<storage, read_write> info: array<u32>;
 
 const TILE: u32 = {{ tile }}u;  // rows and columns of C per workgroup
@@ -106,8 +108,10 @@ fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index
     B_COL = info[8];
     let m0 = group.y * TILE;
     let n0 = group.x * TILE;
-    let a_base = group.z * info[3];
-    let b_base = group.z * info[6];
+    let outer = group.z / info[9];
+    let inner = group.z % info[9];
+    let a_base = outer * info[3] + inner * info[10];
+    let b_base = outer * info[6] + inner * info[11];
 
     // This thread's slots of each slice: two at TILE 128, one at 64 (the second unused).
     let pa0 = place(t, A_COL == 1u);

@@ -33,7 +33,9 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(0) var<storage, read_write> a: array<f16>;
 @group(0) @binding(1) var<storage, read_write> b: array<f16>;
 @group(0) @binding(2) var<storage, read_write> c: array<f16>;
-// M, N, K; A's batch, row and column strides; B's batch, row and column strides (elements).
+// M, N, K; A's outer batch, row and column strides; B's likewise; the inner batch size;
+// A's and B's inner batch strides (elements). Batch item z is (z / inner, z % inner):
+// attention's heads are read in place from the [B, S, H, D] projections.
 @group(0) @binding(3) var<storage, read_write> info: array<u32>;
 
 const FRAG: u32 = {{ frag }}u;       // rows and columns of a fragment
@@ -83,8 +85,10 @@ fn main(
     let b_col = info[8];
     let m0 = group.y * TILE;
     let n0 = group.x * TILE;
-    let a_base = group.z * info[3];
-    let b_base = group.z * info[6];
+    let outer = group.z / info[9];
+    let inner = group.z % info[9];
+    let a_base = outer * info[3] + inner * info[10];
+    let b_base = outer * info[6] + inner * info[11];
     // This subgroup's quarter of the tile.
     let qm = (subgroup / 2u) * QUARTER;
     let qn = (subgroup % 2u) * QUARTER;

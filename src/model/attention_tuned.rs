@@ -7,8 +7,9 @@
 //! The products build a score tensor, one chunk of queries at a time within the
 //! temporary-tensor budget ([`super::budget`]).
 //! Problems too small to tune (by sdw's tiled shader) and heads too wide for the flash kernels
-//! (the VAE's; tuned) take the products alone ([`Route::Products`]): four kernels besides the
-//! heads' copies, where burn's unfused attention takes a dozen. Elsewhere (other runtimes, the
+//! (the VAE's; tuned) take the products alone ([`Route::Products`]): four kernels, which read
+//! the heads in place where sdw's shaders compute, where burn's unfused attention takes a
+//! dozen. Elsewhere (other runtimes, the
 //! CPU) this is burn's attention.
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
@@ -56,10 +57,8 @@ impl TunedAttentionOps for CubeBackend {
         if route == Route::Tuned && !crate::shaders::compiles_wgsl(&q) {
             return flash::<Self>(q, k, v);
         }
-        // The heads come as views of [B, S, H·D] projections, whose batch and head dims do not
-        // merge into one stride: the shader would copy its operands for every chunk. Once here,
-        // a chunk of queries and K^T are views it reads in place.
-        let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+        // The heads come as `[B, H, S, D]` views of `[B, S, H·D]` projections: sdw's shaders
+        // read them in place (batch item (b, h)), burn's kernels get copies.
         let Route::Products(kernel) = route else { return tuned(q, k, v, chunk) };
         products::<Self>(q, k, v, chunk, kernel)
     }
@@ -73,7 +72,10 @@ fn tuned(q: CubeTensor, k: CubeTensor, v: CubeTensor, chunk: usize) -> CubeTenso
     let set = TUNER.init(&id, || {
         // burn's flash kernels first: where tuning cannot finish at once (wasm), the first runs.
         TunableSet::new(key, |_: &String, inputs: &Inputs| inputs.clone())
-            .with(Tunable::new("flash", |(q, k, v, _): Inputs| Ok::<_, String>(flash::<CubeBackend>(q, k, v))))
+            .with(Tunable::new("flash", |(q, k, v, _): Inputs| {
+                let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+                Ok::<_, String>(flash::<CubeBackend>(q, k, v))
+            }))
             .with(Tunable::new("products", |(q, k, v, chunk): Inputs| {
                 Ok::<_, String>(products::<CubeBackend>(q, k, v, chunk, Kernel::Tuned))
             }))

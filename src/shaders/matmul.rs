@@ -324,10 +324,11 @@ fn cooperative() -> &'static super::Template {
     super::template(super::builtin("matmul_coop.wgsl"))
 }
 
-/// One operand as the shader reads it: batch, row and column strides in elements.
+/// One operand as the shader reads it: outer batch, inner batch, row and column strides in
+/// elements (see [`operand`]).
 struct Operand {
     tensor: CubeTensor,
-    strides: [usize; 3],
+    strides: [usize; 4],
 }
 
 /// Runs one of the shaders, or says why it cannot (the tuner then skips it).
@@ -341,9 +342,10 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> Result<CubeTensor, 
         return Err("empty product".into());
     }
     let (a, b) = (operand(lhs, &out_shape)?, operand(rhs, &out_shape)?);
+    let inner = if rank > 2 { out_shape[rank - 3] } else { 1 };
     let fits = |o: &Operand, rows: usize, cols: usize| {
-        let [bs, rs, cs] = o.strides;
-        (batch - 1) * bs + (rows - 1) * rs + (cols - 1) * cs < u32::MAX as usize
+        let [os, is, rs, cs] = o.strides;
+        (batch / inner - 1) * os + (inner - 1) * is + (rows - 1) * rs + (cols - 1) * cs < u32::MAX as usize
     };
     if batch * m * n >= u32::MAX as usize || !fits(&a, m, k) || !fits(&b, k, n) {
         return Err("indices beyond u32".into());
@@ -361,9 +363,9 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> Result<CubeTensor, 
         client.empty(out_shape.num_elements() * dtype.size()),
         dtype,
     );
-    let [abs, ars, acs] = a.strides;
-    let [bbs, brs, bcs] = b.strides;
-    let info = [m, n, k, abs, ars, acs, bbs, brs, bcs].map(|v| v as u32);
+    let [aos, ais, ars, acs] = a.strides;
+    let [bos, bis, brs, bcs] = b.strides;
+    let info = [m, n, k, aos, ars, acs, bos, brs, bcs, inner, ais, bis].map(|v| v as u32);
     let info = client.create_from_slice(bytemuck::cast_slice(&info));
     client.launch(
         task,
@@ -420,15 +422,17 @@ fn fragments_tile(mkn: [usize; 3], how: CooperativeF16) -> bool {
 /// Whether cooperative loads can read `o` in place: contiguous along its rows or its columns,
 /// its other strides and its start 16-byte aligned (what Vulkan asks of them).
 fn loads_whole_fragments(o: &Operand) -> bool {
-    let [batch, row, col] = o.strides;
+    let [outer, inner, row, col] = o.strides;
     let aligned = |stride: usize| stride.is_multiple_of(8);
     let start = o.tensor.handle.offset_start.unwrap_or(0);
-    (row == 1 || col == 1) && aligned(batch) && aligned(row.max(col)) && start.is_multiple_of(16)
+    (row == 1 || col == 1) && aligned(outer) && aligned(inner) && aligned(row.max(col)) && start.is_multiple_of(16)
 }
 
-/// `t` with its batch dims seen as one: stride 0 when it is broadcast over the batch. A
-/// tensor whose batch dims do not merge into one stride is copied contiguous first; one
-/// broadcast over some batch dims but not others is left to burn.
+/// `t` with its batch dims seen as two: the last one (inner: attention's heads) and the ones
+/// before it as one (outer), each with stride 0 when `t` is broadcast over the batch. So the
+/// heads of attention's `[B, S, H, D]` projections, seen as `[B, H, S, D]`, are read in
+/// place. A tensor whose outer dims do not merge into one stride is copied contiguous first;
+/// one broadcast over some batch dims but not others is left to burn.
 fn operand(t: CubeTensor, out: &Shape) -> Result<Operand, String> {
     let t = if t.meta.is_tiled() { into_contiguous(t) } else { t };
     let rank = out.num_dims();
@@ -437,13 +441,21 @@ fn operand(t: CubeTensor, out: &Shape) -> Result<Operand, String> {
     if !broadcast && batch_dims != out.as_slice()[..rank - 2] {
         return Err("partly broadcast batch".into());
     }
-    let t = match batch_stride(&batch_dims, t.meta.strides()) {
+    let batch_strides = |strides: &[usize]| {
+        if broadcast || batch_dims.is_empty() {
+            return Some([0, 0]);
+        }
+        let outer = batch_dims.len() - 1;
+        let inner = if batch_dims[outer] == 1 { 0 } else { strides[outer] };
+        Some([batch_stride(&batch_dims[..outer], &strides[..outer])?, inner])
+    };
+    let t = match batch_strides(t.meta.strides()) {
         Some(_) => t,
         None => into_contiguous(t),
     };
     let s = t.meta.strides();
-    let batch = batch_stride(&batch_dims, s).expect("a contiguous tensor's batch dims merge");
-    Ok(Operand { strides: [batch, s[rank - 2], s[rank - 1]], tensor: t })
+    let [outer, inner] = batch_strides(s).expect("a contiguous tensor's batch dims merge");
+    Ok(Operand { strides: [outer, inner, s[rank - 2], s[rank - 1]], tensor: t })
 }
 
 /// The stride of `dims` (the leading dims of a tensor with `strides`) seen as one dim: 0
