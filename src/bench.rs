@@ -68,6 +68,9 @@ pub struct BenchReport {
     pub peak_device_bytes: Option<u64>,
     /// The process's peak resident memory (Linux).
     pub peak_host_bytes: Option<u64>,
+    /// Microseconds per small kernel issued back to back on a GPU ([`launch_us`]; `None` on
+    /// the CPU backend).
+    pub launch_us: Option<f64>,
 }
 
 /// Times each part on an already loaded model, reporting progress through `say`.
@@ -183,7 +186,30 @@ pub fn run(
         timings,
         peak_device_bytes: peak.peak,
         peak_host_bytes: crate::device::peak_host_memory(),
+        launch_us: launch_us(&dev),
     })
+}
+
+/// Microseconds per small kernel on a GPU: 500 additions of 4096 floats issued back to back,
+/// then one wait. Each kernel passes through burn, cubecl, wgpu and the driver, and the GPU
+/// runs it in next to no time, so this is what the stack costs per kernel at least: a UNet
+/// step of about a thousand kernels cannot take less than a thousand times it.
+fn launch_us(dev: &burn::tensor::Device) -> Option<f64> {
+    if !crate::device::on_cube(dev) {
+        return None;
+    }
+    let one = Tensor::<1>::ones([4096], dev);
+    let adds = |n: usize| {
+        let start = Instant::now();
+        let mut sum = one.clone();
+        for _ in 0..n {
+            sum = sum + one.clone();
+        }
+        dev.sync().ok()?;
+        Some(start.elapsed().as_secs_f64() * 1e6 / n as f64)
+    };
+    adds(50)?; // compiles the kernel
+    adds(500)
 }
 
 /// One training step closure: a fresh rank-4 LoRA on a clone of the UNet, forward + backward,
@@ -261,6 +287,9 @@ impl BenchReport {
         }
         if let Some(b) = self.peak_host_bytes {
             out += &format!("peak host memory (RSS): {:.2} GiB\n", gib(b));
+        }
+        if let Some(us) = self.launch_us {
+            out += &format!("kernel launch: {us:.1} us each (500 small additions back to back)\n");
         }
         out
     }

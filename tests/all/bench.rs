@@ -35,6 +35,24 @@ fn bench_reports_every_part_as_json() {
     }
     assert!(report["it_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["peak_host_bytes"].as_u64().unwrap() > 0);
+    assert!(report["launch_us"].is_null(), "a kernel launch time on the CPU backend");
+}
+
+/// On a GPU the report also says what one small kernel costs end to end.
+#[test]
+fn bench_on_a_gpu_reports_the_kernel_launch_time() {
+    if crate::common::wgpu().is_none() {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_sdw"))
+        .args(["bench", "--device", "wgpu", "--size", "64", "--repeats", "0", "--parts", "clip", "--json", "--model"])
+        .arg(fixture("tiny-sd-fp16.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let us = report["launch_us"].as_f64().expect("launch_us on a GPU");
+    assert!(us > 0.0 && us.is_finite(), "launch_us {us}");
 }
 
 /// `--parts` times only what it names; `--gradient-checkpointing` times the checkpointed
