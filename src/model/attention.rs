@@ -26,9 +26,10 @@ use super::attention_grad::AttentionGradOps;
 use super::attention_tuned::{Route, TunedAttentionOps};
 use super::layers::linear;
 
-/// Query rows per chunk so that `batch * heads * rows * keys` f32 scores fit `budget` bytes.
-pub fn query_chunk(batch_heads: usize, queries: usize, keys: usize, budget: usize) -> usize {
-    let per_row = batch_heads * keys * std::mem::size_of::<f32>();
+/// Query rows per chunk so that `batch * heads * rows * keys` scores of `score_bytes` each
+/// (the queries' dtype: f16 scores take half the room) fit `budget` bytes.
+pub fn query_chunk(batch_heads: usize, queries: usize, keys: usize, score_bytes: usize, budget: usize) -> usize {
+    let per_row = batch_heads * keys * score_bytes;
     (budget / per_row.max(1)).clamp(1, queries)
 }
 
@@ -55,7 +56,7 @@ pub fn attention_with_budget(
     let d = c / heads;
     let split = |t: Tensor<3>, s: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2); // [B, H, S, D]
     let (q, k, v) = (split(q, sq), split(k, sk), split(v, sk));
-    let step = query_chunk(b * heads, sq, sk, budget);
+    let step = query_chunk(b * heads, sq, sk, q.dtype().size(), budget);
     let out = if !causal && (q.is_tracked() || k.is_tracked() || v.is_tracked()) {
         // Training: the scores are recomputed for the backward pass, not kept.
         let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());

@@ -97,7 +97,7 @@ pub fn as_product(
     let (ho, wo) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
     let k = c * kh * kw;
     let weight = weight.reshape([1, o, k]);
-    let band = (budget / (b * k * wo * size_of::<f32>()).max(1)).clamp(1, ho);
+    let band = (budget / (b * k * wo * x.dtype().size()).max(1)).clamp(1, ho);
     let unpadded = top + left + bottom + right == 0;
     let ours = crate::shaders::applies(&x);
     // burn's ops take the views of a padded copy; our kernel reads the padding as zeros.

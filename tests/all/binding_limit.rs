@@ -20,8 +20,10 @@ fn chunking_keeps_every_score_tensor_under_the_budget() {
     // SD 1.5 self-attention at 64x64 latents, CFG batch 2: 2 x 8 heads x 4096^2 floats.
     let full = 2 * 8 * 4096 * 4096 * 4;
     assert!(full > 128 << 20);
-    let rows = query_chunk(2 * 8, 4096, 4096, 64 << 20);
+    let rows = query_chunk(2 * 8, 4096, 4096, 4, 64 << 20);
     assert!(rows * 2 * 8 * 4096 * 4 <= 64 << 20 && rows >= 1);
+    // f16 scores: twice the rows in the same bytes.
+    assert_eq!(query_chunk(2 * 8, 4096, 4096, 2, 64 << 20), 2 * rows);
 }
 
 /// Scores of 8 x 2100 x 2100 f32 = 141 MB, over the 128 MiB binding limit: the chunked
