@@ -7,10 +7,10 @@
 //! The products build a score tensor, one chunk of queries at a time within the
 //! temporary-tensor budget ([`super::budget`]).
 //! Problems too small to tune (by sdw's tiled shader) and heads too wide for the flash kernels
-//! (the VAE's; tuned) take the products alone ([`Route::Products`]): four kernels, which read
-//! the heads in place where sdw's shaders compute, where burn's unfused attention takes a
-//! dozen. Elsewhere (other runtimes, the
-//! CPU) this is burn's attention.
+//! (the VAE's; tuned) take the products alone ([`Route::Products`]): four kernels, where burn's
+//! unfused attention takes a dozen. sdw's shaders read the heads in place; where burn's
+//! matmul wins a product, it copies its operands. Elsewhere (other runtimes, the CPU) this is
+//! burn's attention.
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};
