@@ -1,3 +1,4 @@
+// interface: geglu 1 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // GEGLU's activation: y[r, j] = h[r, j] * gelu(h[r, F + j]) of a projection h = [rows, 2F]
 // holding the value then the gate, with the erf form of GELU (F.gelu). Replaces burn's
 // gelu (divide, erf, add, multiply, halve) and the product with the value: one kernel

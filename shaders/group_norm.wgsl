@@ -1,3 +1,4 @@
+// interface: group_norm 1 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // GroupNorm (+ SiLU): y = (x - mean) / sqrt(var + eps) * gamma[c] + beta[c], then
 // optionally y * sigmoid(y). Replaces burn's group_norm (mean, var, affine) followed by
 // silu: one kernel, one read of statistics per group instead of several passes of

@@ -1,3 +1,4 @@
+// interface: im2col 1 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // im2col: the columns a convolution is multiplied by, for one band of output rows.
 // columns[b, (c, i, j), r * W_out + q] = x[b, c, (y0 + r) * sh + i - top, q * sw + j - left],
 // zero where that falls in the padding. Replaces padding the input, slicing its kh x kw

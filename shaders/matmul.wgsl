@@ -1,3 +1,4 @@
+// interface: matmul 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // Matrix product C = A B for a batch of matrices, summed in f32: A is M x K, B is K x N,
 // both read through strides (a transposed or broadcast operand needs no copy), C is
 // written contiguous. Replaces burn's matmul where the shader compiler offers no

@@ -1,3 +1,4 @@
+// interface: softmax 1 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // Softmax over the last dimension of a contiguous [rows, n] tensor, in place:
 // s[r, j] = exp(s[r, j] - max_j s[r, j]) / sum_j exp(s[r, j] - max_j s[r, j]), the
 // attention scores' softmax. Replaces burn's max, subtract, exp, sum and divide: one kernel

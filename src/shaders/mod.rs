@@ -1,8 +1,9 @@
 //! sdw's own WGSL shaders (`shaders/*.wgsl`, compiled into the binary) and the ops they
 //! implement. Users can try their own version of a shader without a rebuild: a file of the
 //! same name in `--shader-dir` (or `SDW_SHADER_DIR`) is used instead of the built-in one,
-//! after naga has checked it; one that does not compile is reported with its name and the
-//! compiler's line, and the built-in one runs.
+//! after naga has checked it; one that does not compile, or that names another interface
+//! (one dumped by another version of sdw), is reported with its name and why, and the
+//! built-in one runs.
 
 pub mod geglu;
 pub mod group_norm;
@@ -206,10 +207,19 @@ fn choose(shader: &Shader, dir: Option<&Path>) -> Arc<str> {
             text.into()
         }
         Err(why) => {
-            eprintln!("warning: {} does not compile, using the built-in {}:\n{why}", path.display(), shader.name);
+            eprintln!("warning: {} cannot be used, using the built-in {}:\n{why}", path.display(), shader.name);
             shader.source.into()
         }
     }
+}
+
+/// A shader's interface (`matmul 2`, from its line `// interface: matmul 2 (...)`): the
+/// bindings and sizes sdw passes the shader, renumbered when they change. A user's file must
+/// name the built-in one's, so that a file dumped by another version of sdw cannot read its
+/// sizes from the wrong places and compute wrong numbers quietly.
+pub fn interface(text: &str) -> Option<&str> {
+    let line = text.lines().find_map(|l| l.trim().strip_prefix("// interface:"))?;
+    line.split('(').next().map(str::trim)
 }
 
 /// Fills `{{ name }}` placeholders.
@@ -218,8 +228,17 @@ pub fn fill(template: &str, values: &[(&str, &str)]) -> String {
 }
 
 /// Parses and validates a shader (with its example template values) as wgpu would; the
-/// error names the line and column.
+/// error names the line and column. The text must name the built-in shader's interface.
 pub fn check(shader: &Shader, template: &str) -> Result<(), String> {
+    let want = interface(shader.source).unwrap_or_default();
+    if interface(template) != Some(want) {
+        let found = interface(template).map_or("none".into(), |l| format!("`{l}`"));
+        return Err(format!(
+            "{}: written for another version of sdw: its interface is {found}, this sdw's is `{want}` \
+             (the `// interface:` line; `sdw shaders dump` writes this version's shaders)",
+            shader.name
+        ));
+    }
     let source = fill(template, shader.example_values);
     let module = naga::front::wgsl::parse_str(&source).map_err(|e| e.emit_to_string_with_path(&source, shader.name))?;
     naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())

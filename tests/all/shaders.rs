@@ -458,10 +458,13 @@ fn attention_products_match_burns_attention() {
     }
 }
 
+/// Each built-in shader compiles and names its interface (`// interface: NAME N`).
 #[test]
 fn builtin_shaders_compile() {
     for s in SHADERS {
         shaders::check(s, s.source).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        let named = shaders::interface(s.source).and_then(|i| i.split_whitespace().next());
+        assert_eq!(named, s.name.strip_suffix(".wgsl"), "{}: its interface line", s.name);
     }
 }
 
@@ -482,7 +485,8 @@ fn dump_writes_builtins_and_keeps_user_files() {
 }
 
 /// A shader from --shader-dir is used when it compiles; a broken one is reported with its
-/// name and line, and the built-in one runs (the image is still right).
+/// name and line, one for another interface (dumped by another version of sdw) with both
+/// interfaces, and the built-in one runs (the image is still right).
 #[test]
 fn shader_dir_overrides_and_reports_broken_files() {
     let devices: &[&str] = if wgpu_skipped() { &[] } else { &["wgpu"] };
@@ -495,7 +499,12 @@ fn shader_dir_overrides_and_reports_broken_files() {
         let builtin = shaders::builtin("group_norm.wgsl").source;
         for (name, text, expect) in [
             ("edited", format!("// an edited copy\n{builtin}"), "instead of the built-in group_norm.wgsl"),
-            ("broken", builtin.replace("let mean =", "let mean = )"), "does not compile"),
+            ("broken", builtin.replace("let mean =", "let mean = )"), "cannot be used"),
+            (
+                "another sdw's",
+                builtin.replace("// interface: group_norm 1", "// interface: group_norm 0"),
+                "another version",
+            ),
         ] {
             std::fs::write(dir.join("group_norm.wgsl"), &text).unwrap();
             let out_png = dir.join(format!("{name}.png"));
