@@ -1,9 +1,9 @@
 // interface: matmul 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // Matrix product C = A B for a batch of matrices, summed in f32: A is M x K, B is K x N,
-// both read through strides (a transposed or broadcast operand needs no copy), C is
-// written contiguous. Replaces burn's matmul where the shader compiler offers no
-// cooperative matrices (WGSL): burn's best kernel there reached 6 TFLOP/s on an H200,
-// a tenth of the card's f32 rate.
+// both read through strides (a transposed or broadcast operand, or attention's heads, need
+// no copy), C is written contiguous. Replaces burn's matmul where the shader compiler
+// offers no cooperative matrices (WGSL): burn's best kernel there reached 6 TFLOP/s on an
+// H200, a tenth of the card's f32 rate.
 //
 // The classic register-tiled product: each workgroup of 16 x 16 threads computes a
 // TILE x TILE tile of C. At TILE 128 each thread computes an 8 x 8 block of it (four

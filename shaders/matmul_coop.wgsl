@@ -1,7 +1,8 @@
 // interface: matmul_coop 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // Matrix product C = A B for a batch of f16 matrices on cooperative matrices (tensor cores,
-// through Vulkan's VK_KHR_cooperative_matrix or Metal's simdgroup matrices), summed in f32: A is M x K, B is K x N, both read through strides (a transposed or broadcast
-// operand needs no copy), C is written contiguous. Same contract as matmul.wgsl, which
+// through Vulkan's VK_KHR_cooperative_matrix or Metal's simdgroup matrices), summed in f32:
+// A is M x K, B is K x N, both read through strides (a transposed or broadcast operand, or
+// attention's heads, need no copy), C is written contiguous. Same contract as matmul.wgsl, which
 // sums on the ordinary ALUs: burn's best WGSL product reached 6 TFLOP/s on an H200, whose
 // tensor cores do ~900 TFLOP/s in f16.
 //

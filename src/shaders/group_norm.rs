@@ -1,9 +1,9 @@
 //! GroupNorm, optionally followed by SiLU, and LayerNorm (a GroupNorm of one group per row),
 //! in one kernel of ours: `shaders/group_norm.wgsl` on a wgpu device that compiles WGSL, its
 //! `#[cube]` twin (`portable`) where kernels are compiled to SPIR-V (the `spirv` build) or
-//! anything else that takes no WGSL text, and `cpu::group_norm` on the CPU backend. Elsewhere — other dtypes, and on the CPU tensors
-//! that carry gradients (training) — it is burn's `GroupNorm` and `silu`, which all three
-//! kernels are tested against.
+//! anything else that takes no WGSL text, and `cpu::group_norm` on the CPU backend.
+//! Elsewhere — other dtypes, and on the CPU tensors that carry gradients (training) — it is
+//! burn's `GroupNorm` and `silu`, which all three kernels are tested against.
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, Flex, backend_extension, tensor::FloatTensor};
