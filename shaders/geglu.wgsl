@@ -1,4 +1,4 @@
-// interface: geglu 1 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// interface: geglu 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // GEGLU's activation: y[r, j] = h[r, j] * gelu(h[r, F + j]) of a projection h = [rows, 2F]
 // holding the value then the gate, with the erf form of GELU (F.gelu). Replaces burn's
 // gelu (divide, erf, add, multiply, halve) and the product with the value: one kernel
@@ -13,7 +13,9 @@
 @group(0) @binding(0) var<storage, read_write> h: array<{{ elem }}>;
 @group(0) @binding(1) var<storage, read_write> y: array<{{ elem }}>;
 // rows, F
-@group(0) @binding(2) var<storage, read_write> info: array<u32>;
+@group(0) @binding(2) var<uniform> info: array<vec4<u32>, 1>;
+// The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
+fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
 const WORKGROUP: u32 = {{ workgroup }}u;
 
@@ -28,8 +30,8 @@ fn erf(x: f32) -> f32 {
 
 @compute @workgroup_size({{ workgroup }}, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let rows = info[0];
-    let width = info[1];
+    let rows = word(0);
+    let width = word(1);
     // Workgroups beyond 65535 spill over into y.
     let thread = gid.x + gid.y * groups.x * WORKGROUP;
     if (thread >= rows * width) {

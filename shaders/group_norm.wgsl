@@ -1,4 +1,4 @@
-// interface: group_norm 1 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// interface: group_norm 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // GroupNorm (+ SiLU): y = (x - mean) / sqrt(var + eps) * gamma[c] + beta[c], then
 // optionally y * sigmoid(y). Replaces burn's group_norm (mean, var, affine) followed by
 // silu: one kernel, one read of statistics per group instead of several passes of
@@ -17,7 +17,9 @@
 @group(0) @binding(2) var<storage, read_write> beta: array<{{ elem }}>;
 @group(0) @binding(3) var<storage, read_write> y: array<{{ elem }}>;
 // channels, pixels per channel, groups, apply SiLU (0/1), bits of eps as f32
-@group(0) @binding(4) var<storage, read_write> info: array<u32>;
+@group(0) @binding(4) var<uniform> info: array<vec4<u32>, 2>;
+// The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
+fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
 const WORKGROUP: u32 = {{ workgroup }}u;
 var<workgroup> partial: array<f32, WORKGROUP>;
@@ -40,9 +42,9 @@ fn workgroup_sum(local: u32, value: f32) -> f32 {
 
 @compute @workgroup_size({{ workgroup }}, 1, 1)
 fn main(@builtin(workgroup_id) group_id: vec3<u32>, @builtin(local_invocation_index) local: u32) {
-    let channels = info[0];
-    let pixels = info[1];
-    let groups = info[2];
+    let channels = word(0);
+    let pixels = word(1);
+    let groups = word(2);
     let per_group = channels / groups;
     let count = per_group * pixels;
     let item = group_id.x / groups;
@@ -61,12 +63,12 @@ fn main(@builtin(workgroup_id) group_id: vec3<u32>, @builtin(local_invocation_in
         squares = squares + d * d;
     }
     let variance = workgroup_sum(local, squares) / f32(count);
-    let inv_std = inverseSqrt(variance + bitcast<f32>(info[4]));
+    let inv_std = inverseSqrt(variance + bitcast<f32>(word(4)));
 
     for (var i = local; i < count; i = i + WORKGROUP) {
         let c = group * per_group + i / pixels;
         var v = (f32(x[base + i]) - mean) * inv_std * f32(gamma[c]) + f32(beta[c]);
-        if (info[3] != 0u) {
+        if (word(3) != 0u) {
             v = v / (1.0 + exp(-v));
         }
         y[base + i] = {{ elem }}(v);

@@ -1,4 +1,4 @@
-// interface: im2col 1 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// interface: im2col 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // im2col: the columns a convolution is multiplied by, for one band of output rows.
 // columns[b, (c, i, j), r * W_out + q] = x[b, c, (y0 + r) * sh + i - top, q * sw + j - left],
 // zero where that falls in the padding. Replaces padding the input, slicing its kh x kw
@@ -15,25 +15,27 @@
 @group(0) @binding(0) var<storage, read_write> x: array<{{ elem }}>;
 @group(0) @binding(1) var<storage, read_write> columns: array<{{ elem }}>;
 // batch, channels, height, width, kh, kw, sh, sw, top, left, y0, rows, W_out
-@group(0) @binding(2) var<storage, read_write> info: array<u32>;
+@group(0) @binding(2) var<uniform> info: array<vec4<u32>, 4>;
+// The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
+fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
 const WORKGROUP: u32 = {{ workgroup }}u;
 
 @compute @workgroup_size({{ workgroup }}, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let batch = info[0];
-    let channels = info[1];
-    let height = info[2];
-    let width = info[3];
-    let kh = info[4];
-    let kw = info[5];
-    let sh = info[6];
-    let sw = info[7];
-    let top = info[8];
-    let left = info[9];
-    let y0 = info[10];
-    let rows = info[11];
-    let w_out = info[12];
+    let batch = word(0);
+    let channels = word(1);
+    let height = word(2);
+    let width = word(3);
+    let kh = word(4);
+    let kw = word(5);
+    let sh = word(6);
+    let sw = word(7);
+    let top = word(8);
+    let left = word(9);
+    let y0 = word(10);
+    let rows = word(11);
+    let w_out = word(12);
 
     // Workgroups beyond 65535 spill over into y.
     let thread = gid.x + gid.y * groups.x * WORKGROUP;

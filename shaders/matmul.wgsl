@@ -1,4 +1,4 @@
-// interface: matmul 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// interface: matmul 3 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // Matrix product C = A B for a batch of matrices, summed in f32: A is M x K, B is K x N,
 // both read through strides (a transposed or broadcast operand, or attention's heads, need
 // no copy), C is written contiguous. Replaces burn's matmul where the shader compiler
@@ -28,7 +28,9 @@
 // M, N, K; A's outer batch, row and column strides; B's likewise; the inner batch size;
 // A's and B's inner batch strides (elements). Batch item z is (z / inner, z % inner):
 // attention's heads are read in place from the [B, S, H, D] projections.
-@group(0) @binding(3) var<storage, read_write> info: array<u32>;
+@group(0) @binding(3) var<uniform> info: array<vec4<u32>, 3>;
+// The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
+fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
 const TILE: u32 = {{ tile }}u;  // rows and columns of C per workgroup
 const WIDE: bool = TILE == 128u; // 8 x 8 per thread (else 4 x 4)
@@ -100,19 +102,19 @@ fn write_c(base: u32, m: u32, n: u32, v: vec4<f32>) {
 
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    M = info[0];
-    N = info[1];
-    K = info[2];
-    A_ROW = info[4];
-    A_COL = info[5];
-    B_ROW = info[7];
-    B_COL = info[8];
+    M = word(0);
+    N = word(1);
+    K = word(2);
+    A_ROW = word(4);
+    A_COL = word(5);
+    B_ROW = word(7);
+    B_COL = word(8);
     let m0 = group.y * TILE;
     let n0 = group.x * TILE;
-    let outer = group.z / info[9];
-    let inner = group.z % info[9];
-    let a_base = outer * info[3] + inner * info[10];
-    let b_base = outer * info[6] + inner * info[11];
+    let outer = group.z / word(9);
+    let inner = group.z % word(9);
+    let a_base = outer * word(3) + inner * word(10);
+    let b_base = outer * word(6) + inner * word(11);
 
     // This thread's slots of each slice: two at TILE 128, one at 64 (the second unused).
     let pa0 = place(t, A_COL == 1u);

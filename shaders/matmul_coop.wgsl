@@ -1,4 +1,4 @@
-// interface: matmul_coop 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// interface: matmul_coop 3 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // Matrix product C = A B for a batch of f16 matrices on cooperative matrices (tensor cores,
 // through Vulkan's VK_KHR_cooperative_matrix or Metal's simdgroup matrices), summed in f32:
 // A is M x K, B is K x N, both read through strides (a transposed or broadcast operand, or
@@ -38,7 +38,9 @@ enable wgpu_cooperative_matrix;
 // M, N, K; A's outer batch, row and column strides; B's likewise; the inner batch size;
 // A's and B's inner batch strides (elements). Batch item z is (z / inner, z % inner):
 // attention's heads are read in place from the [B, S, H, D] projections.
-@group(0) @binding(3) var<storage, read_write> info: array<u32>;
+@group(0) @binding(3) var<uniform> info: array<vec4<u32>, 3>;
+// The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
+fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
 const FRAG: u32 = {{ frag }}u;       // rows and columns of a fragment
 const FRAGS: u32 = {{ frags }}u;     // fragments per subgroup along M and along N
@@ -78,19 +80,19 @@ fn main(
     @builtin(subgroup_id) subgroup: u32,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
-    let M = info[0];
-    let N = info[1];
-    let K = info[2];
-    let a_row = info[4];
-    let a_col = info[5];
-    let b_row = info[7];
-    let b_col = info[8];
+    let M = word(0);
+    let N = word(1);
+    let K = word(2);
+    let a_row = word(4);
+    let a_col = word(5);
+    let b_row = word(7);
+    let b_col = word(8);
     let m0 = group.y * TILE;
     let n0 = group.x * TILE;
-    let outer = group.z / info[9];
-    let inner = group.z % info[9];
-    let a_base = outer * info[3] + inner * info[10];
-    let b_base = outer * info[6] + inner * info[11];
+    let outer = group.z / word(9);
+    let inner = group.z % word(9);
+    let a_base = outer * word(3) + inner * word(10);
+    let b_base = outer * word(6) + inner * word(11);
     // This subgroup's quarter of the tile.
     let qm = (subgroup / 2u) * QUARTER;
     let qn = (subgroup % 2u) * QUARTER;

@@ -1,4 +1,4 @@
-// interface: softmax 1 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// interface: softmax 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // Softmax over the last dimension of a contiguous [rows, n] tensor, in place:
 // s[r, j] = exp(s[r, j] - max_j s[r, j]) / sum_j exp(s[r, j] - max_j s[r, j]), the
 // attention scores' softmax. Replaces burn's max, subtract, exp, sum and divide: one kernel
@@ -15,7 +15,9 @@
 
 @group(0) @binding(0) var<storage, read_write> s: array<{{ elem }}>;
 // rows, n, team
-@group(0) @binding(1) var<storage, read_write> info: array<u32>;
+@group(0) @binding(1) var<uniform> info: array<vec4<u32>, 1>;
+// The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
+fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
 const WORKGROUP: u32 = {{ workgroup }}u;
 const LOWEST: f32 = -3.40282347e+38;
@@ -46,9 +48,9 @@ fn main(
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) local: u32,
 ) {
-    let rows = info[0];
-    let n = info[1];
-    let team = info[2];
+    let rows = word(0);
+    let n = word(1);
+    let team = word(2);
     // Workgroups beyond 65535 spill over into y.
     let row = (group_id.x + group_id.y * groups.x) * (WORKGROUP / team) + local / team;
     let lane = local % team;

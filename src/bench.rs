@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::device::Compute;
 use crate::model::layers::{to_device, to_host};
+use crate::pipeline::denoiser::CfgDenoiser;
 use crate::pipeline::{GenerationParams, PipelineError, StableDiffusion};
 use crate::sampling::NoProgress;
 use crate::train::adapters::{UNET_PREFIX, attach_new, named};
@@ -71,6 +72,9 @@ pub struct BenchReport {
     /// Microseconds per small kernel issued back to back on a GPU ([`launch_us`]; `None` on
     /// the CPU backend).
     pub launch_us: Option<f64>,
+    /// The same kernels recorded as a graph and replayed ([`replayed_launch_us`]), as a UNet
+    /// step is after its first two (`None` on the CPU backend or with `SDW_GRAPHS=off`).
+    pub replayed_launch_us: Option<f64>,
 }
 
 /// Times each part on an already loaded model, reporting progress through `say`.
@@ -120,19 +124,24 @@ pub fn run(
             &mut peak,
         );
     }
-    let context =
-        Tensor::cat(vec![sd.encode_prompt("a photo of a cat", 1), sd.encode_prompt("", 1)], 0).repeat_dim(0, s.batch);
-    let x = noise([2 * s.batch, 4, latent, latent]);
-    let t = vec![500.0; 2 * s.batch];
     if timed(Part::Unet) {
+        // A sampler's call: the UNet on both halves and the guidance, as a graph of kernels
+        // where they are recorded (`model::graph`), which the first run also does.
+        let (cond, uncond) = (sd.encode_prompt("a photo of a cat", 1), sd.encode_prompt("", 1));
+        let shape = [s.batch, 4, latent, latent];
+        let mut denoiser = CfgDenoiser::scheduled(&sd.unet, vec![(0, cond)], vec![(0, uncond)], 7.0, shape);
+        let x = noise(shape).data;
+        let recorded = crate::model::graph::enabled(&dev);
+        let mut runs = 0;
+        let note = if recorded { ", recorded as a graph by the first run" } else { "" };
         time(
-            &format!("UNet step (CFG batch {})", 2 * s.batch),
+            &format!("UNet step (CFG batch {}{note})", 2 * s.batch),
             &mut || {
-                to_host(sd.unet.forward(
-                    to_device(x.data.clone(), [2 * s.batch, 4, latent, latent], &dev),
-                    &t,
-                    &context,
-                ));
+                runs += 1;
+                if runs == 1 && recorded {
+                    denoiser.eps(&x, 500.0);
+                }
+                denoiser.eps(&x, 500.0);
             },
             &mut peak,
         );
@@ -187,6 +196,7 @@ pub fn run(
         peak_device_bytes: peak.peak,
         peak_host_bytes: crate::device::peak_host_memory(),
         launch_us: launch_us(&dev),
+        replayed_launch_us: replayed_launch_us(&dev),
     })
 }
 
@@ -210,6 +220,31 @@ fn launch_us(dev: &burn::tensor::Device) -> Option<f64> {
     };
     adds(50)?; // compiles the kernel
     adds(500)
+}
+
+/// [`launch_us`]'s 500 additions recorded as a graph (`model::graph`) and replayed: what the
+/// stack costs per kernel when a step replays its recording.
+fn replayed_launch_us(dev: &burn::tensor::Device) -> Option<f64> {
+    if !crate::model::graph::enabled(dev) {
+        return None;
+    }
+    let one = Tensor::<1>::ones([4096], dev);
+    let adds = || (0..500).fold(one.clone(), |sum, _| sum + one.clone());
+    crate::model::graph::prepare(dev).ok()?;
+    // Run once first, so that the recording finds its kernels compiled and its memory free.
+    drop(adds().into_data());
+    let (graph, sum) = crate::model::graph::record(dev, adds).ok()?;
+    let replay = || {
+        let start = Instant::now();
+        // SAFETY: `one` and `sum`, all the recording used, live until after the waits below.
+        unsafe { graph.replay() }.ok()?;
+        dev.sync().ok()?;
+        Some(start.elapsed().as_secs_f64() * 1e6 / 500.0)
+    };
+    replay()?; // the first replay uploads what the recording staged
+    let us = replay();
+    drop(sum);
+    us
 }
 
 /// One training step closure: a fresh rank-4 LoRA on a clone of the UNet, forward + backward,
@@ -289,7 +324,11 @@ impl BenchReport {
             out += &format!("peak host memory (RSS): {:.2} GiB\n", gib(b));
         }
         if let Some(us) = self.launch_us {
-            out += &format!("kernel launch: {us:.1} us each (500 small additions back to back)\n");
+            out += &format!("kernel launch: {us:.1} us each (500 small additions back to back)");
+            if let Some(replayed) = self.replayed_launch_us {
+                out += &format!(", {replayed:.1} us replayed as a recorded graph");
+            }
+            out += "\n";
         }
         out
     }

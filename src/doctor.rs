@@ -26,6 +26,7 @@ use crate::model::conv::conv;
 use crate::model::layers::{geglu, gelu, layer_norm, to_host, upsample_nearest_2x, upsample_nearest_to};
 use crate::model::unet::Trace;
 use crate::pipeline::StableDiffusion;
+use crate::pipeline::denoiser::CfgDenoiser;
 use crate::shaders::matmul::Kernel;
 use crate::shaders::softmax::of_last_dim;
 use crate::shaders::{group_norm, matmul};
@@ -311,6 +312,7 @@ pub fn checks(size: usize) -> Vec<Check> {
         }),
     );
     add("tiny UNet, CFG batch of 2 at 8x8".into(), Box::new(|d| to_host(tiny_unet(d, &mut |_, _| {}))));
+    add("tiny guided step, 3rd call (a replayed graph on a GPU)".into(), Box::new(tiny_replayed_step));
     add(
         "tiny VAE decode 8x8 -> 64x64".into(),
         Box::new(|d| to_host(tiny_model(d).vae.decode(input([1, 4, 8, 8], 82, d)))),
@@ -532,6 +534,20 @@ fn norm(c: usize, seed: u64, d: &Device) -> GroupNorm {
 fn tiny_unet(d: &Device, trace: Trace) -> Tensor<4> {
     let (x, context) = (input([2, 4, 8, 8], 80, d), input([2, 77, 128], 81, d));
     tiny_model(d).unet.forward_traced(x, &[801.5, 801.5], &context, trace)
+}
+
+/// The third of three sampler calls of the tiny model at 8x8, each with other latents and
+/// timestep: on a GPU the second records the call as a graph and the third replays it
+/// (`model::graph`); the CPU runs all three kernel by kernel.
+fn tiny_replayed_step(d: &Device) -> HostTensor {
+    let sd = tiny_model(d);
+    let (cond, uncond) = (input([1, 77, 128], 84, d), input([1, 77, 128], 85, d));
+    let mut denoiser = CfgDenoiser::scheduled(&sd.unet, vec![(0, cond)], vec![(0, uncond)], 7.0, [1, 4, 8, 8]);
+    let mut eps = Vec::new();
+    for (seed, t) in [(86, 901.0), (87, 601.5), (88, 301.0)] {
+        eps = denoiser.eps(&to_host(input([1, 4, 8, 8], seed, d)).data, t);
+    }
+    HostTensor::new(vec![1, 4, 8, 8], eps)
 }
 
 fn tiny_model(d: &Device) -> StableDiffusion {

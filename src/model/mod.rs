@@ -11,6 +11,7 @@ pub mod attention_tuned;
 pub mod budget;
 pub mod clip;
 pub mod conv;
+pub mod graph;
 pub mod layers;
 pub mod unet;
 pub mod vae;

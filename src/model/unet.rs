@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, Linear, PaddingConfig2d};
 use burn::tensor::activation::silu;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::shaders::group_norm;
 use crate::weights::WeightsError;
@@ -305,15 +305,31 @@ impl Unet {
     /// [`Self::forward`], showing `trace` each layer's output by name (`down.1.attentions.0`):
     /// `sdw doctor --trace` finds the first layer where a device departs from the CPU.
     pub fn forward_traced(&self, x: Tensor<4>, t: &[f32], context: &Tensor<3>, trace: Trace) -> Tensor<4> {
-        // The UNet computes in its own dtype (f16 or f32); what comes out is f32.
-        let dtype = self.activations;
-        self.run(x.cast(dtype), t, &context.clone().cast(dtype), trace).cast(DType::F32)
+        let t_proj = self.timestep_input(t, &x.device());
+        self.forward_embedded(x, t_proj, context, trace)
     }
 
-    fn run(&self, x: Tensor<4>, t: &[f32], context: &Tensor<3>, trace: Trace) -> Tensor<4> {
-        let device = x.device();
-        let dim = self.config.block_out_channels[0];
-        let t_proj = to_device(timestep_embedding(t, dim), [t.len(), dim], &device).cast(x.dtype());
+    /// The sinusoidal embedding of timesteps `t` that [`Self::forward_embedded`] takes, `[B, dim]`
+    /// in f32, on `device`.
+    pub fn timestep_input(&self, t: &[f32], device: &Device) -> Tensor<2> {
+        to_device(self.timestep_values(t), [t.len(), self.config.block_out_channels[0]], device)
+    }
+
+    /// [`Self::timestep_input`]'s values on the host.
+    pub fn timestep_values(&self, t: &[f32]) -> Vec<f32> {
+        timestep_embedding(t, self.config.block_out_channels[0])
+    }
+
+    /// [`Self::forward_traced`] with the timesteps given as their embedding ([`Self::timestep_input`]):
+    /// a call that uploads nothing, which a recorded graph of kernels can replay
+    /// (`model::graph`).
+    pub fn forward_embedded(&self, x: Tensor<4>, t_proj: Tensor<2>, context: &Tensor<3>, trace: Trace) -> Tensor<4> {
+        // The UNet computes in its own dtype (f16 or f32); what comes out is f32.
+        let dtype = self.activations;
+        self.run(x.cast(dtype), t_proj.cast(dtype), &context.clone().cast(dtype), trace).cast(DType::F32)
+    }
+
+    fn run(&self, x: Tensor<4>, t_proj: Tensor<2>, context: &Tensor<3>, trace: Trace) -> Tensor<4> {
         let temb = silu(linear(&self.time_linear_2, silu(linear(&self.time_linear_1, t_proj))));
         trace("time_embedding", &temb.clone().unsqueeze_dims(&[2, 3]));
 

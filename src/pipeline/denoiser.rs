@@ -3,6 +3,7 @@
 
 use burn::tensor::Tensor;
 
+use crate::model::graph::{self, Graph};
 use crate::model::layers::{to_device, to_host};
 use crate::model::unet::Unet;
 use crate::sampling::EpsModel;
@@ -24,9 +25,38 @@ pub struct CfgDenoiser<'a> {
     /// masked-image latent), concatenated after the latent.
     image_cond: Option<Tensor<4>>,
     /// `[uncond; cond]` for the schedule entries last used, built when they change.
-    batched: Option<((usize, usize), Tensor<3>)>,
+    batched: Option<(Entries, Tensor<3>)>,
+    /// The call as a recorded graph of kernels, on a GPU.
+    recording: Recording,
     /// UNet evaluations so far: A1111 advances the prompt schedule per call.
     pub calls: usize,
+    /// Calls answered by replaying the recorded graph.
+    replays: usize,
+}
+
+/// The prompt's and the negative prompt's schedule entries in force for a call.
+type Entries = (usize, usize);
+
+/// On a GPU the guided call is recorded as a graph of kernels (`model::graph`) at its second
+/// run with the same schedule entries (the first compiles and tunes kernels, which a recording
+/// cannot), and replayed after that until the entries change (prompt editing).
+enum Recording {
+    /// Every call runs kernel by kernel: on the CPU, with `SDW_GRAPHS=off`, or after a
+    /// recording failed.
+    Off,
+    /// The entries of the last call, run kernel by kernel.
+    After(Option<Entries>),
+    Ready(Box<Replay>),
+}
+
+/// A recorded call: the graph, the inputs it reads (overwritten per call) and its output. The
+/// context it read is `batched` (or the schedules), kept while the entries stay.
+struct Replay {
+    entries: Entries,
+    x: Tensor<4>,
+    t: Tensor<2>,
+    out: Tensor<4>,
+    graph: Graph,
 }
 
 impl<'a> CfgDenoiser<'a> {
@@ -40,6 +70,7 @@ impl<'a> CfgDenoiser<'a> {
         shape: [usize; 4],
     ) -> Self {
         let b = shape[0];
+        let recording = if graph::enabled(&cond[0].1.device()) { Recording::After(None) } else { Recording::Off };
         let per_image = |s: CondSchedule| s.into_iter().map(|(end, c)| (end, c.repeat_dim(0, b))).collect();
         Self {
             unet,
@@ -49,7 +80,9 @@ impl<'a> CfgDenoiser<'a> {
             shape,
             image_cond: None,
             batched: None,
+            recording,
             calls: 0,
+            replays: 0,
         }
     }
 
@@ -58,32 +91,126 @@ impl<'a> CfgDenoiser<'a> {
         self
     }
 
+    /// Every call run kernel by kernel, never recorded (what replays are checked against).
+    pub fn kernel_by_kernel(mut self) -> Self {
+        self.recording = Recording::Off;
+        self
+    }
+
     /// Guided noise prediction `eps_u + cfg * (eps_c - eps_u)` at float timestep `t`.
     pub fn eps(&mut self, x: &[f32], t: f32) -> Vec<f32> {
         let at = |s: &CondSchedule| entry_at(s.iter().map(|(end, _)| *end), self.calls);
-        let (ci, ui) = (at(&self.cond), at(&self.uncond));
-        let (cond, uncond) = (&self.cond[ci].1, &self.uncond[ui].1);
+        let entries = (at(&self.cond), at(&self.uncond));
         self.calls += 1;
-        let [b, c, h, w] = self.shape;
-        let mut x = to_device(x.to_vec(), [b, c, h, w], &cond.device());
-        if let Some(ic) = &self.image_cond {
-            x = Tensor::cat(vec![x, ic.clone()], 1);
+        let (x, t) = (x.to_vec(), self.unet.timestep_values(&vec![t; 2 * self.shape[0]]));
+        if let Some(eps) = self.replay(entries, &x, &t) {
+            return eps;
         }
-        // One UNet batch for both halves when the prompts are as long, as A1111 does.
-        let (e_u, e_c) = if cond.dims()[1] == uncond.dims()[1] {
-            if self.batched.as_ref().is_none_or(|(key, _)| *key != (ci, ui)) {
-                self.batched = Some(((ci, ui), Tensor::cat(vec![uncond.clone(), cond.clone()], 0)));
+        let record = self.runs_again(entries);
+        self.context(entries);
+        if record { self.record(entries, x, t) } else { to_host(self.guided(self.inputs(x, t), entries)).data }
+    }
+
+    /// The recorded call's result for latents `x` and timestep embedding `t`, where the call
+    /// was recorded with these entries.
+    fn replay(&mut self, entries: Entries, x: &[f32], t: &[f32]) -> Option<Vec<f32>> {
+        let Recording::Ready(r) = &mut self.recording else { return None };
+        if r.entries != entries {
+            return None;
+        }
+        r.x = graph::overwrite(r.x.clone(), x);
+        r.t = graph::overwrite(r.t.clone(), t);
+        // SAFETY: the recording read the weights (`unet`, borrowed for the denoiser's life),
+        // `image_cond`, the context of these entries (kept until they change, which drops the
+        // recording first: `runs_again`) and `r`'s inputs; all on this thread.
+        match unsafe { r.graph.replay() } {
+            Ok(()) => {
+                self.replays += 1;
+                Some(to_host(r.out.clone()).data)
             }
-            let ctx = &self.batched.as_ref().expect("just built").1;
-            let e = self.unet.forward(Tensor::cat(vec![x.clone(), x], 0), &vec![t; 2 * b], ctx);
-            let mut halves = e.split(b, 0);
-            let e_c = halves.pop().unwrap();
-            (halves.pop().unwrap(), e_c)
-        } else {
-            (self.unet.forward(x.clone(), &vec![t; b], uncond), self.unet.forward(x, &vec![t; b], cond))
+            Err(e) => {
+                self.stop_recording(&e);
+                None
+            }
+        }
+    }
+
+    /// Notes a call with `entries` run kernel by kernel; whether it is the one to record: the
+    /// second in a row with these entries.
+    fn runs_again(&mut self, entries: Entries) -> bool {
+        if matches!(self.recording, Recording::Off) {
+            return false;
+        }
+        let again = matches!(self.recording, Recording::After(Some(last)) if last == entries);
+        // A recording for other entries goes here, before their context does (`context`).
+        self.recording = Recording::After(Some(entries));
+        again
+    }
+
+    /// How many calls replayed the recorded graph.
+    pub fn replays(&self) -> usize {
+        self.replays
+    }
+
+    /// Runs the call once more kernel by kernel (its result is this call's), then records it.
+    fn record(&mut self, entries: Entries, x: Vec<f32>, t: Vec<f32>) -> Vec<f32> {
+        let device = self.cond[0].1.device();
+        if let Err(e) = graph::prepare(&device) {
+            self.stop_recording(&e);
+            return to_host(self.guided(self.inputs(x, t), entries)).data;
+        }
+        let (x, t) = self.inputs(x, t);
+        // Read and dropped before recording, so that the recording finds the memory it needs free.
+        let eps = to_host(self.guided((x.clone(), t.clone()), entries)).data;
+        match graph::record(&device, || self.guided((x.clone(), t.clone()), entries)) {
+            Ok((graph, out)) => self.recording = Recording::Ready(Box::new(Replay { entries, x, t, out, graph })),
+            Err(e) => self.stop_recording(&e),
+        }
+        eps
+    }
+
+    fn stop_recording(&mut self, why: &str) {
+        eprintln!("note: steps run kernel by kernel: recording them as a graph failed ({why})");
+        self.recording = Recording::Off;
+    }
+
+    /// The latents and the timesteps' embedding on the device.
+    fn inputs(&self, x: Vec<f32>, t: Vec<f32>) -> (Tensor<4>, Tensor<2>) {
+        let device = self.cond[0].1.device();
+        let dim = self.unet.config().block_out_channels[0];
+        let rows = t.len() / dim;
+        (to_device(x, self.shape, &device), to_device(t, [rows, dim], &device))
+    }
+
+    /// Builds `batched` for `entries` where both prompts are as long.
+    fn context(&mut self, (ci, ui): Entries) {
+        let (cond, uncond) = (&self.cond[ci].1, &self.uncond[ui].1);
+        if cond.dims()[1] == uncond.dims()[1] && self.batched.as_ref().is_none_or(|(key, _)| *key != (ci, ui)) {
+            self.batched = Some(((ci, ui), Tensor::cat(vec![uncond.clone(), cond.clone()], 0)));
+        }
+    }
+
+    /// The guided prediction for latents `x` at timestep embedding `t` (`2B` rows); uploads
+    /// nothing, so that it can be recorded. [`Self::context`] has run for `entries`.
+    fn guided(&self, (x, t): (Tensor<4>, Tensor<2>), (ci, ui): Entries) -> Tensor<4> {
+        let (cond, uncond) = (&self.cond[ci].1, &self.uncond[ui].1);
+        let b = self.shape[0];
+        let x = match &self.image_cond {
+            Some(ic) => Tensor::cat(vec![x, ic.clone()], 1),
+            None => x,
         };
-        let guided = e_u.clone() + (e_c - e_u).mul_scalar(self.cfg_scale);
-        to_host(guided).data
+        let unet =
+            |x: Tensor<4>, t: Tensor<2>, context: &Tensor<3>| self.unet.forward_embedded(x, t, context, &mut |_, _| {});
+        // One UNet batch for both halves when the prompts are as long, as A1111 does.
+        let (e_u, e_c) = match &self.batched {
+            Some((key, ctx)) if *key == (ci, ui) => {
+                let mut halves = unet(Tensor::cat(vec![x.clone(), x], 0), t, ctx).split(b, 0);
+                let e_c = halves.pop().unwrap();
+                (halves.pop().unwrap(), e_c)
+            }
+            _ => (unet(x.clone(), t.clone().narrow(0, 0, b), uncond), unet(x, t.narrow(0, b, b), cond)),
+        };
+        e_u.clone() + (e_c - e_u).mul_scalar(self.cfg_scale)
     }
 }
 

@@ -80,13 +80,20 @@ impl StableDiffusion {
             .and_then(|v| v.as_f64())
             .map_or(SCALING_FACTOR, |v| v as f32);
         crate::model::budget::fit(compute.max_binding);
-        let dev = &compute.device;
-        let clip_loader = Loader::with_dtypes(ckpt, Component::TextEncoder, dev, compute.dtypes);
-        let clip = ClipTextModel::load(&clip_loader)?;
-        let unet_loader = Loader::with_dtypes(ckpt, Component::Unet, dev, compute.dtypes);
-        let unet = Unet::load(&unet_loader)?;
-        let patches = WeightPatches::new(unet_loader.into_slots(), clip_loader.into_slots());
-        let vae = Vae::load(&Loader::new(ckpt, Component::Vae, dev))?;
+        let (dev, dtypes) = (&compute.device, compute.dtypes);
+        // On a GPU the weights go to cubecl's persistent pool: exact-fit and never moved. In
+        // the pool of activations, whose pages grow with the largest tensor yet, they would be
+        // copied onto the new pages whenever the old ones are emptied, as before each recorded
+        // step (`model::graph`): a second copy of the weights for a moment.
+        let (clip, unet, patches, vae) = dev.memory_persistent_allocations((), |_| -> Result<_, PipelineError> {
+            let clip_loader = Loader::with_dtypes(ckpt, Component::TextEncoder, dev, dtypes);
+            let clip = ClipTextModel::load(&clip_loader)?;
+            let unet_loader = Loader::with_dtypes(ckpt, Component::Unet, dev, dtypes);
+            let unet = Unet::load(&unet_loader)?;
+            let patches = WeightPatches::new(unet_loader.into_slots(), clip_loader.into_slots());
+            let vae = Vae::load(&Loader::new(ckpt, Component::Vae, dev))?;
+            Ok((clip, unet, patches, vae))
+        })?;
         let tokenizer = ClipTokenizer::new().map_err(|e| PipelineError::Text(e.to_string()))?;
         let mut sd = Self {
             tokenizer,
@@ -109,7 +116,9 @@ impl StableDiffusion {
     /// Replaces the checkpoint's VAE with a separate VAE file (A1111's "SD VAE").
     pub fn load_vae(&mut self, path: &Path) -> Result<(), PipelineError> {
         let ckpt = Checkpoint::open_vae(path)?;
-        self.vae = Vae::load(&Loader::new(&ckpt, Component::Vae, &self.compute.device))?;
+        let dev = &self.compute.device;
+        // In the persistent pool, as the checkpoint's weights (`from_checkpoint`).
+        self.vae = dev.memory_persistent_allocations((), |_| Vae::load(&Loader::new(&ckpt, Component::Vae, dev)))?;
         self.vae_name = path.file_name().map(|s| s.to_string_lossy().into_owned());
         self.cpu_vae = OnceLock::new();
         Ok(())

@@ -66,9 +66,8 @@ impl GegluOps for CubeBackend {
                 burn::backend::cubecl::dtype_to_storage_type(h.dtype),
             );
         } else {
-            let info = h.client.create_from_slice(bytemuck::cast_slice(&[rows, width]));
-            let buffers = vec![h.handle.clone().binding(), out.handle.clone().binding(), info.binding()];
-            super::launch_shader("geglu.wgsl", &h, count, buffers);
+            let buffers = vec![h.handle.clone().binding(), out.handle.clone().binding()];
+            super::launch_shader("geglu.wgsl", &h, count, buffers, &[rows, width]);
         }
         out
     }

@@ -141,9 +141,8 @@ struct Problem {
 
 fn launch_wgsl(x: &CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, out: &CubeTensor, p: &Problem, count: CubeCount) {
     let info = [p.channels, p.pixels, p.groups, p.with_silu as u32, p.epsilon.to_bits()];
-    let info = x.client.create_from_slice(bytemuck::cast_slice(&info));
-    let buffers = [x, gamma, beta, out].map(|t| t.handle.clone().binding()).into_iter().chain([info.binding()]);
-    super::launch_shader("group_norm.wgsl", x, count, buffers.collect());
+    let buffers = [x, gamma, beta, out].map(|t| t.handle.clone().binding());
+    super::launch_shader("group_norm.wgsl", x, count, buffers.into(), &info);
 }
 
 /// `shaders/group_norm.wgsl` as a `#[cube]` kernel, which cubecl compiles for any runtime

@@ -75,9 +75,8 @@ impl Info {
 }
 
 fn launch_wgsl(x: &CubeTensor, out: &CubeTensor, info: &Info, threads: usize) {
-    let info = x.client.create_from_slice(bytemuck::cast_slice(&info.0));
-    let buffers = vec![x.handle.clone().binding(), out.handle.clone().binding(), info.binding()];
-    super::launch_shader("im2col.wgsl", x, workgroups(threads), buffers);
+    let buffers = vec![x.handle.clone().binding(), out.handle.clone().binding()];
+    super::launch_shader("im2col.wgsl", x, workgroups(threads), buffers, &info.0);
 }
 
 /// `shaders/im2col.wgsl` as a `#[cube]` kernel, which cubecl compiles for any runtime:

@@ -18,7 +18,6 @@ use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, S
 use burn::backend::{Backend, Flex, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeTuneId;
 use burn::cubecl::prelude::KernelId;
-use burn::cubecl::server::KernelArguments;
 use burn::cubecl::tune::{LocalTuner, Tunable, TunableSet, local_tuner};
 use burn::cubecl::{CubeCount, CubeDim, CubeKernel};
 use burn::nn::Linear;
@@ -366,16 +365,13 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> Result<CubeTensor, 
     let [aos, ais, ars, acs] = a.strides;
     let [bos, bis, brs, bcs] = b.strides;
     let info = [m, n, k, aos, ars, acs, bos, brs, bcs, inner, ais, bis].map(|v| v as u32);
-    let info = client.create_from_slice(bytemuck::cast_slice(&info));
     client.launch(
         task,
         CubeCount::Static(n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, batch as u32),
-        KernelArguments::new().with_buffers(vec![
-            a.tensor.handle.clone().binding(),
-            b.tensor.handle.clone().binding(),
-            out.handle.clone().binding(),
-            info.binding(),
-        ]),
+        super::arguments(
+            vec![a.tensor.handle.clone().binding(), b.tensor.handle.clone().binding(), out.handle.clone().binding()],
+            &info,
+        ),
     );
     Ok(out)
 }

@@ -114,19 +114,39 @@ fn empty_like(like: &CubeTensor, shape: Shape) -> CubeTensor {
 }
 
 /// Runs one of our element-typed shaders (`{{ elem }}` and the `{{ extensions }}` f16 needs,
-/// `{{ workgroup }}` threads per workgroup) on `buffers`, in `like`'s dtype.
+/// `{{ workgroup }}` threads per workgroup) on `buffers` and `values` (see [`arguments`]), in
+/// `like`'s dtype.
 fn launch_shader(
     name: &'static str,
     like: &CubeTensor,
     count: burn::cubecl::CubeCount,
     buffers: Vec<burn::cubecl::server::BufferBinding>,
+    values: &[u32],
 ) {
     let kernel = ElemKernel { name, dtype: like.dtype, template: template(builtin(name)).clone() };
     like.client.launch(
         Box::new(SourceKernel::new(kernel, burn::cubecl::CubeDim::new_1d(WORKGROUP))),
         count,
-        burn::cubecl::server::KernelArguments::new().with_buffers(buffers),
+        arguments(buffers, values),
     );
+}
+
+/// A shader's bindings: its tensors, then what it is told besides them (`values`) as cubecl's
+/// info uniform, which the shaders declare as `array<vec4<u32>, N>` after their buffers. The
+/// values go where cubecl puts its own kernels' sizes rather than into a buffer of ours: cubecl
+/// reuses the uniform for equal values, and records it with the launch when a step is captured
+/// as a graph (`model::graph`), where creating a buffer would be refused.
+fn arguments(
+    buffers: Vec<burn::cubecl::server::BufferBinding>,
+    values: &[u32],
+) -> burn::cubecl::server::KernelArguments {
+    let mut words: Vec<u64> =
+        values.chunks(2).map(|p| p[0] as u64 | (p.get(1).copied().unwrap_or(0) as u64) << 32).collect();
+    // Whole rows of four values, as the shaders declare them.
+    words.resize(words.len().next_multiple_of(2), 0);
+    burn::cubecl::server::KernelArguments::new()
+        .with_buffers(buffers)
+        .with_info(burn::cubecl::server::MetadataBindingInfo::custom(words))
 }
 
 struct ElemKernel {
@@ -213,7 +233,7 @@ fn choose(shader: &Shader, dir: Option<&Path>) -> Arc<str> {
     }
 }
 
-/// A shader's interface (`matmul 2`, from its line `// interface: matmul 2 (...)`): the
+/// A shader's interface (`matmul 3`, from its line `// interface: matmul 3 (...)`): the
 /// bindings and sizes sdw passes the shader, renumbered when they change. A user's file must
 /// name the built-in one's, so that a file dumped by another version of sdw cannot read its
 /// sizes from the wrong places and compute wrong numbers quietly.

@@ -77,8 +77,7 @@ impl SoftmaxOps for CubeBackend {
                 burn::backend::cubecl::dtype_to_storage_type(s.dtype),
             );
         } else {
-            let info = s.client.create_from_slice(bytemuck::cast_slice(&[rows, n, team]));
-            super::launch_shader("softmax.wgsl", &s, count, vec![s.handle.clone().binding(), info.binding()]);
+            super::launch_shader("softmax.wgsl", &s, count, vec![s.handle.clone().binding()], &[rows, n, team]);
         }
         s
     }

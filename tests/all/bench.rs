@@ -36,9 +36,11 @@ fn bench_reports_every_part_as_json() {
     assert!(report["it_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["peak_host_bytes"].as_u64().unwrap() > 0);
     assert!(report["launch_us"].is_null(), "a kernel launch time on the CPU backend");
+    assert!(report["replayed_launch_us"].is_null(), "a replayed kernel launch time on the CPU backend");
 }
 
-/// On a GPU the report also says what one small kernel costs end to end.
+/// On a GPU the report also says what one small kernel costs end to end, issued alone and
+/// replayed as part of a recorded graph.
 #[test]
 fn bench_on_a_gpu_reports_the_kernel_launch_time() {
     if crate::common::wgpu().is_none() {
@@ -53,6 +55,8 @@ fn bench_on_a_gpu_reports_the_kernel_launch_time() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let us = report["launch_us"].as_f64().expect("launch_us on a GPU");
     assert!(us > 0.0 && us.is_finite(), "launch_us {us}");
+    let replayed = report["replayed_launch_us"].as_f64().expect("replayed_launch_us on a GPU");
+    assert!(replayed > 0.0 && replayed.is_finite(), "replayed_launch_us {replayed}");
 }
 
 /// `--parts` times only what it names; `--gradient-checkpointing` times the checkpointed

@@ -8,6 +8,7 @@ mod common;
 mod doctor;
 mod embeddings;
 mod generation;
+mod graph;
 mod hub;
 mod img2img;
 mod lora;

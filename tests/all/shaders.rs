@@ -502,7 +502,10 @@ fn shader_dir_overrides_and_reports_broken_files() {
             ("broken", builtin.replace("let mean =", "let mean = )"), "cannot be used"),
             (
                 "another sdw's",
-                builtin.replace("// interface: group_norm 1", "// interface: group_norm 0"),
+                builtin.replace(
+                    &format!("// interface: {} ", shaders::interface(builtin).unwrap()),
+                    "// interface: group_norm 0 ",
+                ),
                 "another version",
             ),
         ] {
