@@ -215,6 +215,15 @@ fn keep_freed_memory() {
     }
 }
 
+/// Gives the memory of dropped weights back to the driver. Weights live in cubecl's persistent
+/// pool (`StableDiffusion::from_checkpoint`), which keeps freed slices for tensors of their
+/// exact size until told otherwise; the drops reach the device with the queued work, so that
+/// is waited for first. A no-op on the CPU.
+pub fn release_freed_weights(device: &Device) {
+    let _ = device.sync();
+    device.memory_cleanup();
+}
+
 /// Whether `device` is a cubecl one (a GPU, or lavapipe), with or without autodiff.
 pub fn on_cube(device: &Device) -> bool {
     match device.as_dispatch() {

@@ -38,7 +38,7 @@ impl OverwriteOps for CubeBackend {
     fn sdw_overwrite(t: CubeTensor, values: HostValues) -> CubeTensor {
         assert!(t.dtype == DType::F32 && t.is_contiguous(), "graph inputs are contiguous f32 tensors");
         assert_eq!(t.meta.shape().num_elements(), values.0.len(), "a graph input overwritten with another size");
-        t.client.write(&t.handle, Bytes::from_elems(values.0.as_ref().clone()));
+        t.client.write(&t.handle, Bytes::from_elems(Arc::unwrap_or_clone(values.0)));
         t
     }
 }
@@ -62,17 +62,24 @@ pub struct Graph {
     graph: BackendGraph<Dispatch>,
 }
 
-/// Readies `device` for a recording: call it before the run that precedes [`record`], which
-/// allocates, tunes and compiles what the recording will reuse (nothing may be allocated
-/// while recording).
-pub fn prepare(device: &Device) -> Result<(), String> {
-    Dispatch::graph_prepare(device.as_dispatch()).map_err(|e| e.to_string())
+/// Runs `f` kernel by kernel and reads its output with `read`, then records the kernels `f`
+/// launches (without running them): what the recording needs is then compiled, tuned and
+/// allocated, and freed again once `read` has dropped the output. Returns what `read` gave,
+/// and the graph with the output each replay writes, or why there is none; after an error
+/// the device runs kernel by kernel as before.
+pub fn run_then_record<T, R>(
+    device: &Device,
+    f: impl Fn() -> T,
+    read: impl FnOnce(T) -> R,
+) -> (R, Result<(Graph, T), String>) {
+    let dispatch = device.as_dispatch();
+    // Before the run: from here on cubecl keeps in place what the recording will reuse.
+    let prepared = Dispatch::graph_prepare(dispatch).map_err(|e| e.to_string());
+    let result = read(f());
+    (result, prepared.and_then(|()| record(device, f)))
 }
 
-/// Records the kernels `f` launches, without running them: `f`'s output is the tensor each
-/// replay writes. On an error the device is out of recording mode and `f`'s output must not be
-/// read.
-pub fn record<T>(device: &Device, f: impl FnOnce() -> T) -> Result<(Graph, T), String> {
+fn record<T>(device: &Device, f: impl FnOnce() -> T) -> Result<(Graph, T), String> {
     let dispatch = device.as_dispatch();
     if let Err(e) = Dispatch::graph_start_capture(dispatch) {
         // A prepared device stays reserved for the recording until it is stopped.

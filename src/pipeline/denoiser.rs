@@ -102,13 +102,14 @@ impl<'a> CfgDenoiser<'a> {
         let at = |s: &CondSchedule| entry_at(s.iter().map(|(end, _)| *end), self.calls);
         let entries = (at(&self.cond), at(&self.uncond));
         self.calls += 1;
-        let (x, t) = (x.to_vec(), self.unet.timestep_values(&vec![t; 2 * self.shape[0]]));
-        if let Some(eps) = self.replay(entries, &x, &t) {
+        let t = self.unet.timestep_values(&vec![t; 2 * self.shape[0]]);
+        if let Some(eps) = self.replay(entries, x, &t) {
             return eps;
         }
         let record = self.runs_again(entries);
         self.context(entries);
-        if record { self.record(entries, x, t) } else { to_host(self.guided(self.inputs(x, t), entries)).data }
+        let inputs = self.inputs(x.to_vec(), t);
+        if record { self.record(entries, inputs) } else { to_host(self.guided(inputs, entries)).data }
     }
 
     /// The recorded call's result for latents `x` and timestep embedding `t`, where the call
@@ -153,16 +154,11 @@ impl<'a> CfgDenoiser<'a> {
     }
 
     /// Runs the call once more kernel by kernel (its result is this call's), then records it.
-    fn record(&mut self, entries: Entries, x: Vec<f32>, t: Vec<f32>) -> Vec<f32> {
-        let device = self.cond[0].1.device();
-        if let Err(e) = graph::prepare(&device) {
-            self.stop_recording(&e);
-            return to_host(self.guided(self.inputs(x, t), entries)).data;
-        }
-        let (x, t) = self.inputs(x, t);
-        // Read and dropped before recording, so that the recording finds the memory it needs free.
-        let eps = to_host(self.guided((x.clone(), t.clone()), entries)).data;
-        match graph::record(&device, || self.guided((x.clone(), t.clone()), entries)) {
+    fn record(&mut self, entries: Entries, (x, t): (Tensor<4>, Tensor<2>)) -> Vec<f32> {
+        let device = x.device();
+        let call = || self.guided((x.clone(), t.clone()), entries);
+        let (eps, recorded) = graph::run_then_record(&device, call, |out| to_host(out).data);
+        match recorded {
             Ok((graph, out)) => self.recording = Recording::Ready(Box::new(Replay { entries, x, t, out, graph })),
             Err(e) => self.stop_recording(&e),
         }

@@ -119,6 +119,8 @@ impl StableDiffusion {
         let dev = &self.compute.device;
         // In the persistent pool, as the checkpoint's weights (`from_checkpoint`).
         self.vae = dev.memory_persistent_allocations((), |_| Vae::load(&Loader::new(&ckpt, Component::Vae, dev)))?;
+        // The replaced VAE's memory, which the pool would keep otherwise.
+        crate::device::release_freed_weights(dev);
         self.vae_name = path.file_name().map(|s| s.to_string_lossy().into_owned());
         self.cpu_vae = OnceLock::new();
         Ok(())

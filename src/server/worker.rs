@@ -343,11 +343,9 @@ fn load<'a>(
     let vae = job.vae.as_ref().map(|e| e.path.clone());
     let current = loaded.as_ref().is_some_and(|l| l.checkpoint == job.checkpoint.path && l.vae == vae);
     if !current {
-        // Free the old model's memory before loading the new one. Its weights were in cubecl's
-        // persistent pool (`StableDiffusion::from_checkpoint`), which keeps freed slices for
-        // tensors of their exact size until told to give them back.
+        // Free the old model's memory before loading the new one.
         *loaded = None;
-        compute.device.memory_cleanup();
+        crate::device::release_freed_weights(&compute.device);
         eprintln!("loading {}", job.checkpoint.path.display());
         let mut sd = StableDiffusion::load(&job.checkpoint.path, compute.clone())?;
         if let Some(v) = &vae {

@@ -129,6 +129,19 @@ fn schedule_types_change_the_sigmas() {
     assert!(rel_err(&runs[0], &runs[1]) > 1e-3 && rel_err(&runs[1], &runs[2]) > 1e-3);
 }
 
+/// On a GPU, a separate VAE replaces the checkpoint's in memory too: the weights live in
+/// cubecl's persistent pool, which would keep the replaced VAE's slices reserved.
+#[test]
+fn a_separate_vae_gives_the_replaced_ones_memory_back() {
+    let Some(c) = wgpu() else { return };
+    let vae = write_vae(&temp_dir("gen-vae-memory").join("my-vae.safetensors"), None);
+    let mut sd = StableDiffusion::load(&fixture("tiny-sd-fp16.safetensors"), c.clone()).unwrap();
+    let reserved = || c.device.memory_pool_usage().expect("cubecl reports its pools").bytes_reserved;
+    let before = reserved();
+    sd.load_vae(&vae).unwrap();
+    assert!(reserved() <= before, "{} bytes reserved after replacing the VAE, {before} before", reserved());
+}
+
 /// A VAE saved on its own, as A1111 users download them (LDM names, no prefix), decodes
 /// exactly as the checkpoint's own.
 #[test]

@@ -218,8 +218,9 @@ fn host_product(a: &[f32], b: &[f32], [batch, m, k, n]: [usize; 4], b_batched: b
 /// product on the host: sizes that are not multiples of the tiles, either operand broadcast
 /// over the batch (a convolution's weight is the left one), transposed views (read through
 /// their strides, no copy), views at an offset into their buffer, two batch dims read in place
-/// through their own strides (attention's heads) and outer dims that need a copy. And `matmul::matmul` (the fastest of the shaders and burn's kernels) on a product big
-/// enough to be tuned.
+/// through their own strides (attention's heads) and outer dims that need a copy. And
+/// `matmul::matmul` (the fastest of the shaders and burn's kernels) on a product big enough
+/// to be tuned.
 #[test]
 fn matmul_shaders_match_the_product() {
     let Some(gpu) = wgpu() else { return };
@@ -299,10 +300,16 @@ fn check_direct_product(kernel: Kernel, d: &burn::tensor::Device) {
     // Heads read in place: [2, 3, 48, 32] seen in a [2, 48, 3, 32] buffer.
     let (a, b) = (values(6 * 48 * 32, 14), values(6 * 32 * 64, 15));
     let want = HostTensor::new(vec![6, 48, 64], host_product(&a, &b, [6, 48, 32, 64], true));
-    let stored = on(a, [6, 48, 32]).reshape([2, 3, 48, 32]).swap_dims(1, 2).into_data();
-    let heads = Tensor::<4>::from_data(stored, d).cast(DType::F16).swap_dims(1, 2);
+    let heads = stored_swapped(on(a, [6, 48, 32]).reshape([2, 3, 48, 32]), (1, 2));
     let got = matmul::matmul_with(heads, on(b, [6, 32, 64]).reshape([2, 3, 32, 64]), kernel);
     check("heads [2,3,48,32] of [2,48,3,32] x [2,3,32,64]", got.reshape([6, 48, 64]), want);
+}
+
+/// `t`'s values in a buffer laid out with dims `i` and `j` swapped, seen in `t`'s order: a
+/// view whose strides are not in decreasing order.
+fn stored_swapped<const D: usize>(t: Tensor<D>, (i, j): (usize, usize)) -> Tensor<D> {
+    let (dtype, d) = (t.dtype(), t.device());
+    Tensor::<D>::from_data(t.swap_dims(i, j).into_data(), &d).cast(dtype).swap_dims(i, j)
 }
 
 /// One shader's cases (see above). In f16 the operands are rounded to f16 on the host too:
@@ -340,20 +347,14 @@ fn check_product(kernel: Kernel, dtype: DType, d: &burn::tensor::Device) {
     // gets as a contiguous copy ([3, 2, 2, ..] seen as [2, 3, 2, ..]).
     let (a, b) = (values(12 * 40 * 24, 3), values(12 * 24 * 50, 4));
     let want = HostTensor::new(vec![12, 40, 50], host_product(&a, &b, [12, 40, 24, 50], true));
-    // `v` in logical order, in a buffer laid out with dims `i` and `j` swapped.
-    let stored_swapped = |v: &[f32], shape: [usize; 4], (i, j): (usize, usize)| {
-        let stored = to_device(v.to_vec(), shape, d).cast(dtype).swap_dims(i, j).into_data();
-        Tensor::<4>::from_data(stored, d).cast(dtype).swap_dims(i, j)
-    };
     let (half_a, half_b, half_c) = (6 * 40 * 24, 6 * 24 * 50, 6 * 40 * 50);
     for (what, swap) in [("heads [2,3,40,24] of [2,40,3,24]", (1, 2)), ("[2,3,40,24] stored [3,2,40,24]", (0, 1))] {
-        let a4 = stored_swapped(&a[..half_a], [2, 3, 40, 24], swap);
+        let a4 = stored_swapped(to_device(a[..half_a].to_vec(), [2, 3, 40, 24], d).cast(dtype), swap);
         let got = matmul::matmul_with(a4, to_device(b[..half_b].to_vec(), [2, 3, 24, 50], d).cast(dtype), kernel);
         let want = HostTensor::new(vec![6, 40, 50], want.data[..half_c].to_vec());
         check(format!("{what} x [2,3,24,50]"), got.reshape([6, 40, 50]), want);
     }
-    let stored = to_device(a, [2, 3, 2, 40, 24], d).cast(dtype).swap_dims(0, 1).into_data();
-    let a5 = Tensor::<5>::from_data(stored, d).cast(dtype).swap_dims(0, 1);
+    let a5 = stored_swapped(to_device(a, [2, 3, 2, 40, 24], d).cast(dtype), (0, 1));
     let got = matmul::matmul_with(a5, to_device(b, [2, 3, 2, 24, 50], d).cast(dtype), kernel);
     check("[2,3,2,40,24] stored [3,2,2,40,24] x [2,3,2,24,50]".into(), got.reshape([12, 40, 50]), want);
     // As a convolution's product: its weight broadcast over the batch of im2col columns.
