@@ -19,32 +19,41 @@ pub enum DeviceChoice {
     Cpu,
 }
 
-/// What CLIP and the UNet compute in (the VAE is always f32: in f16 its activations overflow).
+/// What the networks compute in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
     /// f16 on a GPU whose adapter has f16 shaders, f32 elsewhere (the CPU, software GPUs).
     Auto,
-    /// Half the memory. On a GPU weights and activations are f16 (images differ from f32 ones
-    /// by a few levels); on the CPU the weights are f16 and the arithmetic f32.
+    /// Half the memory. On a GPU weights and activations are f16, the VAE's too (images differ
+    /// from f32 ones by a few levels); a VAE that overflows in f16 is redone in f32 (A1111's
+    /// half VAE). On the CPU CLIP's and the UNet's weights are f16 and the arithmetic f32.
     F16,
     /// Matches the reference (PyTorch fp32) images.
     F32,
 }
 
-/// The dtypes of CLIP's and the UNet's weights and of their activations.
+/// The dtypes of CLIP's and the UNet's weights and of their activations, and the VAE's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dtypes {
     pub weights: DType,
     pub activations: DType,
+    /// The VAE's weights and activations: f16 only on a GPU computing in f16. A decode or
+    /// encode that overflows there is redone in f32 (`StableDiffusion::decode`).
+    pub vae: DType,
 }
 
 impl Dtypes {
-    pub const F32: Self = Self { weights: DType::F32, activations: DType::F32 };
+    pub const F32: Self = Self::all(DType::F32);
     /// f16 on a GPU.
-    pub const F16: Self = Self { weights: DType::F16, activations: DType::F16 };
+    pub const F16: Self = Self::all(DType::F16);
     /// f16 weights computing in f32, on the CPU: burn's CPU kernels are faster in f32, and the
-    /// weights are what takes the memory.
-    pub const F16_WEIGHTS: Self = Self { weights: DType::F16, activations: DType::F32 };
+    /// weights are what takes the memory. The VAE, a tenth of them, stays f32.
+    pub const F16_WEIGHTS: Self = Self { weights: DType::F16, activations: DType::F32, vae: DType::F32 };
+
+    /// Everything in `dtype`.
+    pub const fn all(dtype: DType) -> Self {
+        Self { weights: dtype, activations: dtype, vae: dtype }
+    }
 }
 
 /// A ready device and what to tell the user about it.
@@ -81,6 +90,15 @@ impl Compute {
         Ok(self)
     }
 
+    /// This device with the VAE in f32 whatever the precision, where `f32` (A1111's
+    /// `--no-half-vae`): for a VAE known to overflow in f16, which would decode twice at first.
+    pub fn with_vae_in_f32(mut self, f32: bool) -> Self {
+        if f32 {
+            self.dtypes.vae = DType::F32;
+        }
+        self
+    }
+
     /// This device set up for training, which computes in f32 (its gradients would underflow
     /// in f16 without loss scaling): a precision of f16 keeps the frozen weights in f16 there.
     pub fn for_training(mut self) -> Self {
@@ -95,7 +113,8 @@ impl Compute {
         match self.dtypes {
             Dtypes::F32 => self.description.clone(),
             Dtypes::F16_WEIGHTS => format!("{}, f16 weights", self.description),
-            _ => format!("{}, f16", self.description),
+            Dtypes::F16 => format!("{}, f16", self.description),
+            _ => format!("{}, f16 (VAE f32)", self.description),
         }
     }
 }

@@ -17,10 +17,14 @@ pub struct BenchArgs {
     model: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceChoice,
-    /// What CLIP and the UNet compute in: `auto` is f16 on a GPU with f16 shaders. The
-    /// `--train` step computes in f32 with these weights, as `sdw train --precision` does.
+    /// What the networks compute in: `auto` is f16 on a GPU with f16 shaders (the VAE too,
+    /// redone in f32 where it overflows). The `--train` step computes in f32 with these weights, as `sdw train --precision` does.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
+    /// Keep the VAE in f32 under f16 (A1111's `--no-half-vae`): for a VAE that overflows in f16,
+    /// which would otherwise decode twice before sdw switches it.
+    #[arg(long)]
+    no_half_vae: bool,
     /// Image side in pixels (a multiple of 8).
     #[arg(long, default_value_t = 512)]
     size: usize,
@@ -54,7 +58,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.steps == 0 || a.batch == 0 {
         anyhow::bail!("--steps and --batch must be at least 1");
     }
-    let compute = device::select(a.device)?.with_precision(a.precision)?;
+    let compute = device::select(a.device)?.with_precision(a.precision)?.with_vae_in_f32(a.no_half_vae);
     eprintln!("device: {}", compute.summary());
     let start = Instant::now();
     let sd = match &a.model {

@@ -85,9 +85,14 @@ pub struct GenerateArgs {
     vae: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
-    /// What CLIP and the UNet compute in: `auto` is f16 on a GPU with f16 shaders.
+    /// What the networks compute in: `auto` is f16 on a GPU with f16 shaders (the VAE too,
+    /// redone in f32 where it overflows).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
+    /// Keep the VAE in f32 under f16 (A1111's `--no-half-vae`): for a VAE that overflows in f16,
+    /// which would otherwise decode twice before sdw switches it.
+    #[arg(long)]
+    no_half_vae: bool,
     /// Write to this file (a fresh name is chosen if it exists; batches add -2, -3, ...).
     #[arg(long, short = 'o', conflicts_with = "outdir")]
     output: Option<PathBuf>,
@@ -373,7 +378,7 @@ fn hires(a: &GenerateArgs, png: Option<HiresFix>) -> Option<HiresFix> {
 /// Loads the checkpoint with the LoRAs, the VAE override and the embeddings.
 fn load_model(a: &GenerateArgs, loras: &[(Lora, Strength)]) -> anyhow::Result<StableDiffusion> {
     let model = hub::resolve(a.model.as_deref(), &ModelsDir::new(&a.models_dir))?;
-    let compute = device::select(a.device)?.with_precision(a.precision)?;
+    let compute = device::select(a.device)?.with_precision(a.precision)?.with_vae_in_f32(a.no_half_vae);
     eprintln!("device: {}", compute.summary());
     let t0 = Instant::now();
     let mut sd = StableDiffusion::load_with_loras(&model, compute, loras)

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 use crate::shaders::group_norm;
 use crate::weights::WeightsError;
@@ -177,37 +177,45 @@ impl Vae {
         })
     }
 
-    /// Bytes of the largest f32 activation the decoder makes for `[b, _, h, w]` latents:
-    /// each level's output, at twice the resolution after a level with an upsampler.
+    /// What the VAE's weights and activations are in (f32, or f16 on a GPU).
+    pub fn dtype(&self) -> DType {
+        self.decoder.conv_in.weight.val().dtype()
+    }
+
+    /// Bytes of the largest activation the decoder makes for `[b, _, h, w]` latents: each
+    /// level's output, at twice the resolution after a level with an upsampler.
     pub fn decode_peak_bytes(&self, b: usize, h: usize, w: usize) -> usize {
+        let bytes = self.dtype().size();
         let mut side = 1;
         let mut peak = 0;
         for (&c, level) in self.decoder_channels.iter().zip(&self.decoder.levels) {
-            peak = peak.max(b * c * h * w * side * side * 4);
+            peak = peak.max(b * c * h * w * side * side * bytes);
             if level.upsampler.is_some() {
                 side *= 2;
-                peak = peak.max(b * c * h * w * side * side * 4);
+                peak = peak.max(b * c * h * w * side * side * bytes);
             }
         }
         peak
     }
 
-    /// Pixels `[B, 3, H, W]` in [-1, 1] -> latent distribution `[B, 4, H/8, W/8]`.
+    /// Pixels `[B, 3, H, W]` in [-1, 1] -> latent distribution `[B, 4, H/8, W/8]` (f32, computed
+    /// in the VAE's dtype).
     pub fn encode(&self, x: Tensor<4>) -> LatentDist {
-        let h = conv(&self.encoder.conv_in, x);
+        let h = conv(&self.encoder.conv_in, x.cast(self.dtype()));
         let h = self.encoder.levels(h);
         let h = conv(&self.quant_conv, self.encoder.finish(self.encoder.mid.forward(h)));
         let c = h.dims()[1] / 2;
         let mut parts = h.split(c, 1);
         let logvar = parts.pop().unwrap().clamp(-30.0, 20.0);
-        let mean = parts.pop().unwrap();
-        LatentDist { mean, std: logvar.mul_scalar(0.5).exp() }
+        let mean = parts.pop().unwrap().cast(DType::F32);
+        LatentDist { mean, std: logvar.cast(DType::F32).mul_scalar(0.5).exp() }
     }
 
-    /// Unscaled latents `[B, 4, h, w]` -> pixels `[B, 3, 8h, 8w]` in about [-1, 1].
+    /// Unscaled latents `[B, 4, h, w]` -> pixels `[B, 3, 8h, 8w]` in about [-1, 1] (f32,
+    /// computed in the VAE's dtype).
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
-        let h = conv(&self.decoder.conv_in, conv(&self.post_quant_conv, z));
+        let h = conv(&self.decoder.conv_in, conv(&self.post_quant_conv, z.cast(self.dtype())));
         let h = self.decoder.mid.forward(h);
-        self.decoder.finish(self.decoder.levels(h))
+        self.decoder.finish(self.decoder.levels(h)).cast(DType::F32)
     }
 }

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use burn::module::Module;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
-use crate::device::Compute;
+use crate::device::{Compute, Dtypes};
 use crate::embeddings::{Embedding, EmbeddingDb, EmbeddingError};
 use crate::lora::{Lora, Strength};
 use crate::model::clip::ClipTextModel;
-use crate::model::layers::{Loader, to_device, to_host};
+use crate::model::layers::{Loader, in_dtype, to_device, to_host};
 use crate::model::unet::Unet;
 use crate::model::vae::{SCALING_FACTOR, Vae};
 use crate::text::ClipTokenizer;
@@ -36,8 +36,11 @@ pub struct StableDiffusion {
     pub vae_name: Option<String>,
     /// Weights LoRAs can patch, and the base values of those patched now.
     pub patches: WeightPatches,
-    /// A CPU copy of the VAE, loaded the first time a decode does not fit the GPU.
+    /// A CPU copy of the VAE in f32, made the first time a decode does not fit the GPU.
     cpu_vae: OnceLock<Vae>,
+    /// The VAE in f32, made the first time the f16 one overflowed, and used from then on
+    /// (A1111's automatic revert of a half VAE).
+    full_vae: OnceLock<Vae>,
     /// A1111's short "Model hash", worked out on first use (a 4 GB file is read once,
     /// then cached on disk by `output::model_hash`).
     short_hash: OnceLock<Option<String>>,
@@ -91,7 +94,7 @@ impl StableDiffusion {
             let unet_loader = Loader::with_dtypes(ckpt, Component::Unet, dev, dtypes);
             let unet = Unet::load(&unet_loader)?;
             let patches = WeightPatches::new(unet_loader.into_slots(), clip_loader.into_slots());
-            let vae = Vae::load(&Loader::new(ckpt, Component::Vae, dev))?;
+            let vae = Vae::load(&Loader::with_dtypes(ckpt, Component::Vae, dev, Dtypes::all(dtypes.vae)))?;
             Ok((clip, unet, patches, vae))
         })?;
         let tokenizer = ClipTokenizer::new().map_err(|e| PipelineError::Text(e.to_string()))?;
@@ -107,6 +110,7 @@ impl StableDiffusion {
             patches,
             vae_name: None,
             cpu_vae: OnceLock::new(),
+            full_vae: OnceLock::new(),
             short_hash: OnceLock::new(),
         };
         sd.set_loras(loras)?;
@@ -116,13 +120,16 @@ impl StableDiffusion {
     /// Replaces the checkpoint's VAE with a separate VAE file (A1111's "SD VAE").
     pub fn load_vae(&mut self, path: &Path) -> Result<(), PipelineError> {
         let ckpt = Checkpoint::open_vae(path)?;
-        let dev = &self.compute.device;
+        let (dev, dtypes) = (&self.compute.device, Dtypes::all(self.compute.dtypes.vae));
         // In the persistent pool, as the checkpoint's weights (`from_checkpoint`).
-        self.vae = dev.memory_persistent_allocations((), |_| Vae::load(&Loader::new(&ckpt, Component::Vae, dev)))?;
+        self.vae = dev.memory_persistent_allocations((), |_| {
+            Vae::load(&Loader::with_dtypes(&ckpt, Component::Vae, dev, dtypes))
+        })?;
+        self.cpu_vae = OnceLock::new();
+        self.full_vae = OnceLock::new();
         // The replaced VAE's memory, which the pool would keep otherwise.
         crate::device::release_freed_weights(dev);
         self.vae_name = path.file_name().map(|s| s.to_string_lossy().into_owned());
-        self.cpu_vae = OnceLock::new();
         Ok(())
     }
 
@@ -178,15 +185,42 @@ impl StableDiffusion {
     pub fn decode(&self, latents: &HostTensor) -> Result<HostTensor, PipelineError> {
         let [b, c, h, w] = latents.shape[..] else { panic!("latents must be 4-D") };
         let scaled: Vec<f32> = latents.data.iter().map(|v| v / self.scaling_factor).collect();
-        let (vae, device) = self.vae_fitting(b, h, w);
-        Ok(to_host(vae.decode(to_device(scaled, [b, c, h, w], &device))))
+        Ok(self.with_vae([b, h, w], |vae, device| to_host(vae.decode(to_device(scaled.clone(), [b, c, h, w], device)))))
     }
 
     /// Pixels `[B, 3, H, W]` in [-1, 1] -> the VAE mean x scaling factor `[B, 4, H/8, W/8]` (host).
     pub fn encode_mean(&self, pixels: &HostTensor) -> HostTensor {
         let [b, c, h, w] = pixels.shape[..] else { panic!("pixels must be 4-D") };
-        let (vae, device) = self.vae_fitting(b, h / 8, w / 8);
-        to_host(vae.encode(to_device(pixels.data.clone(), [b, c, h, w], &device)).mean.mul_scalar(self.scaling_factor))
+        let encode = |vae: &Vae, device: &burn::tensor::Device| {
+            to_host(
+                vae.encode(to_device(pixels.data.clone(), [b, c, h, w], device)).mean.mul_scalar(self.scaling_factor),
+            )
+        };
+        self.with_vae([b, h / 8, w / 8], encode)
+    }
+
+    /// What `run` computes with the VAE for latents `[b, _, h, w]` (see [`Self::vae_fitting`]).
+    /// An f16 VAE whose result holds NaN or infinity overflowed: it is redone, and every later
+    /// run made, with the VAE in f32, as A1111 does. The f16 VAE is kept, since it is
+    /// borrowed, and a second of these costs no more memory.
+    fn with_vae(&self, [b, h, w]: [usize; 3], run: impl Fn(&Vae, &burn::tensor::Device) -> HostTensor) -> HostTensor {
+        let (vae, device) = self.vae_fitting(b, h, w);
+        let out = run(vae, &device);
+        if vae.dtype() == DType::F32 || out.data.iter().all(|v| v.is_finite()) {
+            return out;
+        }
+        self.full_vae.get_or_init(|| {
+            eprintln!("note: the VAE overflowed in f16; it runs in f32 from now on (--no-half-vae starts there)");
+            let dev = &self.compute.device;
+            dev.memory_persistent_allocations((), |_| in_dtype(&self.vae, DType::F32).into_owned())
+        });
+        let (vae, device) = self.vae_fitting(b, h, w);
+        run(vae, &device)
+    }
+
+    /// What the VAE computes in now: f16 on a GPU under f16, until it overflowed there.
+    pub fn vae_dtype(&self) -> DType {
+        self.full_vae.get().unwrap_or(&self.vae).dtype()
     }
 
     /// Whether the VAE has had to run on the CPU (see `vae_fitting`).
@@ -199,13 +233,14 @@ impl StableDiffusion {
     /// needs 256 MiB to decode) it runs on the CPU instead: exact, and far better than a
     /// failed allocation. The encoder mirrors the decoder, so the decoder's peak bounds both.
     fn vae_fitting(&self, b: usize, h: usize, w: usize) -> (&Vae, burn::tensor::Device) {
-        if self.compute.max_binding.is_none_or(|max| self.vae.decode_peak_bytes(b, h, w) <= max) {
-            return (&self.vae, self.compute.device.clone());
+        let vae = self.full_vae.get().unwrap_or(&self.vae);
+        if self.compute.max_binding.is_none_or(|max| vae.decode_peak_bytes(b, h, w) <= max) {
+            return (vae, self.compute.device.clone());
         }
         let cpu = crate::device::cpu().device;
         let vae = self.cpu_vae.get_or_init(|| {
             eprintln!("note: the VAE does not fit this GPU's buffer limit; running it on the CPU");
-            self.vae.clone().to_device(&cpu)
+            in_dtype(&self.vae.clone().to_device(&cpu), DType::F32).into_owned()
         });
         (vae, cpu)
     }

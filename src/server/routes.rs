@@ -13,12 +13,13 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
+use burn::tensor::DType;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::device::Compute;
+use crate::device::{Compute, Dtypes};
 use crate::models_dir::{Entry, ModelsDir, check_relative};
 use crate::pipeline::Infotext;
 use crate::sampling::{SAMPLERS, ScheduleKind};
@@ -40,6 +41,8 @@ pub struct App {
     auth: Vec<(String, String)>,
     cors: Vec<String>,
     training: training::TrainDevice,
+    /// What generation computes in (`cmd-flags` reports it as A1111's `no_half`, `no_half_vae`).
+    dtypes: Dtypes,
     /// A1111's options dict: the keys sdw acts on and whatever clients posted.
     options: Mutex<Map<String, Value>>,
 }
@@ -62,6 +65,7 @@ impl App {
         });
         let Value::Object(options) = options else { unreachable!("a JSON object") };
         Arc::new(App {
+            dtypes: compute.dtypes,
             worker: Worker::start(compute, opts.models.clone()),
             models: opts.models,
             outdir: opts.outdir,
@@ -475,6 +479,8 @@ async fn cmd_flags(State(app): State<AppState>) -> Json<Value> {
         "lora_dir": app.models.lora_dir().display().to_string(),
         "embeddings_dir": app.models.embeddings_dir().display().to_string(),
         "api_auth": if app.auth.is_empty() { Value::Null } else { json!("<set>") },
+        "no_half": app.dtypes.weights == DType::F32,
+        "no_half_vae": app.dtypes.vae == DType::F32,
     }))
 }
 

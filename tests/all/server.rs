@@ -158,6 +158,9 @@ fn lists_options_png_info_and_the_gallery() {
     for route in ["/sdapi/v1/embeddings", "/sdapi/v1/sd-vae", "/sdapi/v1/upscalers", "/sdapi/v1/cmd-flags"] {
         assert_eq!(s.get(route).0, 200, "{route}");
     }
+    // Served in f32 (the default precision): A1111's flags say so.
+    let (_, flags) = s.get("/sdapi/v1/cmd-flags");
+    assert_eq!((&flags["no_half"], &flags["no_half_vae"]), (&json!(true), &json!(true)), "{flags}");
     // A client that posts the whole options dict back.
     let (_, options) = s.get("/sdapi/v1/options");
     assert_eq!(s.post("/sdapi/v1/options", &options).0, 200);
