@@ -200,9 +200,9 @@ impl StableDiffusion {
     }
 
     /// What `run` computes with the VAE for latents `[b, _, h, w]` (see [`Self::vae_fitting`]).
-    /// An f16 VAE whose result holds NaN or infinity overflowed: it is redone, and every later
-    /// run made, with the VAE in f32, as A1111 does. The f16 VAE is kept, since it is
-    /// borrowed, and a second of these costs no more memory.
+    /// An f16 VAE whose result holds NaN or infinity overflowed: the run is redone, and every
+    /// later one made, with an f32 copy of the VAE, as A1111 does. The f16 weights stay loaded
+    /// beside the copy (this takes `&self`): a tenth of the model, after a rare event.
     fn with_vae(&self, [b, h, w]: [usize; 3], run: impl Fn(&Vae, &burn::tensor::Device) -> HostTensor) -> HostTensor {
         let (vae, device) = self.vae_fitting(b, h, w);
         let out = run(vae, &device);
