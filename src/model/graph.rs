@@ -14,7 +14,8 @@ use burn::backend::wgpu::{CubeBackend, CubeTensor};
 use burn::backend::{Backend, BackendGraph, Dispatch, backend_extension, tensor::FloatTensor};
 use burn::cubecl::bytes::Bytes;
 use burn::tensor::{DType, Device, Tensor};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 /// Host values for [`overwrite`], shared rather than copied when burn's op queue clones its
 /// arguments.
@@ -54,6 +55,23 @@ pub fn overwrite<const D: usize>(t: Tensor<D>, values: &[f32]) -> Tensor<D> {
 /// (to compare, or to rule the recording out when looking for a bug).
 pub fn enabled(device: &Device) -> bool {
     crate::device::on_cube(device) && std::env::var("SDW_GRAPHS").as_deref() != Ok("off")
+}
+
+/// What a model has run kernel by kernel, by the shapes of the call (a key its caller makes):
+/// their kernels are compiled and tuned, so a later call of the same shapes can be recorded at
+/// once, while one of new shapes runs kernel by kernel first (a recording can neither compile
+/// nor tune). Clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct Warmed(Arc<Mutex<HashSet<String>>>);
+
+impl Warmed {
+    pub fn insert(&self, key: String) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(key)
+    }
 }
 
 /// A recorded graph of kernels.

@@ -12,6 +12,7 @@ use crate::weights::WeightsError;
 use super::adapter::Adaptable;
 use super::attention::CrossAttention;
 use super::conv::conv;
+use super::graph::Warmed;
 use super::layers::{Loader, ResnetBlock, geglu, layer_norm, linear, to_device, upsample_nearest_to};
 
 /// SD 1.x `num_heads: 8` (the head width varies per level); SD 2.x uses 64-wide heads.
@@ -233,6 +234,9 @@ pub struct Unet {
     /// What it computes in (f32 with f16 weights on the CPU; the weights' dtype on a GPU).
     #[module(skip)]
     activations: DType,
+    /// The calls it has run kernel by kernel (`pipeline::denoiser` records their like at once).
+    #[module(skip)]
+    warmed: Warmed,
 }
 
 impl Unet {
@@ -253,6 +257,7 @@ impl Unet {
             conv_out: l.conv_same("conv_out")?,
             config,
             activations: l.activations(),
+            warmed: Warmed::default(),
         })
     }
 
@@ -261,6 +266,16 @@ impl Unet {
     pub fn computing_in(mut self, dtype: DType) -> Self {
         self.activations = dtype;
         self
+    }
+
+    /// What it computes in.
+    pub fn activations(&self) -> DType {
+        self.activations
+    }
+
+    /// The calls it has run kernel by kernel, by their shapes ([`Warmed`]).
+    pub fn warmed(&self) -> &Warmed {
+        &self.warmed
     }
 
     /// What the UNet's weights are in (f32, or f16).

@@ -1,6 +1,7 @@
 //! The UNet as a k-diffusion denoiser with classifier-free guidance
 //! (A1111's `CFGDenoiser` over a `CompVisDenoiser`).
 
+use burn::module::Module;
 use burn::tensor::Tensor;
 
 use crate::model::graph::{self, Graph};
@@ -37,15 +38,17 @@ pub struct CfgDenoiser<'a> {
 /// The prompt's and the negative prompt's schedule entries in force for a call.
 type Entries = (usize, usize);
 
-/// On a GPU the guided call is recorded as a graph of kernels (`model::graph`) at its second
-/// run with the same schedule entries (the first compiles and tunes kernels, which a recording
-/// cannot), and replayed after that until the entries change (prompt editing).
+/// On a GPU the guided call is recorded as a graph of kernels (`model::graph`) as soon as the
+/// UNet has run a call of its shapes kernel by kernel (which compiles and tunes the kernels, as
+/// a recording cannot): at the second call of a process's first image, at the first of a
+/// later image of the same size and prompt lengths. It is replayed until the schedule entries
+/// change (prompt editing), and recorded again for the new ones.
 enum Recording {
     /// Every call runs kernel by kernel: on the CPU, with `SDW_GRAPHS=off`, or after a
     /// recording failed.
     Off,
-    /// The entries of the last call, run kernel by kernel.
-    After(Option<Entries>),
+    /// Nothing recorded for the entries of the call to come.
+    Pending,
     Ready(Box<Replay>),
 }
 
@@ -70,7 +73,7 @@ impl<'a> CfgDenoiser<'a> {
         shape: [usize; 4],
     ) -> Self {
         let b = shape[0];
-        let recording = if graph::enabled(&cond[0].1.device()) { Recording::After(None) } else { Recording::Off };
+        let recording = if graph::enabled(&cond[0].1.device()) { Recording::Pending } else { Recording::Off };
         let per_image = |s: CondSchedule| s.into_iter().map(|(end, c)| (end, c.repeat_dim(0, b))).collect();
         Self {
             unet,
@@ -106,10 +109,15 @@ impl<'a> CfgDenoiser<'a> {
         if let Some(eps) = self.replay(entries, x, &t) {
             return eps;
         }
-        let record = self.runs_again(entries);
+        let record = self.warmed_for(entries);
         self.context(entries);
         let inputs = self.inputs(x.to_vec(), t);
-        if record { self.record(entries, inputs) } else { to_host(self.guided(inputs, entries)).data }
+        if record {
+            return self.record(entries, inputs);
+        }
+        let eps = to_host(self.guided(inputs, entries)).data;
+        self.unet.warmed().insert(self.call_shapes(entries));
+        eps
     }
 
     /// The recorded call's result for latents `x` and timestep embedding `t`, where the call
@@ -123,7 +131,7 @@ impl<'a> CfgDenoiser<'a> {
         r.t = graph::overwrite(r.t.clone(), t);
         // SAFETY: the recording read the weights (`unet`, borrowed for the denoiser's life),
         // `image_cond`, the context of these entries (kept until they change, which drops the
-        // recording first: `runs_again`) and `r`'s inputs; all on this thread.
+        // recording first: `warmed_for`) and `r`'s inputs; all on this thread.
         match unsafe { r.graph.replay() } {
             Ok(()) => {
                 self.replays += 1;
@@ -136,16 +144,25 @@ impl<'a> CfgDenoiser<'a> {
         }
     }
 
-    /// Notes a call with `entries` run kernel by kernel; whether it is the one to record: the
-    /// second in a row with these entries.
-    fn runs_again(&mut self, entries: Entries) -> bool {
+    /// Whether a call with `entries` that is not replayed is to be recorded: where the UNet has
+    /// run a call of its shapes kernel by kernel before.
+    fn warmed_for(&mut self, entries: Entries) -> bool {
         if matches!(self.recording, Recording::Off) {
             return false;
         }
-        let again = matches!(self.recording, Recording::After(Some(last)) if last == entries);
         // A recording for other entries goes here, before their context does (`context`).
-        self.recording = Recording::After(Some(entries));
-        again
+        self.recording = Recording::Pending;
+        self.unet.warmed().contains(&self.call_shapes(entries))
+    }
+
+    /// What decides the kernels of a call with `entries`: the latents' and image conditioning's
+    /// shapes, the prompts' lengths (equal ones make one batch), and the UNet's dtype and
+    /// parameter count (training's adapters add products).
+    fn call_shapes(&self, (ci, ui): Entries) -> String {
+        let image_cond = self.image_cond.as_ref().map(|t| t.dims());
+        let (cond, uncond) = (self.cond[ci].1.dims(), self.uncond[ui].1.dims());
+        let unet = (self.unet.activations(), self.unet.num_params());
+        format!("{:?} {image_cond:?} {cond:?} {uncond:?} {unet:?}", self.shape)
     }
 
     /// How many calls replayed the recorded graph.
