@@ -161,7 +161,7 @@ pub fn txt2img(a: GenerateArgs) -> anyhow::Result<()> {
         let (loras, lora_hashes) = loras_for(&a, &params.prompt)?;
         let sd = load_model(&a, &loras)?;
         let params = GenerationParams { lora_hashes, ..params };
-        return run_batches(&a, params, |p, bar| checked(sd.txt2img(p, bar)?), "txt2img");
+        return run_batches(&a, params, |p, bar| checked(&sd, sd.txt2img(p, bar)?), "txt2img");
     }
     // Every line's LoRA tags are checked before the model loads.
     let sets = prompts.iter().map(|p| loras_for(&a, p)).collect::<anyhow::Result<Vec<_>>>()?;
@@ -170,7 +170,7 @@ pub fn txt2img(a: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("prompt {}/{}: {prompt}", i + 1, prompts.len());
         sd.set_loras(&loras)?;
         let p = GenerationParams { prompt: prompt.clone(), lora_hashes, ..params.clone() };
-        run_batches(&a, p, |p, bar| checked(sd.txt2img(p, bar)?), "txt2img")?;
+        run_batches(&a, p, |p, bar| checked(&sd, sd.txt2img(p, bar)?), "txt2img")?;
     }
     Ok(())
 }
@@ -217,7 +217,7 @@ pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
         return run_batches(
             &a.common,
             params,
-            |p, bar| checked(sd.inpaint_full_res(p, &init, &mask, strength, pad, bar)?),
+            |p, bar| checked(&sd, sd.inpaint_full_res(p, &init, &mask, strength, pad, bar)?),
             outdir,
         );
     }
@@ -235,18 +235,15 @@ pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
         mask,
     };
     let sd = load_model(&a.common, &loras)?;
-    run_batches(&a.common, params, |p, bar| checked(sd.img2img(p, &init, bar)?), outdir)
+    run_batches(&a.common, params, |p, bar| checked(&sd, sd.img2img(p, &init, bar)?), outdir)
 }
 
 /// The batch's 8-bit images and infotexts; a NaN or all-black decode is an error with the
 /// remedy (A1111's NaN check), never a saved black image.
-fn checked(out: Generated) -> anyhow::Result<(Vec<output::RgbImage>, Vec<String>)> {
+fn checked(sd: &StableDiffusion, out: Generated) -> anyhow::Result<(Vec<output::RgbImage>, Vec<String>)> {
     if let Some(i) = out.overflowed() {
-        bail!(
-            "image {} of the batch decoded to NaN or pure black: the model or VAE overflowed. \
-             Try another --vae (e.g. vae-ft-mse-840000-ema-pruned.safetensors), or --device cpu",
-            i + 1
-        );
+        let f16 = sd.compute.dtypes.activations == burn::tensor::DType::F16;
+        bail!("image {} of the batch decoded to NaN or pure black: {}", i + 1, out.overflow_remedy(i, f16));
     }
     Ok(((0..out.len()).map(|i| out.rgb8(i)).collect(), out.infotexts))
 }

@@ -53,6 +53,22 @@ impl Generated {
             .position(|img| img.iter().any(|v| !v.is_finite()) || img.iter().all(|&v| v <= -1.0))
     }
 
+    /// What went wrong with image `i`, which [`Self::overflowed`], and what to try: NaN latents
+    /// come from CLIP or the UNet (in f16, `f16`, an overflow; in f32 a broken checkpoint),
+    /// finite ones from the VAE (an f16 VAE that overflowed was redone in f32 already).
+    pub fn overflow_remedy(&self, i: usize, f16: bool) -> &'static str {
+        let per_image = self.latents.data.len() / self.len().max(1);
+        let latents = self.latents.data.chunks(per_image.max(1)).nth(i).unwrap_or_default();
+        match (latents.iter().all(|v| v.is_finite()), f16) {
+            (false, true) => "CLIP or the UNet overflowed in f16. Try --precision f32",
+            (false, false) => "the model computed NaN: its checkpoint may be broken. Try another model",
+            (true, _) => {
+                "the VAE failed. Try another VAE (--vae, or the server's sd_vae option; e.g. \
+                 vae-ft-mse-840000-ema-pruned.safetensors), or --device cpu"
+            }
+        }
+    }
+
     /// Image `i` as 8-bit RGB (A1111's truncation), composed as [`Composite`] says.
     pub fn rgb8(&self, i: usize) -> output::RgbImage {
         let [_, _, h, w] = self.image.shape[..] else { panic!("images are [B, 3, H, W]") };
@@ -85,4 +101,28 @@ fn overlay(original: &RgbImage, mask: &GrayImage, mut img: output::RgbImage) -> 
         }
     }
     img
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two images: the first with NaN latents (CLIP or the UNet), the second with finite
+    /// latents decoded to NaN (the VAE).
+    fn two_broken() -> Generated {
+        let latents = HostTensor::new(vec![2, 4, 1, 1], [vec![f32::NAN; 4], vec![0.5; 4]].concat());
+        let image = HostTensor::new(vec![2, 3, 8, 8], vec![f32::NAN; 2 * 3 * 64]);
+        Generated { latents, image, infotexts: vec![String::new(); 2], composite: Composite::None }
+    }
+
+    #[test]
+    fn a_nan_image_names_the_network_to_blame() {
+        let g = two_broken();
+        assert_eq!(g.overflowed(), Some(0));
+        assert!(g.overflow_remedy(0, true).contains("--precision f32"));
+        assert!(g.overflow_remedy(0, false).contains("checkpoint"));
+        for f16 in [true, false] {
+            assert!(g.overflow_remedy(1, f16).contains("--vae"));
+        }
+    }
 }

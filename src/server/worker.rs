@@ -277,8 +277,9 @@ fn generate(
         };
         if let Some(i) = generated.overflowed() {
             return Err(ApiError::internal(format!(
-                "image {} decoded to NaN or pure black: the model or VAE overflowed; try another VAE",
-                i + 1
+                "image {} decoded to NaN or pure black: {}",
+                i + 1,
+                generated.overflow_remedy(i, model.sd.compute.dtypes.activations == burn::tensor::DType::F16)
             )));
         }
         out.finished.seeds.extend(p.seeds());
