@@ -242,8 +242,8 @@ pub fn img2img(a: Img2ImgArgs) -> anyhow::Result<()> {
 /// remedy (A1111's NaN check), never a saved black image.
 fn checked(sd: &StableDiffusion, out: Generated) -> anyhow::Result<(Vec<output::RgbImage>, Vec<String>)> {
     if let Some(i) = out.overflowed() {
-        let f16 = sd.compute.dtypes.activations == burn::tensor::DType::F16;
-        bail!("image {} of the batch decoded to NaN or pure black: {}", i + 1, out.overflow_remedy(i, f16));
+        let remedy = out.overflow_remedy(i, sd.compute.dtypes);
+        bail!("image {} of the batch decoded to NaN or pure black: {remedy}", i + 1);
     }
     Ok(((0..out.len()).map(|i| out.rgb8(i)).collect(), out.infotexts))
 }

@@ -29,6 +29,9 @@ pub struct CfgDenoiser<'a> {
     batched: Option<(Entries, Tensor<3>)>,
     /// The call as a recorded graph of kernels, on a GPU.
     recording: Recording,
+    /// What of the UNet decides a call's kernels besides the inputs' shapes: its dtype and
+    /// parameter count (training's adapters add products).
+    unet_shapes: String,
     /// UNet evaluations so far: A1111 advances the prompt schedule per call.
     pub calls: usize,
     /// Calls answered by replaying the recorded graph.
@@ -74,6 +77,7 @@ impl<'a> CfgDenoiser<'a> {
     ) -> Self {
         let b = shape[0];
         let recording = if graph::enabled(&cond[0].1.device()) { Recording::Pending } else { Recording::Off };
+        let unet_shapes = format!("{:?} {}", unet.activations(), unet.num_params());
         let per_image = |s: CondSchedule| s.into_iter().map(|(end, c)| (end, c.repeat_dim(0, b))).collect();
         Self {
             unet,
@@ -84,6 +88,7 @@ impl<'a> CfgDenoiser<'a> {
             image_cond: None,
             batched: None,
             recording,
+            unet_shapes,
             calls: 0,
             replays: 0,
         }
@@ -109,14 +114,15 @@ impl<'a> CfgDenoiser<'a> {
         if let Some(eps) = self.replay(entries, x, &t) {
             return eps;
         }
-        let record = self.warmed_for(entries);
+        let shapes = self.pending(entries);
         self.context(entries);
         let inputs = self.inputs(x.to_vec(), t);
-        if record {
+        let Some(shapes) = shapes else { return to_host(self.guided(inputs, entries)).data };
+        if self.unet.warmed().contains(&shapes) {
             return self.record(entries, inputs);
         }
         let eps = to_host(self.guided(inputs, entries)).data;
-        self.unet.warmed().insert(self.call_shapes(entries));
+        self.unet.warmed().insert(shapes);
         eps
     }
 
@@ -131,7 +137,7 @@ impl<'a> CfgDenoiser<'a> {
         r.t = graph::overwrite(r.t.clone(), t);
         // SAFETY: the recording read the weights (`unet`, borrowed for the denoiser's life),
         // `image_cond`, the context of these entries (kept until they change, which drops the
-        // recording first: `warmed_for`) and `r`'s inputs; all on this thread.
+        // recording first: `pending`) and `r`'s inputs; all on this thread.
         match unsafe { r.graph.replay() } {
             Ok(()) => {
                 self.replays += 1;
@@ -144,25 +150,18 @@ impl<'a> CfgDenoiser<'a> {
         }
     }
 
-    /// Whether a call with `entries` that is not replayed is to be recorded: where the UNet has
-    /// run a call of its shapes kernel by kernel before.
-    fn warmed_for(&mut self, entries: Entries) -> bool {
+    /// For a call with `entries` that is not replayed, where calls are recorded: the shapes
+    /// that decide its kernels, which the UNet has run kernel by kernel before if it is to be
+    /// recorded now ([`graph::Warmed`]). A recording for other entries goes here, before their
+    /// context does (`context`).
+    fn pending(&mut self, (ci, ui): Entries) -> Option<String> {
         if matches!(self.recording, Recording::Off) {
-            return false;
+            return None;
         }
-        // A recording for other entries goes here, before their context does (`context`).
         self.recording = Recording::Pending;
-        self.unet.warmed().contains(&self.call_shapes(entries))
-    }
-
-    /// What decides the kernels of a call with `entries`: the latents' and image conditioning's
-    /// shapes, the prompts' lengths (equal ones make one batch), and the UNet's dtype and
-    /// parameter count (training's adapters add products).
-    fn call_shapes(&self, (ci, ui): Entries) -> String {
         let image_cond = self.image_cond.as_ref().map(|t| t.dims());
         let (cond, uncond) = (self.cond[ci].1.dims(), self.uncond[ui].1.dims());
-        let unet = (self.unet.activations(), self.unet.num_params());
-        format!("{:?} {image_cond:?} {cond:?} {uncond:?} {unet:?}", self.shape)
+        Some(format!("{:?} {image_cond:?} {cond:?} {uncond:?} {}", self.shape, self.unet_shapes))
     }
 
     /// How many calls replayed the recorded graph.

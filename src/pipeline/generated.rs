@@ -2,8 +2,10 @@
 //! and how the final 8-bit images are composed from them (inpainting pastes the original
 //! back).
 
+use burn::tensor::DType;
 use image::{GrayImage, RgbImage};
 
+use crate::device::Dtypes;
 use crate::output;
 use crate::weights::HostTensor;
 
@@ -53,13 +55,13 @@ impl Generated {
             .position(|img| img.iter().any(|v| !v.is_finite()) || img.iter().all(|&v| v <= -1.0))
     }
 
-    /// What went wrong with image `i`, which [`Self::overflowed`], and what to try: NaN latents
-    /// come from CLIP or the UNet (in f16, `f16`, an overflow; in f32 a broken checkpoint),
-    /// finite ones from the VAE (an f16 VAE that overflowed was redone in f32 already).
-    pub fn overflow_remedy(&self, i: usize, f16: bool) -> &'static str {
+    /// What went wrong with image `i`, which [`Self::overflowed`] computing in `dtypes`, and
+    /// what to try: NaN latents come from CLIP or the UNet (in f16 an overflow, in f32 a broken
+    /// checkpoint), finite ones from the VAE (an f16 VAE that overflowed was redone in f32).
+    pub fn overflow_remedy(&self, i: usize, dtypes: Dtypes) -> &'static str {
         let per_image = self.latents.data.len() / self.len().max(1);
         let latents = self.latents.data.chunks(per_image.max(1)).nth(i).unwrap_or_default();
-        match (latents.iter().all(|v| v.is_finite()), f16) {
+        match (latents.iter().all(|v| v.is_finite()), dtypes.activations == DType::F16) {
             (false, true) => "CLIP or the UNet overflowed in f16. Try --precision f32",
             (false, false) => "the model computed NaN: its checkpoint may be broken. Try another model",
             (true, _) => {
@@ -119,10 +121,10 @@ mod tests {
     fn a_nan_image_names_the_network_to_blame() {
         let g = two_broken();
         assert_eq!(g.overflowed(), Some(0));
-        assert!(g.overflow_remedy(0, true).contains("--precision f32"));
-        assert!(g.overflow_remedy(0, false).contains("checkpoint"));
-        for f16 in [true, false] {
-            assert!(g.overflow_remedy(1, f16).contains("--vae"));
+        assert!(g.overflow_remedy(0, Dtypes::F16).contains("--precision f32"));
+        assert!(g.overflow_remedy(0, Dtypes::F32).contains("checkpoint"));
+        for dtypes in [Dtypes::F16, Dtypes::F32] {
+            assert!(g.overflow_remedy(1, dtypes).contains("--vae"));
         }
     }
 }

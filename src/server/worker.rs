@@ -279,7 +279,7 @@ fn generate(
             return Err(ApiError::internal(format!(
                 "image {} decoded to NaN or pure black: {}",
                 i + 1,
-                generated.overflow_remedy(i, model.sd.compute.dtypes.activations == burn::tensor::DType::F16)
+                generated.overflow_remedy(i, model.sd.compute.dtypes)
             )));
         }
         out.finished.seeds.extend(p.seeds());
