@@ -1,5 +1,5 @@
-//! 2D convolution on the CPU at stride 1, without dilation or groups: every convolution of
-//! SD's UNet and VAE decoder but the downsamplers'.
+//! 2D convolution on the CPU, without dilation or groups: every convolution of SD's UNet and
+//! VAE.
 //!
 //! flex's convolution builds its im2col buffer per tile of 512 pixels, but reorders the
 //! weights and the input on one core on every call, and packs the whole weight matrix again
@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::product::{Parallelism, View, product};
 
 /// A convolution's shape. `padding` is (top, left, bottom, right), as burn's
-/// `PaddingConfig2d::Explicit`.
+/// `PaddingConfig2d::Explicit`; `stride` is (vertical, horizontal).
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
     pub batch: usize,
@@ -23,14 +23,15 @@ pub struct Shape {
     pub width: usize,
     pub kernel: [usize; 2],
     pub padding: [usize; 4],
+    pub stride: [usize; 2],
 }
 
 impl Shape {
     /// Output height and width.
     pub fn output(&self) -> [usize; 2] {
         let [top, left, bottom, right] = self.padding;
-        let (hp, wp) = (top + self.height + bottom, left + self.width + right);
-        [(hp + 1).saturating_sub(self.kernel[0]), (wp + 1).saturating_sub(self.kernel[1])]
+        let padded = [top + self.height + bottom, left + self.width + right];
+        std::array::from_fn(|d| padded[d].checked_sub(self.kernel[d]).map_or(0, |room| room / self.stride[d] + 1))
     }
 
     /// Rows of the im2col matrix: one per input channel and kernel tap.
@@ -42,6 +43,14 @@ impl Shape {
 /// `out = conv(x, weight) + bias`: `x` is `[batch, channels_in, height, width]`, `weight`
 /// `[channels_out, channels_in, kh, kw]`, `out` `[batch, channels_out, ..output()]`.
 pub fn conv2d(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], s: Shape) {
+    if super::winograd::applies(&s) {
+        return super::winograd::conv3x3(x, weight, bias, out, s);
+    }
+    by_im2col(x, weight, bias, out, s)
+}
+
+/// [`conv2d`] as products over im2col tiles.
+fn by_im2col(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], s: Shape) {
     let [ho, wo] = s.output();
     let (k, cout, positions) = (s.taps(), s.channels_out, s.batch * ho * wo);
     assert_eq!(x.len(), s.batch * s.channels_in * s.height * s.width);
@@ -88,22 +97,28 @@ fn tile_positions(taps: usize, positions: usize) -> usize {
 /// (input channel, kernel tap) in the weights' order, holding the input pixel under that tap
 /// for each position (0 in the padding).
 fn im2col(x: &[f32], s: Shape, range: std::ops::Range<usize>) -> Vec<f32> {
-    let ([kh, kw], [top, left, ..], [ho, wo]) = (s.kernel, s.padding, s.output());
+    let ([kh, kw], [top, left, ..], [sh, sw], [ho, wo]) = (s.kernel, s.padding, s.stride, s.output());
     let (image, len) = (s.height * s.width, range.len());
     let mut cols = vec![0f32; s.taps() * len];
     for (r, dst) in cols.chunks_exact_mut(len).enumerate() {
         let (ci, i, j) = (r / (kh * kw), r / kw % kh, r % kw);
-        // Output columns whose tap j lands inside the image: left - j <= xo < width + left - j.
-        let (x_lo, x_hi) = (left.saturating_sub(j), (s.width + left).saturating_sub(j).min(wo));
+        // Output columns whose tap j lands inside the image: 0 <= xo * sw + j - left < width.
+        let x_lo = left.saturating_sub(j).div_ceil(sw);
+        let x_hi = (s.width + left).saturating_sub(j).div_ceil(sw).min(wo);
         let mut p = range.start;
         while p < range.end {
             let (b, y, x0) = (p / (ho * wo), p % (ho * wo) / wo, p % wo);
             let seg = (wo - x0).min(range.end - p);
-            if let Some(yi) = (y + i).checked_sub(top).filter(|&yi| yi < s.height) {
+            if let Some(yi) = (y * sh + i).checked_sub(top).filter(|&yi| yi < s.height) {
                 let (lo, hi) = (x_lo.max(x0), x_hi.min(x0 + seg));
                 if lo < hi {
-                    let src = &x[(b * s.channels_in + ci) * image + yi * s.width..];
-                    dst[p - range.start + lo - x0..][..hi - lo].copy_from_slice(&src[lo + j - left..][..hi - lo]);
+                    let src = &x[(b * s.channels_in + ci) * image + yi * s.width + lo * sw + j - left..];
+                    let dst = &mut dst[p - range.start + lo - x0..][..hi - lo];
+                    if sw == 1 {
+                        dst.copy_from_slice(&src[..hi - lo]);
+                    } else {
+                        dst.iter_mut().zip(src.iter().step_by(sw)).for_each(|(d, v)| *d = *v);
+                    }
                 }
             }
             p += seg;
@@ -134,13 +149,13 @@ fn scatter(grid: &[f32], bias: &[f32], out: &mut [f32], [cout, pixels]: [usize; 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::cpu::{max_difference, noise};
 
     /// The definition, one output at a time, in f64.
-    fn reference(x: &[f32], w: &[f32], bias: &[f32], s: Shape) -> Vec<f32> {
-        let ([kh, kw], [top, left, ..], [ho, wo]) = (s.kernel, s.padding, s.output());
+    pub(in crate::cpu) fn reference(x: &[f32], w: &[f32], bias: &[f32], s: Shape) -> Vec<f32> {
+        let ([kh, kw], [top, left, ..], [sh, sw], [ho, wo]) = (s.kernel, s.padding, s.stride, s.output());
         let mut out = Vec::new();
         for b in 0..s.batch {
             for co in 0..s.channels_out {
@@ -150,7 +165,8 @@ mod tests {
                         for ci in 0..s.channels_in {
                             for i in 0..kh {
                                 for j in 0..kw {
-                                    let (yi, xi) = ((y + i) as isize - top as isize, (xo + j) as isize - left as isize);
+                                    let (yi, xi) =
+                                        ((y * sh + i) as isize - top as isize, (xo * sw + j) as isize - left as isize);
                                     if yi < 0 || xi < 0 || yi >= s.height as isize || xi >= s.width as isize {
                                         continue;
                                     }
@@ -171,7 +187,9 @@ mod tests {
     fn check(s: Shape) {
         let [kh, kw] = s.kernel;
         let x = noise(s.batch * s.channels_in * s.height * s.width, 1, 1.0);
-        let w = noise(s.channels_out * s.channels_in * kh * kw, 2, 1.0);
+        // Weights of a trained network's scale (1/sqrt(fan-in)), so outputs stay near 1 at any
+        // width and the bound means the same number of f32 roundoffs.
+        let w = noise(s.channels_out * s.channels_in * kh * kw, 2, (s.taps() as f32).sqrt().recip());
         let bias = noise(s.channels_out, 3, 1.0);
         let [ho, wo] = s.output();
         let mut out = vec![f32::NAN; s.batch * s.channels_out * ho * wo];
@@ -191,11 +209,17 @@ mod tests {
             width,
             kernel,
             padding,
+            stride: [1, 1],
         };
+        let strided = |shape: Shape, stride| Shape { stride, ..shape };
         check(s(2, 5, 7, [9, 6], [3, 3], [1, 1, 1, 1])); // "same" 3x3, batch of 2
         check(s(1, 4, 3, [1, 1], [3, 3], [1, 1, 1, 1])); // a 1x1 image
         check(s(2, 6, 4, [5, 8], [1, 1], [0, 0, 0, 0])); // 1x1 conv (skip connections)
         check(s(3, 3, 2, [7, 5], [3, 2], [0, 1, 2, 0])); // uneven kernel and padding
         check(s(1, 2, 2, [4, 4], [3, 3], [0, 0, 0, 0])); // "valid"
+        check(strided(s(2, 5, 7, [9, 6], [3, 3], [1, 1, 1, 1]), [2, 2])); // the UNet's downsamplers
+        check(strided(s(1, 3, 4, [8, 7], [3, 3], [0, 0, 1, 1]), [2, 2])); // the VAE encoder's
+        check(strided(s(1, 2, 3, [7, 9], [2, 3], [0, 1, 0, 1]), [3, 2])); // uneven strides
+        check(strided(s(2, 40, 36, [33, 33], [3, 3], [1, 1, 1, 1]), [2, 2])); // wide, over the Winograd size
     }
 }

@@ -1,5 +1,5 @@
 //! Convolutions, each on the fastest correct path for its device:
-//! - the CPU: sdw's own kernel (`cpu::conv`), for stride-1 convolutions;
+//! - the CPU: sdw's own kernel (`cpu::conv`);
 //! - a GPU: one matrix product over im2col columns, built from burn's slice ops and
 //!   `shaders::matmul` (sdw's shader or burn's matmul, whichever is faster there).
 //!   burn's wgpu convolution has only its direct kernel where the shader compiler offers no
@@ -8,8 +8,7 @@
 //!   `SDW_GPU_CONV=burn` keeps burn's op, to compare. Training takes this path too: its
 //!   backward pass becomes matrix products instead of burn's direct kernels, and keeps no
 //!   columns (see `columns`);
-//! - elsewhere (stride-2 convolutions on the CPU, training on the CPU with f32 weights)
-//!   burn's op.
+//! - elsewhere (training on the CPU with f32 weights) burn's op.
 //!
 //! Every path sums in f32. burn's matmul does so for f16 inputs too; its direct kernel sums
 //! in the element type, so f16 tensors take it in f32: an f16 sum over `C_in x 3 x 3`
@@ -50,8 +49,8 @@ pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let c = in_dtype(c, DType::F32);
     let x = x.cast(DType::F32);
     let y = match ours(&c) {
-        Some((weight, bias, padding)) if c.stride == [1, 1] && crate::cpu::applies(&x) => {
-            crate::cpu::conv2d(x, weight, bias, padding)
+        Some((weight, bias, padding)) if crate::cpu::applies(&x) => {
+            crate::cpu::conv2d(x, weight, bias, padding, c.stride)
         }
         _ => c.forward(x),
     };
