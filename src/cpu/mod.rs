@@ -11,18 +11,21 @@
 //! - widening f16 weights to f32 (`--precision f16`): flex converts element by element on
 //!   one core.
 //!
-//! They run for f32 tensors (f16 for the widening) on the flex device without gradients; training, other dtypes and
-//! other devices use burn's ops, which the tests here hold these kernels to.
+//! They run for f32 tensors (f16 for the widening) on the flex device without gradients;
+//! training's convolutions take the same kernel through an op of their own (`conv_grad`);
+//! the rest of training, other dtypes and other devices use burn's ops, which the tests here
+//! hold these kernels to.
 //! `SDW_CPU_KERNELS=off` turns them off, to compare.
 
 pub mod attention;
 pub mod conv;
+pub mod conv_grad;
 pub mod group_norm;
 pub mod math;
 pub mod product;
 pub mod winograd;
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex};
 
 use burn::backend::{Backend, DispatchDevice, Flex, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
@@ -193,6 +196,37 @@ impl CpuOps for Flex {
         conv::conv2d(f32s(&x), f32s(&weight), f32s(&bias), &mut out, shape);
         f32_tensor(out, vec![batch, channels_out, ho, wo])
     }
+}
+
+/// Buffers a kernel keeps from one call to the next: glibc serves buffers over 32 MiB (sdw's
+/// setting, `device`) by mapping fresh pages, which the kernel zeroes on first touch, and
+/// unmaps them when freed; at SD's sizes that was a tenth of some kernels' time.
+pub(crate) struct Kept<T>(Mutex<Option<T>>);
+
+impl<T: Default> Kept<T> {
+    pub(crate) const fn new() -> Self {
+        Self(Mutex::new(None))
+    }
+
+    /// The kept buffers, or new ones while another call holds them.
+    pub(crate) fn take(&self) -> T {
+        self.0.lock().ok().and_then(|mut kept| kept.take()).unwrap_or_default()
+    }
+
+    pub(crate) fn keep(&self, buffers: T) {
+        if let Ok(mut kept) = self.0.lock() {
+            *kept = Some(buffers);
+        }
+    }
+}
+
+/// The first `len` elements of `buffer`, grown if need be. The callers overwrite what they
+/// read, so old contents do no harm.
+pub(crate) fn sized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
 }
 
 /// The shape of a rank-`N` tensor (the typed wrappers above pass only those).

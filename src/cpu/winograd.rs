@@ -12,13 +12,13 @@
 //! ones (the tests hold them to the same bound as `conv`'s).
 
 use std::ops::Range;
-use std::sync::Mutex;
 
 use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::conv::Shape;
 use super::product::{Parallelism, View, product};
+use super::{Kept, sized};
 
 /// Output pixels per tile side, input pixels per tile side, and positions per tile.
 const OUT: usize = 2;
@@ -67,7 +67,7 @@ fn in_chunks(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], s: Shape,
     }
     let rows_per_chunk = (chunk / grid_cols).clamp(1, rows);
     let chunk = rows_per_chunk * grid_cols;
-    let mut scratch = Scratch::take();
+    let mut scratch = SCRATCH.take();
     let u = weight_transform(weight, cout, cin, &mut scratch.u);
     // Reused by every chunk: V as [cin][16][chunk], M as 16 matrices [cout][chunk].
     let v = sized(&mut scratch.v, cin * POSITIONS * chunk);
@@ -84,41 +84,19 @@ fn in_chunks(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], s: Shape,
         });
         output_transform(&m, bias, out, s, grid, rows, chunk);
     }
-    scratch.keep();
+    SCRATCH.keep(scratch);
 }
 
 /// The buffers of the last call, kept for the next: a 1280-channel convolution's weight
 /// transform is 105 MB, which glibc would map, zero and unmap again on every call (sdw keeps
 /// only buffers up to 32 MiB in its heap: `device`).
-static SCRATCH: Mutex<Option<Scratch>> = Mutex::new(None);
+static SCRATCH: Kept<Scratch> = Kept::new();
 
 #[derive(Default)]
 struct Scratch {
     u: Vec<f32>,
     v: Vec<f32>,
     m: Vec<Vec<f32>>,
-}
-
-impl Scratch {
-    /// The kept buffers, or new ones while another convolution holds them.
-    fn take() -> Self {
-        SCRATCH.lock().ok().and_then(|mut kept| kept.take()).unwrap_or_default()
-    }
-
-    fn keep(self) {
-        if let Ok(mut kept) = SCRATCH.lock() {
-            *kept = Some(self);
-        }
-    }
-}
-
-/// The first `len` elements of `buffer`, grown if need be. The callers overwrite what they
-/// read, so old contents do no harm.
-fn sized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buffer.len() < len {
-        buffer.resize(len, 0.0);
-    }
-    &mut buffer[..len]
 }
 
 /// `U = G g Gᵀ` for every pair of channels, as `[cout][16][cin]`: position `ξ`'s matrix is

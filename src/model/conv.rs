@@ -1,5 +1,6 @@
 //! Convolutions, each on the fastest correct path for its device:
-//! - the CPU: sdw's own kernel (`cpu::conv`);
+//! - the CPU: sdw's own kernel (`cpu::conv`); in training too (`cpu::conv_grad`), for
+//!   stride-1 convolutions;
 //! - a GPU: one matrix product over im2col columns, built from burn's slice ops and
 //!   `shaders::matmul` (sdw's shader or burn's matmul, whichever is faster there).
 //!   burn's wgpu convolution has only its direct kernel where the shader compiler offers no
@@ -8,7 +9,7 @@
 //!   `SDW_GPU_CONV=burn` keeps burn's op, to compare. Training takes this path too: its
 //!   backward pass becomes matrix products instead of burn's direct kernels, and keeps no
 //!   columns (see `columns`);
-//! - elsewhere (training on the CPU with f32 weights) burn's op.
+//! - elsewhere (training's strided convolutions on the CPU) burn's op.
 //!
 //! Every path sums in f32. burn's matmul does so for f16 inputs too; its direct kernel sums
 //! in the element type, so f16 tensors take it in f32: an f16 sum over `C_in x 3 x 3`
@@ -38,6 +39,11 @@ pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     // backward pass (`shaders::matmul`), where burn's convolution would keep f32 copies: so
     // training with f16 weights takes the product on the CPU too.
     let tracked = x.device().is_autodiff();
+    if let Some((weight, bias, padding)) =
+        ours(c).filter(|(w, _, p)| crate::cpu::conv_grad::applies(&x, w, *p, c.stride))
+    {
+        return crate::cpu::conv_grad::conv2d(x, weight, bias, padding);
+    }
     if on_gpu(&x) || tracked && c.weight.val().dtype() != x.dtype() {
         // burn's matmul sums f16 products in f32, so f16 stays f16 on the GPU.
         let c = if tracked { Cow::Borrowed(c) } else { in_dtype(c, x.dtype()) };
