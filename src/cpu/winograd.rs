@@ -282,7 +282,7 @@ mod tests {
             stride: [1, 1],
         };
         let x = noise(batch * cin * height * width, 1, 1.0);
-        let w = noise(cout * cin * 9, 2, ((cin * 9) as f32).sqrt().recip()); // as `conv`'s tests
+        let w = noise(cout * cin * 9, 2, ((cin * 9) as f32).sqrt().recip()); // as `conv`'s wide cases
         let bias = noise(cout, 3, 1.0);
         let mut got = vec![f32::NAN; reference(&x, &w, &bias, s).len()];
         in_chunks(&x, &w, &bias, &mut got, s, chunk);
