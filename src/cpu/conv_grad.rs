@@ -10,7 +10,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Backend, DispatchDevice, Flex, backend_extension, tensor::FloatTensor};
+use burn::backend::{Autodiff, Backend, Flex, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Tensor};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
@@ -35,9 +35,8 @@ pub fn applies(x: &Tensor<4>, weight: &Tensor<4>, padding: [usize; 4], stride: [
     let device = x.device();
     let [_, _, kh, kw] = weight.dims();
     let [top, left, bottom, right] = padding;
-    *super::ENABLED
-        && device.is_autodiff()
-        && matches!(device.without_autodiff().as_dispatch(), DispatchDevice::Flex(_))
+    device.is_autodiff()
+        && super::kernels_on(&device)
         && x.dtype() == DType::F32
         && !weight.is_require_grad()
         && stride == [1, 1]

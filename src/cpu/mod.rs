@@ -25,7 +25,7 @@ pub mod math;
 pub mod product;
 pub mod winograd;
 
-use std::sync::{LazyLock, Mutex};
+use std::sync::LazyLock;
 
 use burn::backend::{Backend, DispatchDevice, Flex, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
@@ -73,7 +73,13 @@ pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
 
 fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
     let device = x.device();
-    *ENABLED && matches!(device.as_dispatch(), DispatchDevice::Flex(_)) && !device.is_autodiff()
+    kernels_on(&device) && !device.is_autodiff()
+}
+
+/// Whether sdw's kernels run on `device`: the flex device, with or without autodiff, unless
+/// `SDW_CPU_KERNELS=off`.
+fn kernels_on(device: &burn::tensor::Device) -> bool {
+    *ENABLED && matches!(device.clone().without_autodiff().as_dispatch(), DispatchDevice::Flex(_))
 }
 
 /// `x` in `dtype`. On the CPU an f16 tensor widens to f32 on every core with F16C: flex
@@ -196,37 +202,6 @@ impl CpuOps for Flex {
         conv::conv2d(f32s(&x), f32s(&weight), f32s(&bias), &mut out, shape);
         f32_tensor(out, vec![batch, channels_out, ho, wo])
     }
-}
-
-/// Buffers a kernel keeps from one call to the next: glibc serves buffers over 32 MiB (sdw's
-/// setting, `device`) by mapping fresh pages, which the kernel zeroes on first touch, and
-/// unmaps them when freed; at SD's sizes that was a tenth of some kernels' time.
-pub(crate) struct Kept<T>(Mutex<Option<T>>);
-
-impl<T: Default> Kept<T> {
-    pub(crate) const fn new() -> Self {
-        Self(Mutex::new(None))
-    }
-
-    /// The kept buffers, or new ones while another call holds them.
-    pub(crate) fn take(&self) -> T {
-        self.0.lock().ok().and_then(|mut kept| kept.take()).unwrap_or_default()
-    }
-
-    pub(crate) fn keep(&self, buffers: T) {
-        if let Ok(mut kept) = self.0.lock() {
-            *kept = Some(buffers);
-        }
-    }
-}
-
-/// The first `len` elements of `buffer`, grown if need be. The callers overwrite what they
-/// read, so old contents do no harm.
-pub(crate) fn sized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buffer.len() < len {
-        buffer.resize(len, 0.0);
-    }
-    &mut buffer[..len]
 }
 
 /// The shape of a rank-`N` tensor (the typed wrappers above pass only those).

@@ -12,13 +12,13 @@
 //! ones (the tests hold them to the same bound as `conv`'s).
 
 use std::ops::Range;
+use std::sync::Mutex;
 
 use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::conv::Shape;
 use super::product::{Parallelism, View, product};
-use super::{Kept, sized};
 
 /// Output pixels per tile side, input pixels per tile side, and positions per tile.
 const OUT: usize = 2;
@@ -67,7 +67,7 @@ fn in_chunks(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], s: Shape,
     }
     let rows_per_chunk = (chunk / grid_cols).clamp(1, rows);
     let chunk = rows_per_chunk * grid_cols;
-    let mut scratch = SCRATCH.take();
+    let mut scratch = Scratch::take();
     let u = weight_transform(weight, cout, cin, &mut scratch.u);
     // Reused by every chunk: V as [cin][16][chunk], M as 16 matrices [cout][chunk].
     let v = sized(&mut scratch.v, cin * POSITIONS * chunk);
@@ -84,19 +84,41 @@ fn in_chunks(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], s: Shape,
         });
         output_transform(&m, bias, out, s, grid, rows, chunk);
     }
-    SCRATCH.keep(scratch);
+    scratch.keep();
 }
 
 /// The buffers of the last call, kept for the next: a 1280-channel convolution's weight
 /// transform is 105 MB, which glibc would map, zero and unmap again on every call (sdw keeps
 /// only buffers up to 32 MiB in its heap: `device`).
-static SCRATCH: Kept<Scratch> = Kept::new();
+static SCRATCH: Mutex<Option<Scratch>> = Mutex::new(None);
 
 #[derive(Default)]
 struct Scratch {
     u: Vec<f32>,
     v: Vec<f32>,
     m: Vec<Vec<f32>>,
+}
+
+impl Scratch {
+    /// The kept buffers, or new ones while another convolution holds them.
+    fn take() -> Self {
+        SCRATCH.lock().ok().and_then(|mut kept| kept.take()).unwrap_or_default()
+    }
+
+    fn keep(self) {
+        if let Ok(mut kept) = SCRATCH.lock() {
+            *kept = Some(self);
+        }
+    }
+}
+
+/// The first `len` elements of `buffer`, grown if need be. The callers overwrite what they
+/// read, so old contents do no harm.
+fn sized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
 }
 
 /// `U = G g Gᵀ` for every pair of channels, as `[cout][16][cin]`: position `ξ`'s matrix is
@@ -111,30 +133,23 @@ fn weight_transform<'a>(weight: &[f32], cout: usize, cin: usize, buffer: &'a mut
                 g[tap * cin + c] = value;
             }
         }
-        let g: Vec<&[f32]> = g.chunks_exact(cin).collect();
+        let tap = |i: usize, j: usize| &g[(i * 3 + j) * cin..][..cin];
+        // G g column by column: `gg` holds column j's 4 rows at rows 4j..4j+4.
         let mut gg = vec![0f32; 12 * cin];
-        let mut gg_rows: Vec<&mut [f32]> = gg.chunks_exact_mut(cin).collect();
-        for j in 0..3 {
-            let [a, b, c, d] = pick(&mut gg_rows, [j, 3 + j, 6 + j, 9 + j]);
-            lanewise([a, b, c, d], [g[j], g[3 + j], g[6 + j]], filter);
+        for (j, column) in gg.chunks_exact_mut(IN * cin).enumerate() {
+            lanewise(rows_mut(column, cin), [0, 1, 2].map(|i| tap(i, j)), filter);
         }
-        let gg: Vec<&[f32]> = gg.chunks_exact(cin).collect();
-        let mut u_rows: Vec<&mut [f32]> = u.chunks_exact_mut(cin).collect();
-        for r in 0..IN {
-            lanewise(
-                pick(&mut u_rows, [0, 1, 2, 3].map(|k| r * IN + k)),
-                [gg[r * 3], gg[r * 3 + 1], gg[r * 3 + 2]],
-                filter,
-            );
+        for (r, u) in u.chunks_exact_mut(IN * cin).enumerate() {
+            lanewise(rows_mut(u, cin), [0, 1, 2].map(|j| &gg[(j * IN + r) * cin..][..cin]), filter);
         }
     });
     u
 }
 
-/// `rows[index[0]], rows[index[1]], ..` borrowed at once (the indices must differ).
-fn pick<'a, const N: usize>(rows: &'a mut [&mut [f32]], index: [usize; N]) -> [&'a mut [f32]; N] {
-    let mut rows: Vec<Option<&'a mut [f32]>> = rows.iter_mut().map(|r| Some(&mut **r)).collect();
-    index.map(|i| rows[i].take().expect("different rows"))
+/// The first `N` rows of `len` floats of `buffer`.
+fn rows_mut<const N: usize>(buffer: &mut [f32], len: usize) -> [&mut [f32]; N] {
+    let mut rows = buffer.chunks_exact_mut(len);
+    std::array::from_fn(|_| rows.next().expect("a buffer of N rows"))
 }
 
 /// `outs[..][i] = f(ins[..][i])` for every `i` (the shortest slice's length): one transform
@@ -188,7 +203,6 @@ fn input_transform(
         let mut d = vec![0f32; IN * span];
         let mut bd = vec![0f32; IN * span];
         let (mut even, mut odd) = (vec![0f32; cols + 1], vec![0f32; cols + 1]);
-        let mut v_rows: Vec<&mut [f32]> = v.chunks_exact_mut(chunk).collect();
         for (i, row) in rows.clone().enumerate() {
             let (b, ty) = (row / grid_rows, row % grid_rows);
             let plane = &x[(b * s.channels_in + c) * h * w..][..h * w];
@@ -202,14 +216,12 @@ fn input_transform(
             }
             // Bᵀ d over whole rows, then each tile's row times B: a tile's 4 columns are
             // `even[t], odd[t], even[t + 1], odd[t + 1]` of its row.
-            let d_rows: Vec<&[f32]> = d.chunks_exact(span).collect();
-            let mut bd_rows: Vec<&mut [f32]> = bd.chunks_exact_mut(span).collect();
-            lanewise(pick(&mut bd_rows, [0, 1, 2, 3]), [d_rows[0], d_rows[1], d_rows[2], d_rows[3]], data);
-            for (r, bd) in bd.chunks_exact(span).enumerate() {
+            lanewise(rows_mut(&mut bd, span), [0, 1, 2, 3].map(|r| &d[r * span..][..span]), data);
+            for (bd, v) in bd.chunks_exact(span).zip(v.chunks_exact_mut(IN * chunk)) {
                 for (t, pair) in bd.chunks_exact(2).enumerate() {
                     (even[t], odd[t]) = (pair[0], pair[1]);
                 }
-                let outs = pick(&mut v_rows, [0, 1, 2, 3].map(|k| r * IN + k)).map(|v| &mut v[i * cols..][..cols]);
+                let outs = rows_mut(v, chunk).map(|v| &mut v[i * cols..][..cols]);
                 lanewise(outs, [&even[..cols], &odd[..cols], &even[1..], &odd[1..]], data);
             }
         }
@@ -219,7 +231,7 @@ fn input_transform(
 /// `Y = Aᵀ M A` plus the bias for the tile rows `rows`, into the output planes (`out` as
 /// `[batch, cout, ho, wo]`); a tile's pixels beyond the output's edge are dropped.
 fn output_transform(
-    m: &[&mut [f32]],
+    products: &[&mut [f32]],
     bias: &[f32],
     out: &mut [f32],
     s: Shape,
@@ -236,18 +248,14 @@ fn output_transform(
         for row in mine {
             let ty = row % grid_rows;
             let at = (row - rows.start) * cols;
-            let m: Vec<&[f32]> = m.iter().map(|m| &m[o * chunk + at..][..cols]).collect();
-            // Aᵀ M column by column (rows 0..2 of `am`: column k), then each row times A.
-            let mut am_rows: Vec<&mut [f32]> = am.chunks_exact_mut(cols).collect();
-            for k in 0..IN {
-                let [a, b] = pick(&mut am_rows, [k, IN + k]);
-                lanewise([a, b], [m[k], m[IN + k], m[2 * IN + k], m[3 * IN + k]], inverse);
+            let m = |xi: usize| &products[xi][o * chunk + at..][..cols];
+            // Aᵀ M column by column (`am` holds column k's 2 rows at rows 2k, 2k + 1), then
+            // each row times A (`y` holds output row r's 2 columns at rows 2r, 2r + 1).
+            for (k, am) in am.chunks_exact_mut(OUT * cols).enumerate() {
+                lanewise(rows_mut(am, cols), [0, 1, 2, 3].map(|r| m(r * IN + k)), inverse);
             }
-            let am: Vec<&[f32]> = am.chunks_exact(cols).collect();
-            let mut y_rows: Vec<&mut [f32]> = y.chunks_exact_mut(cols).collect();
-            for r in 0..OUT {
-                let [a, b] = pick(&mut y_rows, [2 * r, 2 * r + 1]);
-                lanewise([a, b], [am[r * IN], am[r * IN + 1], am[r * IN + 2], am[r * IN + 3]], inverse);
+            for (r, y) in y.chunks_exact_mut(OUT * cols).enumerate() {
+                lanewise(rows_mut(y, cols), [0, 1, 2, 3].map(|k| &am[(k * OUT + r) * cols..][..cols]), inverse);
             }
             for r in 0..OUT {
                 let Some(dst) = out.chunks_exact_mut(wo).nth(ty * OUT + r) else { break };

@@ -35,15 +35,16 @@ use crate::shaders::matmul::matmul;
 
 /// `c` applied to `x`, summed in f32 and returned in `x`'s dtype.
 pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    // Under autodiff the product widens frozen f16 weights itself and keeps only them for the
-    // backward pass (`shaders::matmul`), where burn's convolution would keep f32 copies: so
-    // training with f16 weights takes the product on the CPU too.
     let tracked = x.device().is_autodiff();
+    // Training on the CPU: sdw's kernel both ways, the frozen weights kept as they are.
     if let Some((weight, bias, padding)) =
         ours(c).filter(|(w, _, p)| crate::cpu::conv_grad::applies(&x, w, *p, c.stride))
     {
         return crate::cpu::conv_grad::conv2d(x, weight, bias, padding);
     }
+    // Elsewhere under autodiff the product widens frozen f16 weights itself and keeps only
+    // them for the backward pass (`shaders::matmul`), where burn's convolution would keep f32
+    // copies: so the CPU's strided training convolutions with f16 weights take it too.
     if on_gpu(&x) || tracked && c.weight.val().dtype() != x.dtype() {
         // burn's matmul sums f16 products in f32, so f16 stays f16 on the GPU.
         let c = if tracked { Cow::Borrowed(c) } else { in_dtype(c, x.dtype()) };
