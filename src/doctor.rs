@@ -29,7 +29,7 @@ use crate::pipeline::StableDiffusion;
 use crate::pipeline::denoiser::CfgDenoiser;
 use crate::shaders::matmul::Kernel;
 use crate::shaders::softmax::of_last_dim;
-use crate::shaders::{group_norm, matmul};
+use crate::shaders::{group_norm, matmul, winograd};
 use crate::weights::HostTensor;
 use crate::weights::synthetic::Architecture;
 
@@ -134,6 +134,11 @@ pub fn checks(size: usize) -> Vec<Check> {
         ("conv 3x3 stride 2 320->320", 320, 320, 3, 2, s, 14),
     ] {
         add(format!("{name} at {side}x{side}"), conv_check(cin, cout, k, stride, side, seed));
+    }
+    // Winograd's kernels at any size (`model::conv` sends them only convolutions of 512
+    // pixels or more): the WGSL shaders, and their cube twins as SPIR-V devices run them.
+    for (label, portable) in [("sdw shaders", false), ("sdw cube kernels", true)] {
+        add(format!("conv 3x3 320->320 at {s}x{s} by Winograd's F(2x2, 3x3) ({label})"), winograd_check(s, portable));
     }
     // burn's ops and sdw's kernels (the WGSL shader or, on a SPIR-V device, its cube twin;
     // the cube twin forced; the CPU kernel) on the same input: each must agree.
@@ -407,6 +412,21 @@ fn f16_product([b, m, k, n]: [usize; 4], d: &Device) -> HostTensor {
 /// A `k x k` convolution `cin -> cout` with `stride` on a batch of 2 `side x side` inputs.
 fn conv_check(cin: usize, cout: usize, k: usize, stride: usize, side: usize, seed: u64) -> Op {
     Box::new(move |d| to_host(conv(&conv2d(cin, cout, k, stride, seed, d), input([2, cin, side, side], seed + 100, d))))
+}
+
+/// [`conv_check`]'s 3x3 320 -> 320 convolution by Winograd's kernels where they run (a GPU),
+/// by the `#[cube]` ones when `portable`; elsewhere the device's own.
+fn winograd_check(side: usize, portable: bool) -> Op {
+    Box::new(move |d| {
+        let c = conv2d(320, 320, 3, 1, 10, d);
+        let x = input([2, 320, side, side], 110, d);
+        if !crate::shaders::applies(&x) {
+            return to_host(conv(&c, x));
+        }
+        let run = if portable { winograd::conv3x3_portable } else { winograd::conv3x3 };
+        let bias = c.bias.as_ref().expect("a bias").val();
+        to_host(run(x, c.weight.val(), bias, [1; 4], crate::model::budget::bytes()))
+    })
 }
 
 /// Multi-head attention of `[batch, tokens, width]` queries over `keys` keys and values.

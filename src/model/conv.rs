@@ -32,6 +32,7 @@ use burn::tensor::{DType, Shape, Slice, Tensor};
 use super::layers::in_dtype;
 use crate::shaders::im2col::{self, Band};
 use crate::shaders::matmul::matmul;
+use crate::shaders::winograd;
 
 /// `c` applied to `x`, summed in f32 and returned in `x`'s dtype.
 pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
@@ -49,7 +50,11 @@ pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         // burn's matmul sums f16 products in f32, so f16 stays f16 on the GPU.
         let c = if tracked { Cow::Borrowed(c) } else { in_dtype(c, x.dtype()) };
         if let Some((weight, bias, padding)) = ours(&c) {
-            return as_product(x, weight, bias, padding, c.stride, super::budget::bytes());
+            let budget = super::budget::bytes();
+            if winograd::applies(&x, &weight, padding, c.stride, budget) {
+                return winograd::conv3x3(x, weight, bias, padding, budget);
+            }
+            return as_product(x, weight, bias, padding, c.stride, budget);
         }
     }
     let dtype = x.dtype();

@@ -11,6 +11,7 @@ pub mod im2col;
 pub mod matmul;
 mod matmul_grad;
 pub mod softmax;
+pub mod winograd;
 
 use std::path::{Path, PathBuf};
 
@@ -31,7 +32,7 @@ pub struct Shader {
 /// The built-in shaders (a static, not a const: each keeps the text chosen for the process).
 pub static SHADERS: &[Shader] = &BUILT_IN;
 
-static BUILT_IN: [Shader; 6] = [
+static BUILT_IN: [Shader; 9] = [
     Shader {
         name: "geglu.wgsl",
         source: include_str!("../../shaders/geglu.wgsl"),
@@ -65,6 +66,24 @@ static BUILT_IN: [Shader; 6] = [
     Shader {
         name: "softmax.wgsl",
         source: include_str!("../../shaders/softmax.wgsl"),
+        example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
+        chosen: OnceLock::new(),
+    },
+    Shader {
+        name: "winograd_input.wgsl",
+        source: include_str!("../../shaders/winograd_input.wgsl"),
+        example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
+        chosen: OnceLock::new(),
+    },
+    Shader {
+        name: "winograd_output.wgsl",
+        source: include_str!("../../shaders/winograd_output.wgsl"),
+        example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
+        chosen: OnceLock::new(),
+    },
+    Shader {
+        name: "winograd_weights.wgsl",
+        source: include_str!("../../shaders/winograd_weights.wgsl"),
         example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
         chosen: OnceLock::new(),
     },

@@ -25,12 +25,15 @@ fn replayed_steps_match_the_steps_kernel_by_kernel() {
     let edited = vec![(2, sd.encode_prompt("a photo of a cat", 1)), (usize::MAX, sd.encode_prompt("a dog", 1))];
     // Replays: the edited prompt's first image records at calls 1 and 2 (the dog's context is
     // as long as the cat's); the long prompt's shapes are new (call 0 kernel by kernel); a
-    // second image of the edited prompt records at calls 0 and 2.
-    for (cond, calls, replays) in [(edited.clone(), 6, 3), (vec![(0, long)], 4, 2), (edited, 4, 2)] {
-        let denoiser = || CfgDenoiser::scheduled(&sd.unet, cond.clone(), uncond.clone(), 7.5, [1, 4, 8, 8]);
+    // second image of the edited prompt records at calls 0 and 2. At 32x32 latents the
+    // UNet's outer convolutions take Winograd's kernels (`shaders::winograd`) into the graph.
+    let cat = vec![(0, sd.encode_prompt("a photo of a cat", 1))];
+    let cases = [(edited.clone(), 8, 6, 3), (vec![(0, long)], 8, 4, 2), (edited, 8, 4, 2), (cat, 32, 3, 1)];
+    for (cond, side, calls, replays) in cases {
+        let denoiser = || CfgDenoiser::scheduled(&sd.unet, cond.clone(), uncond.clone(), 7.5, [1, 4, side, side]);
         let (mut replayed, mut reference) = (denoiser(), denoiser().kernel_by_kernel());
         for call in 0..calls {
-            let x = Philox::new(call as u64).randn(4 * 8 * 8);
+            let x = Philox::new(call as u64).randn(4 * side * side);
             let t = 950.0 - 150.0 * call as f32;
             let (got, want) = (replayed.eps(&x, t), reference.eps(&x, t));
             let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);

@@ -194,6 +194,65 @@ fn im2col_kernels_match_burn_ops() {
     }
 }
 
+/// Winograd's three shaders and their `#[cube]` twins, with the product between them, equal
+/// burn's convolution on the same device: "same" padding at odd sizes (half tiles at the
+/// bottom and right), "valid", uneven padding, a 1x1 image, a budget that splits the tiles into
+/// bands (one ending inside an image, a last band of one row), and a wide case as SD sends it,
+/// weights at 1/sqrt(fan-in) so that outputs stay near 1. f32 within 1e-5 of the output's
+/// scale, as `model::conv`'s own test; f16 within the f16 bound of one module (model_parity.rs).
+#[test]
+fn winograd_kernels_match_burns_convolution() {
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use sdw::shaders::winograd;
+    let Some(gpu) = wgpu() else { return };
+    let d = &gpu.device;
+    // (x's shape, output channels, padding top-left-bottom-right, budget in bytes)
+    let cases = [
+        ([2, 5, 9, 7], 6, [1, 1, 1, 1], 1 << 30),
+        ([2, 5, 9, 7], 6, [1, 1, 1, 1], 4 << 10),
+        ([3, 2, 6, 5], 2, [0, 0, 0, 0], 1 << 30),
+        ([1, 3, 5, 8], 2, [0, 1, 2, 0], 1 << 30),
+        ([1, 4, 1, 1], 3, [1, 1, 1, 1], 1 << 30),
+        ([1, 40, 33, 33], 36, [1, 1, 1, 1], 1 << 30),
+        ([2, 40, 33, 33], 36, [1, 1, 1, 1], 256 << 10),
+    ];
+    for (shape, cout, padding, budget) in cases {
+        let [top, left, bottom, right] = padding;
+        let [_, cin, ..] = shape;
+        let amplitude = ((cin * 9) as f32).sqrt().recip();
+        let noise = |n: usize, seed: u64, scale: f32| -> Vec<f32> {
+            sdw::sampling::Philox::new(seed).randn(n).iter().map(|v| v * scale).collect()
+        };
+        let x = to_device(noise(shape.iter().product(), 5, 1.0), shape, d);
+        let weight = to_device(noise(cout * cin * 9, 6, amplitude), [cout, cin, 3, 3], d);
+        let bias = to_device(noise(cout, 7, 1.0), [cout], d);
+        let mut conv = Conv2dConfig::new([cin, cout], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
+            .init(d);
+        conv.weight = Param::from_tensor(weight.clone());
+        conv.bias = Some(Param::from_tensor(bias.clone()));
+        let want = to_host(conv.forward(x.clone()));
+        let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let kernels = [
+            ("WGSL shaders", winograd::conv3x3 as fn(_, _, _, _, _) -> _),
+            ("cube kernels", winograd::conv3x3_portable),
+        ];
+        for (kernel, run) in kernels {
+            let what = format!("winograd {kernel} {shape:?} -> {cout} {padding:?} budget {budget}");
+            let got = to_host(run(x.clone(), weight.clone(), bias.clone(), padding, budget));
+            assert_eq!(got.shape, want.shape, "{what}");
+            let err = got.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            eprintln!("{what}: max error {err:.2e} of {scale:.2e}");
+            assert!(err <= 1e-5 * scale, "{what}: max error {err} of {scale}");
+            let (x, weight, bias) =
+                (x.clone().cast(DType::F16), weight.clone().cast(DType::F16), bias.clone().cast(DType::F16));
+            let got = to_host(run(x, weight, bias, padding, budget).cast(DType::F32));
+            assert_close(&format!("{what} f16"), &got, &want, 1e-2);
+        }
+    }
+}
+
 /// `v` rounded to f16 values, so that an f16 operand holds exactly what the host multiplies.
 fn f16_exact(v: Vec<f32>) -> Vec<f32> {
     v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
