@@ -102,7 +102,7 @@ fn widened(t: FlexTensor) -> FlexTensor {
 /// The gradient of a stride-1 convolution's input from its output's gradient `grad`
 /// `[B, O, Ho, Wo]`: `grad` convolved by `w'[c, o, i, j] = w[o, c, kh-1-i, kw-1-j]`, padded by
 /// the kernel's size less one less the forward padding, which gives back `[B, C, H, W]`.
-fn input_grad(grad: FlexTensor, weight: FlexTensor, [top, left, bottom, right]: [usize; 4]) -> FlexTensor {
+fn input_grad(grad: FlexTensor, weight: FlexTensor, padding: [usize; 4]) -> FlexTensor {
     let [o, c, kh, kw] = dims(&weight);
     let weight = widened(weight).to_contiguous();
     let w = f32s(&weight);
@@ -126,7 +126,15 @@ fn input_grad(grad: FlexTensor, weight: FlexTensor, [top, left, bottom, right]: 
         }
     });
     let (flipped, zeros) = (f32_tensor(flipped, vec![c, o, kh, kw]), f32_tensor(vec![0.0; c], vec![c]));
-    Flex::conv2d(grad, flipped, zeros, kh - 1 - top, kw - 1 - left, kh - 1 - bottom, kw - 1 - right, 1, 1)
+    let [top, left, bottom, right] = transposed_padding([kh, kw], padding);
+    Flex::conv2d(grad, flipped, zeros, top, left, bottom, right, 1, 1)
+}
+
+/// The padding of the convolution that gives a stride-1 convolution's input gradient (by the
+/// flipped, transposed weight): what is left of the kernel on each side once the forward
+/// padding is taken.
+pub fn transposed_padding([kh, kw]: [usize; 2], [top, left, bottom, right]: [usize; 4]) -> [usize; 4] {
+    [kh - 1 - top, kw - 1 - left, kh - 1 - bottom, kw - 1 - right]
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         let c = if tracked { Cow::Borrowed(c) } else { in_dtype(c, x.dtype()) };
         if let Some((weight, bias, padding)) = ours(&c) {
             let budget = super::budget::bytes();
-            if winograd::applies(&x, &weight, padding, c.stride, budget) {
+            if winograd::applies(&x, &weight, &bias, padding, c.stride, budget) {
                 return winograd::conv3x3(x, weight, bias, padding, budget);
             }
             return as_product(x, weight, bias, padding, c.stride, budget);

@@ -15,7 +15,7 @@
 use std::sync::OnceLock;
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
-use burn::backend::{Backend, Flex, backend_extension, tensor::FloatTensor};
+use burn::backend::{Backend, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeTuneId;
 use burn::cubecl::prelude::KernelId;
 use burn::cubecl::tune::{LocalTuner, Tunable, TunableSet, local_tuner};
@@ -147,6 +147,15 @@ fn shader_may_run<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>, tracked: boo
 /// on a cubecl device, with the shader on.
 pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
     D >= 2 && super::applies(x)
+}
+
+/// `lhs · rhs` at the backend's level (inside an op of ours): the tuned choice where the
+/// product is worth tuning, else burn's matmul.
+pub fn tuned_or_burns<B: Backend + MatmulOps>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
+    let (l, r) = (lhs.shape(), rhs.shape());
+    let rank = l.num_dims();
+    let kernel = if worth_tuning(l[rank - 2], l[rank - 1], r[rank - 1]) { Kernel::Tuned } else { Kernel::Burn };
+    B::sdw_matmul(lhs, rhs, kernel)
 }
 
 /// Whether the product is worth a tuning run: enough work, and rows and columns for at least

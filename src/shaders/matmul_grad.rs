@@ -18,7 +18,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Backend, TensorMetadata, tensor::FloatTensor};
 use burn::tensor::{DType, Shape};
 
-use super::matmul::{Kernel, MatmulOps, worth_tuning};
+use super::matmul::{Kernel, MatmulOps, tuned_or_burns};
 
 impl<B: Backend + MatmulOps, C: CheckpointStrategy> MatmulOps for Autodiff<B, C> {
     fn sdw_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, kernel: Kernel) -> FloatTensor<Self> {
@@ -72,14 +72,10 @@ fn widen<B: Backend>(t: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
 /// A gradient's product: the forward's shader where a test asked for one, else the tuned
 /// choice where the product is worth tuning, else burn's matmul.
 fn product<B: Backend + MatmulOps>(lhs: FloatTensor<B>, rhs: FloatTensor<B>, forward: Kernel) -> FloatTensor<B> {
-    let (l, r) = (lhs.shape(), rhs.shape());
-    let rank = l.num_dims();
-    let kernel = match forward {
-        Kernel::Tiled(tile) => Kernel::Tiled(tile),
-        _ if worth_tuning(l[rank - 2], l[rank - 1], r[rank - 1]) => Kernel::Tuned,
-        _ => Kernel::Burn,
-    };
-    B::sdw_matmul(lhs, rhs, kernel)
+    match forward {
+        Kernel::Tiled(tile) => B::sdw_matmul(lhs, rhs, Kernel::Tiled(tile)),
+        _ => tuned_or_burns::<B>(lhs, rhs),
+    }
 }
 
 /// `grad` summed over the batch dims along which an operand of `shape` was broadcast.

@@ -8,15 +8,23 @@
 //! Against im2col's product (`model::conv::as_product`) it does 2.25x fewer multiplications,
 //! and its temporaries are smaller: the input's transform is 4x the input where im2col's
 //! columns are 9x. The weights' transform (16/9 of the weights) is made on every call, as on
-//! the CPU: kept, it would hold 16/9 of the UNet's 3x3 weights besides them. Tensors that
-//! carry gradients (training) keep im2col's products, whose backward pass is built.
+//! the CPU: kept, it would hold 16/9 of the UNet's 3x3 weights besides them.
+//!
+//! In training (frozen weights) the input's gradient is a convolution of the output's by the
+//! weight flipped and transposed: the same kernels, the weights' transform reading the weight
+//! flipped (`flipped`). The op keeps only the weight for the backward pass, where im2col's
+//! product would rebuild its columns' gradient through burn's slice ops.
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
-use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
-use burn::tensor::{Shape, Tensor};
+use burn::backend::{Autodiff, Backend, TensorMetadata, backend_extension, tensor::FloatTensor};
+use burn::tensor::{DType, Shape, Tensor};
 
+use super::matmul::tuned_or_burns;
 use super::{WORKGROUP, workgroups};
-use crate::shaders::matmul::matmul;
 
 /// Positions of a 4x4 input block: the batch of the products.
 const POSITIONS: usize = 16;
@@ -50,50 +58,59 @@ impl Tiles {
     }
 }
 
-#[backend_extension(Cube, Fusion)]
+#[backend_extension(Cube, Fusion, Autodiff)]
 pub trait WinogradOps: Backend {
-    /// `[O, C, 3, 3]` -> `[16, O, C]`.
-    #[fusion(dtype = weight, shape = weights_shape(weight))]
-    fn winograd_weights(weight: FloatTensor<Self>, portable: bool) -> FloatTensor<Self>;
-    /// `[B, C, H, W]` -> `[16, C, tiles]`.
-    #[fusion(dtype = x, shape = input_shape(x, tiles))]
-    fn winograd_input(x: FloatTensor<Self>, tiles: Tiles, portable: bool) -> FloatTensor<Self>;
-    /// `[16, O, tiles]` and `[O]` -> `[B, O, rows_out, W_out]`.
-    #[fusion(dtype = m, shape = output_shape(m, tiles))]
-    fn winograd_output(
-        m: FloatTensor<Self>,
+    /// `conv(x, w) + bias` for a 3x3 weight `[O, C, 3, 3]` at stride 1, padded (top, left,
+    /// bottom, right), where `w` is the weight or, when `flipped`, the weight flipped in both
+    /// spatial axes with its channel axes swapped (`[C, O, 3, 3]`: the input's gradient of a
+    /// convolution by the weight). Bands of tile rows keep the transforms within `budget`
+    /// bytes each. Under autodiff the weight and bias are frozen.
+    #[fusion(dtype = x, shape = output_shape(x, weight, padding, flipped))]
+    fn winograd_conv3x3(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
-        tiles: Tiles,
+        padding: [usize; 4],
+        flipped: bool,
+        budget: usize,
         portable: bool,
     ) -> FloatTensor<Self>;
 }
 
-pub fn weights_shape(weight: &Shape) -> Shape {
-    Shape::from([POSITIONS, weight[0], weight[1]])
+/// `[B, O, H_out, W_out]` (`O` the weight's second axis when `flipped`).
+pub fn output_shape(x: &Shape, weight: &Shape, padding: &[usize; 4], flipped: &bool) -> Shape {
+    let [top, left, bottom, right] = *padding;
+    let channels = if *flipped { weight[1] } else { weight[0] };
+    Shape::from([x[0], channels, x[2] + top + bottom - 2, x[3] + left + right - 2])
 }
 
-pub fn input_shape(x: &Shape, tiles: &Tiles) -> Shape {
-    Shape::from([POSITIONS, x[1], tiles.count()])
-}
-
-pub fn output_shape(m: &Shape, tiles: &Tiles) -> Shape {
-    Shape::from([tiles.batch, m[1], tiles.rows_out(), tiles.output[1]])
-}
-
-/// Whether a convolution of `weight` over `x` (both in one dtype), padded `[top, left, bottom,
-/// right]`, at `stride`, goes this way on a GPU: where our shaders run on `x`, for the shapes
-/// the CPU takes Winograd's way too (`cpu::winograd::applies`: 3x3 at stride 1, between at
-/// least 32 channels, over at least 512 output pixels; measured on the CPU, the GPU's own
-/// thresholds are owed to a GPU run), where the weights' transform fits one binding
-/// (`budget`), and unless `SDW_WINOGRAD=off`.
-pub fn applies(x: &Tensor<4>, weight: &Tensor<4>, padding: [usize; 4], stride: [usize; 2], budget: usize) -> bool {
+/// Whether a convolution of `weight` and `bias` over `x`, padded `[top, left, bottom, right]`,
+/// at `stride`, goes this way on a GPU: f32/f16 tensors on a wgpu device with sdw's shaders on;
+/// the shapes the CPU takes Winograd's way too (`cpu::winograd::applies`: 3x3 at stride 1,
+/// between at least 32 channels, over at least 512 output pixels; measured on the CPU, the
+/// GPU's own thresholds are owed to a GPU run); the weights' transform within one binding
+/// (`budget`); under autodiff (training) a frozen weight and bias, which may be f16 where `x`
+/// is f32; and unless `SDW_WINOGRAD=off`.
+pub fn applies(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    bias: &Tensor<1>,
+    padding: [usize; 4],
+    stride: [usize; 2],
+    budget: usize,
+) -> bool {
     let ([batch, channels_in, height, width], [channels_out, _, kh, kw]) = (x.dims(), weight.dims());
     let shape =
         crate::cpu::conv::Shape { batch, channels_in, channels_out, height, width, kernel: [kh, kw], padding, stride };
     let transform_bytes = POSITIONS * channels_in * channels_out * x.dtype().size();
+    let frozen = !weight.is_require_grad() && !bias.is_require_grad();
+    let dtypes = |t: DType| matches!(t, DType::F32 | DType::F16);
     *ENABLED
-        && super::applies(x)
-        && weight.dtype() == x.dtype()
+        && super::enabled()
+        && crate::device::on_cube(&x.device())
+        && dtypes(x.dtype())
+        && (weight.dtype() == x.dtype() || x.device().is_autodiff() && dtypes(weight.dtype()))
+        && frozen
         && crate::cpu::winograd::applies(&shape)
         && transform_bytes <= budget
 }
@@ -106,7 +123,7 @@ static ENABLED: std::sync::LazyLock<bool> =
 /// right]`; where [`applies`] holds. Bands of tile rows keep the input's and the products'
 /// transforms within `budget` bytes each.
 pub fn conv3x3(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: [usize; 4], budget: usize) -> Tensor<4> {
-    by_kernels(x, weight, bias, padding, budget, false)
+    dispatch(x, weight, bias, padding, budget, false)
 }
 
 /// [`conv3x3`] by the `#[cube]` kernels also where the WGSL shaders would run: what a SPIR-V
@@ -118,87 +135,169 @@ pub fn conv3x3_portable(
     padding: [usize; 4],
     budget: usize,
 ) -> Tensor<4> {
-    by_kernels(x, weight, bias, padding, budget, true)
+    dispatch(x, weight, bias, padding, budget, true)
 }
 
-fn by_kernels(
+fn dispatch(
     x: Tensor<4>,
     weight: Tensor<4>,
     bias: Tensor<1>,
-    [top, left, bottom, right]: [usize; 4],
+    padding: [usize; 4],
     budget: usize,
     portable: bool,
 ) -> Tensor<4> {
-    let ([batch, channels_in, height, width], [channels_out, ..]) = (x.dims(), weight.dims());
-    let output = [height + top + bottom - 2, width + left + right - 2];
-    let grid_rows = output[0].div_ceil(2);
-    let per_row = POSITIONS * channels_in.max(channels_out) * batch * output[1].div_ceil(2) * x.dtype().size();
-    let band = (budget / per_row.max(1)).clamp(1, grid_rows);
-    let bias = crate::cpu::cast(bias, x.dtype());
-    let u = Tensor::<3>::from_dispatch(burn::backend::Dispatch::winograd_weights(weight.into_dispatch(), portable));
-    let mut outs: Vec<Tensor<4>> = (0..grid_rows)
-        .step_by(band)
-        .map(|first| {
-            let tiles = Tiles { batch, top_left: [top, left], output, first, rows: band.min(grid_rows - first) };
-            let v = burn::backend::Dispatch::winograd_input(x.clone().into_dispatch(), tiles, portable);
-            let m = matmul(u.clone(), Tensor::<3>::from_dispatch(v));
-            let y = burn::backend::Dispatch::winograd_output(
-                m.into_dispatch(),
-                bias.clone().into_dispatch(),
-                tiles,
-                portable,
-            );
-            Tensor::from_dispatch(y)
-        })
-        .collect();
-    if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) }
+    if weight.dtype() == x.dtype() {
+        crate::shaders::matmul::prove_cooperative(&x);
+    }
+    Tensor::from_dispatch(burn::backend::Dispatch::winograd_conv3x3(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        padding,
+        false,
+        budget,
+        portable,
+    ))
 }
 
 impl WinogradOps for CubeBackend {
-    fn winograd_weights(weight: CubeTensor, portable: bool) -> CubeTensor {
-        let weight = into_contiguous(weight);
-        let out = super::empty_like(&weight, weights_shape(weight.meta.shape()));
-        let filters = weight.meta.shape()[0] * weight.meta.shape()[1];
-        let info = [filters].map(index);
-        if portable || !super::compiles_wgsl(&weight) {
-            portable::weights(&weight, &out, info, filters);
-        } else {
-            let buffers = vec![weight.handle.clone().binding(), out.handle.clone().binding()];
-            super::launch_shader("winograd_weights.wgsl", &weight, workgroups(filters), buffers, &info);
-        }
-        out
-    }
-
-    fn winograd_input(x: CubeTensor, tiles: Tiles, portable: bool) -> CubeTensor {
+    fn winograd_conv3x3(
+        x: CubeTensor,
+        weight: CubeTensor,
+        bias: CubeTensor,
+        padding @ [top, left, ..]: [usize; 4],
+        flipped: bool,
+        budget: usize,
+        portable: bool,
+    ) -> CubeTensor {
         let x = into_contiguous(x);
-        let out = super::empty_like(&x, input_shape(x.meta.shape(), &tiles));
-        let dims = x.meta.shape();
-        let [top, left] = tiles.top_left;
-        let info = [dims[0], dims[1], dims[2], dims[3], top, left, tiles.first, tiles.rows, tiles.columns()].map(index);
-        let threads = dims[1] * tiles.count();
-        if portable || !super::compiles_wgsl(&x) {
-            portable::input(&x, &out, info, threads);
-        } else {
-            let buffers = vec![x.handle.clone().binding(), out.handle.clone().binding()];
-            super::launch_shader("winograd_input.wgsl", &x, workgroups(threads), buffers, &info);
-        }
-        out
+        // Frozen f16 weights meet f32 activations in training (`sdw train --precision f16`).
+        let (weight, bias) = (widen::<CubeBackend>(weight, x.dtype), widen::<CubeBackend>(bias, x.dtype));
+        let out_shape = output_shape(x.meta.shape(), weight.meta.shape(), &padding, &flipped);
+        let ([batch, channels_in, ..], [_, channels_out, height_out, width_out]) =
+            (dims(x.meta.shape()), dims(&out_shape));
+        let whole = [height_out, width_out];
+        let grid_rows = height_out.div_ceil(2);
+        let per_row = POSITIONS * channels_in.max(channels_out) * batch * width_out.div_ceil(2) * x.dtype.size();
+        let band = (budget / per_row.max(1)).clamp(1, grid_rows);
+        let u = weights(weight, flipped, portable);
+        let mut outs: Vec<CubeTensor> = (0..grid_rows)
+            .step_by(band)
+            .map(|first| {
+                let tiles =
+                    Tiles { batch, top_left: [top, left], output: whole, first, rows: band.min(grid_rows - first) };
+                let m = tuned_or_burns::<CubeBackend>(u.clone(), input(&x, tiles, portable));
+                output(m, &bias, tiles, portable)
+            })
+            .collect();
+        if outs.len() == 1 { outs.pop().unwrap() } else { cat::<CubeBackend>(outs, 2) }
     }
+}
 
-    fn winograd_output(m: CubeTensor, bias: CubeTensor, tiles: Tiles, portable: bool) -> CubeTensor {
-        let (m, bias) = (into_contiguous(m), into_contiguous(bias));
-        let out = super::empty_like(&m, output_shape(m.meta.shape(), &tiles));
-        let channels = m.meta.shape()[1];
-        let info = [tiles.batch, channels, tiles.rows, tiles.columns(), tiles.rows_out(), tiles.output[1]].map(index);
-        let threads = channels * tiles.count();
-        if portable || !super::compiles_wgsl(&m) {
-            portable::output(&m, &bias, &out, info, threads);
-        } else {
-            let buffers = [&m, &bias, &out].map(|t| t.handle.clone().binding());
-            super::launch_shader("winograd_output.wgsl", &m, workgroups(threads), buffers.into(), &info);
+impl<B: WinogradOps, C: CheckpointStrategy> WinogradOps for Autodiff<B, C> {
+    fn winograd_conv3x3(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        padding: [usize; 4],
+        flipped: bool,
+        budget: usize,
+        portable: bool,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct InputGrad;
+
+        impl<B: WinogradOps> Backward<B, 1> for InputGrad {
+            /// The weight as it was given, and the forward's padding, flip, budget and kernels.
+            type State = (FloatTensor<B>, [usize; 4], bool, usize, bool);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (weight, padding, flipped, budget, portable) = ops.state;
+                if let [Some(node)] = ops.parents {
+                    // The input's gradient is the output's convolved by the weight flipped and
+                    // transposed (as on the CPU: `cpu::conv_grad`), padded by what is left of the
+                    // kernel; flipping twice gives the weight back.
+                    let shape = weight.shape();
+                    let channels = if flipped { shape[0] } else { shape[1] };
+                    let zeros = B::float_zeros([channels].into(), &grad.device(), grad.dtype().into());
+                    let padding = crate::cpu::conv_grad::transposed_padding([3, 3], padding);
+                    let dx = B::winograd_conv3x3(grad, weight, zeros, padding, !flipped, budget, portable);
+                    grads.register::<B>(node.id, dx);
+                }
+            }
         }
-        out
+
+        let parents = [x.node()];
+        let (x, weight, bias) = (x.into_primitive(), weight.into_primitive(), bias.into_primitive());
+        let out = B::winograd_conv3x3(x, weight.clone(), bias, padding, flipped, budget, portable);
+        match InputGrad.prepare::<C>(parents).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((weight, padding, flipped, budget, portable), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
     }
+}
+
+fn dims(shape: &Shape) -> [usize; 4] {
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+/// `t` in `dtype`: itself when it already is.
+fn widen<B: Backend>(t: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+    if t.dtype() == dtype { t } else { B::float_cast(t, dtype.into()) }
+}
+
+fn cat<B: Backend>(tensors: Vec<FloatTensor<B>>, dim: usize) -> FloatTensor<B> {
+    B::float_cat(tensors, dim)
+}
+
+/// `[O, C, 3, 3]` -> `[16, O, C]`, or `[16, C, O]` for the flipped, transposed weight.
+fn weights(weight: CubeTensor, flipped: bool, portable: bool) -> CubeTensor {
+    let weight = into_contiguous(weight);
+    let [o, c, ..] = dims(weight.meta.shape());
+    let shape = if flipped { [POSITIONS, c, o] } else { [POSITIONS, o, c] };
+    let out = super::empty_like(&weight, Shape::from(shape));
+    let info = [o * c, c, flipped as usize].map(index);
+    if portable || !super::compiles_wgsl(&weight) {
+        portable::weights(&weight, &out, info, o * c);
+    } else {
+        let buffers = vec![weight.handle.clone().binding(), out.handle.clone().binding()];
+        super::launch_shader("winograd_weights.wgsl", &weight, workgroups(o * c), buffers, &info);
+    }
+    out
+}
+
+/// `[B, C, H, W]` -> `[16, C, tiles]` for the band `tiles`.
+fn input(x: &CubeTensor, tiles: Tiles, portable: bool) -> CubeTensor {
+    let [batch, channels, height, width] = dims(x.meta.shape());
+    let out = super::empty_like(x, Shape::from([POSITIONS, channels, tiles.count()]));
+    let [top, left] = tiles.top_left;
+    let info = [batch, channels, height, width, top, left, tiles.first, tiles.rows, tiles.columns()].map(index);
+    let threads = channels * tiles.count();
+    if portable || !super::compiles_wgsl(x) {
+        portable::input(x, &out, info, threads);
+    } else {
+        let buffers = vec![x.handle.clone().binding(), out.handle.clone().binding()];
+        super::launch_shader("winograd_input.wgsl", x, workgroups(threads), buffers, &info);
+    }
+    out
+}
+
+/// `[16, O, tiles]` plus the bias -> `[B, O, rows_out, W_out]`, the band's output rows.
+fn output(m: CubeTensor, bias: &CubeTensor, tiles: Tiles, portable: bool) -> CubeTensor {
+    let m = into_contiguous(m);
+    let bias = into_contiguous(bias.clone());
+    let channels = m.meta.shape()[1];
+    let out = super::empty_like(&m, Shape::from([tiles.batch, channels, tiles.rows_out(), tiles.output[1]]));
+    let info = [tiles.batch, channels, tiles.rows, tiles.columns(), tiles.rows_out(), tiles.output[1]].map(index);
+    let threads = channels * tiles.count();
+    if portable || !super::compiles_wgsl(&m) {
+        portable::output(&m, &bias, &out, info, threads);
+    } else {
+        let buffers = [&m, &bias, &out].map(|t| t.handle.clone().binding());
+        super::launch_shader("winograd_output.wgsl", &m, workgroups(threads), buffers.into(), &info);
+    }
+    out
 }
 
 /// A size or index as the kernels take it.
@@ -216,11 +315,11 @@ mod portable {
 
     use super::{WORKGROUP, workgroups};
 
-    pub(super) fn weights(w: &CubeTensor, u: &CubeTensor, [filters]: [u32; 1], threads: usize) {
+    pub(super) fn weights(w: &CubeTensor, u: &CubeTensor, [filters, cin, flipped]: [u32; 3], threads: usize) {
         let (count, dim) = (workgroups(threads), CubeDim::new_1d(WORKGROUP));
         let (client, dtype) = (&u.client, dtype_to_storage_type(u.dtype));
         let (w, u) = (w.clone().into_tensor_arg(), u.clone().into_tensor_arg());
-        winograd_weights::launch(client, count, dim, w, u, filters, dtype);
+        winograd_weights::launch(client, count, dim, w, u, filters, cin, flipped, dtype);
     }
 
     pub(super) fn input(x: &CubeTensor, v: &CubeTensor, info: [u32; 9], threads: usize) {
@@ -248,16 +347,33 @@ mod portable {
     }
 
     #[cube(launch)]
-    fn winograd_weights<F: Float>(w: &Tensor<F>, u: &mut Tensor<F>, filters: u32, #[define(F)] _dtype: ElemType) {
+    fn winograd_weights<F: Float>(
+        w: &Tensor<F>,
+        u: &mut Tensor<F>,
+        filters: u32,
+        cin: u32,
+        flipped: u32,
+        #[define(F)] _dtype: ElemType,
+    ) {
         // Workgroups beyond 65535 spill over into y.
         let thread = ABSOLUTE_POS_X + ABSOLUTE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X;
         if thread >= filters {
             terminate!();
         }
+        // Filter (o, c); flipped, its taps are read backwards and it lands at (c, o).
+        let o = thread / cin;
+        let c = thread % cin;
+        let mut first = thread;
+        if flipped == 1 {
+            first = c * (filters / cin) + o;
+        }
         let mut g = Array::<f32>::new(9usize);
-        #[unroll]
         for tap in 0..9u32 {
-            g[tap as usize] = f32::cast_from(w[(thread * 9 + tap) as usize]);
+            let mut source = tap;
+            if flipped == 1 {
+                source = 8 - tap;
+            }
+            g[tap as usize] = f32::cast_from(w[(thread * 9 + source) as usize]);
         }
         // G g, row by row of the result (4 rows of 3), then each row times Gᵀ.
         let mut gg = Array::<f32>::new(12usize);
@@ -268,7 +384,7 @@ mod portable {
             gg[6 + j] = (g[j] - g[3 + j] + g[6 + j]) * 0.5f32;
             gg[9 + j] = g[6 + j];
         }
-        let mut index = thread;
+        let mut index = first;
         #[unroll]
         for k in 0..4usize {
             let (a, b, c) = (gg[3 * k], gg[3 * k + 1], gg[3 * k + 2]);

@@ -253,6 +253,70 @@ fn winograd_kernels_match_burns_convolution() {
     }
 }
 
+/// In training (frozen weights, `x` tracked) Winograd's op gives the output and the input's
+/// gradient burn's autodiff convolution gives on the same device: "same" and uneven padding,
+/// a budget that splits the tiles into bands (the backward's too), frozen f16 weights under f32
+/// activations (`sdw train --precision f16`), by the shaders and by their cube twins. Within
+/// 1e-5 of each result's scale, as the forward test.
+#[test]
+fn winograd_gradients_match_burns() {
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    use sdw::shaders::winograd;
+    let Some(gpu) = wgpu() else { return };
+    let plain = &gpu.device;
+    let tracked = plain.clone().autodiff();
+    // (x's shape, output channels, padding, budget, the weight's dtype)
+    let cases = [
+        ([2, 5, 9, 7], 6, [1, 1, 1, 1], 1 << 30, DType::F32),
+        ([1, 3, 6, 8], 4, [0, 2, 1, 0], 1 << 30, DType::F32),
+        ([2, 40, 17, 16], 36, [1, 1, 1, 1], 96 << 10, DType::F32),
+        ([2, 5, 9, 7], 6, [1, 1, 1, 1], 1 << 30, DType::F16),
+    ];
+    for (shape, cout, padding, budget, dtype) in cases {
+        let [batch, cin, h, w] = shape;
+        let [top, left, bottom, right] = padding;
+        let noise = |n: usize, seed: u64, scale: f32| -> Vec<f32> {
+            sdw::sampling::Philox::new(seed).randn(n).iter().map(|v| v * scale).collect()
+        };
+        let weight = to_device(noise(cout * cin * 9, 6, ((cin * 9) as f32).sqrt().recip()), [cout, cin, 3, 3], plain);
+        let weight = to_device(to_host(weight.cast(dtype).cast(DType::F32)).data, [cout, cin, 3, 3], &tracked);
+        let bias = to_device(noise(cout, 7, 1.0), [cout], &tracked);
+        let x = to_device(noise(shape.iter().product(), 5, 1.0), shape, &tracked);
+        let out_shape = [batch, cout, h + top + bottom - 2, w + left + right - 2];
+        let g = to_device(noise(out_shape.iter().product(), 8, 1.0), out_shape, &tracked);
+        let run = |ours: Option<fn(_, _, _, _, _) -> _>| {
+            let x = x.clone().require_grad();
+            let out = match ours {
+                Some(conv) => conv(x.clone(), weight.clone().cast(dtype), bias.clone(), padding, budget),
+                None => {
+                    let padded = x.clone().pad([(top, bottom), (left, right)], 0.0);
+                    conv2d(padded, weight.clone(), Some(bias.clone()), ConvOptions::new([1, 1], [0, 0], [1, 1], 1))
+                }
+            };
+            let grads = (out.clone() * g.clone()).sum().backward();
+            (to_host(out.inner()), to_host(x.grad(&grads).expect("the input's gradient")))
+        };
+        let (want, want_dx) = run(None);
+        let kernels = [
+            ("WGSL shaders", winograd::conv3x3 as fn(_, _, _, _, _) -> _),
+            ("cube kernels", winograd::conv3x3_portable),
+        ];
+        for (kernel, conv) in kernels {
+            let (out, dx) = run(Some(conv));
+            for (name, got, want) in [("output", out, &want), ("input gradient", dx, &want_dx)] {
+                let what =
+                    format!("winograd {kernel} {shape:?} -> {cout} {padding:?} budget {budget} {dtype:?}: {name}");
+                assert_eq!(got.shape, want.shape, "{what}");
+                let err = got.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+                eprintln!("{what}: max error {err:.2e} of {scale:.2e}");
+                assert!(err <= 1e-5 * scale, "{what}: max error {err} of {scale}");
+            }
+        }
+    }
+}
+
 /// `v` rounded to f16 values, so that an f16 operand holds exactly what the host multiplies.
 fn f16_exact(v: Vec<f32>) -> Vec<f32> {
     v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
