@@ -31,15 +31,15 @@ const POSITIONS: usize = 16;
 
 /// A band of the output's tiles (2x2 blocks of pixels) of a 3x3 convolution at stride 1:
 /// `rows` rows of tiles from row `first`, over every item of the batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Tiles {
-    pub batch: usize,
+#[derive(Clone, Copy, Debug)]
+struct Tiles {
+    batch: usize,
     /// (top, left) padding.
-    pub top_left: [usize; 2],
+    top_left: [usize; 2],
     /// The whole output's height and width.
-    pub output: [usize; 2],
-    pub first: usize,
-    pub rows: usize,
+    output: [usize; 2],
+    first: usize,
+    rows: usize,
 }
 
 impl Tiles {
