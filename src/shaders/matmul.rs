@@ -137,10 +137,7 @@ fn product<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Te
 /// where a frozen operand may be f16 (whether the device compiles WGSL is known only to its
 /// client, in [`MatmulOps::sdw_matmul`]).
 fn shader_may_run<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>, tracked: bool) -> bool {
-    let operand = |x: &Tensor<D>| {
-        super::enabled() && crate::device::on_cube(&x.device()) && matches!(x.dtype(), DType::F32 | DType::F16)
-    };
-    D >= 2 && operand(lhs) && operand(rhs) && (tracked || lhs.dtype() == rhs.dtype())
+    D >= 2 && super::takes(lhs) && super::takes(rhs) && (tracked || lhs.dtype() == rhs.dtype())
 }
 
 /// Whether `x` may be an operand of the shader outside autodiff: an untracked f32/f16 tensor

@@ -16,9 +16,10 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Backend, TensorMetadata, tensor::FloatTensor};
-use burn::tensor::{DType, Shape};
+use burn::tensor::Shape;
 
 use super::matmul::{Kernel, MatmulOps, tuned_or_burns};
+use super::widen;
 
 impl<B: Backend + MatmulOps, C: CheckpointStrategy> MatmulOps for Autodiff<B, C> {
     fn sdw_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, kernel: Kernel) -> FloatTensor<Self> {
@@ -62,11 +63,6 @@ impl<B: Backend + MatmulOps, C: CheckpointStrategy> MatmulOps for Autodiff<B, C>
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
-}
-
-/// `t` in `dtype`: itself when it already is.
-fn widen<B: Backend>(t: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
-    if t.dtype() == dtype { t } else { B::float_cast(t, dtype.into()) }
 }
 
 /// A gradient's product: the forward's shader where a test asked for one, else the tuned

@@ -16,6 +16,7 @@ pub mod winograd;
 use std::path::{Path, PathBuf};
 
 use burn::backend::wgpu::{CubeTensor, KernelSource, SourceKernel, SourceTemplate};
+use burn::backend::{Backend, TensorMetadata, tensor::FloatTensor};
 use burn::cubecl::prelude::KernelId;
 use burn::tensor::{DType, Shape, Tensor};
 use std::sync::{Arc, LazyLock, OnceLock};
@@ -106,10 +107,20 @@ fn enabled() -> bool {
 /// f32/f16 tensor on a cubecl device, without gradients (they have no backward pass of
 /// their own), unless `SDW_SHADERS=off`.
 pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
-    enabled()
-        && !x.device().is_autodiff()
-        && crate::device::on_cube(&x.device())
-        && matches!(x.dtype(), DType::F32 | DType::F16)
+    takes(x) && !x.device().is_autodiff()
+}
+
+/// Whether our GPU kernels can compute on `x`, with or without gradients: an f32/f16 tensor on
+/// a cubecl device, unless `SDW_SHADERS=off`. The ops that have a backward pass of their own
+/// (the products, Winograd's convolution) take tensors under autodiff too.
+fn takes<const D: usize>(x: &Tensor<D>) -> bool {
+    enabled() && crate::device::on_cube(&x.device()) && matches!(x.dtype(), DType::F32 | DType::F16)
+}
+
+/// `t` in `dtype`, inside an op of ours: frozen f16 weights meet f32 activations in training
+/// (`sdw train --precision f16`); itself when it already is.
+fn widen<B: Backend>(t: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+    if t.dtype() == dtype { t } else { B::float_cast(t, dtype.into()) }
 }
 
 /// Threads per workgroup of our element-typed shaders (`{{ workgroup }}` in their text) and

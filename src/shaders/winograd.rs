@@ -21,9 +21,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Autodiff, Backend, TensorMetadata, backend_extension, tensor::FloatTensor};
-use burn::tensor::{DType, Shape, Tensor};
+use burn::tensor::{Shape, Tensor};
 
 use super::matmul::tuned_or_burns;
+use super::widen;
 use super::{WORKGROUP, workgroups};
 
 /// Positions of a 4x4 input block: the batch of the products.
@@ -104,12 +105,9 @@ pub fn applies(
         crate::cpu::conv::Shape { batch, channels_in, channels_out, height, width, kernel: [kh, kw], padding, stride };
     let transform_bytes = POSITIONS * channels_in * channels_out * x.dtype().size();
     let frozen = !weight.is_require_grad() && !bias.is_require_grad();
-    let dtypes = |t: DType| matches!(t, DType::F32 | DType::F16);
     *ENABLED
-        && super::enabled()
-        && crate::device::on_cube(&x.device())
-        && dtypes(x.dtype())
-        && (weight.dtype() == x.dtype() || x.device().is_autodiff() && dtypes(weight.dtype()))
+        && super::takes(x)
+        && (weight.dtype() == x.dtype() || x.device().is_autodiff() && super::takes(weight))
         && frozen
         && crate::cpu::winograd::applies(&shape)
         && transform_bytes <= budget
@@ -146,9 +144,8 @@ fn dispatch(
     budget: usize,
     portable: bool,
 ) -> Tensor<4> {
-    if weight.dtype() == x.dtype() {
-        crate::shaders::matmul::prove_cooperative(&x);
-    }
+    // The weight widens to `x`'s dtype, which is the products'.
+    crate::shaders::matmul::prove_cooperative(&x);
     Tensor::from_dispatch(burn::backend::Dispatch::winograd_conv3x3(
         x.into_dispatch(),
         weight.into_dispatch(),
@@ -171,8 +168,8 @@ impl WinogradOps for CubeBackend {
         portable: bool,
     ) -> CubeTensor {
         let x = into_contiguous(x);
-        // Frozen f16 weights meet f32 activations in training (`sdw train --precision f16`).
         let (weight, bias) = (widen::<CubeBackend>(weight, x.dtype), widen::<CubeBackend>(bias, x.dtype));
+        let bias = into_contiguous(bias);
         let out_shape = output_shape(x.meta.shape(), weight.meta.shape(), &padding, &flipped);
         let ([batch, channels_in, ..], [_, channels_out, height_out, width_out]) =
             (dims(x.meta.shape()), dims(&out_shape));
@@ -242,11 +239,6 @@ fn dims(shape: &Shape) -> [usize; 4] {
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
-/// `t` in `dtype`: itself when it already is.
-fn widen<B: Backend>(t: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
-    if t.dtype() == dtype { t } else { B::float_cast(t, dtype.into()) }
-}
-
 fn cat<B: Backend>(tensors: Vec<FloatTensor<B>>, dim: usize) -> FloatTensor<B> {
     B::float_cat(tensors, dim)
 }
@@ -283,18 +275,18 @@ fn input(x: &CubeTensor, tiles: Tiles, portable: bool) -> CubeTensor {
     out
 }
 
-/// `[16, O, tiles]` plus the bias -> `[B, O, rows_out, W_out]`, the band's output rows.
+/// `[16, O, tiles]` plus the (contiguous) bias -> `[B, O, rows_out, W_out]`, the band's
+/// output rows.
 fn output(m: CubeTensor, bias: &CubeTensor, tiles: Tiles, portable: bool) -> CubeTensor {
     let m = into_contiguous(m);
-    let bias = into_contiguous(bias.clone());
     let channels = m.meta.shape()[1];
     let out = super::empty_like(&m, Shape::from([tiles.batch, channels, tiles.rows_out(), tiles.output[1]]));
     let info = [tiles.batch, channels, tiles.rows, tiles.columns(), tiles.rows_out(), tiles.output[1]].map(index);
     let threads = channels * tiles.count();
     if portable || !super::compiles_wgsl(&m) {
-        portable::output(&m, &bias, &out, info, threads);
+        portable::output(&m, bias, &out, info, threads);
     } else {
-        let buffers = [&m, &bias, &out].map(|t| t.handle.clone().binding());
+        let buffers = [&m, bias, &out].map(|t| t.handle.clone().binding());
         super::launch_shader("winograd_output.wgsl", &m, workgroups(threads), buffers.into(), &info);
     }
     out

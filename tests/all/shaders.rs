@@ -221,19 +221,15 @@ fn winograd_kernels_match_burns_convolution() {
         let [top, left, bottom, right] = padding;
         let [_, cin, ..] = shape;
         let amplitude = ((cin * 9) as f32).sqrt().recip();
-        let noise = |n: usize, seed: u64, scale: f32| -> Vec<f32> {
-            sdw::sampling::Philox::new(seed).randn(n).iter().map(|v| v * scale).collect()
-        };
-        let x = to_device(noise(shape.iter().product(), 5, 1.0), shape, d);
-        let weight = to_device(noise(cout * cin * 9, 6, amplitude), [cout, cin, 3, 3], d);
-        let bias = to_device(noise(cout, 7, 1.0), [cout], d);
+        let x = to_device(scaled_noise(shape.iter().product(), 5, 1.0), shape, d);
+        let weight = to_device(scaled_noise(cout * cin * 9, 6, amplitude), [cout, cin, 3, 3], d);
+        let bias = to_device(scaled_noise(cout, 7, 1.0), [cout], d);
         let mut conv = Conv2dConfig::new([cin, cout], [3, 3])
             .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
             .init(d);
         conv.weight = Param::from_tensor(weight.clone());
         conv.bias = Some(Param::from_tensor(bias.clone()));
         let want = to_host(conv.forward(x.clone()));
-        let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
         let kernels = [
             ("WGSL shaders", winograd::conv3x3 as fn(_, _, _, _, _) -> _),
             ("cube kernels", winograd::conv3x3_portable),
@@ -241,10 +237,7 @@ fn winograd_kernels_match_burns_convolution() {
         for (kernel, run) in kernels {
             let what = format!("winograd {kernel} {shape:?} -> {cout} {padding:?} budget {budget}");
             let got = to_host(run(x.clone(), weight.clone(), bias.clone(), padding, budget));
-            assert_eq!(got.shape, want.shape, "{what}");
-            let err = got.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            eprintln!("{what}: max error {err:.2e} of {scale:.2e}");
-            assert!(err <= 1e-5 * scale, "{what}: max error {err} of {scale}");
+            assert_within_scale(&what, &got, &want, 1e-5);
             let (x, weight, bias) =
                 (x.clone().cast(DType::F16), weight.clone().cast(DType::F16), bias.clone().cast(DType::F16));
             let got = to_host(run(x, weight, bias, padding, budget).cast(DType::F32));
@@ -264,8 +257,7 @@ fn winograd_gradients_match_burns() {
     use burn::tensor::ops::ConvOptions;
     use sdw::shaders::winograd;
     let Some(gpu) = wgpu() else { return };
-    let plain = &gpu.device;
-    let tracked = plain.clone().autodiff();
+    let tracked = gpu.device.clone().autodiff();
     // (x's shape, output channels, padding, budget, the weight's dtype)
     let cases = [
         ([2, 5, 9, 7], 6, [1, 1, 1, 1], 1 << 30, DType::F32),
@@ -276,15 +268,14 @@ fn winograd_gradients_match_burns() {
     for (shape, cout, padding, budget, dtype) in cases {
         let [batch, cin, h, w] = shape;
         let [top, left, bottom, right] = padding;
-        let noise = |n: usize, seed: u64, scale: f32| -> Vec<f32> {
-            sdw::sampling::Philox::new(seed).randn(n).iter().map(|v| v * scale).collect()
-        };
-        let weight = to_device(noise(cout * cin * 9, 6, ((cin * 9) as f32).sqrt().recip()), [cout, cin, 3, 3], plain);
-        let weight = to_device(to_host(weight.cast(dtype).cast(DType::F32)).data, [cout, cin, 3, 3], &tracked);
-        let bias = to_device(noise(cout, 7, 1.0), [cout], &tracked);
-        let x = to_device(noise(shape.iter().product(), 5, 1.0), shape, &tracked);
+        // burn's convolution gets the f32 values an f16 weight holds.
+        let weight = scaled_noise(cout * cin * 9, 6, ((cin * 9) as f32).sqrt().recip());
+        let weight = if dtype == DType::F16 { f16_exact(weight) } else { weight };
+        let weight = to_device(weight, [cout, cin, 3, 3], &tracked);
+        let bias = to_device(scaled_noise(cout, 7, 1.0), [cout], &tracked);
+        let x = to_device(scaled_noise(shape.iter().product(), 5, 1.0), shape, &tracked);
         let out_shape = [batch, cout, h + top + bottom - 2, w + left + right - 2];
-        let g = to_device(noise(out_shape.iter().product(), 8, 1.0), out_shape, &tracked);
+        let g = to_device(scaled_noise(out_shape.iter().product(), 8, 1.0), out_shape, &tracked);
         let run = |ours: Option<fn(_, _, _, _, _) -> _>| {
             let x = x.clone().require_grad();
             let out = match ours {
@@ -307,14 +298,24 @@ fn winograd_gradients_match_burns() {
             for (name, got, want) in [("output", out, &want), ("input gradient", dx, &want_dx)] {
                 let what =
                     format!("winograd {kernel} {shape:?} -> {cout} {padding:?} budget {budget} {dtype:?}: {name}");
-                assert_eq!(got.shape, want.shape, "{what}");
-                let err = got.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-                eprintln!("{what}: max error {err:.2e} of {scale:.2e}");
-                assert!(err <= 1e-5 * scale, "{what}: max error {err} of {scale}");
+                assert_within_scale(&what, &got, want, 1e-5);
             }
         }
     }
+}
+
+/// Normal noise times `scale`.
+fn scaled_noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    sdw::sampling::Philox::new(seed).randn(n).iter().map(|v| v * scale).collect()
+}
+
+/// The largest difference within `bound` times the largest magnitude of `want`.
+fn assert_within_scale(what: &str, got: &HostTensor, want: &HostTensor, bound: f32) {
+    assert_eq!(got.shape, want.shape, "{what}");
+    let err = got.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+    eprintln!("{what}: max error {err:.2e} of {scale:.2e}");
+    assert!(err <= bound * scale, "{what}: max error {err} of {scale}");
 }
 
 /// `v` rounded to f16 values, so that an f16 operand holds exactly what the host multiplies.
