@@ -1,18 +1,18 @@
-// interface: winograd_input 1 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
-// winograd_input: the input transform of Winograd's F(2x2, 3x3) (Lavin & Gray, 2015) for a
-// 3x3 convolution at stride 1, over one band of tile rows. A tile is a 2x2 block of output
-// pixels; the 4x4 block of input under it, d, becomes V = Bᵀ d B, with
-//   Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
-// and v[4k + l, c, t] = V[k][l] of channel c under tile t = (b * rows + r) * tiles_w + q
+// interface: winograd_input 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// winograd_input: the input transform of Winograd's F(m x m, 3x3) (Lavin & Gray, 2015),
+// m = {{ out }}, for a 3x3 convolution at stride 1, over one band of tile rows. A tile is an
+// m x m block of output pixels; the n x n block of input under it (n = m + 2), d, becomes
+// V = Bᵀ d B, with Bᵀ of F(2x2, 3x3) and of F(4x4, 3x3) in bt_2 and bt_4, and
+// v[n k + l, c, t] = V[k][l] of channel c under tile t = (b * rows + r) * tiles_w + q
 // (tile row ty0 + r and column q of item b). d is zero in the padding and past the input.
 // With winograd_weights.wgsl and winograd_output.wgsl it replaces im2col.wgsl and the product
-// over its columns (9x the input) by 16 products over V (4x the input), with 2.25x fewer
-// multiplications.
+// over its columns (9x the input) by n² products over V: F(2x2, 3x3) does 4/9 of the
+// multiplications over 4x the input, F(4x4, 3x3) 1/4 of them over 2.25x the input.
 //
 // One thread per (c, t): neighbouring threads write neighbouring tiles. Arithmetic in f32.
 //
-// Template values: {{ elem }} (f32 or f16), {{ workgroup }} (threads per workgroup),
-// {{ extensions }} (`enable f16;` for f16).
+// Template values: {{ elem }} (f32 or f16), {{ out }} (m: 2 or 4), {{ workgroup }} (threads
+// per workgroup), {{ extensions }} (`enable f16;` for f16).
 {{ extensions }}
 
 @group(0) @binding(0) var<storage, read_write> x: array<{{ elem }}>;
@@ -23,10 +23,28 @@
 fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
 const WORKGROUP: u32 = {{ workgroup }}u;
+const OUT: u32 = {{ out }}u; // output pixels per tile side
+const IN: u32 = OUT + 2u;    // input pixels per tile side
 
-// Bᵀ applied to the 4 entries of a row or column.
-fn apply_bt(d: vec4<f32>) -> vec4<f32> {
-    return vec4<f32>(d.x - d.z, d.y + d.z, d.z - d.y, d.y - d.w);
+// Bᵀ of F(2x2, 3x3) applied to 4 values: [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
+// [0, 1, 0, -1]].
+fn bt_2(d: array<f32, 4>) -> array<f32, 4> {
+    return array<f32, 4>(d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]);
+}
+
+// Bᵀ of F(4x4, 3x3) applied to 6 values: [[1, -3/2, -2, 3/2, 1, 0], [0, 1, -5/2, ½, 1, 0],
+// [0, -1, ½, 5/2, 1, 0], [0, -2, -1, 2, 1, 0], [0, ½, -1, -½, 1, 0], [0, 1, -3/2, -2, 3/2, 1]]:
+// Toom-Cook at the points 0, -1, 1, ½, -2 and ∞, whose f32 error is 2-4x smaller than at
+// Lavin & Gray's 0, ±1, ±2 and ∞ (Barabasz et al., 2020).
+fn bt_4(d: array<f32, 6>) -> array<f32, 6> {
+    return array<f32, 6>(
+        d[0] - 1.5 * d[1] - 2.0 * d[2] + 1.5 * d[3] + d[4],
+        d[1] - 2.5 * d[2] + 0.5 * d[3] + d[4],
+        0.5 * d[2] - d[1] + 2.5 * d[3] + d[4],
+        2.0 * (d[3] - d[1]) - d[2] + d[4],
+        0.5 * (d[1] - d[3]) - d[2] + d[4],
+        d[1] - 1.5 * d[2] - 2.0 * d[3] + 1.5 * d[4] + d[5],
+    );
 }
 
 @compute @workgroup_size({{ workgroup }}, 1, 1)
@@ -53,32 +71,36 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let r = (t / tiles_w) % rows;
     let b = t / (tiles_w * rows);
 
-    // The 4x4 block in padded coordinates: rows 2 (ty0 + r) + i, columns 2q + j; the padding
-    // is `top` rows and `left` columns of zeros.
+    // The n x n block in padded coordinates, column by column: rows m (ty0 + r) + i, columns
+    // m q + j; the padding is `top` rows and `left` columns of zeros.
     let plane = (b * channels + c) * height * width;
-    let y_first = 2u * (ty0 + r);
-    let x_first = 2u * q;
-    var d: array<vec4<f32>, 4>;
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        let y = y_first + i;
-        var row = vec4<f32>(0.0);
-        if (y >= top && y - top < height) {
-            for (var j = 0u; j < 4u; j = j + 1u) {
-                let xx = x_first + j;
-                if (xx >= left && xx - left < width) {
-                    row[j] = f32(x[plane + (y - top) * width + (xx - left)]);
-                }
+    let y_first = OUT * (ty0 + r);
+    let x_first = OUT * q;
+    var d: array<array<f32, IN>, IN>;
+    for (var j = 0u; j < IN; j = j + 1u) {
+        let xx = x_first + j;
+        for (var i = 0u; i < IN; i = i + 1u) {
+            let y = y_first + i;
+            var value = 0.0;
+            if (y >= top && y - top < height && xx >= left && xx - left < width) {
+                value = f32(x[plane + (y - top) * width + (xx - left)]);
             }
+            d[j][i] = value;
         }
-        d[i] = row;
     }
-    // Bᵀ d, row by row of the result, then each row times B.
-    var bd = array<vec4<f32>, 4>(d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]);
+    // Bᵀ d column by column, then each of its rows times B. `bt_{{ out }}` is bt_2 or bt_4.
+    var bd: array<array<f32, IN>, IN>;
+    for (var j = 0u; j < IN; j = j + 1u) {
+        var column = bt_{{ out }}(d[j]);
+        for (var k = 0u; k < IN; k = k + 1u) {
+            bd[k][j] = column[k];
+        }
+    }
     let stride = channels * tiles;
     var index = c * tiles + t;
-    for (var k = 0u; k < 4u; k = k + 1u) {
-        let row = apply_bt(bd[k]);
-        for (var l = 0u; l < 4u; l = l + 1u) {
+    for (var k = 0u; k < IN; k = k + 1u) {
+        var row = bt_{{ out }}(bd[k]);
+        for (var l = 0u; l < IN; l = l + 1u) {
             v[index] = {{ elem }}(row[l]);
             index = index + stride;
         }

@@ -1,15 +1,15 @@
-// interface: winograd_output 1 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
-// winograd_output: the output transform of Winograd's F(2x2, 3x3) (see winograd_input.wgsl),
-// plus the bias. The 16 products m[4k + l, o, t] = Σ_c u[4k + l, o, c] v[4k + l, c, t] of a
-// tile t and output channel o, as a 4x4 block M, become its 2x2 output pixels Aᵀ M A, with
-//   Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]],
-// written into y = [batch, O, rows_out, w_out], the band's output rows; pixels of a tile past
-// the output's last row or column are dropped.
+// interface: winograd_output 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// winograd_output: the output transform of Winograd's F(m x m, 3x3), m = {{ out }} (see
+// winograd_input.wgsl), plus the bias. The n² products m[n k + l, o, t] =
+// Σ_c u[n k + l, o, c] v[n k + l, c, t] of a tile t and output channel o (n = m + 2), as an
+// n x n block M, become its m x m output pixels Aᵀ M A, with Aᵀ of F(2x2, 3x3) and of
+// F(4x4, 3x3) in at_2 and at_4, written into y = [batch, O, rows_out, w_out], the band's
+// output rows; pixels of a tile past the output's last row or column are dropped.
 //
 // One thread per (o, t): neighbouring threads read neighbouring tiles. Arithmetic in f32.
 //
-// Template values: {{ elem }} (f32 or f16), {{ workgroup }} (threads per workgroup),
-// {{ extensions }} (`enable f16;` for f16).
+// Template values: {{ elem }} (f32 or f16), {{ out }} (m: 2 or 4), {{ workgroup }} (threads
+// per workgroup), {{ extensions }} (`enable f16;` for f16).
 {{ extensions }}
 
 @group(0) @binding(0) var<storage, read_write> m: array<{{ elem }}>;
@@ -21,10 +21,25 @@
 fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
 const WORKGROUP: u32 = {{ workgroup }}u;
+const OUT: u32 = {{ out }}u; // output pixels per tile side
+const IN: u32 = OUT + 2u;    // input pixels per tile side
 
-// Aᵀ applied to the 4 entries of a row or column.
-fn apply_at(m: vec4<f32>) -> vec2<f32> {
-    return vec2<f32>(m.x + m.y + m.z, m.y - m.z - m.w);
+// Aᵀ of F(2x2, 3x3) applied to 4 sums: [[1, 1, 1, 0], [0, 1, -1, -1]].
+fn at_2(m: array<f32, 4>) -> array<f32, 2> {
+    return array<f32, 2>(m[0] + m[1] + m[2], m[1] - m[2] - m[3]);
+}
+
+// Aᵀ of F(4x4, 3x3) applied to 6 sums: [[1, 1, 1, 1, 1, 0], [0, -1, 1, ½, -2, 0],
+// [0, 1, 1, ¼, 4, 0], [0, -1, 1, ⅛, -8, 1]] (see winograd_input.wgsl's bt_4).
+fn at_4(m: array<f32, 6>) -> array<f32, 4> {
+    let near = m[2] + m[1];
+    let near_odd = m[2] - m[1];
+    return array<f32, 4>(
+        near + m[0] + m[3] + m[4],
+        near_odd + 0.5 * m[3] - 2.0 * m[4],
+        near + 0.25 * m[3] + 4.0 * m[4],
+        near_odd + 0.125 * m[3] - 8.0 * m[4] + m[5],
+    );
 }
 
 @compute @workgroup_size({{ workgroup }}, 1, 1)
@@ -48,21 +63,29 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let r = (t / tiles_w) % rows;
     let b = t / (tiles_w * rows);
 
+    // M column by column.
     let stride = channels * tiles;
-    var mk: array<vec4<f32>, 4>;
-    for (var k = 0u; k < 4u; k = k + 1u) {
-        let at = (4u * k * channels + o) * tiles + t;
-        mk[k] = vec4<f32>(f32(m[at]), f32(m[at + stride]), f32(m[at + 2u * stride]), f32(m[at + 3u * stride]));
+    var mk: array<array<f32, IN>, IN>;
+    for (var l = 0u; l < IN; l = l + 1u) {
+        for (var k = 0u; k < IN; k = k + 1u) {
+            mk[l][k] = f32(m[(IN * k + l) * stride + o * tiles + t]);
+        }
     }
-    // Aᵀ M, row by row of the result, then each row times A.
-    var am = array<vec4<f32>, 2>(mk[0] + mk[1] + mk[2], mk[1] - mk[2] - mk[3]);
+    // Aᵀ M column by column, then each of its rows times A. `at_{{ out }}` is at_2 or at_4.
+    var am: array<array<f32, IN>, OUT>;
+    for (var l = 0u; l < IN; l = l + 1u) {
+        var column = at_{{ out }}(mk[l]);
+        for (var a = 0u; a < OUT; a = a + 1u) {
+            am[a][l] = column[a];
+        }
+    }
     let offset = f32(bias[o]);
     let plane = (b * channels + o) * rows_out;
-    for (var a = 0u; a < 2u; a = a + 1u) {
-        let row = 2u * r + a;
-        let pixels = apply_at(am[a]);
-        for (var e = 0u; e < 2u; e = e + 1u) {
-            let column = 2u * q + e;
+    for (var a = 0u; a < OUT; a = a + 1u) {
+        let row = OUT * r + a;
+        var pixels = at_{{ out }}(am[a]);
+        for (var e = 0u; e < OUT; e = e + 1u) {
+            let column = OUT * q + e;
             if (row < rows_out && column < w_out) {
                 y[(plane + row) * w_out + column] = {{ elem }}(pixels[e] + offset);
             }

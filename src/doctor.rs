@@ -29,7 +29,8 @@ use crate::pipeline::StableDiffusion;
 use crate::pipeline::denoiser::CfgDenoiser;
 use crate::shaders::matmul::Kernel;
 use crate::shaders::softmax::of_last_dim;
-use crate::shaders::{group_norm, matmul, winograd};
+use crate::shaders::winograd::{self, Tile};
+use crate::shaders::{group_norm, matmul};
 use crate::weights::HostTensor;
 use crate::weights::synthetic::Architecture;
 
@@ -137,8 +138,13 @@ pub fn checks(size: usize) -> Vec<Check> {
     }
     // Winograd's kernels at any size (`model::conv` sends them only convolutions of 512
     // pixels or more): the WGSL shaders, and their cube twins as SPIR-V devices run them.
-    for (label, portable) in [("sdw shaders", false), ("sdw cube kernels", true)] {
-        add(format!("conv 3x3 320->320 at {s}x{s} by Winograd's F(2x2, 3x3) ({label})"), winograd_check(s, portable));
+    for tile in [Tile::F2, Tile::F4] {
+        for (label, portable) in [("sdw shaders", false), ("sdw cube kernels", true)] {
+            add(
+                format!("conv 3x3 320->320 at {s}x{s} by Winograd's {tile} ({label})"),
+                winograd_check(s, tile, portable),
+            );
+        }
     }
     // burn's ops and sdw's kernels (the WGSL shader or, on a SPIR-V device, its cube twin;
     // the cube twin forced; the CPU kernel) on the same input: each must agree.
@@ -416,7 +422,7 @@ fn conv_check(cin: usize, cout: usize, k: usize, stride: usize, side: usize, see
 
 /// [`conv_check`]'s 3x3 320 -> 320 convolution by Winograd's kernels where they run (a GPU),
 /// by the `#[cube]` ones when `portable`; elsewhere the device's own.
-fn winograd_check(side: usize, portable: bool) -> Op {
+fn winograd_check(side: usize, tile: Tile, portable: bool) -> Op {
     Box::new(move |d| {
         let c = conv2d(320, 320, 3, 1, 10, d);
         let x = input([2, 320, side, side], 110, d);
@@ -425,7 +431,8 @@ fn winograd_check(side: usize, portable: bool) -> Op {
         }
         let run = if portable { winograd::conv3x3_portable } else { winograd::conv3x3 };
         let bias = c.bias.as_ref().expect("a bias").val();
-        to_host(run(x, c.weight.val(), bias, [1; 4], crate::model::budget::bytes()))
+        let plan = winograd::Plan { tile, padding: [1; 4], budget: crate::model::budget::bytes() };
+        to_host(run(x, c.weight.val(), bias, plan))
     })
 }
 

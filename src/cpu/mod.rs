@@ -6,8 +6,9 @@
 //!   on one core, after copying the gate half out of the projection;
 //! - GroupNorm + SiLU (`group_norm`, the CPU side of `shaders::group_norm`);
 //! - convolutions (`conv`): flex rebuilds an im2col buffer and repacks the weights for every
-//!   512 pixels; sdw's 3x3 ones between wide channels take Winograd's algorithm
-//!   (`winograd`), 2.25x fewer multiplications;
+//!   512 pixels; sdw's 3x3 ones between wide channels take Winograd's algorithms
+//!   (`winograd`): F(4x4, 3x3), 4x fewer multiplications, from 2048 pixels, else F(2x2, 3x3),
+//!   2.25x fewer;
 //! - widening f16 weights to f32 (`--precision f16`): flex converts element by element on
 //!   one core.
 //!

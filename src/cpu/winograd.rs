@@ -1,18 +1,23 @@
-//! 3x3 convolutions at stride 1 by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray,
-//! "Fast Algorithms for Convolutional Neural Networks", 2015): every 2x2 block of output
-//! pixels comes from the 4x4 block of input under it through 16 multiplications per pair of
-//! channels instead of 36, so the products, which are most of a UNet step and nearly all of
-//! a VAE decode, do 2.25x less work than im2col's.
+//! 3x3 convolutions at stride 1 by Winograd's minimal filtering F(m x m, 3x3) (Lavin & Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2015): every m x m block of output
+//! pixels comes from the n x n block of input under it (n = m + 2) through n² multiplications
+//! per pair of channels instead of 9m², so the products, which are most of a UNet step and
+//! nearly all of a VAE decode, do less work than im2col's: 4/9 of it for F(2x2, 3x3), 1/4 for
+//! F(4x4, 3x3), which is what runs unless `SDW_WINOGRAD=2x2`.
 //!
-//! For each block ("tile") and input channel the 4x4 input `d` becomes `V = Bᵀ d B`; for
-//! each pair of channels the 3x3 weight `g` becomes `U = G g Gᵀ`; then for each of the 16
-//! positions `ξ` of a 4x4 block, `M_ξ = U_ξ · V_ξ` is one matrix product over the input
-//! channels (`[Cout, Cin] x [Cin, tiles]`), and the output block is `Aᵀ M A`. The transforms'
-//! coefficients are 0, ±1 and ±1/2, so the sums stay within a few f32 roundoffs of direct
-//! ones (the tests hold them to the same bound as `conv`'s).
+//! For each block ("tile") and input channel the n x n input `d` becomes `V = Bᵀ d B`; for
+//! each pair of channels the 3x3 weight `g` becomes `U = G g Gᵀ`; then for each of the n²
+//! positions `ξ` of a block, `M_ξ = U_ξ · V_ξ` is one matrix product over the input channels
+//! (`[Cout, Cin] x [Cin, tiles]`), and the output block is `Aᵀ M A`. F(2x2, 3x3)'s
+//! coefficients are 0, ±1 and ±½, so its sums stay within a few f32 roundoffs of direct ones.
+//! F(4x4, 3x3) is Toom-Cook at the points 0, -1, 1, ½, -2 and ∞, 2-4x more accurate in f32
+//! than Lavin & Gray's 0, ±1, ±2 (Barabasz et al., "Error analysis and improving the accuracy
+//! of Winograd convolution for deep neural networks", 2020); its error is still several
+//! times F(2x2, 3x3)'s (the tests hold both to `conv`'s bound), which is why f16 on a GPU
+//! (`shaders::winograd`) keeps F(2x2, 3x3).
 
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
 use multiversion::multiversion;
 use rayon::prelude::*;
@@ -20,69 +25,219 @@ use rayon::prelude::*;
 use super::conv::Shape;
 use super::product::{Parallelism, View, product};
 
-/// Output pixels per tile side, input pixels per tile side, and positions per tile.
-const OUT: usize = 2;
-const IN: usize = 4;
-const POSITIONS: usize = IN * IN;
-
-/// Whether the convolution `s` goes this way: 3x3 kernels between enough channels that the
-/// products outweigh the transforms (not SD's first and last convolutions, 4 or 3 channels
-/// wide), over enough tiles that the weights' transform (16/9 of the weights, written on
-/// every call) pays for itself.
+/// Whether the convolution `s` goes this way (on the CPU, and on a GPU: `shaders::winograd`):
+/// 3x3 kernels between enough channels that the products outweigh the transforms (not SD's
+/// first and last convolutions, 4 or 3 channels wide), over enough tiles that the weights'
+/// transform (written on every call) pays for itself; unless `SDW_WINOGRAD=off`.
 pub fn applies(s: &Shape) -> bool {
     let [ho, wo] = s.output();
-    s.kernel == [3, 3]
+    *SETTING != Setting::Off
+        && s.kernel == [3, 3]
         && s.stride == [1, 1]
         && s.channels_in >= 32
         && s.channels_out >= 32
         && s.batch * ho * wo >= MIN_PIXELS
 }
 
+/// Which of Winograd's algorithms: the output tile's side `m` of F(m x m, 3x3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tile {
+    /// F(2x2, 3x3): a 2x2 output block from the 4x4 input block under it by 16 products.
+    F2,
+    /// F(4x4, 3x3): a 4x4 output block from the 6x6 input block under it by 36 products.
+    F4,
+}
+
+impl Tile {
+    /// Output pixels per tile side (`m`).
+    pub fn out(self) -> usize {
+        match self {
+            Tile::F2 => 2,
+            Tile::F4 => 4,
+        }
+    }
+
+    /// Positions of an input block (`n²`, n = m + 2): the batch of the products.
+    pub fn positions(self) -> usize {
+        (self.out() + 2).pow(2)
+    }
+}
+
+impl std::fmt::Display for Tile {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let m = self.out();
+        write!(f, "F({m}x{m}, 3x3)")
+    }
+}
+
+/// The algorithm for f32 convolutions: F(4x4, 3x3), unless `SDW_WINOGRAD=2x2`.
+pub fn f32_tile() -> Tile {
+    if *SETTING == Setting::Only2x2 { Tile::F2 } else { Tile::F4 }
+}
+
+/// `SDW_WINOGRAD`, read once: `off` sends every convolution to im2col's products, `2x2` keeps
+/// F(2x2, 3x3) where F(4x4, 3x3) would run, to compare them (on the CPU and on a GPU).
+#[derive(PartialEq)]
+enum Setting {
+    Off,
+    Only2x2,
+    Best,
+}
+
+static SETTING: LazyLock<Setting> = LazyLock::new(|| match std::env::var("SDW_WINOGRAD").as_deref() {
+    Ok("off") => Setting::Off,
+    Ok("2x2") => Setting::Only2x2,
+    _ => Setting::Best,
+});
+
 /// Output pixels (over the batch) from which this beats im2col. The weights' transform is
-/// memory-bound: 18 ms for 1280 x 1280 channels on 2 cores, where the products save 31 ms at
-/// 16x16 pixels, batch 2 (44 against 56 ms in all), but 8 ms at 8x8 (31 against 15 ms).
+/// memory-bound: 18 ms for 1280 x 1280 channels on 2 cores by F(2x2, 3x3), where the products
+/// save 31 ms at 16x16 pixels, batch 2 (44 against 56 ms in all), but 8 ms at 8x8 (31 against
+/// 15 ms).
 const MIN_PIXELS: usize = 512;
+
+/// Output pixels (over the batch) from which F(4x4, 3x3) beats F(2x2, 3x3) on the CPU: its
+/// weights' transform is 36/16 of F(2x2, 3x3)'s, which the products' savings pay for only
+/// over enough pixels. On 2 cores (release build) with 1280 channels at 16x16, batch 2
+/// (512 pixels), F(4x4, 3x3) took 53 ms against 44; with 640 at 32x32 (2048 pixels) 28 ms
+/// both; with 320 at 64x64 20 against 30 ms.
+const F4_MIN_PIXELS: usize = 2048;
 
 /// Input-transform floats per chunk of tiles, which the products then read from the cache.
 const CHUNK_FLOATS: usize = 2 << 20;
 
+/// One of Winograd's algorithms, F(OUT x OUT, 3x3) over IN x IN input blocks
+/// (IN = OUT + 2): its three one-dimensional transforms, which the two-dimensional ones apply
+/// to every column and then to every row of a block.
+trait Algorithm<const IN: usize, const OUT: usize> {
+    /// `G g` for a 3-tap filter.
+    fn filter(g: [f32; 3]) -> [f32; IN];
+    /// `Bᵀ d` for IN inputs.
+    fn data(d: [f32; IN]) -> [f32; IN];
+    /// `Aᵀ m` for IN sums.
+    fn inverse(m: [f32; IN]) -> [f32; OUT];
+}
+
+/// F(2x2, 3x3).
+struct F2;
+
+impl Algorithm<4, 2> for F2 {
+    /// `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`.
+    #[inline(always)]
+    fn filter([g0, g1, g2]: [f32; 3]) -> [f32; 4] {
+        [g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2]
+    }
+
+    /// `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
+    #[inline(always)]
+    fn data([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+        [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+    }
+
+    /// `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
+    #[inline(always)]
+    fn inverse([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
+        [m0 + m1 + m2, m1 - m2 - m3]
+    }
+}
+
+/// F(4x4, 3x3) at the points 0, -1, 1, ½, -2 and ∞.
+struct F4;
+
+impl Algorithm<6, 4> for F4 {
+    /// `G = [[1, 0, 0], [-⅓, ⅓, -⅓], [⅓, ⅓, ⅓], [-16/15, -8/15, -4/15], [1/15, -2/15, 4/15],
+    /// [0, 0, 1]]`.
+    #[inline(always)]
+    fn filter([g0, g1, g2]: [f32; 3]) -> [f32; 6] {
+        [
+            g0,
+            (g1 - g0 - g2) * (1.0 / 3.0),
+            (g0 + g1 + g2) * (1.0 / 3.0),
+            -(16.0 * g0 + 8.0 * g1 + 4.0 * g2) * (1.0 / 15.0),
+            (g0 - 2.0 * g1 + 4.0 * g2) * (1.0 / 15.0),
+            g2,
+        ]
+    }
+
+    /// `Bᵀ = [[1, -3/2, -2, 3/2, 1, 0], [0, 1, -5/2, ½, 1, 0], [0, -1, ½, 5/2, 1, 0],
+    /// [0, -2, -1, 2, 1, 0], [0, ½, -1, -½, 1, 0], [0, 1, -3/2, -2, 3/2, 1]]`.
+    #[inline(always)]
+    fn data([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+        [
+            d0 - 1.5 * d1 - 2.0 * d2 + 1.5 * d3 + d4,
+            d1 - 2.5 * d2 + 0.5 * d3 + d4,
+            0.5 * d2 - d1 + 2.5 * d3 + d4,
+            2.0 * (d3 - d1) - d2 + d4,
+            0.5 * (d1 - d3) - d2 + d4,
+            d1 - 1.5 * d2 - 2.0 * d3 + 1.5 * d4 + d5,
+        ]
+    }
+
+    /// `Aᵀ = [[1, 1, 1, 1, 1, 0], [0, -1, 1, ½, -2, 0], [0, 1, 1, ¼, 4, 0], [0, -1, 1, ⅛, -8, 1]]`.
+    #[inline(always)]
+    fn inverse([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
+        let (near, near_odd) = (m2 + m1, m2 - m1);
+        [
+            near + m0 + m3 + m4,
+            near_odd + 0.5 * m3 - 2.0 * m4,
+            near + 0.25 * m3 + 4.0 * m4,
+            near_odd + 0.125 * m3 - 8.0 * m4 + m5,
+        ]
+    }
+}
+
 /// `out = conv(x, weight) + bias` for a 3x3 kernel at stride 1; the layouts are `conv2d`'s.
 pub fn conv3x3(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], s: Shape) {
-    let chunk = CHUNK_FLOATS / (POSITIONS * s.channels_in.max(s.channels_out)).max(1);
-    in_chunks(x, weight, bias, out, s, chunk.max(64));
+    let [ho, wo] = s.output();
+    let tile = if s.batch * ho * wo >= F4_MIN_PIXELS { f32_tile() } else { Tile::F2 };
+    let chunk = (CHUNK_FLOATS / (tile.positions() * s.channels_in.max(s.channels_out)).max(1)).max(64);
+    by(tile, x, weight, bias, out, s, chunk);
 }
 
-/// The tiles of the output: rows and columns of one image's.
-fn grid(s: &Shape) -> [usize; 2] {
-    s.output().map(|side| side.div_ceil(OUT))
+/// [`conv3x3`] by `tile`'s algorithm, over chunks of about `chunk` tiles.
+fn by(tile: Tile, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], s: Shape, chunk: usize) {
+    match tile {
+        Tile::F2 => in_chunks::<F2, 4, 2>(x, weight, bias, out, s, chunk),
+        Tile::F4 => in_chunks::<F4, 6, 4>(x, weight, bias, out, s, chunk),
+    }
 }
 
-/// [`conv3x3`] over chunks of about `chunk` tiles (whole rows of tiles), one after the other.
-fn in_chunks(x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32], s: Shape, chunk: usize) {
-    assert!(s.kernel == [3, 3] && s.stride == [1, 1]);
-    let grid @ [grid_rows, grid_cols] = grid(&s);
-    let (cin, cout, rows) = (s.channels_in, s.channels_out, s.batch * grid_rows);
+/// [`conv3x3`] by the algorithm `A` over chunks of about `chunk` tiles (whole rows of tiles),
+/// one after the other.
+fn in_chunks<A: Algorithm<IN, OUT>, const IN: usize, const OUT: usize>(
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    s: Shape,
+    chunk: usize,
+) {
+    assert!(s.kernel == [3, 3] && s.stride == [1, 1] && IN == OUT + 2);
+    let grid @ [grid_rows, grid_cols] = s.output().map(|side| side.div_ceil(OUT));
+    let (cin, cout, rows, positions) = (s.channels_in, s.channels_out, s.batch * grid_rows, IN * IN);
     if rows == 0 || grid_cols == 0 || cout == 0 {
         return;
     }
     let rows_per_chunk = (chunk / grid_cols).clamp(1, rows);
     let chunk = rows_per_chunk * grid_cols;
     let mut scratch = Scratch::take();
-    let u = weight_transform(weight, cout, cin, &mut scratch.u);
-    // Reused by every chunk: V as [cin][16][chunk], M as 16 matrices [cout][chunk].
-    let v = sized(&mut scratch.v, cin * POSITIONS * chunk);
-    scratch.m.resize_with(POSITIONS, Vec::new);
-    let mut m: Vec<&mut [f32]> = scratch.m.iter_mut().map(|m| sized(m, cout * chunk)).collect();
+    let u = weight_transform::<A, IN, OUT>(weight, cout, cin, &mut scratch.u);
+    // Reused by every chunk: V as [cin][n²][chunk], M as n² matrices [cout][chunk].
+    let v = sized(&mut scratch.v, cin * positions * chunk);
+    if scratch.m.len() < positions {
+        scratch.m.resize_with(positions, Vec::new);
+    }
+    let mut m: Vec<&mut [f32]> = scratch.m[..positions].iter_mut().map(|m| sized(m, cout * chunk)).collect();
     for first in (0..rows).step_by(rows_per_chunk) {
         let rows = first..rows.min(first + rows_per_chunk);
         let len = rows.len() * grid_cols;
-        input_transform(x, s, grid, rows.clone(), chunk, v);
+        input_transform::<A, IN, OUT>(x, s, grid, rows.clone(), chunk, v);
         m.par_iter_mut().enumerate().for_each(|(xi, m)| {
-            let u = View::within(u, xi * cin, [cout, cin], POSITIONS * cin);
-            let v = View::within(v, xi * chunk, [cin, len], POSITIONS * chunk);
+            let u = View::within(u, xi * cin, [cout, cin], positions * cin);
+            let v = View::within(v, xi * chunk, [cin, len], positions * chunk);
             product(m, 0, chunk, [u, v], 1.0, Parallelism::None);
         });
-        output_transform(&m, bias, out, s, grid, rows, chunk);
+        output_transform::<A, IN, OUT>(&m, bias, out, s, grid, rows, chunk);
     }
     scratch.keep();
 }
@@ -121,12 +276,17 @@ fn sized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buffer[..len]
 }
 
-/// `U = G g Gᵀ` for every pair of channels, as `[cout][16][cin]`: position `ξ`'s matrix is
-/// then `[cout, cin]` with rows `16 * cin` apart.
-fn weight_transform<'a>(weight: &[f32], cout: usize, cin: usize, buffer: &'a mut Vec<f32>) -> &'a [f32] {
-    let u = sized(buffer, cout * POSITIONS * cin);
-    u.par_chunks_mut(POSITIONS * cin).enumerate().for_each(|(o, u)| {
-        // The 9 taps as rows over the input channels, then G g (4 x 3 rows), then (G g) Gᵀ.
+/// `U = G g Gᵀ` for every pair of channels, as `[cout][n²][cin]`: position `ξ`'s matrix is
+/// then `[cout, cin]` with rows `n² * cin` apart.
+fn weight_transform<'a, A: Algorithm<IN, OUT>, const IN: usize, const OUT: usize>(
+    weight: &[f32],
+    cout: usize,
+    cin: usize,
+    buffer: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    let u = sized(buffer, cout * IN * IN * cin);
+    u.par_chunks_mut(IN * IN * cin).enumerate().for_each(|(o, u)| {
+        // The 9 taps as rows over the input channels, then G g (n x 3 rows), then (G g) Gᵀ.
         let mut g = vec![0f32; 9 * cin];
         for (c, taps) in weight[o * cin * 9..][..cin * 9].chunks_exact(9).enumerate() {
             for (tap, &value) in taps.iter().enumerate() {
@@ -134,13 +294,13 @@ fn weight_transform<'a>(weight: &[f32], cout: usize, cin: usize, buffer: &'a mut
             }
         }
         let tap = |i: usize, j: usize| &g[(i * 3 + j) * cin..][..cin];
-        // G g column by column: `gg` holds column j's 4 rows at rows 4j..4j+4.
-        let mut gg = vec![0f32; 12 * cin];
+        // G g column by column: `gg` holds column j's n rows at rows nj..nj+n.
+        let mut gg = vec![0f32; 3 * IN * cin];
         for (j, column) in gg.chunks_exact_mut(IN * cin).enumerate() {
-            lanewise(rows_mut(column, cin), [0, 1, 2].map(|i| tap(i, j)), filter);
+            lanewise(rows_mut(column, cin), [0, 1, 2].map(|i| tap(i, j)), A::filter);
         }
         for (r, u) in u.chunks_exact_mut(IN * cin).enumerate() {
-            lanewise(rows_mut(u, cin), [0, 1, 2].map(|j| &gg[(j * IN + r) * cin..][..cin]), filter);
+            lanewise(rows_mut(u, cin), [0, 1, 2].map(|j| &gg[(j * IN + r) * cin..][..cin]), A::filter);
         }
     });
     u
@@ -166,28 +326,10 @@ fn lanewise<const I: usize, const O: usize>(outs: [&mut [f32]; O], ins: [&[f32];
     }
 }
 
-/// `G g` for a 3-tap filter: `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`.
-#[inline(always)]
-fn filter([g0, g1, g2]: [f32; 3]) -> [f32; 4] {
-    [g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2]
-}
-
-/// `Bᵀ d` for 4 inputs: `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
-#[inline(always)]
-fn data([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
-    [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
-}
-
-/// `Aᵀ m` for 4 sums: `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
-#[inline(always)]
-fn inverse([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
-    [m0 + m1 + m2, m1 - m2 - m3]
-}
-
 /// `V = Bᵀ d B` for the tile rows `rows` (numbered over the batch) and every input channel,
-/// into `v` as `[cin][16][chunk]`, the tiles of each row in turn. `d` is the 4x4 input block
+/// into `v` as `[cin][n²][chunk]`, the tiles of each row in turn. `d` is the n x n input block
 /// a tile's output reads, 0 in the padding.
-fn input_transform(
+fn input_transform<A: Algorithm<IN, OUT>, const IN: usize, const OUT: usize>(
     x: &[f32],
     s: Shape,
     [grid_rows, cols]: [usize; 2],
@@ -197,12 +339,13 @@ fn input_transform(
 ) {
     let [top, left, ..] = s.padding;
     let (h, w) = (s.height, s.width);
-    // Input columns under a row of tiles: `2 * cols + 2` from `-left`.
+    // Input columns under a row of tiles: `m * cols + 2` from `-left`.
     let span = OUT * cols + 2;
-    v.par_chunks_mut(POSITIONS * chunk).enumerate().for_each(|(c, v)| {
+    v.par_chunks_mut(IN * IN * chunk).enumerate().for_each(|(c, v)| {
         let mut d = vec![0f32; IN * span];
         let mut bd = vec![0f32; IN * span];
-        let (mut even, mut odd) = (vec![0f32; cols + 1], vec![0f32; cols + 1]);
+        // A row of `Bᵀ d` by phase: `phases[p * (cols + 1) + t]` is its column `m t + p`.
+        let mut phases = vec![0f32; OUT * (cols + 1)];
         for (i, row) in rows.clone().enumerate() {
             let (b, ty) = (row / grid_rows, row % grid_rows);
             let plane = &x[(b * s.channels_in + c) * h * w..][..h * w];
@@ -214,15 +357,16 @@ fn input_transform(
                     d[from..to].copy_from_slice(&plane[y * w + from - left..][..to - from]);
                 }
             }
-            // Bᵀ d over whole rows, then each tile's row times B: a tile's 4 columns are
-            // `even[t], odd[t], even[t + 1], odd[t + 1]` of its row.
-            lanewise(rows_mut(&mut bd, span), [0, 1, 2, 3].map(|r| &d[r * span..][..span]), data);
+            // Bᵀ d over whole rows, then each tile's row times B: column j of tile t is the
+            // row's column m t + j, i.e. phase j mod m at t + j div m.
+            lanewise(rows_mut(&mut bd, span), std::array::from_fn(|r| &d[r * span..][..span]), A::data);
             for (bd, v) in bd.chunks_exact(span).zip(v.chunks_exact_mut(IN * chunk)) {
-                for (t, pair) in bd.chunks_exact(2).enumerate() {
-                    (even[t], odd[t]) = (pair[0], pair[1]);
+                for (k, &value) in bd.iter().enumerate() {
+                    phases[(k % OUT) * (cols + 1) + k / OUT] = value;
                 }
+                let ins = std::array::from_fn(|j| &phases[(j % OUT) * (cols + 1) + j / OUT..][..cols]);
                 let outs = rows_mut(v, chunk).map(|v| &mut v[i * cols..][..cols]);
-                lanewise(outs, [&even[..cols], &odd[..cols], &even[1..], &odd[1..]], data);
+                lanewise(outs, ins, A::data);
             }
         }
     });
@@ -230,7 +374,7 @@ fn input_transform(
 
 /// `Y = Aᵀ M A` plus the bias for the tile rows `rows`, into the output planes (`out` as
 /// `[batch, cout, ho, wo]`); a tile's pixels beyond the output's edge are dropped.
-fn output_transform(
+fn output_transform<A: Algorithm<IN, OUT>, const IN: usize, const OUT: usize>(
     products: &[&mut [f32]],
     bias: &[f32],
     out: &mut [f32],
@@ -249,21 +393,20 @@ fn output_transform(
             let ty = row % grid_rows;
             let at = (row - rows.start) * cols;
             let m = |xi: usize| &products[xi][o * chunk + at..][..cols];
-            // Aᵀ M column by column (`am` holds column k's 2 rows at rows 2k, 2k + 1), then
-            // each row times A (`y` holds output row r's 2 columns at rows 2r, 2r + 1).
+            // Aᵀ M column by column (`am` holds column k's m rows at rows mk..mk+m), then each
+            // row times A (`y` holds output row r's m columns at rows mr..mr+m).
             for (k, am) in am.chunks_exact_mut(OUT * cols).enumerate() {
-                lanewise(rows_mut(am, cols), [0, 1, 2, 3].map(|r| m(r * IN + k)), inverse);
+                lanewise(rows_mut(am, cols), std::array::from_fn(|r| m(r * IN + k)), A::inverse);
             }
             for (r, y) in y.chunks_exact_mut(OUT * cols).enumerate() {
-                lanewise(rows_mut(y, cols), [0, 1, 2, 3].map(|k| &am[(k * OUT + r) * cols..][..cols]), inverse);
+                let ins = std::array::from_fn(|k| &am[(k * OUT + r) * cols..][..cols]);
+                lanewise(rows_mut(y, cols), ins, A::inverse);
             }
             for r in 0..OUT {
                 let Some(dst) = out.chunks_exact_mut(wo).nth(ty * OUT + r) else { break };
-                let (left, right) = (&y[2 * r * cols..][..cols], &y[(2 * r + 1) * cols..][..cols]);
-                for (pair, (l, r)) in dst.chunks_mut(OUT).zip(left.iter().zip(right)) {
-                    pair[0] = l + bias[o];
-                    if let Some(second) = pair.get_mut(1) {
-                        *second = r + bias[o];
+                for (t, pixels) in dst.chunks_mut(OUT).enumerate() {
+                    for (e, pixel) in pixels.iter_mut().enumerate() {
+                        *pixel = y[(r * OUT + e) * cols + t] + bias[o];
                     }
                 }
             }
@@ -277,7 +420,8 @@ mod tests {
 
     use crate::cpu::conv::tests::reference;
 
-    /// Against the definition in f64, with the tiles taken `chunk` at a time.
+    /// Against the definition in f64, with the tiles taken `chunk` at a time, by both
+    /// algorithms.
     fn check(batch: usize, [cin, cout]: [usize; 2], [height, width]: [usize; 2], padding: [usize; 4], chunk: usize) {
         let s = Shape {
             batch,
@@ -292,10 +436,14 @@ mod tests {
         let x = noise(batch * cin * height * width, 1, 1.0);
         let w = noise(cout * cin * 9, 2, ((cin * 9) as f32).sqrt().recip()); // as `conv`'s wide cases
         let bias = noise(cout, 3, 1.0);
-        let mut got = vec![f32::NAN; reference(&x, &w, &bias, s).len()];
-        in_chunks(&x, &w, &bias, &mut got, s, chunk);
-        let err = max_difference(&got, &reference(&x, &w, &bias, s));
-        assert!(err <= 1e-5, "{s:?} in chunks of {chunk} tiles: max error {err}");
+        let want = reference(&x, &w, &bias, s);
+        for tile in [Tile::F2, Tile::F4] {
+            let mut got = vec![f32::NAN; want.len()];
+            by(tile, &x, &w, &bias, &mut got, s, chunk);
+            let err = max_difference(&got, &want);
+            eprintln!("{tile} {s:?}: max error {err:.2e}");
+            assert!(err <= 1e-5, "{tile} {s:?} in chunks of {chunk} tiles: max error {err}");
+        }
     }
 
     #[test]

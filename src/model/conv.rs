@@ -1,8 +1,9 @@
 //! Convolutions, each on the fastest correct path for its device:
 //! - the CPU: sdw's own kernel (`cpu::conv`); in training too (`cpu::conv_grad`), for
 //!   stride-1 convolutions;
-//! - a GPU: 3x3 convolutions at stride 1 over 512 pixels or more by Winograd's F(2x2, 3x3)
-//!   (`shaders::winograd`: 4/9 of the multiplications; in training too, frozen weights), the
+//! - a GPU: 3x3 convolutions at stride 1 over 512 pixels or more by Winograd's F(4x4, 3x3)
+//!   in f32, F(2x2, 3x3) in f16 (`shaders::winograd`: 1/4 and 4/9 of the multiplications; in
+//!   training too, frozen weights), the
 //!   others as one matrix product over im2col columns, built from sdw's im2col kernel (burn's
 //!   slice ops under autodiff) and `shaders::matmul` (sdw's shader or burn's matmul, whichever
 //!   is faster there).
@@ -54,8 +55,8 @@ pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         let c = if tracked { Cow::Borrowed(c) } else { in_dtype(c, x.dtype()) };
         if let Some((weight, bias, padding)) = ours(&c) {
             let budget = super::budget::bytes();
-            if winograd::applies(&x, &weight, &bias, padding, c.stride, budget) {
-                return winograd::conv3x3(x, weight, bias, padding, budget);
+            if let Some(plan) = winograd::plan(&x, &weight, &bias, padding, c.stride, budget) {
+                return winograd::conv3x3(x, weight, bias, plan);
             }
             return as_product(x, weight, bias, padding, c.stride, budget);
         }

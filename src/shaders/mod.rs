@@ -73,19 +73,19 @@ static BUILT_IN: [Shader; 9] = [
     Shader {
         name: "winograd_input.wgsl",
         source: include_str!("../../shaders/winograd_input.wgsl"),
-        example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
+        example_values: &[("elem", "f32"), ("out", "4"), ("workgroup", "256"), ("extensions", "")],
         chosen: OnceLock::new(),
     },
     Shader {
         name: "winograd_output.wgsl",
         source: include_str!("../../shaders/winograd_output.wgsl"),
-        example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
+        example_values: &[("elem", "f32"), ("out", "4"), ("workgroup", "256"), ("extensions", "")],
         chosen: OnceLock::new(),
     },
     Shader {
         name: "winograd_weights.wgsl",
         source: include_str!("../../shaders/winograd_weights.wgsl"),
-        example_values: &[("elem", "f32"), ("workgroup", "256"), ("extensions", "")],
+        example_values: &[("elem", "f32"), ("out", "4"), ("workgroup", "256"), ("extensions", "")],
         chosen: OnceLock::new(),
     },
 ];
@@ -153,7 +153,20 @@ fn launch_shader(
     buffers: Vec<burn::cubecl::server::BufferBinding>,
     values: &[u32],
 ) {
-    let kernel = ElemKernel { name, dtype: like.dtype, template: template(builtin(name)).clone() };
+    launch_shader_with(name, &[], like, count, buffers, values);
+}
+
+/// [`launch_shader`] for a shader with template values of its own (`template_values`).
+fn launch_shader_with(
+    name: &'static str,
+    template_values: &'static [(&'static str, &'static str)],
+    like: &CubeTensor,
+    count: burn::cubecl::CubeCount,
+    buffers: Vec<burn::cubecl::server::BufferBinding>,
+    values: &[u32],
+) {
+    let kernel =
+        ElemKernel { name, dtype: like.dtype, values: template_values, template: template(builtin(name)).clone() };
     like.client.launch(
         Box::new(SourceKernel::new(kernel, burn::cubecl::CubeDim::new_1d(WORKGROUP))),
         count,
@@ -182,6 +195,8 @@ fn arguments(
 struct ElemKernel {
     name: &'static str,
     dtype: DType,
+    /// The shader's own template values, besides the element's and the workgroup's.
+    values: &'static [(&'static str, &'static str)],
     template: Template,
 }
 
@@ -196,12 +211,12 @@ impl KernelSource for ElemKernel {
     fn source(&self) -> SourceTemplate {
         let workgroup = WORKGROUP.to_string();
         let values = [("workgroup", workgroup.as_str())];
-        SourceTemplate::new(fill(&self.template.text, &[&elem_values(self.dtype)[..], &values].concat()))
+        SourceTemplate::new(fill(&self.template.text, &[&elem_values(self.dtype)[..], &values, self.values].concat()))
     }
 
     fn id(&self) -> KernelId {
         // Compiled kernels are cached by id: a user's edited shader must not reuse the old one.
-        KernelId::new::<Self>().info((self.name, format!("{:?}", self.dtype), self.template.hash))
+        KernelId::new::<Self>().info((self.name, format!("{:?}", self.dtype), self.values, self.template.hash))
     }
 
     fn lang(&self) -> &'static str {

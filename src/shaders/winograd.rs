@@ -1,14 +1,19 @@
-//! 3x3 convolutions at stride 1 on a GPU by Winograd's F(2x2, 3x3), as the CPU computes
-//! them (`cpu::winograd`, where the algorithm is explained): three kernels of ours
-//! (`shaders/winograd_weights.wgsl`, `winograd_input.wgsl`, `winograd_output.wgsl`, and
+//! 3x3 convolutions at stride 1 on a GPU by Winograd's minimal filtering F(m x m, 3x3), as
+//! the CPU computes them (`cpu::winograd`, where the algorithm is explained): three kernels of
+//! ours (`shaders/winograd_weights.wgsl`, `winograd_input.wgsl`, `winograd_output.wgsl`, and
 //! their `#[cube]` twins in `portable`, which SPIR-V devices run) around one batched product,
-//! `[16, O, C] x [16, C, tiles]`, by `shaders::matmul` (sdw's shaders, tensor cores included,
-//! or burn's matmul, whichever the tuner measures faster).
+//! `[n², O, C] x [n², C, tiles]` (n = m + 2), by `shaders::matmul` (sdw's shaders, tensor
+//! cores included, or burn's matmul, whichever the tuner measures faster).
 //!
-//! Against im2col's product (`model::conv::as_product`) it does 2.25x fewer multiplications,
-//! and its temporaries are smaller: the input's transform is 4x the input where im2col's
-//! columns are 9x. The weights' transform (16/9 of the weights) is made on every call, as on
-//! the CPU: kept, it would hold 16/9 of the UNet's 3x3 weights besides them.
+//! Two tile sizes ([`Tile`]): F(2x2, 3x3) does 4/9 of im2col's multiplications, F(4x4, 3x3)
+//! 1/4 of them, and their input transforms are 4x and 2.25x the input where im2col's columns
+//! are 9x. F(4x4, 3x3) (at the CPU's points, `cpu::winograd`) costs precision: several times
+//! F(2x2, 3x3)'s error, which f32 absorbs (a few 1e-6 of the output's scale) and f16 barely
+//! does: on lavapipe, in f16, the tiny fixture's VAE decode was 5.6e-3 off PyTorch's f32
+//! golden by F(4x4, 3x3) against 2.8e-3 by F(2x2, 3x3), its encoder 7.2e-3 against 2.5e-3,
+//! of the 1e-2 one f16 module may lose; so f16 convolutions keep F(2x2, 3x3). The weights'
+//! transform (n²/9 of the weights) is made on every call, as on the CPU: kept, it would hold
+//! n²/9 of the UNet's 3x3 weights besides them.
 //!
 //! In training (frozen weights) the input's gradient is a convolution of the output's by the
 //! weight flipped and transposed: the same kernels, the weights' transform reading the weight
@@ -21,19 +26,36 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Autodiff, Backend, TensorMetadata, backend_extension, tensor::FloatTensor};
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{DType, Shape, Tensor};
 
 use super::matmul::tuned_or_burns;
 use super::widen;
 use super::{WORKGROUP, workgroups};
+pub use crate::cpu::winograd::Tile;
 
-/// Positions of a 4x4 input block: the batch of the products.
-const POSITIONS: usize = 16;
+/// The shaders' `{{ out }}` for `tile`.
+fn template_values(tile: Tile) -> &'static [(&'static str, &'static str)] {
+    match tile {
+        Tile::F2 => &[("out", "2")],
+        Tile::F4 => &[("out", "4")],
+    }
+}
 
-/// A band of the output's tiles (2x2 blocks of pixels) of a 3x3 convolution at stride 1:
-/// `rows` rows of tiles from row `first`, over every item of the batch.
+/// How a 3x3 convolution at stride 1 runs by Winograd's kernels: its algorithm, its padding
+/// (top, left, bottom, right), and the bytes each transform may take (bands of tile rows keep
+/// the input's and the products' transforms within it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Plan {
+    pub tile: Tile,
+    pub padding: [usize; 4],
+    pub budget: usize,
+}
+
+/// A band of the output's tiles of a 3x3 convolution at stride 1: `rows` rows of tiles from
+/// row `first`, over every item of the batch.
 #[derive(Clone, Copy, Debug)]
-struct Tiles {
+struct Band {
+    tile: Tile,
     batch: usize,
     /// (top, left) padding.
     top_left: [usize; 2],
@@ -43,9 +65,9 @@ struct Tiles {
     rows: usize,
 }
 
-impl Tiles {
+impl Band {
     fn columns(&self) -> usize {
-        self.output[1].div_ceil(2)
+        self.output[1].div_ceil(self.tile.out())
     }
 
     /// Tiles in the band, over the batch: the products' columns.
@@ -53,106 +75,87 @@ impl Tiles {
         self.batch * self.rows * self.columns()
     }
 
-    /// Output rows of the band (the last tile row of an odd height has one).
+    /// Output rows of the band (the last tile row may have fewer than `m`).
     fn rows_out(&self) -> usize {
-        (2 * self.rows).min(self.output[0] - 2 * self.first)
+        let m = self.tile.out();
+        (m * self.rows).min(self.output[0] - m * self.first)
     }
 }
 
 #[backend_extension(Cube, Fusion, Autodiff)]
 pub trait WinogradOps: Backend {
-    /// `conv(x, w) + bias` for a 3x3 weight `[O, C, 3, 3]` at stride 1, padded (top, left,
-    /// bottom, right), where `w` is the weight or, when `flipped`, the weight flipped in both
-    /// spatial axes with its channel axes swapped (`[C, O, 3, 3]`: the input's gradient of a
-    /// convolution by the weight). Bands of tile rows keep the transforms within `budget`
-    /// bytes each. Under autodiff the weight and bias are frozen.
-    #[fusion(dtype = x, shape = output_shape(x, weight, padding, flipped))]
+    /// `conv(x, w) + bias` for a 3x3 weight `[O, C, 3, 3]` at stride 1 as `plan` says, where
+    /// `w` is the weight or, when `flipped`, the weight flipped in both spatial axes with its
+    /// channel axes swapped (`[C, O, 3, 3]`: the input's gradient of a convolution by the
+    /// weight); by the `#[cube]` kernels when `portable`. Under autodiff the weight and bias
+    /// are frozen.
+    #[fusion(dtype = x, shape = output_shape(x, weight, plan, flipped))]
     fn winograd_conv3x3(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
-        padding: [usize; 4],
+        plan: Plan,
         flipped: bool,
-        budget: usize,
         portable: bool,
     ) -> FloatTensor<Self>;
 }
 
 /// `[B, O, H_out, W_out]` (`O` the weight's second axis when `flipped`).
-pub fn output_shape(x: &Shape, weight: &Shape, padding: &[usize; 4], flipped: &bool) -> Shape {
-    let [top, left, bottom, right] = *padding;
+pub fn output_shape(x: &Shape, weight: &Shape, plan: &Plan, flipped: &bool) -> Shape {
+    let [top, left, bottom, right] = plan.padding;
     let channels = if *flipped { weight[1] } else { weight[0] };
     Shape::from([x[0], channels, x[2] + top + bottom - 2, x[3] + left + right - 2])
 }
 
-/// Whether a convolution of `weight` and `bias` over `x`, padded `[top, left, bottom, right]`,
-/// at `stride`, goes this way on a GPU: f32/f16 tensors on a wgpu device with sdw's shaders on;
-/// the shapes the CPU takes Winograd's way too (`cpu::winograd::applies`: 3x3 at stride 1,
-/// between at least 32 channels, over at least 512 output pixels; measured on the CPU, the
-/// GPU's own thresholds are owed to a GPU run); the weights' transform within one binding
-/// (`budget`); under autodiff (training) a frozen weight and bias, which may be f16 where `x`
-/// is f32; and unless `SDW_WINOGRAD=off`.
-pub fn applies(
+/// How a convolution of `weight` and `bias` over `x`, padded `[top, left, bottom, right]`, at
+/// `stride`, goes on a GPU by Winograd's kernels, if it does: f32/f16 tensors on a wgpu device
+/// with sdw's shaders on; the shapes the CPU takes Winograd's way too (`cpu::winograd::applies`:
+/// 3x3 at stride 1, between at least 32 channels, over at least 512 output pixels; measured on
+/// the CPU, the GPU's own thresholds are owed to a GPU run; not under `SDW_WINOGRAD=off`);
+/// under autodiff (training) a frozen weight and bias, which may be f16 where `x` is f32.
+/// F(4x4, 3x3) where the products are f32 (unless `SDW_WINOGRAD=2x2`), else F(2x2, 3x3), each
+/// only where its weights' transform fits one binding (`budget`).
+pub fn plan(
     x: &Tensor<4>,
     weight: &Tensor<4>,
     bias: &Tensor<1>,
     padding: [usize; 4],
     stride: [usize; 2],
     budget: usize,
-) -> bool {
+) -> Option<Plan> {
     let ([batch, channels_in, height, width], [channels_out, _, kh, kw]) = (x.dims(), weight.dims());
     let shape =
         crate::cpu::conv::Shape { batch, channels_in, channels_out, height, width, kernel: [kh, kw], padding, stride };
-    let transform_bytes = POSITIONS * channels_in * channels_out * x.dtype().size();
     let frozen = !weight.is_require_grad() && !bias.is_require_grad();
-    *ENABLED
-        && super::takes(x)
+    let takes = super::takes(x)
         && (weight.dtype() == x.dtype() || x.device().is_autodiff() && super::takes(weight))
         && frozen
-        && crate::cpu::winograd::applies(&shape)
-        && transform_bytes <= budget
+        && crate::cpu::winograd::applies(&shape);
+    let tiles = if x.dtype() == DType::F32 { [crate::cpu::winograd::f32_tile(), Tile::F2] } else { [Tile::F2; 2] };
+    let fits = |tile: &Tile| tile.positions() * channels_in * channels_out * x.dtype().size() <= budget;
+    tiles.into_iter().find(fits).filter(|_| takes).map(|tile| Plan { tile, padding, budget })
 }
 
-/// `SDW_WINOGRAD=off` sends GPU convolutions to im2col's products, to compare the two.
-static ENABLED: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var("SDW_WINOGRAD").as_deref() != Ok("off"));
-
-/// `conv(x, weight) + bias` for a 3x3 `weight` at stride 1, padded `[top, left, bottom,
-/// right]`; where [`applies`] holds. Bands of tile rows keep the input's and the products'
-/// transforms within `budget` bytes each.
-pub fn conv3x3(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: [usize; 4], budget: usize) -> Tensor<4> {
-    dispatch(x, weight, bias, padding, budget, false)
+/// `conv(x, weight) + bias` for a 3x3 `weight` at stride 1 as `plan` (from [`plan`]) says.
+pub fn conv3x3(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, plan: Plan) -> Tensor<4> {
+    dispatch(x, weight, bias, plan, false)
 }
 
 /// [`conv3x3`] by the `#[cube]` kernels also where the WGSL shaders would run: what a SPIR-V
 /// device runs, testable on any adapter.
-pub fn conv3x3_portable(
-    x: Tensor<4>,
-    weight: Tensor<4>,
-    bias: Tensor<1>,
-    padding: [usize; 4],
-    budget: usize,
-) -> Tensor<4> {
-    dispatch(x, weight, bias, padding, budget, true)
+pub fn conv3x3_portable(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, plan: Plan) -> Tensor<4> {
+    dispatch(x, weight, bias, plan, true)
 }
 
-fn dispatch(
-    x: Tensor<4>,
-    weight: Tensor<4>,
-    bias: Tensor<1>,
-    padding: [usize; 4],
-    budget: usize,
-    portable: bool,
-) -> Tensor<4> {
+fn dispatch(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, plan: Plan, portable: bool) -> Tensor<4> {
     // The weight widens to `x`'s dtype, which is the products'.
     crate::shaders::matmul::prove_cooperative(&x);
     Tensor::from_dispatch(burn::backend::Dispatch::winograd_conv3x3(
         x.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),
-        padding,
+        plan,
         false,
-        budget,
         portable,
     ))
 }
@@ -162,29 +165,35 @@ impl WinogradOps for CubeBackend {
         x: CubeTensor,
         weight: CubeTensor,
         bias: CubeTensor,
-        padding @ [top, left, ..]: [usize; 4],
+        plan @ Plan { tile, padding: [top, left, ..], budget }: Plan,
         flipped: bool,
-        budget: usize,
         portable: bool,
     ) -> CubeTensor {
         let x = into_contiguous(x);
         let (weight, bias) = (widen::<CubeBackend>(weight, x.dtype), widen::<CubeBackend>(bias, x.dtype));
         let bias = into_contiguous(bias);
-        let out_shape = output_shape(x.meta.shape(), weight.meta.shape(), &padding, &flipped);
+        let out_shape = output_shape(x.meta.shape(), weight.meta.shape(), &plan, &flipped);
         let ([batch, channels_in, ..], [_, channels_out, height_out, width_out]) =
             (dims(x.meta.shape()), dims(&out_shape));
         let whole = [height_out, width_out];
-        let grid_rows = height_out.div_ceil(2);
-        let per_row = POSITIONS * channels_in.max(channels_out) * batch * width_out.div_ceil(2) * x.dtype.size();
+        let m = tile.out();
+        let grid_rows = height_out.div_ceil(m);
+        let per_row = tile.positions() * channels_in.max(channels_out) * batch * width_out.div_ceil(m) * x.dtype.size();
         let band = (budget / per_row.max(1)).clamp(1, grid_rows);
-        let u = weights(weight, flipped, portable);
+        let u = weights(weight, tile, flipped, portable);
         let mut outs: Vec<CubeTensor> = (0..grid_rows)
             .step_by(band)
             .map(|first| {
-                let tiles =
-                    Tiles { batch, top_left: [top, left], output: whole, first, rows: band.min(grid_rows - first) };
-                let m = tuned_or_burns::<CubeBackend>(u.clone(), input(&x, tiles, portable));
-                output(m, &bias, tiles, portable)
+                let band = Band {
+                    tile,
+                    batch,
+                    top_left: [top, left],
+                    output: whole,
+                    first,
+                    rows: band.min(grid_rows - first),
+                };
+                let m = tuned_or_burns::<CubeBackend>(u.clone(), input(&x, band, portable));
+                output(m, &bias, band, portable)
             })
             .collect();
         if outs.len() == 1 { outs.pop().unwrap() } else { cat::<CubeBackend>(outs, 2) }
@@ -196,21 +205,20 @@ impl<B: WinogradOps, C: CheckpointStrategy> WinogradOps for Autodiff<B, C> {
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
-        padding: [usize; 4],
+        plan: Plan,
         flipped: bool,
-        budget: usize,
         portable: bool,
     ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct InputGrad;
 
         impl<B: WinogradOps> Backward<B, 1> for InputGrad {
-            /// The weight as it was given, and the forward's padding, flip, budget and kernels.
-            type State = (FloatTensor<B>, [usize; 4], bool, usize, bool);
+            /// The weight as it was given, and the forward's plan, flip and kernels.
+            type State = (FloatTensor<B>, Plan, bool, bool);
 
             fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
                 let grad = grads.consume::<B>(&ops.node);
-                let (weight, padding, flipped, budget, portable) = ops.state;
+                let (weight, plan, flipped, portable) = ops.state;
                 if let [Some(node)] = ops.parents {
                     // The input's gradient is the output's convolved by the weight flipped and
                     // transposed (as on the CPU: `cpu::conv_grad`), padded by what is left of the
@@ -218,8 +226,8 @@ impl<B: WinogradOps, C: CheckpointStrategy> WinogradOps for Autodiff<B, C> {
                     let shape = weight.shape();
                     let channels = if flipped { shape[0] } else { shape[1] };
                     let zeros = B::float_zeros([channels].into(), &grad.device(), grad.dtype().into());
-                    let padding = crate::cpu::conv_grad::transposed_padding([3, 3], padding);
-                    let dx = B::winograd_conv3x3(grad, weight, zeros, padding, !flipped, budget, portable);
+                    let padding = crate::cpu::conv_grad::transposed_padding([3, 3], plan.padding);
+                    let dx = B::winograd_conv3x3(grad, weight, zeros, Plan { padding, ..plan }, !flipped, portable);
                     grads.register::<B>(node.id, dx);
                 }
             }
@@ -227,9 +235,9 @@ impl<B: WinogradOps, C: CheckpointStrategy> WinogradOps for Autodiff<B, C> {
 
         let parents = [x.node()];
         let (x, weight, bias) = (x.into_primitive(), weight.into_primitive(), bias.into_primitive());
-        let out = B::winograd_conv3x3(x, weight.clone(), bias, padding, flipped, budget, portable);
+        let out = B::winograd_conv3x3(x, weight.clone(), bias, plan, flipped, portable);
         match InputGrad.prepare::<C>(parents).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((weight, padding, flipped, budget, portable), out),
+            OpsKind::Tracked(prep) => prep.finish((weight, plan, flipped, portable), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
@@ -243,51 +251,54 @@ fn cat<B: Backend>(tensors: Vec<FloatTensor<B>>, dim: usize) -> FloatTensor<B> {
     B::float_cat(tensors, dim)
 }
 
-/// `[O, C, 3, 3]` -> `[16, O, C]`, or `[16, C, O]` for the flipped, transposed weight.
-fn weights(weight: CubeTensor, flipped: bool, portable: bool) -> CubeTensor {
+/// `[O, C, 3, 3]` -> `[n², O, C]`, or `[n², C, O]` for the flipped, transposed weight.
+fn weights(weight: CubeTensor, tile: Tile, flipped: bool, portable: bool) -> CubeTensor {
     let weight = into_contiguous(weight);
     let [o, c, ..] = dims(weight.meta.shape());
-    let shape = if flipped { [POSITIONS, c, o] } else { [POSITIONS, o, c] };
+    let shape = if flipped { [tile.positions(), c, o] } else { [tile.positions(), o, c] };
     let out = super::empty_like(&weight, Shape::from(shape));
     let info = [o * c, c, flipped as usize].map(index);
     if portable || !super::compiles_wgsl(&weight) {
-        portable::weights(&weight, &out, info, o * c);
+        portable::weights(&weight, &out, info, tile, o * c);
     } else {
         let buffers = vec![weight.handle.clone().binding(), out.handle.clone().binding()];
-        super::launch_shader("winograd_weights.wgsl", &weight, workgroups(o * c), buffers, &info);
+        let (values, count) = (template_values(tile), workgroups(o * c));
+        super::launch_shader_with("winograd_weights.wgsl", values, &weight, count, buffers, &info);
     }
     out
 }
 
-/// `[B, C, H, W]` -> `[16, C, tiles]` for the band `tiles`.
-fn input(x: &CubeTensor, tiles: Tiles, portable: bool) -> CubeTensor {
+/// `[B, C, H, W]` -> `[n², C, tiles]` for the band.
+fn input(x: &CubeTensor, band: Band, portable: bool) -> CubeTensor {
     let [batch, channels, height, width] = dims(x.meta.shape());
-    let out = super::empty_like(x, Shape::from([POSITIONS, channels, tiles.count()]));
-    let [top, left] = tiles.top_left;
-    let info = [batch, channels, height, width, top, left, tiles.first, tiles.rows, tiles.columns()].map(index);
-    let threads = channels * tiles.count();
+    let out = super::empty_like(x, Shape::from([band.tile.positions(), channels, band.count()]));
+    let [top, left] = band.top_left;
+    let info = [batch, channels, height, width, top, left, band.first, band.rows, band.columns()].map(index);
+    let threads = channels * band.count();
     if portable || !super::compiles_wgsl(x) {
-        portable::input(x, &out, info, threads);
+        portable::input(x, &out, info, band.tile, threads);
     } else {
         let buffers = vec![x.handle.clone().binding(), out.handle.clone().binding()];
-        super::launch_shader("winograd_input.wgsl", x, workgroups(threads), buffers, &info);
+        let (values, count) = (template_values(band.tile), workgroups(threads));
+        super::launch_shader_with("winograd_input.wgsl", values, x, count, buffers, &info);
     }
     out
 }
 
-/// `[16, O, tiles]` plus the (contiguous) bias -> `[B, O, rows_out, W_out]`, the band's
+/// `[n², O, tiles]` plus the (contiguous) bias -> `[B, O, rows_out, W_out]`, the band's
 /// output rows.
-fn output(m: CubeTensor, bias: &CubeTensor, tiles: Tiles, portable: bool) -> CubeTensor {
+fn output(m: CubeTensor, bias: &CubeTensor, band: Band, portable: bool) -> CubeTensor {
     let m = into_contiguous(m);
     let channels = m.meta.shape()[1];
-    let out = super::empty_like(&m, Shape::from([tiles.batch, channels, tiles.rows_out(), tiles.output[1]]));
-    let info = [tiles.batch, channels, tiles.rows, tiles.columns(), tiles.rows_out(), tiles.output[1]].map(index);
-    let threads = channels * tiles.count();
+    let out = super::empty_like(&m, Shape::from([band.batch, channels, band.rows_out(), band.output[1]]));
+    let info = [band.batch, channels, band.rows, band.columns(), band.rows_out(), band.output[1]].map(index);
+    let threads = channels * band.count();
     if portable || !super::compiles_wgsl(&m) {
-        portable::output(&m, bias, &out, info, threads);
+        portable::output(&m, bias, &out, info, band.tile, threads);
     } else {
         let buffers = [&m, bias, &out].map(|t| t.handle.clone().binding());
-        super::launch_shader("winograd_output.wgsl", &m, workgroups(threads), buffers.into(), &info);
+        let (values, count) = (template_values(band.tile), workgroups(threads));
+        super::launch_shader_with("winograd_output.wgsl", values, &m, count, buffers.into(), &info);
     }
     out
 }
@@ -298,38 +309,76 @@ fn index(v: usize) -> u32 {
 }
 
 /// The three shaders as `#[cube]` kernels, which cubecl compiles for any runtime: the same
-/// arithmetic line for line, so each is read with its shader.
+/// arithmetic, so each is read with its shader. The tile's side is a comptime value, and the
+/// one-dimensional transforms (`g`, `bt`, `at`) read and write whole rows or columns of local
+/// arrays at comptime offsets.
 mod portable {
     use burn::backend::cubecl::dtype_to_storage_type;
     use burn::backend::wgpu::CubeTensor;
     use burn::cubecl;
     use burn::cubecl::prelude::*;
 
-    use super::{WORKGROUP, workgroups};
+    use super::{Tile, WORKGROUP, workgroups};
 
-    pub(super) fn weights(w: &CubeTensor, u: &CubeTensor, [filters, cin, flipped]: [u32; 3], threads: usize) {
+    pub(super) fn weights(
+        w: &CubeTensor,
+        u: &CubeTensor,
+        [filters, cin, flipped]: [u32; 3],
+        tile: Tile,
+        threads: usize,
+    ) {
         let (count, dim) = (workgroups(threads), CubeDim::new_1d(WORKGROUP));
         let (client, dtype) = (&u.client, dtype_to_storage_type(u.dtype));
         let (w, u) = (w.clone().into_tensor_arg(), u.clone().into_tensor_arg());
-        winograd_weights::launch(client, count, dim, w, u, filters, cin, flipped, dtype);
+        let out = tile.out() as u32;
+        winograd_weights::launch(client, count, dim, w, u, filters, cin, flipped, out, dtype);
     }
 
-    pub(super) fn input(x: &CubeTensor, v: &CubeTensor, info: [u32; 9], threads: usize) {
+    pub(super) fn input(x: &CubeTensor, v: &CubeTensor, info: [u32; 9], tile: Tile, threads: usize) {
         let [batch, channels, height, width, top, left, ty0, rows, tiles_w] = info;
         let (count, dim) = (workgroups(threads), CubeDim::new_1d(WORKGROUP));
         let (client, dtype) = (&x.client, dtype_to_storage_type(x.dtype));
         let (x, v) = (x.clone().into_tensor_arg(), v.clone().into_tensor_arg());
+        let out = tile.out() as u32;
         winograd_input::launch(
-            client, count, dim, x, v, batch, channels, height, width, top, left, ty0, rows, tiles_w, dtype,
+            client, count, dim, x, v, batch, channels, height, width, top, left, ty0, rows, tiles_w, out, dtype,
         );
     }
 
-    pub(super) fn output(m: &CubeTensor, bias: &CubeTensor, y: &CubeTensor, info: [u32; 6], threads: usize) {
+    pub(super) fn output(
+        m: &CubeTensor,
+        bias: &CubeTensor,
+        y: &CubeTensor,
+        info: [u32; 6],
+        tile: Tile,
+        threads: usize,
+    ) {
         let [batch, channels, rows, tiles_w, rows_out, w_out] = info;
         let (count, dim) = (workgroups(threads), CubeDim::new_1d(WORKGROUP));
         let (client, dtype) = (&m.client, dtype_to_storage_type(m.dtype));
         let (m, bias, y) = (m.clone().into_tensor_arg(), bias.clone().into_tensor_arg(), y.clone().into_tensor_arg());
-        winograd_output::launch(client, count, dim, m, bias, y, batch, channels, rows, tiles_w, rows_out, w_out, dtype);
+        let out = tile.out() as u32;
+        winograd_output::launch(
+            client, count, dim, m, bias, y, batch, channels, rows, tiles_w, rows_out, w_out, out, dtype,
+        );
+    }
+
+    /// A row or column of a block held in a local array: its elements `first + i * step`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    struct Line {
+        first: usize,
+        step: usize,
+    }
+
+    impl Line {
+        const fn new(first: usize, step: usize) -> Self {
+            Line { first, step }
+        }
+
+        /// The index of the line's `i`-th element (at comptime: static indices).
+        const fn at(self, i: usize) -> usize {
+            self.first + i * self.step
+        }
     }
 
     /// One element of a kernel's output, computed in f32.
@@ -338,15 +387,78 @@ mod portable {
         out[at as usize] = F::cast_from(value);
     }
 
+    /// `G g` for the 3 taps on the line `from` of `s`, into the line `to` of `d` (`m + 2`
+    /// values): the shader's `g_2` or `g_4`.
+    #[cube]
+    fn g(s: &Array<f32>, #[comptime] from: Line, d: &mut Array<f32>, #[comptime] to: Line, #[comptime] out: u32) {
+        let (g0, g1, g2) = (s[from.at(0)], s[from.at(1)], s[from.at(2)]);
+        if comptime![out == 2] {
+            d[to.at(0)] = g0;
+            d[to.at(1)] = (g0 + g1 + g2) * 0.5f32;
+            d[to.at(2)] = (g0 - g1 + g2) * 0.5f32;
+            d[to.at(3)] = g2;
+        } else {
+            d[to.at(0)] = g0;
+            d[to.at(1)] = (g1 - g0 - g2) * (1.0f32 / 3.0f32);
+            d[to.at(2)] = (g0 + g1 + g2) * (1.0f32 / 3.0f32);
+            d[to.at(3)] = -(16.0f32 * g0 + 8.0f32 * g1 + 4.0f32 * g2) * (1.0f32 / 15.0f32);
+            d[to.at(4)] = (g0 - 2.0f32 * g1 + 4.0f32 * g2) * (1.0f32 / 15.0f32);
+            d[to.at(5)] = g2;
+        }
+    }
+
+    /// `Bᵀ d` for the `m + 2` values on the line `from` of `s`, into the line `to` of `d`: the
+    /// shader's `bt_2` or `bt_4`.
+    #[cube]
+    fn bt(s: &Array<f32>, #[comptime] from: Line, d: &mut Array<f32>, #[comptime] to: Line, #[comptime] out: u32) {
+        let (d0, d1, d2, d3) = (s[from.at(0)], s[from.at(1)], s[from.at(2)], s[from.at(3)]);
+        if comptime![out == 2] {
+            d[to.at(0)] = d0 - d2;
+            d[to.at(1)] = d1 + d2;
+            d[to.at(2)] = d2 - d1;
+            d[to.at(3)] = d1 - d3;
+        } else {
+            let (d4, d5) = (s[from.at(4)], s[from.at(5)]);
+            d[to.at(0)] = d0 - 1.5f32 * d1 - 2.0f32 * d2 + 1.5f32 * d3 + d4;
+            d[to.at(1)] = d1 - 2.5f32 * d2 + 0.5f32 * d3 + d4;
+            d[to.at(2)] = 0.5f32 * d2 - d1 + 2.5f32 * d3 + d4;
+            d[to.at(3)] = 2.0f32 * (d3 - d1) - d2 + d4;
+            d[to.at(4)] = 0.5f32 * (d1 - d3) - d2 + d4;
+            d[to.at(5)] = d1 - 1.5f32 * d2 - 2.0f32 * d3 + 1.5f32 * d4 + d5;
+        }
+    }
+
+    /// `Aᵀ m` for the `m + 2` sums on the line `from` of `s`, into the line `to` of `d` (`m`
+    /// values): the shader's `at_2` or `at_4`.
+    #[cube]
+    fn at(s: &Array<f32>, #[comptime] from: Line, d: &mut Array<f32>, #[comptime] to: Line, #[comptime] out: u32) {
+        let (m0, m1, m2, m3) = (s[from.at(0)], s[from.at(1)], s[from.at(2)], s[from.at(3)]);
+        if comptime![out == 2] {
+            d[to.at(0)] = m0 + m1 + m2;
+            d[to.at(1)] = m1 - m2 - m3;
+        } else {
+            let (m4, m5) = (s[from.at(4)], s[from.at(5)]);
+            let near = m2 + m1;
+            let near_odd = m2 - m1;
+            d[to.at(0)] = near + m0 + m3 + m4;
+            d[to.at(1)] = near_odd + 0.5f32 * m3 - 2.0f32 * m4;
+            d[to.at(2)] = near + 0.25f32 * m3 + 4.0f32 * m4;
+            d[to.at(3)] = near_odd + 0.125f32 * m3 - 8.0f32 * m4 + m5;
+        }
+    }
+
     #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
     fn winograd_weights<F: Float>(
         w: &Tensor<F>,
         u: &mut Tensor<F>,
         filters: u32,
         cin: u32,
         flipped: u32,
+        #[comptime] out: u32,
         #[define(F)] _dtype: ElemType,
     ) {
+        let n = comptime![out as usize + 2];
         // Workgroups beyond 65535 spill over into y.
         let thread = ABSOLUTE_POS_X + ABSOLUTE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X;
         if thread >= filters {
@@ -359,32 +471,30 @@ mod portable {
         if flipped == 1 {
             first = c * (filters / cin) + o;
         }
-        let mut g = Array::<f32>::new(9usize);
+        let mut taps = Array::<f32>::new(9usize);
         for tap in 0..9u32 {
             let mut source = tap;
             if flipped == 1 {
                 source = 8 - tap;
             }
-            g[tap as usize] = f32::cast_from(w[(thread * 9 + source) as usize]);
+            taps[tap as usize] = f32::cast_from(w[(thread * 9 + source) as usize]);
         }
-        // G g, row by row of the result (4 rows of 3), then each row times Gᵀ.
-        let mut gg = Array::<f32>::new(12usize);
+        // G g column by column (`gg[3k + j]` = (G g)[k][j]), then each row of it times Gᵀ.
+        let mut gg = Array::<f32>::new(comptime![3 * n]);
         #[unroll]
         for j in 0..3usize {
-            gg[j] = g[j];
-            gg[3 + j] = (g[j] + g[3 + j] + g[6 + j]) * 0.5f32;
-            gg[6 + j] = (g[j] - g[3 + j] + g[6 + j]) * 0.5f32;
-            gg[9 + j] = g[6 + j];
+            g(&taps, comptime![Line::new(j, 3)], &mut gg, comptime![Line::new(j, 3)], out);
         }
+        let mut row = Array::<f32>::new(n);
         let mut index = first;
         #[unroll]
-        for k in 0..4usize {
-            let (a, b, c) = (gg[3 * k], gg[3 * k + 1], gg[3 * k + 2]);
-            store(u, index, a);
-            store(u, index + filters, (a + b + c) * 0.5f32);
-            store(u, index + 2 * filters, (a - b + c) * 0.5f32);
-            store(u, index + 3 * filters, c);
-            index += 4 * filters;
+        for k in 0..n {
+            g(&gg, comptime![Line::new(3 * k, 1)], &mut row, comptime![Line::new(0, 1)], out);
+            #[unroll]
+            for l in 0..n {
+                store(u, index, row[l]);
+                index += filters;
+            }
         }
     }
 
@@ -402,8 +512,10 @@ mod portable {
         ty0: u32,
         rows: u32,
         tiles_w: u32,
+        #[comptime] out: u32,
         #[define(F)] _dtype: ElemType,
     ) {
+        let n = comptime![out as usize + 2];
         // Workgroups beyond 65535 spill over into y.
         let thread = ABSOLUTE_POS_X + ABSOLUTE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X;
         let tiles = batch * rows * tiles_w;
@@ -416,45 +528,43 @@ mod portable {
         let r = (t / tiles_w) % rows;
         let b = t / (tiles_w * rows);
 
-        // The 4x4 block in padded coordinates; the padding is `top` rows and `left` columns
-        // of zeros.
+        // The n x n block in padded coordinates (`d[n i + j]`: row i, column j); the padding
+        // is `top` rows and `left` columns of zeros.
         let plane = (b * channels + c) * height * width;
-        let y_first = 2 * (ty0 + r);
-        let x_first = 2 * q;
-        let mut d = Array::<f32>::new(16usize);
+        let y_first = out * (ty0 + r);
+        let x_first = out * q;
+        let mut d = Array::<f32>::new(comptime![n * n]);
         #[unroll]
-        for i in 0..4u32 {
-            let y = y_first + i;
+        for i in 0..n {
+            let y = y_first + i as u32;
             let row_inside = y >= top && y - top < height;
             #[unroll]
-            for j in 0..4u32 {
-                let xx = x_first + j;
+            for j in 0..n {
+                let xx = x_first + j as u32;
                 let mut value = 0.0f32;
                 if row_inside && xx >= left && xx - left < width {
                     value = f32::cast_from(x[(plane + (y - top) * width + (xx - left)) as usize]);
                 }
-                d[(4 * i + j) as usize] = value;
+                d[comptime![n * i + j]] = value;
             }
         }
-        // Bᵀ d, row by row of the result, then each row times B.
-        let mut bd = Array::<f32>::new(16usize);
+        // Bᵀ d column by column (`bd[n k + j]`), then each of its rows times B.
+        let mut bd = Array::<f32>::new(comptime![n * n]);
         #[unroll]
-        for j in 0..4usize {
-            bd[j] = d[j] - d[8 + j];
-            bd[4 + j] = d[4 + j] + d[8 + j];
-            bd[8 + j] = d[8 + j] - d[4 + j];
-            bd[12 + j] = d[4 + j] - d[12 + j];
+        for j in 0..n {
+            bt(&d, comptime![Line::new(j, n)], &mut bd, comptime![Line::new(j, n)], out);
         }
+        let mut row = Array::<f32>::new(n);
         let stride = channels * tiles;
         let mut index = c * tiles + t;
         #[unroll]
-        for k in 0..4usize {
-            let (d0, d1, d2, d3) = (bd[4 * k], bd[4 * k + 1], bd[4 * k + 2], bd[4 * k + 3]);
-            store(v, index, d0 - d2);
-            store(v, index + stride, d1 + d2);
-            store(v, index + 2 * stride, d2 - d1);
-            store(v, index + 3 * stride, d1 - d3);
-            index += 4 * stride;
+        for k in 0..n {
+            bt(&bd, comptime![Line::new(n * k, 1)], &mut row, comptime![Line::new(0, 1)], out);
+            #[unroll]
+            for l in 0..n {
+                store(v, index, row[l]);
+                index += stride;
+            }
         }
     }
 
@@ -470,8 +580,11 @@ mod portable {
         tiles_w: u32,
         rows_out: u32,
         w_out: u32,
+        #[comptime] out: u32,
         #[define(F)] _dtype: ElemType,
     ) {
+        let n = comptime![out as usize + 2];
+        let side = comptime![out as usize];
         // Workgroups beyond 65535 spill over into y.
         let thread = ABSOLUTE_POS_X + ABSOLUTE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X;
         let tiles = batch * rows * tiles_w;
@@ -484,31 +597,31 @@ mod portable {
         let r = (t / tiles_w) % rows;
         let b = t / (tiles_w * rows);
 
-        let mut mk = Array::<f32>::new(16usize);
+        // M as `mk[n k + l]`.
+        let mut mk = Array::<f32>::new(comptime![n * n]);
         #[unroll]
-        for xi in 0..16u32 {
-            mk[xi as usize] = f32::cast_from(m[((xi * channels + o) * tiles + t) as usize]);
+        for xi in 0..comptime![n * n] {
+            mk[xi] = f32::cast_from(m[((xi as u32 * channels + o) * tiles + t) as usize]);
         }
-        // Aᵀ M, row by row of the result (2 rows of 4), then each row times A.
-        let mut am = Array::<f32>::new(8usize);
+        // Aᵀ M column by column (`am[n a + l]`), then each of its rows times A.
+        let mut am = Array::<f32>::new(comptime![side * n]);
         #[unroll]
-        for e in 0..4usize {
-            am[e] = mk[e] + mk[4 + e] + mk[8 + e];
-            am[4 + e] = mk[4 + e] - mk[8 + e] - mk[12 + e];
+        for l in 0..n {
+            at(&mk, comptime![Line::new(l, n)], &mut am, comptime![Line::new(l, n)], out);
         }
+        let mut pixels = Array::<f32>::new(side);
         let offset = f32::cast_from(bias[o as usize]);
         let plane = (b * channels + o) * rows_out;
         #[unroll]
-        for a in 0..2u32 {
-            let k = (4 * a) as usize;
-            let row = 2 * r + a;
-            let left = am[k] + am[k + 1] + am[k + 2];
-            let right = am[k + 1] - am[k + 2] - am[k + 3];
-            if row < rows_out && 2 * q < w_out {
-                store(y, (plane + row) * w_out + 2 * q, left + offset);
-            }
-            if row < rows_out && 2 * q + 1 < w_out {
-                store(y, (plane + row) * w_out + 2 * q + 1, right + offset);
+        for a in 0..side {
+            at(&am, comptime![Line::new(n * a, 1)], &mut pixels, comptime![Line::new(0, 1)], out);
+            let row = out * r + a as u32;
+            #[unroll]
+            for e in 0..side {
+                let column = out * q + e as u32;
+                if row < rows_out && column < w_out {
+                    store(y, (plane + row) * w_out + column, pixels[e] + offset);
+                }
             }
         }
     }

@@ -194,12 +194,13 @@ fn im2col_kernels_match_burn_ops() {
     }
 }
 
-/// Winograd's three shaders and their `#[cube]` twins, with the product between them, equal
-/// burn's convolution on the same device: "same" padding at odd sizes (half tiles at the
+/// Winograd's three shaders and their `#[cube]` twins, with the product between them, by
+/// F(2x2, 3x3) and by F(4x4, 3x3), equal burn's convolution on the same device: "same" padding at odd sizes (half tiles at the
 /// bottom and right), "valid", uneven padding, a 1x1 image, a budget that splits the tiles into
 /// bands (one ending inside an image, a last band of one row), and a wide case as SD sends it,
 /// weights at 1/sqrt(fan-in) so that outputs stay near 1. f32 within 1e-5 of the output's
-/// scale, as `model::conv`'s own test; f16 within the f16 bound of one module (model_parity.rs).
+/// scale, as `model::conv`'s own test; f16 (F(2x2, 3x3) only, as `winograd::plan` sends it)
+/// within the f16 bound of one module (model_parity.rs).
 #[test]
 fn winograd_kernels_match_burns_convolution() {
     use burn::nn::PaddingConfig2d;
@@ -230,18 +231,18 @@ fn winograd_kernels_match_burns_convolution() {
         conv.weight = Param::from_tensor(weight.clone());
         conv.bias = Some(Param::from_tensor(bias.clone()));
         let want = to_host(conv.forward(x.clone()));
-        let kernels = [
-            ("WGSL shaders", winograd::conv3x3 as fn(_, _, _, _, _) -> _),
-            ("cube kernels", winograd::conv3x3_portable),
-        ];
-        for (kernel, run) in kernels {
-            let what = format!("winograd {kernel} {shape:?} -> {cout} {padding:?} budget {budget}");
-            let got = to_host(run(x.clone(), weight.clone(), bias.clone(), padding, budget));
+        for (kernel, tile, run) in winograd_kernels() {
+            let what = format!("winograd {tile} {kernel} {shape:?} -> {cout} {padding:?} budget {budget}");
+            let plan = winograd::Plan { tile, padding, budget };
+            let got = to_host(run(x.clone(), weight.clone(), bias.clone(), plan));
             assert_within_scale(&what, &got, &want, 1e-5);
-            let (x, weight, bias) =
-                (x.clone().cast(DType::F16), weight.clone().cast(DType::F16), bias.clone().cast(DType::F16));
-            let got = to_host(run(x, weight, bias, padding, budget).cast(DType::F32));
-            assert_close(&format!("{what} f16"), &got, &want, 1e-2);
+            // f16 convolutions take F(2x2, 3x3) only (`winograd::plan`).
+            if tile == winograd::Tile::F2 {
+                let (x, weight, bias) =
+                    (x.clone().cast(DType::F16), weight.clone().cast(DType::F16), bias.clone().cast(DType::F16));
+                let got = to_host(run(x, weight, bias, plan).cast(DType::F32));
+                assert_close(&format!("{what} f16"), &got, &want, 1e-2);
+            }
         }
     }
 }
@@ -249,7 +250,7 @@ fn winograd_kernels_match_burns_convolution() {
 /// In training (frozen weights, `x` tracked) Winograd's op gives the output and the input's
 /// gradient burn's autodiff convolution gives on the same device: "same" and uneven padding,
 /// a budget that splits the tiles into bands (the backward's too), frozen f16 weights under f32
-/// activations (`sdw train --precision f16`), by the shaders and by their cube twins. Within
+/// activations (`sdw train --precision f16`), by both tiles, by the shaders and by their cube twins. Within
 /// 1e-5 of each result's scale, as the forward test.
 #[test]
 fn winograd_gradients_match_burns() {
@@ -276,10 +277,13 @@ fn winograd_gradients_match_burns() {
         let x = to_device(scaled_noise(shape.iter().product(), 5, 1.0), shape, &tracked);
         let out_shape = [batch, cout, h + top + bottom - 2, w + left + right - 2];
         let g = to_device(scaled_noise(out_shape.iter().product(), 8, 1.0), out_shape, &tracked);
-        let run = |ours: Option<fn(_, _, _, _, _) -> _>| {
+        let run = |ours: Option<(winograd::Tile, WinogradFn)>| {
             let x = x.clone().require_grad();
             let out = match ours {
-                Some(conv) => conv(x.clone(), weight.clone().cast(dtype), bias.clone(), padding, budget),
+                Some((tile, conv)) => {
+                    let plan = winograd::Plan { tile, padding, budget };
+                    conv(x.clone(), weight.clone().cast(dtype), bias.clone(), plan)
+                }
                 None => {
                     let padded = x.clone().pad([(top, bottom), (left, right)], 0.0);
                     conv2d(padded, weight.clone(), Some(bias.clone()), ConvOptions::new([1, 1], [0, 0], [1, 1], 1))
@@ -289,19 +293,26 @@ fn winograd_gradients_match_burns() {
             (to_host(out.inner()), to_host(x.grad(&grads).expect("the input's gradient")))
         };
         let (want, want_dx) = run(None);
-        let kernels = [
-            ("WGSL shaders", winograd::conv3x3 as fn(_, _, _, _, _) -> _),
-            ("cube kernels", winograd::conv3x3_portable),
-        ];
-        for (kernel, conv) in kernels {
-            let (out, dx) = run(Some(conv));
+        for (kernel, tile, conv) in winograd_kernels() {
+            let (out, dx) = run(Some((tile, conv)));
             for (name, got, want) in [("output", out, &want), ("input gradient", dx, &want_dx)] {
-                let what =
-                    format!("winograd {kernel} {shape:?} -> {cout} {padding:?} budget {budget} {dtype:?}: {name}");
+                let what = format!(
+                    "winograd {tile} {kernel} {shape:?} -> {cout} {padding:?} budget {budget} {dtype:?}: {name}"
+                );
                 assert_within_scale(&what, &got, want, 1e-5);
             }
         }
     }
+}
+
+type WinogradFn = fn(Tensor<4>, Tensor<4>, Tensor<1>, sdw::shaders::winograd::Plan) -> Tensor<4>;
+
+/// Winograd's convolution by each tile size, by the WGSL shaders and by their cube twins.
+fn winograd_kernels() -> Vec<(&'static str, sdw::shaders::winograd::Tile, WinogradFn)> {
+    use sdw::shaders::winograd::{self, Tile};
+    let kernels: [(&str, WinogradFn); 2] =
+        [("WGSL shaders", winograd::conv3x3), ("cube kernels", winograd::conv3x3_portable)];
+    [Tile::F2, Tile::F4].into_iter().flat_map(|tile| kernels.map(|(name, run)| (name, tile, run))).collect()
 }
 
 /// Normal noise times `scale`.
