@@ -3,7 +3,7 @@
 //! pixels comes from the n x n block of input under it (n = m + 2) through n² multiplications
 //! per pair of channels instead of 9m², so the products, which are most of a UNet step and
 //! nearly all of a VAE decode, do less work than im2col's: 4/9 of it for F(2x2, 3x3), 1/4 for
-//! F(4x4, 3x3), which is what runs unless `SDW_WINOGRAD=2x2`.
+//! F(4x4, 3x3), which runs over 2048 output pixels or more unless `SDW_WINOGRAD=2x2`.
 //!
 //! For each block ("tile") and input channel the n x n input `d` becomes `V = Bᵀ d B`; for
 //! each pair of channels the 3x3 weight `g` becomes `U = G g Gᵀ`; then for each of the n²
