@@ -134,8 +134,7 @@ mod portable {
         w_out: u32,
         #[define(F)] _dtype: ElemType,
     ) {
-        // Workgroups beyond 65535 spill over into y.
-        let thread = ABSOLUTE_POS_X + ABSOLUTE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X;
+        let thread = crate::shaders::dispatch::thread();
         let pixels = rows * w_out;
         if thread >= batch * channels * pixels {
             terminate!();

@@ -135,6 +135,19 @@ fn workgroups(threads: usize) -> burn::cubecl::CubeCount {
     burn::cubecl::CubeCount::Static(x, groups.div_ceil(x), 1)
 }
 
+/// The `#[cube]` kernels' side of [`workgroups`] (the WGSL shaders write it out each).
+mod dispatch {
+    use burn::cubecl;
+    use burn::cubecl::prelude::*;
+
+    /// This thread's index in a dispatch of [`super::workgroups`]: the workgroups past 65535
+    /// in x continue in y.
+    #[cube]
+    pub fn thread() -> u32 {
+        ABSOLUTE_POS_X + ABSOLUTE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X
+    }
+}
+
 /// A new contiguous tensor of `shape` in `like`'s dtype, on its device (our kernels write
 /// every element).
 fn empty_like(like: &CubeTensor, shape: Shape) -> CubeTensor {

@@ -131,9 +131,9 @@ pub fn plan(
         && (weight.dtype() == x.dtype() || x.device().is_autodiff() && super::takes(weight))
         && frozen
         && crate::cpu::winograd::applies(&shape);
-    let tiles = if x.dtype() == DType::F32 { [crate::cpu::winograd::f32_tile(), Tile::F2] } else { [Tile::F2; 2] };
+    let best = if x.dtype() == DType::F32 { crate::cpu::winograd::f32_tile() } else { Tile::F2 };
     let fits = |tile: &Tile| tile.positions() * channels_in * channels_out * x.dtype().size() <= budget;
-    tiles.into_iter().find(fits).filter(|_| takes).map(|tile| Plan { tile, padding, budget })
+    [best, Tile::F2].into_iter().find(fits).filter(|_| takes).map(|tile| Plan { tile, padding, budget })
 }
 
 /// `conv(x, weight) + bias` for a 3x3 `weight` at stride 1 as `plan` (from [`plan`]) says.
@@ -381,6 +381,13 @@ mod portable {
         }
     }
 
+    /// Tile `t` of a band, numbered `(b * rows + r) * tiles_w + q`, as (its column `q`, its
+    /// row in the band `r`, its batch item `b`).
+    #[cube]
+    fn tile_at(t: u32, tiles_w: u32, rows: u32) -> (u32, u32, u32) {
+        (t % tiles_w, (t / tiles_w) % rows, t / (tiles_w * rows))
+    }
+
     /// One element of a kernel's output, computed in f32.
     #[cube]
     fn store<F: Float>(out: &mut Tensor<F>, at: u32, value: f32) {
@@ -459,8 +466,7 @@ mod portable {
         #[define(F)] _dtype: ElemType,
     ) {
         let n = comptime![out as usize + 2];
-        // Workgroups beyond 65535 spill over into y.
-        let thread = ABSOLUTE_POS_X + ABSOLUTE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X;
+        let thread = crate::shaders::dispatch::thread();
         if thread >= filters {
             terminate!();
         }
@@ -516,17 +522,14 @@ mod portable {
         #[define(F)] _dtype: ElemType,
     ) {
         let n = comptime![out as usize + 2];
-        // Workgroups beyond 65535 spill over into y.
-        let thread = ABSOLUTE_POS_X + ABSOLUTE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X;
+        let thread = crate::shaders::dispatch::thread();
         let tiles = batch * rows * tiles_w;
         if thread >= channels * tiles {
             terminate!();
         }
         let c = thread / tiles;
         let t = thread % tiles;
-        let q = t % tiles_w;
-        let r = (t / tiles_w) % rows;
-        let b = t / (tiles_w * rows);
+        let (q, r, b) = tile_at(t, tiles_w, rows);
 
         // The n x n block in padded coordinates (`d[n i + j]`: row i, column j); the padding
         // is `top` rows and `left` columns of zeros.
@@ -585,17 +588,14 @@ mod portable {
     ) {
         let n = comptime![out as usize + 2];
         let side = comptime![out as usize];
-        // Workgroups beyond 65535 spill over into y.
-        let thread = ABSOLUTE_POS_X + ABSOLUTE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X;
+        let thread = crate::shaders::dispatch::thread();
         let tiles = batch * rows * tiles_w;
         if thread >= channels * tiles {
             terminate!();
         }
         let o = thread / tiles;
         let t = thread % tiles;
-        let q = t % tiles_w;
-        let r = (t / tiles_w) % rows;
-        let b = t / (tiles_w * rows);
+        let (q, r, b) = tile_at(t, tiles_w, rows);
 
         // M as `mk[n k + l]`.
         let mut mk = Array::<f32>::new(comptime![n * n]);
