@@ -7,6 +7,7 @@
 //! in the cache between the two products, and the softmax is exact (each row's maximum is
 //! known before any exponential), unlike flash attention's running maximum.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::math::exp_shifted;
@@ -87,6 +88,40 @@ fn block(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: Shape) {
             row[cols..cols + d].iter_mut().for_each(|x| *x *= inv);
         }
     }
+}
+
+/// Training's backward pass over a chunk of scores `[.., n]`, rows on every core: each row of
+/// `s` replaced by its softmax.
+pub fn softmax_rows(s: &mut [f32], n: usize) {
+    s.par_chunks_mut(rows_per_task(n) * n).for_each(|rows| {
+        for row in rows.chunks_exact_mut(n) {
+            let inv = 1.0 / exp_shifted(row);
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    });
+}
+
+/// The scores' gradient from the softmax's `p` and its gradient `dp` (replaced by the
+/// result): `ds = p ⊙ (dp − rowsum(p ⊙ dp)) · scale`, row by row.
+pub fn softmax_grad_rows(p: &[f32], dp: &mut [f32], n: usize, scale: f32) {
+    let task = rows_per_task(n) * n;
+    p.par_chunks(task).zip(dp.par_chunks_mut(task)).for_each(|(p, dp)| {
+        for (p, dp) in p.chunks_exact(n).zip(dp.chunks_exact_mut(n)) {
+            scores_grad(p, dp, scale);
+        }
+    });
+}
+
+/// Rows per task of the row-wise passes: ~64K scores, enough to hide rayon's overhead.
+fn rows_per_task(n: usize) -> usize {
+    (65536 / n.max(1)).max(1)
+}
+
+/// One row of [`softmax_grad_rows`].
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn scores_grad(p: &[f32], dp: &mut [f32], scale: f32) {
+    let dot = p.iter().zip(dp.iter()).map(|(a, b)| (a * b) as f64).sum::<f64>() as f32;
+    dp.iter_mut().zip(p).for_each(|(d, &p)| *d = p * (*d - dot) * scale);
 }
 
 #[cfg(test)]

@@ -116,6 +116,20 @@ pub fn gated_gelu(value: &[f32], gate: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The gradients of [`gated_gelu`]'s inputs from its output's gradient `grad`:
+/// `d_value = grad · gelu(gate)`, `d_gate = grad · value · gelu'(gate)`, where
+/// gelu'(x) = Φ(x) + x φ(x), the normal distribution's CDF and density.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn gated_gelu_grad(value: &[f32], gate: &[f32], grad: &[f32], d_value: &mut [f32], d_gate: &mut [f32]) {
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let inputs = value.iter().zip(gate).zip(grad);
+    for (((&v, &g), &dy), (dv, dg)) in inputs.zip(d_value.iter_mut().zip(d_gate.iter_mut())) {
+        let cdf = 0.5 * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
+        *dv = dy * g * cdf;
+        *dg = dy * v * (cdf + g * FRAC_1_SQRT_2PI * exp(-0.5 * g * g));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,9 @@
 //! slow at Stable Diffusion's shapes (measured in BENCHMARKS.md):
 //! - attention over thousands of pixels: flex's flash attention sweeps every query row once
 //!   per 64 keys and takes each exponential with a scalar call;
-//! - the GEGLU feed-forward's `value * gelu(gate)`: flex computes GELU with a scalar `erf`
-//!   on one core, after copying the gate half out of the projection;
+//! - the GEGLU feed-forward's `value * gelu(gate)` (`geglu`, the CPU side of
+//!   `shaders::geglu`): flex computes GELU with a scalar `erf` on one core, after copying the
+//!   gate half out of the projection;
 //! - GroupNorm + SiLU (`group_norm`, the CPU side of `shaders::group_norm`);
 //! - convolutions (`conv`): flex rebuilds an im2col buffer and repacks the weights for every
 //!   512 pixels; sdw's 3x3 ones between wide channels take Winograd's algorithms
@@ -12,15 +13,17 @@
 //! - widening f16 weights to f32 (`--precision f16`): flex converts element by element on
 //!   one core.
 //!
-//! They run for f32 tensors (f16 for the widening) on the flex device without gradients;
-//! training's convolutions take the same kernel through an op of their own (`conv_grad`);
-//! the rest of training, other dtypes and other devices use burn's ops, which the tests here
-//! hold these kernels to.
+//! They run for f32 tensors (f16 for the widening) on the flex device without gradients.
+//! In training, the convolutions take the same kernel through an op of their own
+//! (`conv_grad`), and GroupNorm, LayerNorm and GEGLU have gradient kernels here (their ops'
+//! backward passes); the rest of training, other dtypes and other devices use burn's ops,
+//! which the tests hold these kernels to.
 //! `SDW_CPU_KERNELS=off` turns them off, to compare.
 
 pub mod attention;
 pub mod conv;
 pub mod conv_grad;
+pub mod geglu;
 pub mod group_norm;
 pub mod math;
 pub mod product;
@@ -45,9 +48,6 @@ pub trait CpuOps: Backend {
         heads: usize,
     ) -> FloatTensor<Self>;
 
-    /// `value * gelu(gate)` where `x` is `[.., 2F]` holding `value` then `gate`.
-    fn geglu(x: FloatTensor<Self>) -> FloatTensor<Self>;
-
     /// `x`, an f16 tensor, in f32.
     fn to_f32(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
@@ -70,6 +70,12 @@ pub trait CpuOps: Backend {
 /// Whether our kernels take tensors like `x`: f32 on the flex device, no autodiff.
 pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
     on_flex(x) && x.dtype() == DType::F32
+}
+
+/// Whether the kernels of ops with a backward pass of their own take `x`: f32 on the flex
+/// device, with or without autodiff.
+pub fn takes<const D: usize>(x: &Tensor<D>) -> bool {
+    kernels_on(&x.device()) && x.dtype() == DType::F32
 }
 
 fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
@@ -105,11 +111,6 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tens
     ))
 }
 
-/// GEGLU's activation of a `[.., 2F]` projection; the caller checks [`applies`].
-pub fn geglu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    Tensor::from_dispatch(burn::backend::Dispatch::geglu(x.into_dispatch()))
-}
-
 /// A convolution with `bias`, padded `[top, left, bottom, right]`, with strides `[y, x]`; the
 /// caller checks [`applies`] (the weights in the input's dtype).
 pub fn conv2d(
@@ -140,29 +141,6 @@ impl CpuOps for Flex {
         let mut out = vec![0f32; batch * queries * width];
         attention::attention(f32s(&q), f32s(&k), f32s(&v), &mut out, shape);
         f32_tensor(out, vec![batch, queries, width])
-    }
-
-    fn geglu(x: FlexTensor) -> FlexTensor {
-        let mut shape: Vec<usize> = x.layout().shape().iter().copied().collect();
-        let half = shape[shape.len() - 1] / 2;
-        *shape.last_mut().unwrap() = half;
-        let x = x.to_contiguous();
-        let input = f32s(&x);
-        let mut out = vec![0f32; input.len() / 2];
-        if out.is_empty() {
-            return f32_tensor(out, shape);
-        }
-        // Rows in chunks of ~64K outputs: enough work per task to hide rayon's overhead.
-        let rows_per_task = (65536 / half.max(1)).max(1);
-        out.par_chunks_mut(rows_per_task * half).zip(input.par_chunks(rows_per_task * 2 * half)).for_each(
-            |(out, input)| {
-                for (o, row) in out.chunks_exact_mut(half).zip(input.chunks_exact(2 * half)) {
-                    let (value, gate) = row.split_at(half);
-                    math::gated_gelu(value, gate, o);
-                }
-            },
-        );
-        f32_tensor(out, shape)
     }
 
     fn to_f32(x: FlexTensor) -> FlexTensor {
@@ -206,7 +184,7 @@ impl CpuOps for Flex {
 }
 
 /// The shape of a rank-`N` tensor (the typed wrappers above pass only those).
-fn dims<const N: usize>(t: &FlexTensor) -> [usize; N] {
+pub(crate) fn dims<const N: usize>(t: &FlexTensor) -> [usize; N] {
     let s = t.layout().shape();
     assert_eq!(s.num_dims(), N, "a rank-{N} tensor");
     std::array::from_fn(|i| s[i])
@@ -289,7 +267,7 @@ mod tests {
     fn geglu_matches_burns() {
         let x = random::<3>([2, 37, 2 * 160]);
         let [value, gate]: [Tensor<3>; 2] = x.clone().split(160, 2).try_into().unwrap();
-        let err = relative_error(geglu(x), value * activation::gelu(gate));
+        let err = relative_error(crate::shaders::geglu::forward(x), value * activation::gelu(gate));
         assert!(err <= 1e-6, "relative error {err}");
     }
 

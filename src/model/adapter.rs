@@ -7,6 +7,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 
+use crate::shaders::matmul::matmul;
+
 /// One adapter. Factors are stored in kohya/PyTorch layout so files map onto them directly.
 #[derive(Module, Debug)]
 pub struct LowRank {
@@ -25,11 +27,16 @@ impl LowRank {
         Self { down: Param::from_tensor(down), up: Param::from_tensor(up), scale: alpha / rank as f32 }
     }
 
-    /// The adapter's contribution `scale * up(down(x))` for `x` `[B, S, in]`.
+    /// The adapter's contribution `scale * up(down(x))` for `x` `[B, S, in]`: two products
+    /// over `[B·S, in]` rows (no batch dims to broadcast the factors along, so no sums over
+    /// them in the backward pass), the scale on the small `[rank, out]` factor rather than on
+    /// the output.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let down = self.down.val().transpose().unsqueeze::<3>();
-        let up = self.up.val().transpose().unsqueeze::<3>();
-        x.matmul(down).matmul(up).mul_scalar(self.scale)
+        let [b, s, d_in] = x.dims();
+        let down = self.down.val().transpose();
+        let up = self.up.val().transpose().mul_scalar(self.scale);
+        let d_out = up.dims()[1];
+        matmul(matmul(x.reshape([b * s, d_in]), down), up).reshape([b, s, d_out])
     }
 }
 

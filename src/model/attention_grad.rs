@@ -10,16 +10,27 @@
 //!   dV += P^T dO.
 //! FlashAttention takes rowsum(P ⊙ dP) as rowsum(dO ⊙ O), which needs no P; here P is at hand,
 //! and the sum from it is the one burn's softmax backward takes (gradients closer to it).
+//!
+//! The products are sdw's (`shaders::matmul`: tuned on a GPU). The softmax and dS are one
+//! kernel each: sdw's softmax and its gradient (`shaders::softmax`) on a GPU, row-parallel
+//! loops on the CPU (`cpu::attention`), where burn's ops took nine kernels per chunk (single
+//! threaded on the CPU). The CPU's forward pass is its own attention kernel, three times
+//! faster than burn-flex's flash attention at 4096 pixels (BENCHMARKS.md).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::wgpu::CubeBackend;
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::wgpu::{CubeBackend, CubeTensor};
 use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};
+use burn::tensor::DType;
+use burn_flex::FlexTensor;
 
 use super::attention::{options, rows, slice};
-use crate::shaders::softmax::reference as softmax;
+use crate::cpu::{self, CpuOps, dims, f32_tensor, f32s};
+use crate::shaders::matmul::{MatmulOps, tuned_or_burns};
+use crate::shaders::softmax::{self, SoftmaxOps};
 
 #[backend_extension(Cube, Fusion, Flex, Autodiff)]
 pub trait AttentionGradOps: Backend {
@@ -33,13 +44,81 @@ pub trait AttentionGradOps: Backend {
     ) -> FloatTensor<Self> {
         forward::<Self>(q, k, v, chunk)
     }
+
+    /// The softmax of each row of a chunk's scores (the last dimension), in place where
+    /// nothing else holds them.
+    #[fusion(dtype = s, shape = s)]
+    fn scores_softmax(s: FloatTensor<Self>) -> FloatTensor<Self> {
+        softmax::reference::<Self>(s)
+    }
+
+    /// The scores' gradient `p ⊙ (dp − rowsum(p ⊙ dp)) · scale` from the softmax `p` and its
+    /// gradient `dp`, in `dp`'s place where nothing else holds it.
+    #[fusion(dtype = p, shape = p)]
+    fn scores_grad(p: FloatTensor<Self>, dp: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        scores_grad_reference::<Self>(p, dp, scale)
+    }
 }
 
-impl AttentionGradOps for CubeBackend {}
+/// [`AttentionGradOps::scores_grad`] by burn's ops.
+fn scores_grad_reference<B: Backend>(p: FloatTensor<B>, dp: FloatTensor<B>, scale: f64) -> FloatTensor<B> {
+    let last = p.shape().num_dims() - 1;
+    let row = B::float_sum_dim(B::float_mul(p.clone(), dp.clone()), last);
+    B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, row)), scale.into())
+}
 
-impl AttentionGradOps for Flex {}
+/// GPUs: sdw's softmax kernel and its gradient.
+impl AttentionGradOps for CubeBackend {
+    fn scores_softmax(s: CubeTensor) -> CubeTensor {
+        Self::sdw_softmax(s, false)
+    }
 
-impl<B: Backend + AttentionGradOps, C: CheckpointStrategy> AttentionGradOps for Autodiff<B, C> {
+    fn scores_grad(p: CubeTensor, dp: CubeTensor, scale: f64) -> CubeTensor {
+        Self::sdw_softmax_grad(p, dp, scale)
+    }
+}
+
+/// The CPU: its attention kernel forward (over the whole sequence: it keeps a few MiB of
+/// scores per core), and the softmax and its gradient on every core; f32 only (other dtypes:
+/// burn's ops).
+impl AttentionGradOps for Flex {
+    fn attention_chunked(q: FlexTensor, k: FlexTensor, v: FlexTensor, chunk: usize) -> FlexTensor {
+        if q.dtype() != DType::F32 {
+            return forward::<Self>(q, k, v, chunk);
+        }
+        let [b, h, sq, d] = dims(&q);
+        // The kernel reads `[B, S, H·D]`: the layout the heads were split from, usually.
+        let merged = |t: FlexTensor| {
+            let [_, _, s, _] = dims(&t);
+            Flex::float_reshape(Flex::float_swap_dims(t, 1, 2), [b, s, h * d].into())
+        };
+        let out = Flex::attention_heads(merged(q), merged(k), merged(v), h);
+        Flex::float_swap_dims(Flex::float_reshape(out, [b, sq, h, d].into()), 1, 2)
+    }
+
+    fn scores_softmax(s: FlexTensor) -> FlexTensor {
+        if s.dtype() != DType::F32 {
+            return softmax::reference::<Self>(s);
+        }
+        let mut data = f32s(&s.to_contiguous()).to_vec();
+        let shape: Vec<usize> = s.layout().shape().iter().copied().collect();
+        cpu::attention::softmax_rows(&mut data, shape[shape.len() - 1]);
+        f32_tensor(data, shape)
+    }
+
+    fn scores_grad(p: FlexTensor, dp: FlexTensor, scale: f64) -> FlexTensor {
+        if p.dtype() != DType::F32 {
+            return scores_grad_reference::<Self>(p, dp, scale);
+        }
+        let shape: Vec<usize> = p.layout().shape().iter().copied().collect();
+        let p = p.to_contiguous();
+        let mut ds = f32s(&dp.to_contiguous()).to_vec();
+        cpu::attention::softmax_grad_rows(f32s(&p), &mut ds, shape[shape.len() - 1], scale as f32);
+        f32_tensor(ds, shape)
+    }
+}
+
+impl<B: Backend + AttentionGradOps + MatmulOps, C: CheckpointStrategy> AttentionGradOps for Autodiff<B, C> {
     fn attention_chunked(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -49,7 +128,7 @@ impl<B: Backend + AttentionGradOps, C: CheckpointStrategy> AttentionGradOps for 
         #[derive(Debug)]
         struct Grad;
 
-        impl<B: Backend> Backward<B, 3> for Grad {
+        impl<B: Backend + AttentionGradOps + MatmulOps> Backward<B, 3> for Grad {
             /// q, k, v and the chunk size.
             type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, usize);
 
@@ -67,7 +146,7 @@ impl<B: Backend + AttentionGradOps, C: CheckpointStrategy> AttentionGradOps for 
 
         let parents = [q.node(), k.node(), v.node()];
         let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-        let out = forward::<B>(q.clone(), k.clone(), v.clone(), chunk);
+        let out = B::attention_chunked(q.clone(), k.clone(), v.clone(), chunk);
         match Grad.prepare::<C>(parents).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((q, k, v, chunk), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
@@ -86,7 +165,7 @@ fn forward<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, 
 }
 
 /// (dq, dk, dv), recomputing the scores chunk by chunk.
-fn backward<B: Backend>(
+fn backward<B: AttentionGradOps + MatmulOps>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -95,6 +174,7 @@ fn backward<B: Backend>(
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let scale = 1.0 / (q.shape()[3] as f64).sqrt();
     let (kt, vt) = (B::float_swap_dims(k.clone(), 2, 3), B::float_swap_dims(v.clone(), 2, 3));
+    let product = tuned_or_burns::<B>;
     let sum = |acc: Option<FloatTensor<B>>, t| {
         Some(match acc {
             Some(a) => B::float_add(a, t),
@@ -104,64 +184,15 @@ fn backward<B: Backend>(
     let (mut dq, mut dk, mut dv) = (Vec::new(), None, None);
     for r in rows(q.shape()[2], chunk) {
         let (qc, doc) = (slice::<B>(&q, &r), slice::<B>(&dout, &r));
-        let p = softmax::<B>(B::float_mul_scalar(B::float_matmul(qc.clone(), kt.clone()), scale.into()));
-        dv = sum(dv, B::float_matmul(B::float_swap_dims(p.clone(), 2, 3), doc.clone()));
-        let dp = B::float_matmul(doc, vt.clone());
-        let row = B::float_sum_dim(B::float_mul(p.clone(), dp.clone()), 3);
-        let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, row)), scale.into());
-        dq.push(B::float_matmul(ds.clone(), k.clone()));
-        dk = sum(dk, B::float_matmul(B::float_swap_dims(ds, 2, 3), qc));
+        // The scale goes on the chunk of queries, the smaller operand.
+        let scaled = B::float_mul_scalar(qc.clone(), scale.into());
+        let p = B::scores_softmax(product(scaled, kt.clone()));
+        dv = sum(dv, product(B::float_swap_dims(p.clone(), 2, 3), doc.clone()));
+        let ds = B::scores_grad(p, product(doc, vt.clone()), scale);
+        dq.push(product(ds.clone(), k.clone()));
+        dk = sum(dk, product(B::float_swap_dims(ds, 2, 3), qc));
     }
     let (dk, dv) = (dk.expect("at least one query"), dv.expect("at least one query"));
-    (B::float_cat(dq, 2), dk, dv)
-}
-
-#[cfg(test)]
-mod tests {
-    use burn::tensor::module::attention as sdpa;
-    use burn::tensor::ops::AttentionModuleOptions;
-    use burn::tensor::{Device, Distribution, Tensor};
-
-    use crate::model::attention::attention_with_budget;
-
-    /// Output and gradients of q, k and v against burn's own autodiff of the plain attention,
-    /// on the CPU backend, in one chunk and in chunks that do not divide the queries.
-    #[test]
-    fn matches_burns_attention_gradients() {
-        let device = Device::flex().autodiff();
-        let (b, sq, sk, heads, d) = (2, 13, 11, 2, 8);
-        let random = |s: usize| Tensor::<3>::random([b, s, heads * d], Distribution::Normal(0.0, 1.0), &device);
-        let (q, k, v, w) = (random(sq), random(sk), random(sk), random(sq));
-        let grads = |out: Tensor<3>, inputs: [&Tensor<3>; 3]| {
-            let g = (out.clone() * w.clone()).sum().backward();
-            let [q, k, v] = inputs.map(|t| t.grad(&g).unwrap());
-            [out.inner(), q, k, v]
-        };
-        let leaves = || [q.clone(), k.clone(), v.clone()].map(|t| t.detach().require_grad());
-
-        let [q0, k0, v0] = leaves();
-        let split = |t: Tensor<3>, s: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
-        let plain = sdpa(
-            split(q0.clone(), sq),
-            split(k0.clone(), sk),
-            split(v0.clone(), sk),
-            None,
-            None,
-            AttentionModuleOptions { scale: Some(1.0 / (d as f64).sqrt()), ..Default::default() },
-        );
-        let want = grads(plain.swap_dims(1, 2).reshape([b, sq, heads * d]), [&q0, &k0, &v0]);
-
-        // Budgets for all 13 query rows at once, and for 5 rows per chunk (5, 5, 3).
-        for rows in [sq, 5] {
-            let [q1, k1, v1] = leaves();
-            let budget = b * heads * sk * 4 * rows;
-            let out = attention_with_budget(q1.clone(), k1.clone(), v1.clone(), heads, false, budget);
-            let got = grads(out, [&q1, &k1, &v1]);
-            for (name, (g, w)) in ["output", "dq", "dk", "dv"].iter().zip(got.into_iter().zip(want.clone())) {
-                let err = (g.clone() - w.clone()).abs().max().into_scalar::<f32>();
-                let scale = w.abs().max().into_scalar::<f32>();
-                assert!(err <= 1e-5 * scale, "{name}, {rows} rows per chunk: {err} of {scale}");
-            }
-        }
-    }
+    let dq = if dq.len() == 1 { dq.pop().expect("one chunk") } else { B::float_cat(dq, 2) };
+    (dq, dk, dv)
 }

@@ -4,8 +4,8 @@
 //! - a GPU: 3x3 convolutions at stride 1 over 512 pixels or more by Winograd's F(4x4, 3x3)
 //!   in f32, F(2x2, 3x3) in f16 (`shaders::winograd`: 1/4 and 4/9 of the multiplications; in
 //!   training too, frozen weights), the others as one matrix product over im2col columns,
-//!   built from sdw's im2col kernel (burn's slice ops under autodiff) and `shaders::matmul`
-//!   (sdw's shader or burn's matmul, whichever is faster there).
+//!   built from sdw's im2col kernel (in training too: its backward pass is one kernel) and
+//!   `shaders::matmul` (sdw's shader or burn's matmul, whichever is faster there).
 //!   burn's wgpu convolution has only its direct kernel where the shader compiler offers no
 //!   cooperative matrices (WGSL); on an H200 that kernel took 79 % of a 512x512 UNet step
 //!   (1.05 s of 1.34 s, at 1-4 TFLOP/s), while burn's matmul runs at ~6 TFLOP/s there.
@@ -113,7 +113,7 @@ pub fn as_product(
     let weight = weight.reshape([1, o, k]);
     let band = (budget / (b * k * wo * x.dtype().size()).max(1)).clamp(1, ho);
     let unpadded = top + left + bottom + right == 0;
-    let ours = crate::shaders::applies(&x);
+    let ours = im2col::applies(&x);
     // burn's ops take the views of a padded copy; our kernel reads the padding as zeros.
     let padded = if ours || unpadded { x.clone() } else { x.clone().pad([(top, bottom), (left, right)], 0.0) };
     let mut outs = Vec::with_capacity(ho.div_ceil(band));

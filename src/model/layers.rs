@@ -247,16 +247,10 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 /// GEGLU's activation: `value * gelu(gate)` of a projection `[.., 2F]` holding value then gate;
-/// one kernel of ours on the CPU and on a GPU.
+/// one kernel of ours on the CPU and on a GPU, forward and backward.
 pub fn geglu<const D: usize>(h: Tensor<D>) -> Tensor<D> {
     use crate::shaders::geglu;
-    if crate::cpu::applies(&h) {
-        crate::cpu::geglu(h)
-    } else if crate::shaders::applies(&h) {
-        geglu::forward(h)
-    } else {
-        geglu::reference(h)
-    }
+    if geglu::applies(&h) { geglu::forward(h) } else { geglu::reference(h) }
 }
 
 // Layers whose weights may be in another dtype than their input. On the CPU, `--precision

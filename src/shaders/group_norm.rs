@@ -2,12 +2,20 @@
 //! in one kernel of ours: `shaders/group_norm.wgsl` on a wgpu device that compiles WGSL, its
 //! `#[cube]` twin (`portable`) where kernels are compiled to SPIR-V (the `spirv` build) or
 //! anything else that takes no WGSL text, and `cpu::group_norm` on the CPU backend.
-//! Elsewhere — other dtypes, and on the CPU tensors that carry gradients (training) — it is
-//! burn's `GroupNorm` and `silu`, which all three kernels are tested against.
+//! In training (an input with gradients, frozen γ and β) the op has a backward pass of its
+//! own: one more kernel, `#[cube]` on GPUs and `cpu::group_norm` on the CPU, where burn's
+//! autodiff of its GroupNorm, SiLU and LayerNorm took ~35 kernels per norm, about a quarter of
+//! a LoRA step's 11,600 kernels (BENCHMARKS.md). Elsewhere — other dtypes, trainable γ or β — it
+//! is burn's `GroupNorm` and `silu`, which all the kernels are tested against.
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
-use burn::backend::{Backend, Flex, backend_extension, tensor::FloatTensor};
+use burn::backend::{Autodiff, Backend, Flex, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeCount;
+use burn::module::Param;
 use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
@@ -16,7 +24,7 @@ use burn_flex::FlexTensor;
 use crate::cpu::{self, f32_tensor, f32s};
 use crate::model::layers::in_dtype;
 
-#[backend_extension(Cube, Fusion, Flex)]
+#[backend_extension(Cube, Fusion, Flex, Autodiff)]
 pub trait GroupNormOps: Backend {
     #[fusion(dtype = x, shape = x)]
     fn group_norm_silu(
@@ -27,6 +35,19 @@ pub trait GroupNormOps: Backend {
         epsilon: f64,
         with_silu: bool,
         portable: bool,
+    ) -> FloatTensor<Self>;
+
+    /// The gradient of `group_norm_silu`'s input `x` from its output's gradient `grad`, for a
+    /// `gamma` and `beta` that take none.
+    #[fusion(dtype = x, shape = x)]
+    fn group_norm_silu_grad(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        with_silu: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -44,7 +65,7 @@ pub fn forward_portable(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tens
 fn ours(norm: &GroupNorm, x: Tensor<4>, with_silu: bool, portable: bool) -> Tensor<4> {
     let norm = in_dtype(norm, x.dtype());
     match (&norm.gamma, &norm.beta) {
-        (Some(gamma), Some(beta)) if uses_kernel(&x) => {
+        (Some(gamma), Some(beta)) if uses_kernel(&x, gamma, beta) => {
             Tensor::from_dispatch(burn::backend::Dispatch::group_norm_silu(
                 x.into_dispatch(),
                 gamma.val().into_dispatch(),
@@ -69,7 +90,7 @@ pub fn layer_norm<const D: usize>(n: &LayerNorm, epsilon: f64, x: Tensor<D>) -> 
     let [rows, d] = [dims[..D - 1].iter().product::<usize>(), dims[D - 1]];
     match &n.beta {
         // One workgroup per row, and a dispatch holds at most 65535 of them in a dimension.
-        Some(beta) if super::applies(&x) && rows <= u16::MAX as usize => {
+        Some(beta) if uses_kernel(&x, &n.gamma, beta) && rows <= u16::MAX as usize => {
             let x = x.reshape([rows, d, 1]);
             let y = burn::backend::Dispatch::group_norm_silu(
                 x.into_dispatch(),
@@ -93,9 +114,12 @@ pub fn reference(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
     if with_silu { silu(y) } else { y }
 }
 
-/// Our GPU kernels for f32/f16 tensors on a wgpu device; the CPU kernel where `cpu::applies`.
-fn uses_kernel(x: &Tensor<4>) -> bool {
-    super::applies(x) || cpu::applies(x)
+/// Our GPU kernels for f32/f16 tensors on a wgpu device, the CPU kernel for f32 ones on the
+/// CPU backend; with or without gradients, as long as `gamma` and `beta` take none (the op's
+/// backward pass gives only the input's).
+fn uses_kernel<const D: usize>(x: &Tensor<D>, gamma: &Param<Tensor<1>>, beta: &Param<Tensor<1>>) -> bool {
+    let frozen = !gamma.val().is_require_grad() && !beta.val().is_require_grad();
+    frozen && (super::takes(x) || cpu::takes(x))
 }
 
 impl GroupNormOps for CubeBackend {
@@ -109,18 +133,8 @@ impl GroupNormOps for CubeBackend {
         portable: bool,
     ) -> CubeTensor {
         let (x, gamma, beta) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta));
-        let shape = x.meta.shape().clone();
-        let dims: Vec<usize> = shape.iter().copied().collect();
-        let problem = Problem {
-            channels: dims[1] as u32,
-            pixels: dims[2..].iter().product::<usize>() as u32,
-            groups: groups as u32,
-            epsilon: epsilon as f32,
-            with_silu,
-        };
-        let out = super::empty_like(&x, shape);
-        // One workgroup per (batch item, group) in both kernels.
-        let count = CubeCount::Static((dims[0] * groups) as u32, 1, 1);
+        let (problem, count) = problem(&x, groups, epsilon, with_silu);
+        let out = super::empty_like(&x, x.meta.shape().clone());
         if portable || !super::compiles_wgsl(&x) {
             portable::launch(&x, &gamma, &beta, &out, &problem, count);
         } else {
@@ -128,15 +142,45 @@ impl GroupNormOps for CubeBackend {
         }
         out
     }
+
+    fn group_norm_silu_grad(
+        x: CubeTensor,
+        gamma: CubeTensor,
+        beta: CubeTensor,
+        grad: CubeTensor,
+        groups: usize,
+        epsilon: f64,
+        with_silu: bool,
+    ) -> CubeTensor {
+        let [x, gamma, beta, grad] = [x, gamma, beta, grad].map(into_contiguous);
+        let (problem, count) = problem(&x, groups, epsilon, with_silu);
+        let dx = super::empty_like(&x, x.meta.shape().clone());
+        portable::launch_grad(&x, &gamma, &beta, &grad, &dx, &problem, count);
+        dx
+    }
 }
 
-/// What both GPU kernels are told besides the tensors.
+/// What the GPU kernels are told besides the tensors.
 struct Problem {
     channels: u32,
     pixels: u32,
     groups: u32,
     epsilon: f32,
     with_silu: bool,
+}
+
+/// The problem of normalizing `x` (`[B, C, ..]`), and its dispatch: one workgroup per (batch
+/// item, group) in every kernel.
+fn problem(x: &CubeTensor, groups: usize, epsilon: f64, with_silu: bool) -> (Problem, CubeCount) {
+    let dims: Vec<usize> = x.meta.shape().iter().copied().collect();
+    let problem = Problem {
+        channels: dims[1] as u32,
+        pixels: dims[2..].iter().product::<usize>() as u32,
+        groups: groups as u32,
+        epsilon: epsilon as f32,
+        with_silu,
+    };
+    (problem, CubeCount::Static((dims[0] * groups) as u32, 1, 1))
 }
 
 fn launch_wgsl(x: &CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, out: &CubeTensor, p: &Problem, count: CubeCount) {
@@ -182,6 +226,35 @@ mod portable {
         );
     }
 
+    /// The gradient kernel, `group_norm_silu_grad`, on the forward kernel's dispatch.
+    pub(super) fn launch_grad(
+        x: &CubeTensor,
+        gamma: &CubeTensor,
+        beta: &CubeTensor,
+        grad: &CubeTensor,
+        dx: &CubeTensor,
+        p: &Problem,
+        count: CubeCount,
+    ) {
+        group_norm_silu_grad::launch(
+            &x.client,
+            count,
+            CubeDim::new_1d(WORKGROUP),
+            x.clone().into_tensor_arg(),
+            gamma.clone().into_tensor_arg(),
+            beta.clone().into_tensor_arg(),
+            grad.clone().into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            p.channels,
+            p.pixels,
+            p.groups,
+            p.epsilon,
+            p.with_silu,
+            WORKGROUP as usize,
+            dtype_to_storage_type(x.dtype),
+        );
+    }
+
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     fn group_norm_silu<F: Float>(
@@ -200,29 +273,11 @@ mod portable {
         let per_group = (channels / groups) as usize;
         let pixels = pixels as usize;
         let count = per_group * pixels;
-        let item = (CUBE_POS_X / groups) as usize;
         let group = (CUBE_POS_X % groups) as usize;
-        let base = (item * channels as usize + group * per_group) * pixels;
+        let base = (CUBE_POS_X / groups) as usize * channels as usize * pixels + group * count;
         let local = UNIT_POS_X as usize;
         let mut partial = Shared::<[f32]>::new_slice(workgroup);
-
-        let mut sum = 0.0f32;
-        let mut i = local;
-        while i < count {
-            sum += f32::cast_from(x[base + i]);
-            i += workgroup;
-        }
-        let mean = workgroup_sum(&mut partial, local, sum) / f32::cast_from(count);
-
-        let mut squares = 0.0f32;
-        let mut i = local;
-        while i < count {
-            let d = f32::cast_from(x[base + i]) - mean;
-            squares += d * d;
-            i += workgroup;
-        }
-        let variance = workgroup_sum(&mut partial, local, squares) / f32::cast_from(count);
-        let inv_std = (variance + epsilon).inverse_sqrt();
+        let (mean, inv_std) = statistics(x, base, count, epsilon, &mut partial, local);
 
         let mut i = local;
         while i < count {
@@ -235,6 +290,116 @@ mod portable {
             y[base + i] = F::cast_from(v);
             i += workgroup;
         }
+    }
+
+    /// The gradient of `group_norm_silu`'s input from its output's gradient (`grad`), for a γ
+    /// and β that take none. Per group, with x̂ = (x - mean) · inv_std and g = γ · dy (dy: the
+    /// gradient through SiLU's derivative when `with_silu`):
+    ///   dx = inv_std · (g - mean(g) - x̂ · mean(g · x̂)).
+    /// Its passes: the statistics (two), the two means, dx.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_silu_grad<F: Float>(
+        x: &Tensor<F>,
+        gamma: &Tensor<F>,
+        beta: &Tensor<F>,
+        grad: &Tensor<F>,
+        dx: &mut Tensor<F>,
+        channels: u32,
+        pixels: u32,
+        groups: u32,
+        epsilon: f32,
+        #[comptime] with_silu: bool,
+        #[comptime] workgroup: usize,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let per_group = (channels / groups) as usize;
+        let pixels = pixels as usize;
+        let count = per_group * pixels;
+        let group = (CUBE_POS_X % groups) as usize;
+        let base = (CUBE_POS_X / groups) as usize * channels as usize * pixels + group * count;
+        let local = UNIT_POS_X as usize;
+        let mut partial = Shared::<[f32]>::new_slice(workgroup);
+        let (mean, inv_std) = statistics(x, base, count, epsilon, &mut partial, local);
+
+        let mut sum_g = 0.0f32;
+        let mut sum_gx = 0.0f32;
+        let mut i = local;
+        while i < count {
+            let c = group * per_group + i / pixels;
+            let (normalized, g) =
+                element::<F>(x[base + i], grad[base + i], gamma[c], beta[c], mean, inv_std, with_silu);
+            sum_g += g;
+            sum_gx += g * normalized;
+            i += workgroup;
+        }
+        let mean_g = workgroup_sum(&mut partial, local, sum_g) / f32::cast_from(count);
+        let mean_gx = workgroup_sum(&mut partial, local, sum_gx) / f32::cast_from(count);
+
+        let mut i = local;
+        while i < count {
+            let c = group * per_group + i / pixels;
+            let (normalized, g) =
+                element::<F>(x[base + i], grad[base + i], gamma[c], beta[c], mean, inv_std, with_silu);
+            dx[base + i] = F::cast_from(inv_std * (g - mean_g - normalized * mean_gx));
+            i += workgroup;
+        }
+    }
+
+    /// The mean and 1 / sqrt(variance + epsilon) of the `count` values of `x` from `base`: the
+    /// mean first, then the variance of (x - mean), which keeps f32's accuracy when the mean is
+    /// large.
+    #[cube]
+    fn statistics<F: Float>(
+        x: &Tensor<F>,
+        base: usize,
+        count: usize,
+        epsilon: f32,
+        partial: &mut Shared<[f32]>,
+        local: usize,
+    ) -> (f32, f32) {
+        let workgroup = CUBE_DIM_X as usize;
+        let mut sum = 0.0f32;
+        let mut i = local;
+        while i < count {
+            sum += f32::cast_from(x[base + i]);
+            i += workgroup;
+        }
+        let mean = workgroup_sum(partial, local, sum) / f32::cast_from(count);
+
+        let mut squares = 0.0f32;
+        let mut i = local;
+        while i < count {
+            let d = f32::cast_from(x[base + i]) - mean;
+            squares += d * d;
+            i += workgroup;
+        }
+        let variance = workgroup_sum(partial, local, squares) / f32::cast_from(count);
+        (mean, (variance + epsilon).inverse_sqrt())
+    }
+
+    /// (x̂, g = γ · dy) of one element, whose output's gradient is `grad`; SiLU'(y) is
+    /// s (1 + y (1 - s)) with s = sigmoid(y).
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn element<F: Float>(
+        x: F,
+        grad: F,
+        gamma: F,
+        beta: F,
+        mean: f32,
+        inv_std: f32,
+        #[comptime] with_silu: bool,
+    ) -> (f32, f32) {
+        let normalized = (f32::cast_from(x) - mean) * inv_std;
+        let gamma = f32::cast_from(gamma);
+        let mut dy = f32::cast_from(grad);
+        if with_silu {
+            let y = normalized * gamma + f32::cast_from(beta);
+            let s = 1.0f32 / (1.0f32 + (-y).exp());
+            dy *= s * (1.0f32 + y * (1.0f32 - s));
+        }
+        (normalized, gamma * dy)
     }
 
     /// The sum of every unit's `value`, returned to all units.
@@ -276,5 +441,79 @@ impl GroupNormOps for Flex {
         let (eps, silu) = (epsilon as f32, with_silu);
         cpu::group_norm::group_norm_silu(f32s(&x), f32s(&gamma), f32s(&beta), &mut out, shape, groups, eps, silu);
         f32_tensor(out, dims)
+    }
+
+    fn group_norm_silu_grad(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        grad: FlexTensor,
+        groups: usize,
+        epsilon: f64,
+        with_silu: bool,
+    ) -> FlexTensor {
+        let dims: Vec<usize> = x.layout().shape().iter().copied().collect();
+        let shape = [dims[1], dims[2..].iter().product()];
+        let [x, gamma, beta, grad] = [x, gamma, beta, grad].map(|t| t.to_contiguous());
+        let mut dx = vec![0f32; f32s(&x).len()];
+        let (eps, silu) = (epsilon as f32, with_silu);
+        let [x, gamma, beta, grad] = [&x, &gamma, &beta, &grad].map(f32s);
+        cpu::group_norm::group_norm_silu_grad(x, gamma, beta, grad, &mut dx, shape, groups, eps, silu);
+        f32_tensor(dx, dims)
+    }
+}
+
+/// Training: the backend's kernel forward, and its gradient kernel backward. Only `x` takes a
+/// gradient (`uses_kernel` sends trainable γ and β to burn's ops), and the backward pass keeps
+/// `x`, γ and β, recomputing the group statistics rather than keeping them.
+impl<B: Backend + GroupNormOps, C: CheckpointStrategy> GroupNormOps for Autodiff<B, C> {
+    fn group_norm_silu(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        with_silu: bool,
+        portable: bool,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct InputGrad;
+
+        impl<B: Backend + GroupNormOps> Backward<B, 1> for InputGrad {
+            /// x, γ, β, the groups, epsilon and whether SiLU follows.
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, usize, f64, bool);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, gamma, beta, groups, epsilon, with_silu) = ops.state;
+                if let [Some(node)] = ops.parents {
+                    grads.register::<B>(
+                        node.id,
+                        B::group_norm_silu_grad(x, gamma, beta, grad, groups, epsilon, with_silu),
+                    );
+                }
+            }
+        }
+
+        let parents = [x.node()];
+        let (x, gamma, beta) = (x.into_primitive(), gamma.into_primitive(), beta.into_primitive());
+        let out = B::group_norm_silu(x.clone(), gamma.clone(), beta.clone(), groups, epsilon, with_silu, portable);
+        match InputGrad.prepare::<C>(parents).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((x, gamma, beta, groups, epsilon, with_silu), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn group_norm_silu_grad(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        with_silu: bool,
+    ) -> FloatTensor<Self> {
+        let [x, gamma, beta, grad] = [x, gamma, beta, grad].map(|t| t.into_primitive());
+        super::untracked::<B, C>(B::group_norm_silu_grad(x, gamma, beta, grad, groups, epsilon, with_silu))
     }
 }

@@ -15,8 +15,12 @@ pub mod winograd;
 
 use std::path::{Path, PathBuf};
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::wgpu::{CubeTensor, KernelSource, SourceKernel, SourceTemplate};
-use burn::backend::{Backend, TensorMetadata, tensor::FloatTensor};
+use burn::backend::{Autodiff, Backend, TensorMetadata, tensor::FloatTensor};
 use burn::cubecl::prelude::KernelId;
 use burn::tensor::{DType, Shape, Tensor};
 use std::sync::{Arc, LazyLock, OnceLock};
@@ -115,6 +119,21 @@ pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
 /// (the products, Winograd's convolution) take tensors under autodiff too.
 fn takes<const D: usize>(x: &Tensor<D>) -> bool {
     enabled() && crate::device::on_cube(&x.device()) && matches!(x.dtype(), DType::F32 | DType::F16)
+}
+
+/// `t` as an autodiff tensor that takes no gradient: what the autodiff versions of our
+/// gradient ops return (sdw takes no gradient of a gradient).
+fn untracked<B: Backend, C: CheckpointStrategy>(t: FloatTensor<B>) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct Untracked;
+
+    impl<B: Backend> Backward<B, 0> for Untracked {
+        type State = ();
+
+        fn backward(self, _: Ops<(), 0>, _: &mut Gradients, _: &mut Checkpointer) {}
+    }
+
+    Untracked.prepare::<C>([]).compute_bound().stateless(t)
 }
 
 /// `t` in `dtype`, inside an op of ours: frozen f16 weights meet f32 activations in training

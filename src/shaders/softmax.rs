@@ -2,9 +2,10 @@
 //! where the device compiles WGSL, its `#[cube]` twin (`portable`) elsewhere (the `spirv`
 //! build). It takes the attention scores that sdw's products make (`model::attention_tuned`),
 //! in place: burn's softmax is five kernels (max, subtract, exp, sum, divide) and eight passes
-//! over a score tensor of up to a few hundred MiB. Where `shaders::applies` does not hold
-//! ([`of_last_dim`]) and in training's attention backward it is burn's ops ([`reference`]),
-//! which the kernels are tested against.
+//! over a score tensor of up to a few hundred MiB. Training's attention backward
+//! (`model::attention_grad`) takes it too, and its gradient, `p ⊙ (dp − rowsum(p ⊙ dp))`, in
+//! one `#[cube]` kernel (`sdw_softmax_grad`). Where `shaders::applies` does not hold
+//! ([`of_last_dim`]) it is burn's ops ([`reference`]), which the kernels are tested against.
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, TensorMetadata, backend_extension, tensor::FloatTensor};
@@ -18,6 +19,12 @@ pub trait SoftmaxOps: Backend {
     /// Softmax over the last dimension; the input's buffer is reused where nothing else holds it.
     #[fusion(dtype = s, shape = s)]
     fn sdw_softmax(s: FloatTensor<Self>, portable: bool) -> FloatTensor<Self>;
+
+    /// `p ⊙ (dp − rowsum(p ⊙ dp)) · scale`, the gradient of scores whose softmax is `p` and
+    /// scaled by `scale`, from `dp`, the softmax's gradient; `dp`'s buffer is reused where
+    /// nothing else holds it.
+    #[fusion(dtype = p, shape = p)]
+    fn sdw_softmax_grad(p: FloatTensor<Self>, dp: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
 }
 
 /// Softmax over the last dimension: our kernel where `shaders::applies`, else burn's.
@@ -48,22 +55,54 @@ fn team(n: usize) -> u32 {
     (n.next_power_of_two() / 4).clamp(32, WORKGROUP as usize) as u32
 }
 
+/// `s` itself where it is contiguous and nothing else holds it (a product's fresh scores), else
+/// a copy: a tensor the kernels may overwrite.
+fn own(s: CubeTensor) -> CubeTensor {
+    if !s.is_contiguous() {
+        into_contiguous(s)
+    } else if s.can_mut() {
+        s
+    } else {
+        s.copy()
+    }
+}
+
+/// The rows of `[.., n]` scores, `n`, the threads per row, and the dispatch: a team of threads
+/// per row, several rows per workgroup.
+fn rows_of(s: &CubeTensor) -> ([u32; 3], burn::cubecl::CubeCount) {
+    let shape = s.meta.shape();
+    let n = shape[shape.num_dims() - 1];
+    let rows = shape.num_elements() / n.max(1);
+    let team = team(n);
+    let count = workgroups(rows.div_ceil((WORKGROUP / team) as usize) * WORKGROUP as usize);
+    let [rows, n] = [rows, n].map(|v| u32::try_from(v).expect("scores too large for 32-bit indices"));
+    ([rows, n, team], count)
+}
+
 impl SoftmaxOps for CubeBackend {
+    fn sdw_softmax_grad(p: CubeTensor, dp: CubeTensor, scale: f64) -> CubeTensor {
+        let (p, dp) = (into_contiguous(p), own(dp));
+        let ([rows, n, team], count) = rows_of(&dp);
+        portable::softmax_grad::launch(
+            &dp.client,
+            count,
+            CubeDim::new_1d(WORKGROUP),
+            p.into_tensor_arg(),
+            dp.clone().into_tensor_arg(),
+            rows,
+            n,
+            team,
+            scale as f32,
+            WORKGROUP as usize,
+            burn::backend::cubecl::dtype_to_storage_type(dp.dtype),
+        );
+        dp
+    }
+
     fn sdw_softmax(s: CubeTensor, portable: bool) -> CubeTensor {
         // In place on a tensor of its own: a product's fresh scores are; anything else is copied.
-        let s = if !s.is_contiguous() {
-            into_contiguous(s)
-        } else if s.can_mut() {
-            s
-        } else {
-            s.copy()
-        };
-        let shape = s.meta.shape();
-        let n = shape[shape.num_dims() - 1];
-        let rows = shape.num_elements() / n.max(1);
-        let team = team(n);
-        let count = workgroups(rows.div_ceil((WORKGROUP / team) as usize) * WORKGROUP as usize);
-        let [rows, n] = [rows, n].map(|v| u32::try_from(v).expect("scores too large for 32-bit indices"));
+        let s = own(s);
+        let ([rows, n, team], count) = rows_of(&s);
         if portable || !super::compiles_wgsl(&s) {
             portable::softmax::launch(
                 &s.client,
@@ -128,6 +167,43 @@ mod portable {
         while j < width {
             let i = base + j as usize;
             s[i] = F::cast_from((f32::cast_from(s[i]) - row_max).exp() / total);
+            j += team;
+        }
+    }
+
+    /// `dp ← p ⊙ (dp − rowsum(p ⊙ dp)) · scale`, a team of units per row as in `softmax`.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn softmax_grad<F: Float>(
+        p: &Tensor<F>,
+        dp: &mut Tensor<F>,
+        rows: u32,
+        n: u32,
+        team: u32,
+        scale: f32,
+        #[comptime] workgroup: usize,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let local = UNIT_POS_X;
+        let row = (CUBE_POS_X + CUBE_POS_Y * CUBE_COUNT_X) * (CUBE_DIM_X / team) + local / team;
+        let lane = local % team;
+        let width = select(row < rows, n, 0u32);
+        let base = (row * n) as usize;
+        let mut partial = Shared::<[f32]>::new_slice(workgroup);
+
+        let mut dot = 0.0f32;
+        let mut j = lane;
+        while j < width {
+            let i = base + j as usize;
+            dot += f32::cast_from(p[i]) * f32::cast_from(dp[i]);
+            j += team;
+        }
+        let total = team_reduce(&mut partial, local, team, dot, false);
+
+        let mut j = lane;
+        while j < width {
+            let i = base + j as usize;
+            dp[i] = F::cast_from(f32::cast_from(p[i]) * (f32::cast_from(dp[i]) - total) * scale);
             j += team;
         }
     }

@@ -77,6 +77,149 @@ fn layer_norm_kernel_matches_burn_ops() {
     }
 }
 
+/// In training (the input tracked, γ and β frozen) GroupNorm (+ SiLU) and LayerNorm by sdw's
+/// op give the output and the input's gradient that burn's autodiff of its own ops gives, on
+/// the CPU and on wgpu: 1, 2 and 10 channels per group, pixel counts that are not multiples
+/// of the workgroup, a large mean; LayerNorm at CLIP's and the UNet's widths.
+#[test]
+fn norm_gradients_match_burns() {
+    use burn::nn::LayerNormConfig;
+    for compute in devices() {
+        let plain = &compute.device;
+        for (b, c, h, w) in [(2, 64, 5, 7), (1, 320, 8, 8), (2, 32, 17, 9)] {
+            let gn = norm(c, plain);
+            for silu in [false, true] {
+                let ours = |x| group_norm::forward(&gn, x, silu);
+                let burns = |x| group_norm::reference(&gn, x, silu);
+                let what = format!("group norm, silu {silu}");
+                assert_gradients_match(&what, &compute, [b, c, h, w], 5.0, &ours, &burns);
+            }
+        }
+        for [b, t, c] in [[2, 13, 320], [1, 5, 1280], [2, 77, 768]] {
+            let mut ln = LayerNormConfig::new(c).with_epsilon(1e-5).init(plain);
+            let gamma = scaled_noise(c, 3, 0.1).iter().map(|v| v + 1.0).collect();
+            ln.gamma = Param::from_tensor(to_device(gamma, [c], plain));
+            ln.beta = Some(Param::from_tensor(to_device(scaled_noise(c, 4, 0.1), [c], plain)));
+            let ours = |x| group_norm::layer_norm(&ln, 1e-5, x);
+            let burns = |x| ln.forward(x);
+            assert_gradients_match("layer norm", &compute, [b, t, c], 5.0, &ours, &burns);
+        }
+    }
+}
+
+/// In training GEGLU's activation by sdw's op gives the output and the projection's gradient
+/// that burn's autodiff of the split, the erf-form GELU and the product gives, on the CPU and
+/// on wgpu, with gates far out on both tails.
+#[test]
+fn geglu_gradients_match_burns() {
+    use sdw::shaders::geglu;
+    for compute in devices() {
+        for [b, t, f] in [[2, 64, 320], [1, 7, 1280], [2, 3, 5]] {
+            let (ours, burns) = (geglu::forward::<3>, geglu::reference::<3>);
+            assert_gradients_match("geglu", &compute, [b, t, 2 * f], 0.0, &ours, &burns);
+        }
+    }
+}
+
+/// In training the im2col op's input gradient (`col2im`, one gather kernel) equals burn's
+/// autodiff of the padded, sliced and stacked views it replaces, on wgpu: "same", uneven and
+/// no padding, strides 1 and 2, bands that start inside the image and end before it.
+#[test]
+fn im2col_gradients_match_burns() {
+    use sdw::model::conv::stacked_columns;
+    use sdw::shaders::im2col::{self, Band};
+    let Some(gpu) = wgpu() else { return };
+    // (shape, kernel, stride, padding top-left-bottom-right, first row, rows)
+    let cases = [
+        ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 0, 9),
+        ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 3, 4),
+        ([1, 6, 8, 10], 1, 1, [0, 0, 0, 0], 2, 5),
+        ([1, 4, 9, 8], 3, 2, [1, 1, 1, 1], 1, 3),
+        ([1, 4, 9, 8], 3, 2, [0, 0, 1, 1], 0, 4),
+        ([1, 3, 4, 4], 3, 1, [2, 0, 1, 2], 0, 5),
+    ];
+    for (shape, k, s, [top, left, bottom, right], y0, rows) in cases {
+        let w_out = (shape[3] + left + right - k) / s + 1;
+        let band = Band { kernel: [k, k], stride: [s, s], top_left: [top, left], y0, rows, w_out };
+        let ours = |x| im2col::columns(x, band);
+        let burns = |x: Tensor<4>| {
+            let padded = x.pad([(top, bottom), (left, right)], 0.0);
+            stacked_columns(&padded, [k, k], [s, s], y0, rows, w_out)
+        };
+        assert_gradients_match(&format!("im2col {band:?}"), &gpu, shape, 0.0, &ours, &burns);
+    }
+}
+
+/// Training's attention (`model::attention_grad`: the scores recomputed in the backward pass,
+/// sdw's products, softmax and scores' gradient) gives the output and the gradients of q, k and
+/// v that burn's autodiff of its plain attention gives, on the CPU and on wgpu: in one chunk of
+/// queries and in chunks that do not divide them, self- and cross-attention. Within 1e-5 of
+/// each result's scale.
+#[test]
+fn attention_gradients_match_burns() {
+    use burn::tensor::module::attention as sdpa;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use sdw::model::attention::attention_with_budget;
+    for compute in devices() {
+        let tracked = compute.device.clone().autodiff();
+        for (b, sq, sk, heads, d) in [(2, 13, 11, 2, 8), (1, 70, 70, 2, 40)] {
+            let random =
+                |s: usize, seed| to_device(scaled_noise(b * s * heads * d, seed, 1.0), [b, s, heads * d], &tracked);
+            let (q, k, v, w) = (random(sq, 1), random(sk, 2), random(sk, 3), random(sq, 4));
+            let leaves = || [&q, &k, &v].map(|t| t.clone().detach().require_grad());
+            let grads = |out: Tensor<3>, inputs: [Tensor<3>; 3]| {
+                let g = (out.clone() * w.clone()).sum().backward();
+                let [q, k, v] = inputs.map(|t| to_host(t.grad(&g).expect("a gradient")));
+                [to_host(out.inner()), q, k, v]
+            };
+            let [q0, k0, v0] = leaves();
+            let split = |t: Tensor<3>, s: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2);
+            let options = AttentionModuleOptions { scale: Some(1.0 / (d as f64).sqrt()), ..Default::default() };
+            let plain = sdpa(split(q0.clone(), sq), split(k0.clone(), sk), split(v0.clone(), sk), None, None, options);
+            let want = grads(plain.swap_dims(1, 2).reshape([b, sq, heads * d]), [q0, k0, v0]);
+            // Budgets for all query rows at once, and for 5 rows per chunk.
+            for rows in [sq, 5] {
+                let [q1, k1, v1] = leaves();
+                let budget = b * heads * sk * 4 * rows;
+                let out = attention_with_budget(q1.clone(), k1.clone(), v1.clone(), heads, false, budget);
+                let got = grads(out, [q1, k1, v1]);
+                for (name, (got, want)) in ["output", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+                    let what =
+                        format!("attention {sq}x{sk}, {rows} rows per chunk, on {}: {name}", compute.description);
+                    assert_within_scale(&what, got, want, 1e-5);
+                }
+            }
+        }
+    }
+}
+
+/// The output of `ours` and the gradient of its input, a tracked tensor of `shape` (normal
+/// noise times 3, plus `mean`), against `burns` on the same device, for a random output
+/// gradient: within 1e-5 of each result's scale.
+fn assert_gradients_match<const D: usize, const E: usize>(
+    what: &str,
+    compute: &sdw::device::Compute,
+    shape: [usize; D],
+    mean: f32,
+    ours: &dyn Fn(Tensor<D>) -> Tensor<E>,
+    burns: &dyn Fn(Tensor<D>) -> Tensor<E>,
+) {
+    let tracked = compute.device.clone().autodiff();
+    let n = shape.iter().product();
+    let x = to_device(scaled_noise(n, 9, 3.0).iter().map(|v| v + mean).collect(), shape, &tracked);
+    let results = |f: &dyn Fn(Tensor<D>) -> Tensor<E>| {
+        let x = x.clone().require_grad();
+        let out = f(x.clone());
+        let g = to_device(scaled_noise(out.shape().num_elements(), 8, 1.0), out.dims(), &tracked);
+        let grads = (out.clone() * g).sum().backward();
+        (to_host(out.inner()), to_host(x.grad(&grads).expect("the input's gradient")))
+    };
+    let ((out, dx), (want, want_dx)) = (results(ours), results(burns));
+    for (name, got, want) in [("output", out, &want), ("input gradient", dx, &want_dx)] {
+        assert_within_scale(&format!("{what} {shape:?} on {}: {name}", compute.description), &got, want, 1e-5);
+    }
+}
+
 /// GEGLU's activation by the shader and its `#[cube]` twin equals burn's ops (split, erf-form
 /// gelu, product) on the same device, for the UNet's widths and a row count that is not a
 /// multiple of the workgroup, with gates far out on both tails.
