@@ -270,18 +270,15 @@ mod portable {
         #[comptime] workgroup: usize,
         #[define(F)] _dtype: ElemType,
     ) {
-        let per_group = (channels / groups) as usize;
+        let (base, count, first) = this_group(channels, pixels, groups);
         let pixels = pixels as usize;
-        let count = per_group * pixels;
-        let group = (CUBE_POS_X % groups) as usize;
-        let base = (CUBE_POS_X / groups) as usize * channels as usize * pixels + group * count;
         let local = UNIT_POS_X as usize;
         let mut partial = Shared::<[f32]>::new_slice(workgroup);
         let (mean, inv_std) = statistics(x, base, count, epsilon, &mut partial, local);
 
         let mut i = local;
         while i < count {
-            let c = group * per_group + i / pixels;
+            let c = first + i / pixels;
             let mut v =
                 (f32::cast_from(x[base + i]) - mean) * inv_std * f32::cast_from(gamma[c]) + f32::cast_from(beta[c]);
             if with_silu {
@@ -313,11 +310,8 @@ mod portable {
         #[comptime] workgroup: usize,
         #[define(F)] _dtype: ElemType,
     ) {
-        let per_group = (channels / groups) as usize;
+        let (base, count, first) = this_group(channels, pixels, groups);
         let pixels = pixels as usize;
-        let count = per_group * pixels;
-        let group = (CUBE_POS_X % groups) as usize;
-        let base = (CUBE_POS_X / groups) as usize * channels as usize * pixels + group * count;
         let local = UNIT_POS_X as usize;
         let mut partial = Shared::<[f32]>::new_slice(workgroup);
         let (mean, inv_std) = statistics(x, base, count, epsilon, &mut partial, local);
@@ -326,7 +320,7 @@ mod portable {
         let mut sum_gx = 0.0f32;
         let mut i = local;
         while i < count {
-            let c = group * per_group + i / pixels;
+            let c = first + i / pixels;
             let (normalized, g) =
                 element::<F>(x[base + i], grad[base + i], gamma[c], beta[c], mean, inv_std, with_silu);
             sum_g += g;
@@ -338,12 +332,23 @@ mod portable {
 
         let mut i = local;
         while i < count {
-            let c = group * per_group + i / pixels;
+            let c = first + i / pixels;
             let (normalized, g) =
                 element::<F>(x[base + i], grad[base + i], gamma[c], beta[c], mean, inv_std, with_silu);
             dx[base + i] = F::cast_from(inv_std * (g - mean_g - normalized * mean_gx));
             i += workgroup;
         }
+    }
+
+    /// This workgroup's group of a `[B, channels, pixels]` tensor: the offset of its first
+    /// element, its number of elements and its first channel.
+    #[cube]
+    fn this_group(channels: u32, pixels: u32, groups: u32) -> (usize, usize, usize) {
+        let per_group = (channels / groups) as usize;
+        let count = per_group * pixels as usize;
+        let group = (CUBE_POS_X % groups) as usize;
+        let base = (CUBE_POS_X / groups) as usize * channels as usize * pixels as usize + group * count;
+        (base, count, group * per_group)
     }
 
     /// The mean and 1 / sqrt(variance + epsilon) of the `count` values of `x` from `base`: the

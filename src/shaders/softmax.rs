@@ -139,12 +139,7 @@ mod portable {
         #[define(F)] _dtype: ElemType,
     ) {
         let local = UNIT_POS_X;
-        // Workgroups beyond 65535 spill over into y.
-        let row = (CUBE_POS_X + CUBE_POS_Y * CUBE_COUNT_X) * (CUBE_DIM_X / team) + local / team;
-        let lane = local % team;
-        // A team past the last row takes part in the reductions with an empty row.
-        let width = select(row < rows, n, 0u32);
-        let base = (row * n) as usize;
+        let (base, width, lane) = this_row(rows, n, team);
         let mut partial = Shared::<[f32]>::new_slice(workgroup);
 
         let mut top = f32::new(-3.402_823_5e38);
@@ -185,10 +180,7 @@ mod portable {
         #[define(F)] _dtype: ElemType,
     ) {
         let local = UNIT_POS_X;
-        let row = (CUBE_POS_X + CUBE_POS_Y * CUBE_COUNT_X) * (CUBE_DIM_X / team) + local / team;
-        let lane = local % team;
-        let width = select(row < rows, n, 0u32);
-        let base = (row * n) as usize;
+        let (base, width, lane) = this_row(rows, n, team);
         let mut partial = Shared::<[f32]>::new_slice(workgroup);
 
         let mut dot = 0.0f32;
@@ -206,6 +198,17 @@ mod portable {
             dp[i] = F::cast_from(f32::cast_from(p[i]) * (f32::cast_from(dp[i]) - total) * scale);
             j += team;
         }
+    }
+
+    /// This unit's row of `rows` rows of `n`, a team of `team` units per row: the row's
+    /// offset, its width and the unit's lane in the team. A team past the last row takes part
+    /// in the reductions with an empty row.
+    #[cube]
+    fn this_row(rows: u32, n: u32, team: u32) -> (usize, u32, u32) {
+        let local = UNIT_POS_X;
+        // Workgroups beyond 65535 spill over into y.
+        let row = (CUBE_POS_X + CUBE_POS_Y * CUBE_COUNT_X) * (CUBE_DIM_X / team) + local / team;
+        ((row * n) as usize, select(row < rows, n, 0u32), local % team)
     }
 
     /// The max (`is_max`) or the sum of `value` over each team, returned to the team's units;
