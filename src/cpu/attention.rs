@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::math::exp_shifted;
 use super::product::{Parallelism, View, product};
+use super::rows_per_task;
 
 /// The shape of one attention call: `q` is `[batch, queries, width]`, `k` and `v` are
 /// `[batch, keys, width]`, and each of `heads` heads reads `width / heads` columns.
@@ -110,11 +111,6 @@ pub fn softmax_grad_rows(p: &[f32], dp: &mut [f32], n: usize, scale: f32) {
             scores_grad(p, dp, scale);
         }
     });
-}
-
-/// Rows per task of the row-wise passes: ~64K scores, enough to hide rayon's overhead.
-fn rows_per_task(n: usize) -> usize {
-    (65536 / n.max(1)).max(1)
 }
 
 /// One row of [`softmax_grad_rows`].

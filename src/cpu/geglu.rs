@@ -4,12 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::math;
-
-/// Rows per task: ~64K outputs, enough work to hide rayon's overhead.
-fn rows_per_task(width: usize) -> usize {
-    (65536 / width.max(1)).max(1)
-}
+use super::{math, rows_per_task};
 
 /// `out[r, j] = h[r, j] * gelu(h[r, F + j])` for `out` of `F = width` columns.
 pub fn geglu(h: &[f32], out: &mut [f32], width: usize) {

@@ -183,6 +183,24 @@ impl CpuOps for Flex {
     }
 }
 
+/// Rows of `n` values per rayon task in a row-by-row pass: ~64K values, enough work to hide
+/// rayon's overhead.
+fn rows_per_task(n: usize) -> usize {
+    (65536 / n.max(1)).max(1)
+}
+
+/// `t`, an f32 tensor, changed by `f` in its own buffer where nothing else holds it (a
+/// product's fresh output), else in a contiguous copy.
+pub(crate) fn f32_in_place(t: FlexTensor, f: impl FnOnce(&mut [f32])) -> FlexTensor {
+    // The block drops `t` once the contiguous one holds the buffer, so that it is unique.
+    let mut t = {
+        let t = t;
+        t.to_contiguous()
+    };
+    f(t.storage_mut::<f32>());
+    t
+}
+
 /// The shape of a rank-`N` tensor (the typed wrappers above pass only those).
 pub(crate) fn dims<const N: usize>(t: &FlexTensor) -> [usize; N] {
     let s = t.layout().shape();

@@ -28,7 +28,7 @@ use burn::tensor::DType;
 use burn_flex::FlexTensor;
 
 use super::attention::{options, rows, slice};
-use crate::cpu::{self, CpuOps, dims, f32_tensor, f32s};
+use crate::cpu::{self, CpuOps, dims, f32s};
 use crate::shaders::matmul::{MatmulOps, tuned_or_burns};
 use crate::shaders::softmax::{self, SoftmaxOps};
 
@@ -100,22 +100,23 @@ impl AttentionGradOps for Flex {
         if s.dtype() != DType::F32 {
             return softmax::reference::<Self>(s);
         }
-        let mut data = f32s(&s.to_contiguous()).to_vec();
-        let shape: Vec<usize> = s.layout().shape().iter().copied().collect();
-        cpu::attention::softmax_rows(&mut data, shape[shape.len() - 1]);
-        f32_tensor(data, shape)
+        let n = last_dim(&s);
+        cpu::f32_in_place(s, |s| cpu::attention::softmax_rows(s, n))
     }
 
     fn scores_grad(p: FlexTensor, dp: FlexTensor, scale: f64) -> FlexTensor {
         if p.dtype() != DType::F32 {
             return scores_grad_reference::<Self>(p, dp, scale);
         }
-        let shape: Vec<usize> = p.layout().shape().iter().copied().collect();
-        let p = p.to_contiguous();
-        let mut ds = f32s(&dp.to_contiguous()).to_vec();
-        cpu::attention::softmax_grad_rows(f32s(&p), &mut ds, shape[shape.len() - 1], scale as f32);
-        f32_tensor(ds, shape)
+        let (p, n) = (p.to_contiguous(), last_dim(&dp));
+        cpu::f32_in_place(dp, |dp| cpu::attention::softmax_grad_rows(f32s(&p), dp, n, scale as f32))
     }
+}
+
+/// The length of a tensor's rows (its last dimension).
+fn last_dim(t: &FlexTensor) -> usize {
+    let shape = t.layout().shape();
+    shape[shape.num_dims() - 1]
 }
 
 impl<B: Backend + AttentionGradOps + MatmulOps, C: CheckpointStrategy> AttentionGradOps for Autodiff<B, C> {

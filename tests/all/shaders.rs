@@ -91,8 +91,8 @@ fn norm_gradients_match_burns() {
             for silu in [false, true] {
                 let ours = |x| group_norm::forward(&gn, x, silu);
                 let burns = |x| group_norm::reference(&gn, x, silu);
-                let what = format!("group norm, silu {silu}");
-                assert_gradients_match(&what, &compute, [b, c, h, w], 5.0, &ours, &burns);
+                let what = format!("group norm, silu {silu}, {:?} on {}", [b, c, h, w], compute.description);
+                assert_gradients_match(&what, tracked_noise(&compute, [b, c, h, w], 5.0), &ours, &burns);
             }
         }
         for [b, t, c] in [[2, 13, 320], [1, 5, 1280], [2, 77, 768]] {
@@ -102,7 +102,8 @@ fn norm_gradients_match_burns() {
             ln.beta = Some(Param::from_tensor(to_device(scaled_noise(c, 4, 0.1), [c], plain)));
             let ours = |x| group_norm::layer_norm(&ln, 1e-5, x);
             let burns = |x| ln.forward(x);
-            assert_gradients_match("layer norm", &compute, [b, t, c], 5.0, &ours, &burns);
+            let what = format!("layer norm {:?} on {}", [b, t, c], compute.description);
+            assert_gradients_match(&what, tracked_noise(&compute, [b, t, c], 5.0), &ours, &burns);
         }
     }
 }
@@ -116,7 +117,8 @@ fn geglu_gradients_match_burns() {
     for compute in devices() {
         for [b, t, f] in [[2, 64, 320], [1, 7, 1280], [2, 3, 5]] {
             let (ours, burns) = (geglu::forward::<3>, geglu::reference::<3>);
-            assert_gradients_match("geglu", &compute, [b, t, 2 * f], 0.0, &ours, &burns);
+            let what = format!("geglu {:?} on {}", [b, t, 2 * f], compute.description);
+            assert_gradients_match(&what, tracked_noise(&compute, [b, t, 2 * f], 0.0), &ours, &burns);
         }
     }
 }
@@ -146,7 +148,7 @@ fn im2col_gradients_match_burns() {
             let padded = x.pad([(top, bottom), (left, right)], 0.0);
             stacked_columns(&padded, [k, k], [s, s], y0, rows, w_out)
         };
-        assert_gradients_match(&format!("im2col {band:?}"), &gpu, shape, 0.0, &ours, &burns);
+        assert_gradients_match(&format!("im2col {band:?} {shape:?}"), tracked_noise(&gpu, shape, 0.0), &ours, &burns);
     }
 }
 
@@ -193,31 +195,31 @@ fn attention_gradients_match_burns() {
     }
 }
 
-/// The output of `ours` and the gradient of its input, a tracked tensor of `shape` (normal
-/// noise times 3, plus `mean`), against `burns` on the same device, for a random output
-/// gradient: within 1e-5 of each result's scale.
+/// The output of `ours` and the gradient of its input `x` (on an autodiff device) against
+/// `burns`, for a random output gradient: within 1e-5 of each result's scale.
 fn assert_gradients_match<const D: usize, const E: usize>(
     what: &str,
-    compute: &sdw::device::Compute,
-    shape: [usize; D],
-    mean: f32,
+    x: Tensor<D>,
     ours: &dyn Fn(Tensor<D>) -> Tensor<E>,
     burns: &dyn Fn(Tensor<D>) -> Tensor<E>,
 ) {
-    let tracked = compute.device.clone().autodiff();
-    let n = shape.iter().product();
-    let x = to_device(scaled_noise(n, 9, 3.0).iter().map(|v| v + mean).collect(), shape, &tracked);
     let results = |f: &dyn Fn(Tensor<D>) -> Tensor<E>| {
         let x = x.clone().require_grad();
         let out = f(x.clone());
-        let g = to_device(scaled_noise(out.shape().num_elements(), 8, 1.0), out.dims(), &tracked);
+        let g = to_device(scaled_noise(out.shape().num_elements(), 8, 1.0), out.dims(), &x.device());
         let grads = (out.clone() * g).sum().backward();
         (to_host(out.inner()), to_host(x.grad(&grads).expect("the input's gradient")))
     };
     let ((out, dx), (want, want_dx)) = (results(ours), results(burns));
     for (name, got, want) in [("output", out, &want), ("input gradient", dx, &want_dx)] {
-        assert_within_scale(&format!("{what} {shape:?} on {}: {name}", compute.description), &got, want, 1e-5);
+        assert_within_scale(&format!("{what}: {name}"), &got, want, 1e-5);
     }
+}
+
+/// A tensor of `shape` on `compute`'s autodiff device: normal noise times 3, plus `mean`.
+fn tracked_noise<const D: usize>(compute: &sdw::device::Compute, shape: [usize; D], mean: f32) -> Tensor<D> {
+    let noise = scaled_noise(shape.iter().product(), 9, 3.0).iter().map(|v| v + mean).collect();
+    to_device(noise, shape, &compute.device.clone().autodiff())
 }
 
 /// GEGLU's activation by the shader and its `#[cube]` twin equals burn's ops (split, erf-form
@@ -410,7 +412,7 @@ fn winograd_gradients_match_burns() {
         ([2, 5, 9, 7], 6, [1, 1, 1, 1], 1 << 30, DType::F16),
     ];
     for (shape, cout, padding, budget, dtype) in cases {
-        let [batch, cin, h, w] = shape;
+        let cin = shape[1];
         let [top, left, bottom, right] = padding;
         // burn's convolution gets the f32 values an f16 weight holds.
         let weight = scaled_noise(cout * cin * 9, 6, ((cin * 9) as f32).sqrt().recip());
@@ -418,32 +420,15 @@ fn winograd_gradients_match_burns() {
         let weight = to_device(weight, [cout, cin, 3, 3], &tracked);
         let bias = to_device(scaled_noise(cout, 7, 1.0), [cout], &tracked);
         let x = to_device(scaled_noise(shape.iter().product(), 5, 1.0), shape, &tracked);
-        let out_shape = [batch, cout, h + top + bottom - 2, w + left + right - 2];
-        let g = to_device(scaled_noise(out_shape.iter().product(), 8, 1.0), out_shape, &tracked);
-        let run = |ours: Option<(winograd::Tile, WinogradFn)>| {
-            let x = x.clone().require_grad();
-            let out = match ours {
-                Some((tile, conv)) => {
-                    let plan = winograd::Plan { tile, padding, budget };
-                    conv(x.clone(), weight.clone().cast(dtype), bias.clone(), plan)
-                }
-                None => {
-                    let padded = x.clone().pad([(top, bottom), (left, right)], 0.0);
-                    conv2d(padded, weight.clone(), Some(bias.clone()), ConvOptions::new([1, 1], [0, 0], [1, 1], 1))
-                }
-            };
-            let grads = (out.clone() * g.clone()).sum().backward();
-            (to_host(out.inner()), to_host(x.grad(&grads).expect("the input's gradient")))
+        let burns = |x: Tensor<4>| {
+            let padded = x.pad([(top, bottom), (left, right)], 0.0);
+            conv2d(padded, weight.clone(), Some(bias.clone()), ConvOptions::new([1, 1], [0, 0], [1, 1], 1))
         };
-        let (want, want_dx) = run(None);
         for (kernel, tile, conv) in winograd_kernels() {
-            let (out, dx) = run(Some((tile, conv)));
-            for (name, got, want) in [("output", out, &want), ("input gradient", dx, &want_dx)] {
-                let what = format!(
-                    "winograd {tile} {kernel} {shape:?} -> {cout} {padding:?} budget {budget} {dtype:?}: {name}"
-                );
-                assert_within_scale(&what, &got, want, 1e-5);
-            }
+            let plan = winograd::Plan { tile, padding, budget };
+            let ours = |x| conv(x, weight.clone().cast(dtype), bias.clone(), plan);
+            let what = format!("winograd {tile} {kernel} {shape:?} -> {cout} {padding:?} budget {budget} {dtype:?}");
+            assert_gradients_match(&what, x.clone(), &ours, &burns);
         }
     }
 }
