@@ -131,16 +131,7 @@ fn im2col_gradients_match_burns() {
     use sdw::model::conv::stacked_columns;
     use sdw::shaders::im2col::{self, Band};
     let Some(gpu) = wgpu() else { return };
-    // (shape, kernel, stride, padding top-left-bottom-right, first row, rows)
-    let cases = [
-        ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 0, 9),
-        ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 3, 4),
-        ([1, 6, 8, 10], 1, 1, [0, 0, 0, 0], 2, 5),
-        ([1, 4, 9, 8], 3, 2, [1, 1, 1, 1], 1, 3),
-        ([1, 4, 9, 8], 3, 2, [0, 0, 1, 1], 0, 4),
-        ([1, 3, 4, 4], 3, 1, [2, 0, 1, 2], 0, 5),
-    ];
-    for (shape, k, s, [top, left, bottom, right], y0, rows) in cases {
+    for (shape, k, s, [top, left, bottom, right], y0, rows) in IM2COL_CASES {
         let w_out = (shape[3] + left + right - k) / s + 1;
         let band = Band { kernel: [k, k], stride: [s, s], top_left: [top, left], y0, rows, w_out };
         let ours = |x| im2col::columns(x, band);
@@ -298,6 +289,22 @@ fn softmax_kernels_match_burn_ops() {
     }
 }
 
+/// An im2col test's case: (input shape, kernel, stride, padding top-left-bottom-right, first
+/// output row, rows).
+type Im2colCase = ([usize; 4], usize, usize, [usize; 4], usize, usize);
+
+/// The im2col tests' cases: "same", uneven and no padding, strides 1 and 2, bands that start inside
+/// the image, end before it, or hold its last row alone.
+const IM2COL_CASES: [Im2colCase; 7] = [
+    ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 0, 9),
+    ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 3, 4),
+    ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 8, 1),
+    ([1, 6, 8, 10], 1, 1, [0, 0, 0, 0], 2, 5),
+    ([1, 4, 9, 8], 3, 2, [1, 1, 1, 1], 1, 3),
+    ([1, 4, 9, 8], 3, 2, [0, 0, 1, 1], 0, 4),
+    ([1, 3, 4, 4], 3, 1, [2, 0, 1, 2], 0, 5),
+];
+
 /// The im2col shader and its `#[cube]` twin make exactly the columns burn's pad, slice and
 /// stack make (a copy: equal to the bit), for the convolutions SD has (3x3 same, 1x1, stride 2
 /// with the VAE's bottom-right-only padding) and bands that start inside the image and at its
@@ -308,18 +315,9 @@ fn im2col_kernels_match_burn_ops() {
     use sdw::shaders::im2col::{self, Band};
     let Some(gpu) = wgpu() else { return };
     let d = &gpu.device;
-    // (shape, kernel, stride, padding top-left-bottom-right, first row, rows)
-    let cases = [
-        ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 0, 9),
-        ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 3, 4),
-        ([2, 5, 9, 7], 3, 1, [1, 1, 1, 1], 8, 1),
-        ([1, 6, 8, 10], 1, 1, [0, 0, 0, 0], 2, 5),
-        ([1, 4, 9, 8], 3, 2, [1, 1, 1, 1], 1, 3),
-        ([1, 4, 9, 8], 3, 2, [0, 0, 1, 1], 0, 4),
-        ([1, 3, 4, 4], 3, 1, [2, 0, 1, 2], 0, 5),
-        ([1, 17, 1000, 1000], 1, 1, [0, 0, 0, 0], 0, 1000),
-    ];
-    for (shape, k, s, [top, left, bottom, right], y0, rows) in cases {
+    // And a large 1x1 case, as the UNet's skip connections send.
+    let large = ([1, 17, 1000, 1000], 1, 1, [0, 0, 0, 0], 0, 1000);
+    for (shape, k, s, [top, left, bottom, right], y0, rows) in IM2COL_CASES.into_iter().chain([large]) {
         let n: usize = shape.iter().product();
         let x = to_device(sdw::sampling::Philox::new(5).randn(n), shape, d);
         let w_out = (shape[3] + left + right - k) / s + 1;
