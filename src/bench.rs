@@ -14,8 +14,8 @@ use crate::model::layers::{to_device, to_host};
 use crate::pipeline::denoiser::CfgDenoiser;
 use crate::pipeline::{GenerationParams, PipelineError, StableDiffusion};
 use crate::sampling::NoProgress;
-use crate::train::adapters::{UNET_PREFIX, attach_new, named};
-use crate::train::step::{Batch, factor_grads, losses};
+use crate::train::adapters::{UNET_PREFIX, attach_new, named, named_mut};
+use crate::train::step::{AdamWOptimizer, Batch, factor_grads, losses};
 use crate::weights::HostTensor;
 
 /// A part of one image that `sdw bench` can time.
@@ -251,9 +251,10 @@ fn replayed_launch_us(dev: &burn::tensor::Device) -> Option<f64> {
     us
 }
 
-/// One training step closure: a fresh rank-4 LoRA on a clone of the UNet, forward + backward,
-/// on `batch` instance images and as many prior-preservation images (as diffusers' reference,
-/// `bench_reference.py --train-lora`, measures it).
+/// One training step closure: a fresh rank-4 LoRA on a clone of the UNet, forward, backward and
+/// AdamW's update (`sdw train`'s defaults), on `batch` instance images and as many
+/// prior-preservation images (as diffusers' reference, `bench_reference.py --train-lora`,
+/// measures it, its `AdamW` step included).
 fn train_step<'a>(sd: &'a StableDiffusion, s: &BenchSettings) -> impl FnMut() + 'a {
     let (latent, instances) = (s.size / 8, s.batch);
     let n = 2 * instances;
@@ -266,6 +267,7 @@ fn train_step<'a>(sd: &'a StableDiffusion, s: &BenchSettings) -> impl FnMut() + 
     let prompts = [sd.encode_prompt("photo of sks person", 1), sd.encode_prompt("photo of a person", 1)];
     let context = Tensor::cat(prompts.map(|c| c.repeat_dim(0, s.batch)).to_vec(), 0);
     let acp = crate::sampling::schedule::alphas_cumprod();
+    let mut optim = AdamWOptimizer::new(1e-2); // torch's default weight decay, as the reference's
     move || {
         let batch = Batch {
             latents: to_device(noise([n, 4, latent, latent]).data, [n, 4, latent, latent], &dev),
@@ -276,9 +278,9 @@ fn train_step<'a>(sd: &'a StableDiffusion, s: &BenchSettings) -> impl FnMut() + 
         };
         let l = losses(&unet, &batch, &acp, 1.0);
         let grads = factor_grads(&named(unet.attentions(), UNET_PREFIX), &l.total.backward());
-        for g in grads.into_values() {
-            to_host(g);
-        }
+        optim.step(1e-4, named_mut(unet.attentions_mut(), UNET_PREFIX), &grads);
+        // The step is done when the device has updated the factors.
+        dev.sync().expect("the device runs the training step");
     }
 }
 

@@ -5,6 +5,7 @@
 //! (one dumped by another version of sdw), is reported with its name and why, and the
 //! built-in one runs.
 
+pub mod adamw;
 pub mod geglu;
 pub mod group_norm;
 pub mod im2col;

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::optim::{AdamWState, AdaptiveMomentumState};
 use burn::tensor::Device;
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -13,7 +12,7 @@ use crate::output::write_atomic;
 use crate::weights::{HostTensor, SafetensorsFile};
 
 use super::TrainError;
-use super::step::AdamWOptimizer;
+use super::step::{AdamWOptimizer, Moments};
 
 /// Writes f32 tensors and string metadata as one `.safetensors` file, atomically.
 pub fn write_safetensors(
@@ -63,9 +62,10 @@ pub fn save_checkpoint(
     let mut tensors = lora;
     let mut time = 0;
     for (key, s) in &optim.states {
-        time = s.momentum.time;
-        tensors.push((format!("{M}{key}"), to_host(s.momentum.moment_1.clone())));
-        tensors.push((format!("{V}{key}"), to_host(s.momentum.moment_2.clone())));
+        time = s.time;
+        let [m, v] = s.split();
+        tensors.push((format!("{M}{key}"), to_host(m)));
+        tensors.push((format!("{V}{key}"), to_host(v)));
     }
     metadata.insert("sdw_step".into(), step.to_string());
     metadata.insert("sdw_adam_time".into(), time.to_string());
@@ -106,7 +106,7 @@ impl Checkpoint {
             let [a, b] = [m.shape[0], m.shape[1]];
             let m = to_device(m.data.clone(), [a, b], device);
             let v = to_device(v.data.clone(), [a, b], device);
-            optim.states.insert(key.clone(), AdamWState::new(AdaptiveMomentumState::new(self.adam_time, m, v)));
+            optim.states.insert(key.clone(), Moments::new(self.adam_time, m, v));
         }
     }
 }

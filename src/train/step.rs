@@ -1,13 +1,13 @@
 //! One DreamBooth-LoRA step: noise the latents, predict the noise, take the loss, back-propagate,
-//! and update the adapters with AdamW (burn's, whose update is torch's `AdamW`).
+//! and update the adapters with AdamW (torch's `AdamW`, one kernel per factor).
 
 use std::collections::HashMap;
 
-use burn::optim::{AdamW, AdamWConfig, AdamWState, Optimizer};
 use burn::tensor::{Gradients, Tensor};
 
 use crate::model::adapter::LowRank;
 use crate::model::unet::Unet;
+use crate::shaders::adamw::{self, Update};
 
 use super::adapters::set_factor;
 
@@ -85,35 +85,66 @@ pub fn accumulate(acc: &mut HashMap<String, Tensor<2>>, more: HashMap<String, Te
 }
 
 /// AdamW over the adapter factors, its state kept by tensor name so it can be saved and resumed.
+/// Each factor's update is one kernel (`shaders::adamw`), checked against burn's `AdamW`,
+/// whose update is torch's.
 pub struct AdamWOptimizer {
-    adamw: AdamW,
-    pub states: HashMap<String, AdamWState<2>>,
+    settings: AdamWSettings,
+    pub states: HashMap<String, Moments>,
+}
+
+/// diffusers' DreamBooth defaults: betas (0.9, 0.999), eps 1e-8.
+#[derive(Clone, Copy, Debug)]
+struct AdamWSettings {
+    beta_1: f32,
+    beta_2: f32,
+    epsilon: f32,
+    weight_decay: f32,
+}
+
+/// A factor's AdamW state: the steps it has taken and its two moments.
+#[derive(Clone, Debug)]
+pub struct Moments {
+    pub time: usize,
+    /// `[2, R, C]`: the first moment, then the second (one tensor, which the kernel updates
+    /// in one pass).
+    pub both: Tensor<3>,
+}
+
+impl Moments {
+    pub fn new(time: usize, first: Tensor<2>, second: Tensor<2>) -> Self {
+        Self { time, both: Tensor::stack(vec![first, second], 0) }
+    }
+
+    /// The first and the second moment.
+    pub fn split(&self) -> [Tensor<2>; 2] {
+        let [_, rows, cols] = self.both.dims();
+        [0, 1].map(|i| self.both.clone().slice(i..i + 1).reshape([rows, cols]))
+    }
 }
 
 impl AdamWOptimizer {
-    /// diffusers' DreamBooth defaults: betas (0.9, 0.999), eps 1e-8; `weight_decay` 1e-2.
     pub fn new(weight_decay: f32) -> Self {
-        let adamw = AdamWConfig::new()
-            .with_beta_1(0.9)
-            .with_beta_2(0.999)
-            .with_epsilon(1e-8)
-            .with_weight_decay(weight_decay)
-            .build();
-        Self { adamw, states: HashMap::new() }
+        let settings = AdamWSettings { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-8, weight_decay };
+        Self { settings, states: HashMap::new() }
     }
 
     /// One update of every factor that has a gradient (torch skips parameters without one).
     pub fn step(&mut self, lr: f64, adapters: Vec<(String, &mut LowRank)>, grads: &HashMap<String, Tensor<2>>) {
+        let s = self.settings;
         for (name, a) in adapters {
             for (suffix, p) in [("lora_down.weight", &mut a.down), ("lora_up.weight", &mut a.up)] {
                 let key = format!("{name}.{suffix}");
                 let Some(g) = grads.get(&key) else { continue };
-                let state = self.states.remove(&key);
-                let (value, state) = self.adamw.step(lr, p.val().inner(), g.clone(), state);
+                let param = p.val().inner();
+                let state = self.states.remove(&key).unwrap_or_else(|| Moments {
+                    time: 0,
+                    both: Tensor::zeros([2, param.dims()[0], param.dims()[1]], (&param.device(), param.dtype())),
+                });
+                let time = state.time + 1;
+                let update = Update::new(lr, s.beta_1, s.beta_2, s.epsilon, s.weight_decay, time);
+                let (value, both) = adamw::step(param, g.clone(), state.both, update);
                 set_factor(p, value);
-                if let Some(s) = state {
-                    self.states.insert(key, s);
-                }
+                self.states.insert(key, Moments { time, both });
             }
         }
     }

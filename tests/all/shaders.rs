@@ -186,6 +186,55 @@ fn attention_gradients_match_burns() {
     }
 }
 
+/// Three AdamW steps by sdw's kernel (`shaders::adamw`) and by its fallback in burn's ops give
+/// the parameters and moments that burn's `AdamW` (torch's update) gives, on the CPU and on
+/// wgpu: adapter factors' shapes and an uneven one, gradients stored as they come back from the
+/// backward pass (transposed) and contiguous, weight decay on.
+#[test]
+fn adamw_matches_burns() {
+    use burn::optim::{AdamWConfig, Optimizer};
+    use sdw::shaders::adamw::{self, Update};
+    let (lr, wd) = (1e-2, 0.5);
+    let burns = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(wd).build();
+    for compute in devices() {
+        let d = &compute.device;
+        for ([rows, cols], transposed) in [([4, 320], true), ([1280, 4], true), ([4, 768], false), ([3, 517], false)] {
+            let grad = |step: u64| {
+                let noise = scaled_noise(rows * cols, 20 + step, 0.1);
+                if transposed {
+                    to_device(noise, [cols, rows], d).transpose()
+                } else {
+                    to_device(noise, [rows, cols], d)
+                }
+            };
+            let start = to_device(scaled_noise(rows * cols, 10, 1.0), [rows, cols], d);
+            let zeros = Tensor::<3>::zeros([2, rows, cols], d);
+            let (mut ours, mut fallback, mut want) = ((start.clone(), zeros.clone()), (start.clone(), zeros), start);
+            let mut state = None;
+            for time in 1..=3 {
+                let g = grad(time as u64);
+                let update = Update::new(lr, 0.9, 0.999, 1e-8, wd, time);
+                ours = adamw::step(ours.0, g.clone(), ours.1, update);
+                fallback = adamw::reference(fallback.0, g.clone(), fallback.1, update);
+                let s;
+                (want, s) = burns.step(lr, want, g, state);
+                state = s;
+            }
+            let m = state.expect("AdamW keeps its moments").momentum;
+            let want_moments = to_host(Tensor::stack::<3>(vec![m.moment_1, m.moment_2], 0));
+            for (name, (param, moments)) in [("kernel", ours), ("fallback", fallback)] {
+                let what = format!(
+                    "AdamW's {name}, {:?}, transposed gradient {transposed}, on {}",
+                    [rows, cols],
+                    compute.description
+                );
+                assert_within_scale(&format!("{what}: parameter"), &to_host(param), &to_host(want.clone()), 1e-6);
+                assert_within_scale(&format!("{what}: moments"), &to_host(moments), &want_moments, 1e-6);
+            }
+        }
+    }
+}
+
 /// The output of `ours` and the gradient of its input `x` (on an autodiff device) against
 /// `burns`, for a random output gradient: within 1e-5 of each result's scale.
 fn assert_gradients_match<const D: usize, const E: usize>(

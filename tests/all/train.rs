@@ -120,3 +120,30 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         assert!(e < 1e-6, "{k}: {e:.2e}");
     }
 }
+
+/// An adapter's scale (alpha / rank) multiplies its contribution and its factors' gradients:
+/// alpha 8 at rank 4 gives twice what alpha 4 gives (the training fixture's alpha is its rank,
+/// whose scale of 1 sdw applies by no kernel at all).
+#[test]
+fn adapter_scale_multiplies_contribution_and_gradients() {
+    use sdw::model::adapter::LowRank;
+    let dev = sdw::device::select(sdw::device::DeviceChoice::Cpu).unwrap().device.autodiff();
+    let noise = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
+    let x = to_device::<3>(noise(2 * 3 * 8, 1), [2, 3, 8], &dev);
+    let run = |alpha: f32| {
+        let down = to_device::<2>(noise(4 * 8, 2), [4, 8], &dev).require_grad();
+        let up = to_device::<2>(noise(5 * 4, 3), [5, 4], &dev).require_grad();
+        let a = LowRank::new(down, up, alpha);
+        let y = a.forward(x.clone());
+        let grads = (y.clone() * y.clone()).sum().backward();
+        let host = |t: burn::tensor::Tensor<2>| sdw::model::layers::to_host(t).data;
+        let dup = host(a.up.val().grad(&grads).unwrap());
+        (sdw::model::layers::to_host(y.inner()).data, dup)
+    };
+    let ((y1, g1), (y2, g2)) = (run(4.0), run(8.0));
+    for (name, one, two, times) in [("contribution", y1, y2, 2.0), ("up's gradient", g1, g2, 4.0)] {
+        for (a, b) in one.iter().zip(&two) {
+            assert!((a * times - b).abs() <= 1e-5 * b.abs().max(1.0), "{name}: {a} x {times} != {b}");
+        }
+    }
+}

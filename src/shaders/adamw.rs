@@ -1,0 +1,193 @@
+//! AdamW's update of one trainable factor in one kernel (a `#[cube]` kernel on GPUs, a loop on
+//! the CPU), as torch's `fused` AdamW does it. burn's `AdamW` takes fourteen kernels per
+//! factor (the two moments, their bias corrections, the step and the decay), and a LoRA on
+//! every UNet attention has 256 factors: about 3,600 kernels per training step, most of a
+//! step's kernels, each paying its launch. The kernel also reads the gradient through its
+//! strides: a factor's gradient comes back transposed (the forward pass multiplies by the
+//! transposed factor), which burn's ops would first copy.
+//!
+//! The arithmetic is burn's `AdamW` (torch's, with ε outside the square root), op for op, which
+//! the kernels are tested against; other dtypes and `SDW_SHADERS=off` take [`reference`], the
+//! same formula in burn's ops.
+
+use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
+use burn::backend::{Backend, Flex, backend_extension, tensor::FloatTensor};
+use burn::cubecl::CubeDim;
+use burn::tensor::Tensor;
+use burn_flex::FlexTensor;
+
+use super::{WORKGROUP, workgroups};
+use crate::cpu::{self, f32_tensor, f32s};
+
+/// One step's settings, as the kernels take them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Update {
+    pub lr: f32,
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    /// `1 - lr · weight_decay`: the decoupled decay's factor on the parameter.
+    pub decay: f32,
+    /// `1 - β₁ᵗ` and `1 - β₂ᵗ`: step t's bias corrections of the two moments.
+    pub correction_1: f32,
+    pub correction_2: f32,
+}
+
+impl Update {
+    /// Step `time` (1 for the first) at learning rate `lr`, computed as burn's `AdamW` computes
+    /// them (the decay's product in f64, the corrections in f32).
+    pub fn new(lr: f64, beta_1: f32, beta_2: f32, epsilon: f32, weight_decay: f32, time: usize) -> Self {
+        let time = i32::try_from(time).expect("fewer than 2^31 optimiser steps");
+        Self {
+            lr: lr as f32,
+            beta_1,
+            beta_2,
+            epsilon,
+            decay: (1.0 - lr * weight_decay as f64) as f32,
+            correction_1: 1.0 - beta_1.powi(time),
+            correction_2: 1.0 - beta_2.powi(time),
+        }
+    }
+
+    /// One element: the parameter, the first and the second moment after the step. The CPU's
+    /// kernel; the GPU's computes the same, line for line.
+    fn element(&self, param: f32, grad: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let m = m * self.beta_1 + grad * (1.0 - self.beta_1);
+        let v = v * self.beta_2 + grad * grad * (1.0 - self.beta_2);
+        let step = (m / self.correction_1) / ((v / self.correction_2).sqrt() + self.epsilon);
+        (param * self.decay - step * self.lr, m, v)
+    }
+}
+
+#[backend_extension(Cube, Fusion, Flex)]
+pub trait AdamWOps: Backend {
+    /// The parameter (`[R, C]`) and its moments (`[2, R, C]`: the first, then the second) after
+    /// one step on `grad` (`[R, C]`, any strides).
+    #[fusion(meta = |param, _grad, moments, _update| (param.clone(), moments.clone()))]
+    fn adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: FloatTensor<Self>,
+        update: Update,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// One AdamW step of `param` on `grad`, with its moments `[2, R, C]` (zeros before the first
+/// step): the new parameter and moments. Our kernel where it takes the parameter (f32/f16 on a
+/// GPU, f32 on the CPU), [`reference`] otherwise.
+pub fn step(param: Tensor<2>, grad: Tensor<2>, moments: Tensor<3>, update: Update) -> (Tensor<2>, Tensor<3>) {
+    assert_eq!(param.dims(), grad.dims(), "a gradient has its parameter's shape");
+    if !(super::takes(&param) || cpu::takes(&param)) || param.device().is_autodiff() {
+        return reference(param, grad, moments, update);
+    }
+    let grad = if grad.dtype() == param.dtype() { grad } else { grad.cast(param.dtype()) };
+    let (param, moments) =
+        burn::backend::Dispatch::adamw(param.into_dispatch(), grad.into_dispatch(), moments.into_dispatch(), update);
+    (Tensor::from_dispatch(param), Tensor::from_dispatch(moments))
+}
+
+/// What the kernels replace, in burn's ops: burn's `AdamW` step (`burn_optim::AdamW`) on the
+/// moments of [`step`].
+pub fn reference(param: Tensor<2>, grad: Tensor<2>, moments: Tensor<3>, u: Update) -> (Tensor<2>, Tensor<3>) {
+    let [_, rows, cols] = moments.dims();
+    let [m, v] = [0, 1].map(|i| moments.clone().slice(i..i + 1).reshape([rows, cols]));
+    let m = m.mul_scalar(u.beta_1) + grad.clone().mul_scalar(1.0 - u.beta_1);
+    let v = v.mul_scalar(u.beta_2) + grad.square().mul_scalar(1.0 - u.beta_2);
+    let step = m.clone().div_scalar(u.correction_1) / v.clone().div_scalar(u.correction_2).sqrt().add_scalar(u.epsilon);
+    (param.mul_scalar(u.decay) - step.mul_scalar(u.lr), Tensor::stack(vec![m, v], 0))
+}
+
+impl AdamWOps for CubeBackend {
+    fn adamw(param: CubeTensor, grad: CubeTensor, moments: CubeTensor, u: Update) -> (CubeTensor, CubeTensor) {
+        let (param, moments) = (into_contiguous(param), into_contiguous(moments));
+        let shape = param.meta.shape().clone();
+        let (rows, cols) = (shape[0], shape[1]);
+        let strides = grad.meta.strides();
+        let index = |v: usize| u32::try_from(v).expect("a factor too large for 32-bit indices");
+        let [rows, cols, row_stride, col_stride] = [rows, cols, strides[0], strides[1]].map(index);
+        let param_out = super::empty_like(&param, shape);
+        let moments_out = super::empty_like(&moments, moments.meta.shape().clone());
+        portable::adamw::launch(
+            &param.client,
+            workgroups((rows * cols) as usize),
+            CubeDim::new_1d(WORKGROUP),
+            param.clone().into_tensor_arg(),
+            grad.clone().into_tensor_arg(),
+            moments.clone().into_tensor_arg(),
+            param_out.clone().into_tensor_arg(),
+            moments_out.clone().into_tensor_arg(),
+            portable::SizesLaunch::new(rows, cols, row_stride, col_stride),
+            portable::SettingsLaunch::new(u.lr, u.beta_1, u.beta_2, u.epsilon, u.decay, u.correction_1, u.correction_2),
+            burn::backend::cubecl::dtype_to_storage_type(param.dtype),
+        );
+        (param_out, moments_out)
+    }
+}
+
+/// The CPU backend: [`Update::element`] over the factor (a few thousand elements).
+impl AdamWOps for Flex {
+    fn adamw(param: FlexTensor, grad: FlexTensor, moments: FlexTensor, u: Update) -> (FlexTensor, FlexTensor) {
+        let [rows, cols] = cpu::dims::<2>(&param);
+        let (param, grad, moments) = (param.to_contiguous(), grad.to_contiguous(), moments.to_contiguous());
+        let n = rows * cols;
+        let (mut p, mut mv) = (f32s(&param).to_vec(), f32s(&moments).to_vec());
+        let (m, v) = mv.split_at_mut(n);
+        for (i, &g) in f32s(&grad).iter().enumerate() {
+            (p[i], m[i], v[i]) = u.element(p[i], g, m[i], v[i]);
+        }
+        (f32_tensor(p, vec![rows, cols]), f32_tensor(mv, vec![2, rows, cols]))
+    }
+}
+
+/// [`Update::element`] as a `#[cube]` kernel, one thread per element.
+mod portable {
+    use burn::cubecl;
+    use burn::cubecl::prelude::*;
+
+    /// The factor's shape and the gradient's strides (the parameter and moments are contiguous).
+    #[derive(CubeLaunch, CubeType)]
+    pub(super) struct Sizes {
+        rows: u32,
+        cols: u32,
+        row_stride: u32,
+        col_stride: u32,
+    }
+
+    /// [`super::Update`].
+    #[derive(CubeLaunch, CubeType)]
+    pub(super) struct Settings {
+        lr: f32,
+        beta_1: f32,
+        beta_2: f32,
+        epsilon: f32,
+        decay: f32,
+        correction_1: f32,
+        correction_2: f32,
+    }
+
+    #[cube(launch)]
+    pub(super) fn adamw<F: Float>(
+        param: &Tensor<F>,
+        grad: &Tensor<F>,
+        moments: &Tensor<F>,
+        param_out: &mut Tensor<F>,
+        moments_out: &mut Tensor<F>,
+        sizes: Sizes,
+        u: Settings,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let i = crate::shaders::dispatch::thread();
+        let n = sizes.rows * sizes.cols;
+        if i >= n {
+            terminate!();
+        }
+        let g =
+            f32::cast_from(grad[((i / sizes.cols) * sizes.row_stride + (i % sizes.cols) * sizes.col_stride) as usize]);
+        let m = f32::cast_from(moments[i as usize]) * u.beta_1 + g * (1.0f32 - u.beta_1);
+        let v = f32::cast_from(moments[(n + i) as usize]) * u.beta_2 + g * g * (1.0f32 - u.beta_2);
+        let step = (m / u.correction_1) / ((v / u.correction_2).sqrt() + u.epsilon);
+        param_out[i as usize] = F::cast_from(f32::cast_from(param[i as usize]) * u.decay - step * u.lr);
+        moments_out[i as usize] = F::cast_from(m);
+        moments_out[(n + i) as usize] = F::cast_from(v);
+    }
+}
