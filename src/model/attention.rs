@@ -3,7 +3,7 @@
 //! tensor) or plain products around sdw's softmax kernel, whichever autotune finds faster,
 //! and the products alone for problems too small to tune and for the VAE's one wide head.
 //! CLIP's causal attention is burn's attention op. In training, sdw's op
-//! ([`super::attention_grad`]) runs burn's forward and recomputes the scores for the
+//! ([`super::attention_grad`]) runs the same forward and recomputes the scores for the
 //! backward pass (CLIP's causal attention, 77 tokens, keeps burn's plain autodiff).
 //! Queries are split into chunks only where a score tensor could exceed the device's
 //! temporary-tensor budget ([`super::budget`]).
@@ -57,11 +57,12 @@ pub fn attention_with_budget(
     let split = |t: Tensor<3>, s: usize| t.reshape([b, s, heads, d]).swap_dims(1, 2); // [B, H, S, D]
     let (q, k, v) = (split(q, sq), split(k, sk), split(v, sk));
     let step = query_chunk(b * heads, sq, sk, q.dtype().size(), budget);
+    let route = route(&q, sk, causal);
     let out = if !causal && (q.is_tracked() || k.is_tracked() || v.is_tracked()) {
         // Training: the scores are recomputed for the backward pass, not kept.
         let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
-        Tensor::from_dispatch(Dispatch::attention_chunked(q, k, v, step))
-    } else if let Some(route) = route(&q, sk, causal) {
+        Tensor::from_dispatch(Dispatch::attention_chunked(q, k, v, step, route))
+    } else if let Some(route) = route {
         let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
         Tensor::from_dispatch(Dispatch::attention_tuned(q, k, v, step, route))
     } else {
@@ -77,13 +78,14 @@ pub fn attention_with_budget(
     out.swap_dims(1, 2).reshape([b, sq, c])
 }
 
-/// How sdw's attention ([`super::attention_tuned`]) computes, where it may: untracked f32/f16
-/// tensors on a GPU with the shaders on, without a mask. Problems worth a tuning run whose
-/// heads burn's flash kernels take: the faster of those and the products; the VAE's 512-wide
-/// head: the products, tuned; problems too small to tune: the products by sdw's tiled shader.
+/// How sdw's attention ([`super::attention_tuned`]) computes, where it may: f32/f16 tensors on
+/// a GPU with the shaders on, without a mask (in training too: [`super::attention_grad`]).
+/// Problems worth a tuning run whose heads burn's flash kernels take: the faster of those and
+/// the products; the VAE's 512-wide head: the products, tuned; problems too small to tune: the
+/// products by sdw's tiled shader.
 fn route(q: &Tensor<4>, keys: usize, causal: bool) -> Option<Route> {
     let [b, h, sq, d] = q.dims();
-    if *NAIVE || causal || !crate::shaders::matmul::applies(q) {
+    if *NAIVE || causal || !crate::shaders::takes(q) {
         return None;
     }
     if b * h * sq * keys * d < MIN_WORK {

@@ -11,11 +11,13 @@
 //! FlashAttention takes rowsum(P ⊙ dP) as rowsum(dO ⊙ O), which needs no P; here P is at hand,
 //! and the sum from it is the one burn's softmax backward takes (gradients closer to it).
 //!
-//! The products are sdw's (`shaders::matmul`: tuned on a GPU). The softmax and dS are one
-//! kernel each: sdw's softmax and its gradient (`shaders::softmax`) on a GPU, row-parallel
-//! loops on the CPU (`cpu::attention`), where burn's ops took nine kernels per chunk (single
-//! threaded on the CPU). The CPU's forward pass is its own attention kernel, three times
-//! faster than burn-flex's flash attention at 4096 pixels (BENCHMARKS.md).
+//! On a GPU the forward pass is sdw's attention of inference (`attention_tuned`), and the
+//! backward pass's products are sdw's shaders (`shaders::matmul`, tuned where worth it), which
+//! read the heads' strided views in place. The softmax and dS are one kernel each: sdw's
+//! softmax and its gradient (`shaders::softmax`) on a GPU, row-parallel loops on the CPU
+//! (`cpu::attention`), where burn's ops took nine kernels per chunk (single threaded on the
+//! CPU). The CPU's forward pass is its own attention kernel, three times faster than
+//! burn-flex's flash attention at 4096 pixels (BENCHMARKS.md).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -28,20 +30,24 @@ use burn::tensor::DType;
 use burn_flex::FlexTensor;
 
 use super::attention::{options, rows, slice};
+use super::attention_tuned::{Route, TunedAttentionOps};
 use crate::cpu::{self, CpuOps, dims, f32s};
-use crate::shaders::matmul::{MatmulOps, tuned_or_burns};
+use crate::shaders::matmul::{Kernel, MIN_WORK, MatmulOps, TILES, tuned_or_burns};
 use crate::shaders::softmax::{self, SoftmaxOps};
 
 #[backend_extension(Cube, Fusion, Flex, Autodiff)]
 pub trait AttentionGradOps: Backend {
-    /// softmax(q k^T / sqrt(d)) v over `[B, H, S, D]` tensors, `chunk` query rows at a time.
+    /// softmax(q k^T / sqrt(d)) v over `[B, H, S, D]` tensors, `chunk` query rows at a time:
+    /// by sdw's attention where `route` says how (GPUs), else by the backend's attention.
     #[fusion(dtype = q, shape = q)]
     fn attention_chunked(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         chunk: usize,
+        route: Option<Route>,
     ) -> FloatTensor<Self> {
+        let _ = route;
         forward::<Self>(q, k, v, chunk)
     }
 
@@ -67,8 +73,22 @@ fn scores_grad_reference<B: Backend>(p: FloatTensor<B>, dp: FloatTensor<B>, scal
     B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, row)), scale.into())
 }
 
-/// GPUs: sdw's softmax kernel and its gradient.
+/// GPUs: sdw's attention forward (as in inference: its products read the heads in place),
+/// sdw's softmax kernel and its gradient.
 impl AttentionGradOps for CubeBackend {
+    fn attention_chunked(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        chunk: usize,
+        route: Option<Route>,
+    ) -> CubeTensor {
+        match route {
+            Some(route) => Self::attention_tuned(q, k, v, chunk, route),
+            None => forward::<Self>(q, k, v, chunk),
+        }
+    }
+
     fn scores_softmax(s: CubeTensor) -> CubeTensor {
         Self::sdw_softmax(s, false)
     }
@@ -82,7 +102,7 @@ impl AttentionGradOps for CubeBackend {
 /// scores per core), and the softmax and its gradient on every core; f32 only (other dtypes:
 /// burn's ops).
 impl AttentionGradOps for Flex {
-    fn attention_chunked(q: FlexTensor, k: FlexTensor, v: FlexTensor, chunk: usize) -> FlexTensor {
+    fn attention_chunked(q: FlexTensor, k: FlexTensor, v: FlexTensor, chunk: usize, _: Option<Route>) -> FlexTensor {
         if q.dtype() != DType::F32 {
             return forward::<Self>(q, k, v, chunk);
         }
@@ -125,18 +145,19 @@ impl<B: Backend + AttentionGradOps + MatmulOps, C: CheckpointStrategy> Attention
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         chunk: usize,
+        route: Option<Route>,
     ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct Grad;
 
         impl<B: Backend + AttentionGradOps + MatmulOps> Backward<B, 3> for Grad {
-            /// q, k, v and the chunk size.
-            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, usize);
+            /// q, k, v, the chunk size and the forward's route.
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, usize, Option<Route>);
 
             fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
                 let dout = grads.consume::<B>(&ops.node);
-                let (q, k, v, chunk) = ops.state;
-                let (dq, dk, dv) = backward::<B>(q, k, v, dout, chunk);
+                let (q, k, v, chunk, route) = ops.state;
+                let (dq, dk, dv) = backward::<B>(q, k, v, dout, chunk, route);
                 for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
                     if let Some(node) = parent {
                         grads.register::<B>(node.id, grad);
@@ -147,12 +168,25 @@ impl<B: Backend + AttentionGradOps + MatmulOps, C: CheckpointStrategy> Attention
 
         let parents = [q.node(), k.node(), v.node()];
         let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-        let out = B::attention_chunked(q.clone(), k.clone(), v.clone(), chunk);
+        let out = B::attention_chunked(q.clone(), k.clone(), v.clone(), chunk, route);
         match Grad.prepare::<C>(parents).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((q, k, v, chunk), out),
+            OpsKind::Tracked(prep) => prep.finish((q, k, v, chunk, route), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
+}
+
+/// A product of the backward pass. Where the forward pass took sdw's attention (`route`), sdw's
+/// shaders, which read the heads' `[B, H, S, D]` views in place: tuned where the product is
+/// worth it, the tiled shader for small ones (as the forward pass takes them); burn's matmul
+/// copies each such view first, seven copies per chunk. Elsewhere the tuned choice or burn's.
+fn product<B: MatmulOps>(lhs: FloatTensor<B>, rhs: FloatTensor<B>, route: Option<Route>) -> FloatTensor<B> {
+    if route.is_none() {
+        return tuned_or_burns::<B>(lhs, rhs);
+    }
+    let (l, r) = (lhs.shape(), rhs.shape());
+    let work = l[2] * l[3] * r[3];
+    B::sdw_matmul(lhs, rhs, if work >= MIN_WORK { Kernel::Tuned } else { Kernel::Tiled(TILES[1]) })
 }
 
 /// The output, `chunk` query rows at a time through the backend's own attention (its flash
@@ -172,10 +206,11 @@ fn backward<B: AttentionGradOps + MatmulOps>(
     v: FloatTensor<B>,
     dout: FloatTensor<B>,
     chunk: usize,
+    route: Option<Route>,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let scale = 1.0 / (q.shape()[3] as f64).sqrt();
     let (kt, vt) = (B::float_swap_dims(k.clone(), 2, 3), B::float_swap_dims(v.clone(), 2, 3));
-    let product = tuned_or_burns::<B>;
+    let product = |lhs, rhs| product::<B>(lhs, rhs, route);
     let sum = |acc: Option<FloatTensor<B>>, t| {
         Some(match acc {
             Some(a) => B::float_add(a, t),

@@ -85,10 +85,14 @@ impl TransformerBlock {
         })
     }
 
+    /// Each sublayer's output is the left operand of its residual sum: burn adds into the left
+    /// operand where it can, keeping its layout, and the residual stream comes in as a strided
+    /// view of the image (`Transformer::forward`). So it is contiguous after the first sum,
+    /// and the later layer norms need no copy of it (two copies per block before).
     fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.attn1.forward(layer_norm(&self.norm1, x), None);
-        let x = x.clone() + self.attn2.forward(layer_norm(&self.norm2, x), Some(context));
-        x.clone() + self.ff.forward(layer_norm(&self.norm3, x))
+        let x = self.attn1.forward(layer_norm(&self.norm1, x.clone()), None) + x;
+        let x = self.attn2.forward(layer_norm(&self.norm2, x.clone()), Some(context)) + x;
+        self.ff.forward(layer_norm(&self.norm3, x.clone())) + x
     }
 }
 

@@ -118,7 +118,7 @@ pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
 /// Whether our GPU kernels can compute on `x`, with or without gradients: an f32/f16 tensor on
 /// a cubecl device, unless `SDW_SHADERS=off`. The ops that have a backward pass of their own
 /// (the products, Winograd's convolution) take tensors under autodiff too.
-fn takes<const D: usize>(x: &Tensor<D>) -> bool {
+pub(crate) fn takes<const D: usize>(x: &Tensor<D>) -> bool {
     enabled() && crate::device::on_cube(&x.device()) && matches!(x.dtype(), DType::F32 | DType::F16)
 }
 

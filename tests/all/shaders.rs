@@ -146,8 +146,8 @@ fn im2col_gradients_match_burns() {
 /// Training's attention (`model::attention_grad`: the scores recomputed in the backward pass,
 /// sdw's products, softmax and scores' gradient) gives the output and the gradients of q, k and
 /// v that burn's autodiff of its plain attention gives, on the CPU and on wgpu: in one chunk of
-/// queries and in chunks that do not divide them, self- and cross-attention. Within 1e-5 of
-/// each result's scale.
+/// queries and in chunks that do not divide them, self- and cross-attention, problems that the
+/// tiled shader takes and one big enough to tune. Within 1e-5 of each result's scale.
 #[test]
 fn attention_gradients_match_burns() {
     use burn::tensor::module::attention as sdpa;
@@ -155,7 +155,7 @@ fn attention_gradients_match_burns() {
     use sdw::model::attention::attention_with_budget;
     for compute in devices() {
         let tracked = compute.device.clone().autodiff();
-        for (b, sq, sk, heads, d) in [(2, 13, 11, 2, 8), (1, 70, 70, 2, 40)] {
+        for (b, sq, sk, heads, d) in [(2, 13, 11, 2, 8), (1, 70, 70, 2, 40), (1, 1100, 1100, 1, 40)] {
             let random =
                 |s: usize, seed| to_device(scaled_noise(b * s * heads * d, seed, 1.0), [b, s, heads * d], &tracked);
             let (q, k, v, w) = (random(sq, 1), random(sk, 2), random(sk, 3), random(sq, 4));
