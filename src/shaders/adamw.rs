@@ -1,10 +1,10 @@
 //! AdamW's update of one trainable factor in one kernel (a `#[cube]` kernel on GPUs, a loop on
-//! the CPU), as torch's `fused` AdamW does it. burn's `AdamW` takes fourteen kernels per
+//! the CPU), as torch's `fused` AdamW does it. burn's `AdamW` takes fifteen kernels per
 //! factor (the two moments, their bias corrections, the step and the decay), and a LoRA on
-//! every UNet attention has 256 factors: about 3,600 kernels per training step, most of a
-//! step's kernels, each paying its launch. The kernel also reads the gradient through its
-//! strides: a factor's gradient comes back transposed (the forward pass multiplies by the
-//! transposed factor), which burn's ops would first copy.
+//! every UNet attention has 256 factors: 3,840 kernels per training step, as many as the rest
+//! of the step, each paying its launch. The kernel reads the gradient through its strides, so
+//! a factor's gradient, which comes back transposed (the forward pass multiplies by the
+//! transposed factor), needs no copy.
 //!
 //! The arithmetic is burn's `AdamW` (torch's, with ε outside the square root), op for op, which
 //! the kernels are tested against; other dtypes and `SDW_SHADERS=off` take [`reference`], the
