@@ -200,6 +200,19 @@ mod portable {
     use super::Problem;
     use crate::shaders::WORKGROUP;
 
+    /// [`Problem`]'s runtime values as the kernels take them (SiLU is compiled in or out).
+    #[derive(CubeLaunch, CubeType)]
+    pub(super) struct Sizes {
+        channels: u32,
+        pixels: u32,
+        groups: u32,
+        epsilon: f32,
+    }
+
+    fn sizes(p: &Problem) -> SizesLaunch {
+        SizesLaunch::new(p.channels, p.pixels, p.groups, p.epsilon)
+    }
+
     pub(super) fn launch(
         x: &CubeTensor,
         gamma: &CubeTensor,
@@ -216,10 +229,7 @@ mod portable {
             gamma.clone().into_tensor_arg(),
             beta.clone().into_tensor_arg(),
             out.clone().into_tensor_arg(),
-            p.channels,
-            p.pixels,
-            p.groups,
-            p.epsilon,
+            sizes(p),
             p.with_silu,
             WORKGROUP as usize,
             dtype_to_storage_type(x.dtype),
@@ -245,10 +255,7 @@ mod portable {
             beta.clone().into_tensor_arg(),
             grad.clone().into_tensor_arg(),
             dx.clone().into_tensor_arg(),
-            p.channels,
-            p.pixels,
-            p.groups,
-            p.epsilon,
+            sizes(p),
             p.with_silu,
             WORKGROUP as usize,
             dtype_to_storage_type(x.dtype),
@@ -262,19 +269,16 @@ mod portable {
         gamma: &Tensor<F>,
         beta: &Tensor<F>,
         y: &mut Tensor<F>,
-        channels: u32,
-        pixels: u32,
-        groups: u32,
-        epsilon: f32,
+        s: Sizes,
         #[comptime] with_silu: bool,
         #[comptime] workgroup: usize,
         #[define(F)] _dtype: ElemType,
     ) {
-        let (base, count, first) = this_group(channels, pixels, groups);
-        let pixels = pixels as usize;
+        let (base, count, first) = this_group(s.channels, s.pixels, s.groups);
+        let pixels = s.pixels as usize;
         let local = UNIT_POS_X as usize;
         let mut partial = Shared::<[f32]>::new_slice(workgroup);
-        let (mean, inv_std) = statistics(x, base, count, epsilon, &mut partial, local);
+        let (mean, inv_std) = statistics(x, base, count, s.epsilon, &mut partial, local);
 
         let mut i = local;
         while i < count {
@@ -302,19 +306,16 @@ mod portable {
         beta: &Tensor<F>,
         grad: &Tensor<F>,
         dx: &mut Tensor<F>,
-        channels: u32,
-        pixels: u32,
-        groups: u32,
-        epsilon: f32,
+        s: Sizes,
         #[comptime] with_silu: bool,
         #[comptime] workgroup: usize,
         #[define(F)] _dtype: ElemType,
     ) {
-        let (base, count, first) = this_group(channels, pixels, groups);
-        let pixels = pixels as usize;
+        let (base, count, first) = this_group(s.channels, s.pixels, s.groups);
+        let pixels = s.pixels as usize;
         let local = UNIT_POS_X as usize;
         let mut partial = Shared::<[f32]>::new_slice(workgroup);
-        let (mean, inv_std) = statistics(x, base, count, epsilon, &mut partial, local);
+        let (mean, inv_std) = statistics(x, base, count, s.epsilon, &mut partial, local);
 
         let mut sum_g = 0.0f32;
         let mut sum_gx = 0.0f32;

@@ -148,67 +148,9 @@ mod portable {
 
     use super::{Info, WORKGROUP, workgroups};
 
-    pub(super) fn launch(x: &CubeTensor, out: &CubeTensor, info: &Info, threads: usize) {
-        let [batch, channels, height, width, kh, kw, sh, sw, top, left, y0, rows, w_out] = info.0;
-        im2col::launch(
-            &x.client,
-            workgroups(threads),
-            CubeDim::new_1d(WORKGROUP),
-            x.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            batch,
-            channels,
-            height,
-            width,
-            kh,
-            kw,
-            sh,
-            sw,
-            top,
-            left,
-            y0,
-            rows,
-            w_out,
-            dtype_to_storage_type(x.dtype),
-        );
-    }
-
-    /// `col2im` over the input's elements (`threads` of them), on `im2col`'s sizes.
-    pub(super) fn launch_grad(grad: &CubeTensor, dx: &CubeTensor, info: &Info, threads: usize) {
-        let [batch, channels, height, width, kh, kw, sh, sw, top, left, y0, rows, w_out] = info.0;
-        col2im::launch(
-            &grad.client,
-            workgroups(threads),
-            CubeDim::new_1d(WORKGROUP),
-            grad.clone().into_tensor_arg(),
-            dx.clone().into_tensor_arg(),
-            batch,
-            channels,
-            height,
-            width,
-            kh,
-            kw,
-            sh,
-            sw,
-            top,
-            left,
-            y0,
-            rows,
-            w_out,
-            dtype_to_storage_type(grad.dtype),
-        );
-    }
-
-    /// The gradient of `im2col`'s input: each input element sums the columns' gradients at
-    /// every tap (i, j) whose output pixel of the band reads it, i.e. output row
-    /// r = (y + top − i) / sh − y0 and column q = (x + left − j) / sw where those divide
-    /// exactly and fall inside the band. A gather, so no two threads write one element.
-    #[cube(launch)]
-    // `is_multiple_of` is not in cubecl's kernel language.
-    #[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)]
-    fn col2im<F: Float>(
-        grad: &Tensor<F>,
-        dx: &mut Tensor<F>,
+    /// [`super::Info`] as the kernels take it: one struct, in the shader's order.
+    #[derive(CubeLaunch, CubeType)]
+    pub(super) struct Sizes {
         batch: u32,
         channels: u32,
         height: u32,
@@ -222,8 +164,37 @@ mod portable {
         y0: u32,
         rows: u32,
         w_out: u32,
-        #[define(F)] _dtype: ElemType,
-    ) {
+    }
+
+    fn sizes(info: &Info) -> SizesLaunch {
+        let [batch, channels, height, width, kh, kw, sh, sw, top, left, y0, rows, w_out] = info.0;
+        SizesLaunch::new(batch, channels, height, width, kh, kw, sh, sw, top, left, y0, rows, w_out)
+    }
+
+    pub(super) fn launch(x: &CubeTensor, out: &CubeTensor, info: &Info, threads: usize) {
+        let (count, dim) = (workgroups(threads), CubeDim::new_1d(WORKGROUP));
+        let (x_arg, out_arg) = (x.clone().into_tensor_arg(), out.clone().into_tensor_arg());
+        im2col::launch(&x.client, count, dim, x_arg, out_arg, sizes(info), dtype_to_storage_type(x.dtype));
+    }
+
+    /// `col2im` over the input's elements (`threads` of them), on `im2col`'s sizes.
+    pub(super) fn launch_grad(grad: &CubeTensor, dx: &CubeTensor, info: &Info, threads: usize) {
+        let (count, dim) = (workgroups(threads), CubeDim::new_1d(WORKGROUP));
+        let (grad_arg, dx_arg) = (grad.clone().into_tensor_arg(), dx.clone().into_tensor_arg());
+        col2im::launch(&grad.client, count, dim, grad_arg, dx_arg, sizes(info), dtype_to_storage_type(grad.dtype));
+    }
+
+    /// The gradient of `im2col`'s input: each input element sums the columns' gradients at
+    /// every tap (i, j) whose output pixel of the band reads it, i.e. output row
+    /// r = (y + top − i) / sh − y0 and column q = (x + left − j) / sw where those divide
+    /// exactly and fall inside the band. A gather, so no two threads write one element.
+    #[cube(launch)]
+    // `is_multiple_of` is not in cubecl's kernel language.
+    #[allow(clippy::manual_is_multiple_of)]
+    fn col2im<F: Float>(grad: &Tensor<F>, dx: &mut Tensor<F>, s: Sizes, #[define(F)] _dtype: ElemType) {
+        let (batch, channels, height, width) = (s.batch, s.channels, s.height, s.width);
+        let (kh, kw, sh, sw, top, left) = (s.kh, s.kw, s.sh, s.sw, s.top, s.left);
+        let (y0, rows, w_out) = (s.y0, s.rows, s.w_out);
         let thread = crate::shaders::dispatch::thread();
         if thread >= batch * channels * height * width {
             terminate!();
@@ -250,25 +221,10 @@ mod portable {
     }
 
     #[cube(launch)]
-    #[allow(clippy::too_many_arguments)]
-    fn im2col<F: Float>(
-        x: &Tensor<F>,
-        columns: &mut Tensor<F>,
-        batch: u32,
-        channels: u32,
-        height: u32,
-        width: u32,
-        kh: u32,
-        kw: u32,
-        sh: u32,
-        sw: u32,
-        top: u32,
-        left: u32,
-        y0: u32,
-        rows: u32,
-        w_out: u32,
-        #[define(F)] _dtype: ElemType,
-    ) {
+    fn im2col<F: Float>(x: &Tensor<F>, columns: &mut Tensor<F>, s: Sizes, #[define(F)] _dtype: ElemType) {
+        let (batch, channels, height, width) = (s.batch, s.channels, s.height, s.width);
+        let (kh, kw, sh, sw, top, left) = (s.kh, s.kw, s.sh, s.sw, s.top, s.left);
+        let (y0, rows, w_out) = (s.y0, s.rows, s.w_out);
         let thread = crate::shaders::dispatch::thread();
         let pixels = rows * w_out;
         if thread >= batch * channels * pixels {
