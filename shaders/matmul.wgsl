@@ -1,7 +1,9 @@
-// interface: matmul 3 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
-// Matrix product C = A B for a batch of matrices, summed in f32: A is M x K, B is K x N,
+// interface: matmul 4 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// Matrix product C = A B (+ D) for a batch of matrices, summed in f32: A is M x K, B is K x N,
 // both read through strides (a transposed or broadcast operand, or attention's heads, need
-// no copy), C is written contiguous. Replaces burn's matmul where the shader compiler
+// no copy), C is written contiguous. D, where given, is added as C is written: a bias or a
+// LoRA's base output, read through its strides (a bias is broadcast over the rows or the
+// columns with stride 0), so the sum costs no kernel and no pass over C of its own. Replaces burn's matmul where the shader compiler
 // offers no cooperative matrices (WGSL): burn's best kernel there reached 6 TFLOP/s on an
 // H200, a tenth of the card's f32 rate.
 //
@@ -25,10 +27,13 @@
 @group(0) @binding(0) var<storage, read_write> a: array<{{ elem }}>;
 @group(0) @binding(1) var<storage, read_write> b: array<{{ elem }}>;
 @group(0) @binding(2) var<storage, read_write> c: array<{{ elem }}>;
+// The addend D (C itself where there is none: it is not read then).
+@group(0) @binding(3) var<storage, read_write> d: array<{{ elem }}>;
 // M, N, K; A's outer batch, row and column strides; B's likewise; the inner batch size;
 // A's and B's inner batch strides (elements). Batch item z is (z / inner, z % inner):
-// attention's heads are read in place from the [B, S, H, D] projections.
-@group(0) @binding(3) var<uniform> info: array<vec4<u32>, 3>;
+// attention's heads are read in place from the [B, S, H, D] projections. Then whether D is
+// given (1) or not (0), and its outer batch, inner batch, row and column strides.
+@group(0) @binding(4) var<uniform> info: array<vec4<u32>, 5>;
 // The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
 fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
@@ -52,6 +57,9 @@ var<private> A_ROW: u32;
 var<private> A_COL: u32;
 var<private> B_ROW: u32;
 var<private> B_COL: u32;
+var<private> ADDEND: bool;
+var<private> D_ROW: u32;
+var<private> D_COL: u32;
 
 // A[m .. m + 3, k] from the batch item at `base`, zero outside the matrix.
 fn read_a(base: u32, m: u32, k: u32) -> vec4<f32> {
@@ -89,9 +97,23 @@ fn place(slot: u32, k_contiguous: bool) -> vec2<u32> {
     return vec2<u32>(slot / LANES, slot % LANES);
 }
 
-// C[m, n .. n + 3] = v, where inside the matrix.
-fn write_c(base: u32, m: u32, n: u32, v: vec4<f32>) {
+// D[m, n .. n + 3] from the batch item at `base`, zero where there is no D.
+fn read_d(base: u32, m: u32, n: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (ADDEND) {
+        let at = base + m * D_ROW + n * D_COL;
+        if (n < N) { v.x = f32(d[at]); }
+        if (n + 1u < N) { v.y = f32(d[at + D_COL]); }
+        if (n + 2u < N) { v.z = f32(d[at + 2u * D_COL]); }
+        if (n + 3u < N) { v.w = f32(d[at + 3u * D_COL]); }
+    }
+    return v;
+}
+
+// C[m, n .. n + 3] = v + D[m, n .. n + 3], where inside the matrix.
+fn write_c(base: u32, d_base: u32, m: u32, n: u32, sum: vec4<f32>) {
     if (m < M) {
+        let v = sum + read_d(d_base, m, n);
         let at = base + m * N + n;
         if (n < N) { c[at] = {{ elem }}(v.x); }
         if (n + 1u < N) { c[at + 1u] = {{ elem }}(v.y); }
@@ -109,12 +131,16 @@ fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index
     A_COL = word(5);
     B_ROW = word(7);
     B_COL = word(8);
+    ADDEND = word(12) == 1u;
+    D_ROW = word(15);
+    D_COL = word(16);
     let m0 = group.y * TILE;
     let n0 = group.x * TILE;
     let outer = group.z / word(9);
     let inner = group.z % word(9);
     let a_base = outer * word(3) + inner * word(10);
     let b_base = outer * word(6) + inner * word(11);
+    let d_base = outer * word(13) + inner * word(14);
 
     // This thread's slots of each slice: two at TILE 128, one at 64 (the second unused).
     let pa0 = place(t, A_COL == 1u);
@@ -192,18 +218,18 @@ fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index
     let base = group.z * M * N;
     let m = m0 + 4u * ty;
     let n = n0 + 4u * tx;
-    write_c(base, m, n, c00);
-    write_c(base, m + 1u, n, c10);
-    write_c(base, m + 2u, n, c20);
-    write_c(base, m + 3u, n, c30);
+    write_c(base, d_base, m, n, c00);
+    write_c(base, d_base, m + 1u, n, c10);
+    write_c(base, d_base, m + 2u, n, c20);
+    write_c(base, d_base, m + 3u, n, c30);
     if (WIDE) {
-        write_c(base, m, n + 64u, c01);
-        write_c(base, m + 1u, n + 64u, c11);
-        write_c(base, m + 2u, n + 64u, c21);
-        write_c(base, m + 3u, n + 64u, c31);
-        write_c(base, m + 64u, n, c40); write_c(base, m + 64u, n + 64u, c41);
-        write_c(base, m + 65u, n, c50); write_c(base, m + 65u, n + 64u, c51);
-        write_c(base, m + 66u, n, c60); write_c(base, m + 66u, n + 64u, c61);
-        write_c(base, m + 67u, n, c70); write_c(base, m + 67u, n + 64u, c71);
+        write_c(base, d_base, m, n + 64u, c01);
+        write_c(base, d_base, m + 1u, n + 64u, c11);
+        write_c(base, d_base, m + 2u, n + 64u, c21);
+        write_c(base, d_base, m + 3u, n + 64u, c31);
+        write_c(base, d_base, m + 64u, n, c40); write_c(base, d_base, m + 64u, n + 64u, c41);
+        write_c(base, d_base, m + 65u, n, c50); write_c(base, d_base, m + 65u, n + 64u, c51);
+        write_c(base, d_base, m + 66u, n, c60); write_c(base, d_base, m + 66u, n + 64u, c61);
+        write_c(base, d_base, m + 67u, n, c70); write_c(base, d_base, m + 67u, n + 64u, c71);
     }
 }

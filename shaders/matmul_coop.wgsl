@@ -1,8 +1,9 @@
-// interface: matmul_coop 3 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// interface: matmul_coop 4 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // Matrix product C = A B for a batch of f16 matrices on cooperative matrices (tensor cores,
 // through Vulkan's VK_KHR_cooperative_matrix or Metal's simdgroup matrices), summed in f32:
 // A is M x K, B is K x N, both read through strides (a transposed or broadcast operand, or
-// attention's heads, need no copy), C is written contiguous. Same contract as matmul.wgsl, which
+// attention's heads, need no copy), C is written contiguous, plus the addend D where given
+// (read through its strides, added in f32 as C is written). Same contract as matmul.wgsl, which
 // sums on the ordinary ALUs: burn's best WGSL product reached 6 TFLOP/s on an H200, whose
 // tensor cores do ~900 TFLOP/s in f16.
 //
@@ -35,10 +36,13 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(0) var<storage, read_write> a: array<f16>;
 @group(0) @binding(1) var<storage, read_write> b: array<f16>;
 @group(0) @binding(2) var<storage, read_write> c: array<f16>;
+// The addend D (C itself where there is none: it is not read then).
+@group(0) @binding(3) var<storage, read_write> d: array<f16>;
 // M, N, K; A's outer batch, row and column strides; B's likewise; the inner batch size;
 // A's and B's inner batch strides (elements). Batch item z is (z / inner, z % inner):
-// attention's heads are read in place from the [B, S, H, D] projections.
-@group(0) @binding(3) var<uniform> info: array<vec4<u32>, 3>;
+// attention's heads are read in place from the [B, S, H, D] projections. Then whether D is
+// given (1) or not (0), and its outer batch, inner batch, row and column strides.
+@group(0) @binding(4) var<uniform> info: array<vec4<u32>, 5>;
 // The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
 fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
@@ -166,6 +170,10 @@ fn main(
     }
 
     let c_base = group.z * M * N;
+    let addend = word(12) == 1u;
+    let d_base = outer * word(13) + inner * word(14);
+    let d_row = word(15);
+    let d_col = word(16);
     for (var f = 0u; f < FRAGS * FRAGS; f++) {
         let at = subgroup * FRAG * FRAG;
         coopStoreT(sums[f], &staged[at], FRAG);
@@ -176,7 +184,9 @@ fn main(
             let row = m + e / FRAG;
             let col = n + e % FRAG;
             if (row < M && col < N) {
-                c[c_base + row * N + col] = f16(staged[at + e]);
+                var v = staged[at + e];
+                if (addend) { v += f32(d[d_base + row * d_row + col * d_col]); }
+                c[c_base + row * N + col] = f16(v);
             }
         }
         workgroupBarrier();

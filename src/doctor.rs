@@ -81,7 +81,8 @@ impl CheckResult {
 type GroupNormFn = fn(&GroupNorm, Tensor<4>, bool) -> Tensor<4>;
 
 /// A matrix product of `[B, M, K]` and `[B, K, N]` tensors: burn's or sdw's shader.
-type MatmulFn = fn(Tensor<3>, Tensor<3>) -> Tensor<3>;
+/// `x · w + bias`.
+type MatmulFn = fn(Tensor<3>, Tensor<3>, Tensor<3>) -> Tensor<3>;
 
 /// What a check computes, on whichever device it is given.
 pub type Op = Box<dyn Fn(&Device) -> HostTensor>;
@@ -100,10 +101,13 @@ pub fn checks(size: usize) -> Vec<Check> {
     }
     let mut add = |name: String, op: Op| list.push(Check { name, op, bound: BOUND });
 
-    // Linear layers: token projections and the feed-forward widths, by burn's matmul and by
-    // sdw's shader (which autotune may choose on a WGSL device).
-    let products: [(&str, MatmulFn); 2] =
-        [("", |x, w| x.matmul(w)), (" (sdw shader, tile 128)", |x, w| matmul::matmul_with(x, w, Kernel::Tiled(128)))];
+    // Linear layers: token projections and the feed-forward widths, by burn's matmul and sum
+    // and by sdw's shader, which adds the bias as it writes the product (autotune may choose
+    // it on a WGSL device).
+    let products: [(&str, MatmulFn); 2] = [
+        ("", |x, w, b| x.matmul(w) + b),
+        (" (sdw shader, tile 128)", |x, w, b| matmul::matmul_add_with(x, w, b, Kernel::Tiled(128))),
+    ];
     for (label, product) in products {
         add(
             format!("matmul {}x320 @ 320x1280 + bias{label}", 2 * s * s),
@@ -111,7 +115,7 @@ pub fn checks(size: usize) -> Vec<Check> {
                 let x = input([2, s * s, 320], 1, d);
                 let w = input([320, 1280], 2, d).mul_scalar(320f32.powf(-0.5));
                 let b = input([1280], 3, d);
-                to_host(product(x, w.unsqueeze()) + b.unsqueeze())
+                to_host(product(x, w.unsqueeze(), b.unsqueeze()))
             }),
         );
     }

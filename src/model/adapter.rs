@@ -7,7 +7,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 
-use crate::shaders::matmul::matmul;
+use crate::shaders::matmul::{matmul, matmul_add};
 
 /// One adapter. Factors are stored in kohya/PyTorch layout so files map onto them directly.
 #[derive(Module, Debug)]
@@ -33,12 +33,31 @@ impl LowRank {
     /// the output, and no kernel for it at all where it is 1 (alpha = rank, `sdw train`'s
     /// default): a multiply forward and one backward per adapter, 256 kernels of a step.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, s, d_in] = x.dims();
-        let down = self.down.val().transpose();
-        let up = self.up.val().transpose();
-        let up = if self.scale == 1.0 { up } else { up.mul_scalar(self.scale) };
+        let [b, s, _] = x.dims();
+        let (down, up) = (self.down(&x), self.up());
         let d_out = up.dims()[1];
-        matmul(matmul(x.reshape([b * s, d_in]), down), up).reshape([b, s, d_out])
+        matmul(down, up).reshape([b, s, d_out])
+    }
+
+    /// `base + forward(x)`, the sum made as the up factor's product is written
+    /// (`matmul_add`): no kernel of its own (128 of a LoRA step on every UNet attention).
+    pub fn add_to(&self, base: Tensor<3>, x: Tensor<3>) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (down, up) = (self.down(&x), self.up());
+        let d_out = up.dims()[1];
+        matmul_add(down, up, base.reshape([b * s, d_out])).reshape([b, s, d_out])
+    }
+
+    /// `x`'s rows `[B·S, in]` times the down factor: `[B·S, rank]`.
+    fn down(&self, x: &Tensor<3>) -> Tensor<2> {
+        let [b, s, d_in] = x.dims();
+        matmul(x.clone().reshape([b * s, d_in]), self.down.val().transpose())
+    }
+
+    /// The up factor `[rank, out]` times the scale.
+    fn up(&self) -> Tensor<2> {
+        let up = self.up.val().transpose();
+        if self.scale == 1.0 { up } else { up.mul_scalar(self.scale) }
     }
 }
 
@@ -96,7 +115,7 @@ impl AttentionAdapters {
     /// `base(x)` plus the adapter of projection `p`, if any.
     pub fn apply(&self, p: Projection, base: Tensor<3>, x: Tensor<3>) -> Tensor<3> {
         match self.get(p) {
-            Some(a) => base + a.forward(x),
+            Some(a) => a.add_to(base, x),
             None => base,
         }
     }

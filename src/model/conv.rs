@@ -34,7 +34,7 @@ use burn::tensor::{DType, Shape, Slice, Tensor};
 
 use super::layers::in_dtype;
 use crate::shaders::im2col::{self, Band};
-use crate::shaders::matmul::matmul;
+use crate::shaders::matmul::matmul_add;
 use crate::shaders::winograd;
 
 /// `c` applied to `x`, summed in f32 and returned in `x`'s dtype.
@@ -116,6 +116,8 @@ pub fn as_product(
     let ours = im2col::applies(&x);
     // burn's ops take the views of a padded copy; our kernel reads the padding as zeros.
     let padded = if ours || unpadded { x.clone() } else { x.clone().pad([(top, bottom), (left, right)], 0.0) };
+    // Each band's product adds the bias as it is written (`matmul_add`).
+    let bias = crate::cpu::cast(bias, x.dtype()).reshape([1, o, 1]);
     let mut outs = Vec::with_capacity(ho.div_ceil(band));
     for y0 in (0..ho).step_by(band) {
         let rows = band.min(ho - y0);
@@ -127,11 +129,9 @@ pub fn as_product(
         } else {
             stacked_columns(&padded, [kh, kw], stride, y0, rows, wo)
         };
-        outs.push(matmul(weight.clone(), columns).reshape([b, o, rows, wo]));
+        outs.push(matmul_add(weight.clone(), columns, bias.clone()).reshape([b, o, rows, wo]));
     }
-    let y = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
-    let bias = crate::cpu::cast(bias, y.dtype());
-    y + bias.reshape([1, o, 1, 1])
+    if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) }
 }
 
 /// The columns of a band of `rows` output rows from `y0`, `w_out` wide, by burn's ops: the

@@ -11,9 +11,14 @@
 //! GPU and shape. Elsewhere — the CPU, SPIR-V devices, other dtypes, small products — it is
 //! burn's matmul. Training takes the same kernels, forward and backward, through
 //! `matmul_grad`. `SDW_SHADERS=off` turns the shaders off.
+//!
+//! [`matmul_add`] adds a tensor to the product (a linear layer's or a convolution's bias, a
+//! LoRA's base output): the shaders add it as they write the product, where burn's matmul
+//! takes a sum of its own, one kernel and one pass over the product more.
 
 use std::sync::OnceLock;
 
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
 use burn::backend::{Backend, Flex, TensorMetadata, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeTuneId;
@@ -44,6 +49,11 @@ pub enum Kernel {
     Cooperative(usize),
     /// The same, reading fragments straight from memory (products that tile exactly).
     CooperativeDirect(usize),
+    /// A product too small to tune: `shaders/matmul.wgsl` with tiles of 64 (one pipeline for
+    /// every shape, and its addend costs no kernel), while its gradients take the tuned choice or
+    /// burn's matmul. A LoRA's up factor's gradient, say, is 4 rows deep in a K of 8,192 at
+    /// 512x512: the shader would give it a handful of workgroups.
+    Untuned,
 }
 
 /// Products smaller than this (M·N·K) are not worth a tuning run: burn's kernel. Attention
@@ -58,6 +68,20 @@ pub trait MatmulOps: Backend {
     fn sdw_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>, kernel: Kernel) -> FloatTensor<Self> {
         let _ = kernel;
         Self::float_matmul(lhs, rhs)
+    }
+
+    /// `lhs · rhs + addend`, the addend of the product's rank and broadcast to its shape (a
+    /// bias, a LoRA's base output): sdw's shaders add it as they write the product, so the
+    /// sum takes no kernel of its own; burn's matmul is followed by burn's sum.
+    #[fusion(dtype = lhs, shape = output_shape(lhs, rhs))]
+    fn sdw_matmul_add(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        addend: FloatTensor<Self>,
+        kernel: Kernel,
+    ) -> FloatTensor<Self> {
+        let _ = kernel;
+        Self::float_add(Self::float_matmul(lhs, rhs), addend)
     }
 }
 
@@ -88,9 +112,35 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// `lhs · rhs + addend` (`addend` of the product's rank, broadcast to its shape): on a WGSL
+/// device one kernel, the fastest of sdw's shaders and burn's matmul and sum where the product
+/// is worth tuning, else sdw's tiled shader (one kernel where burn takes two; the sum
+/// dominates such a product, e.g. a LoRA's up factor of rank 4); elsewhere the product
+/// and a sum.
+pub fn matmul_add<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, addend: Tensor<D>) -> Tensor<D> {
+    let tracked = tracked(&lhs, &rhs) || addend.device().is_autodiff();
+    let kernel = if shader_may_run(&lhs, &rhs, tracked) && super::takes(&addend) {
+        let (m, k, n) = (lhs.dims()[D - 2], lhs.dims()[D - 1], rhs.dims()[D - 1]);
+        if worth_tuning(m, k, n) {
+            if lhs.dtype() == rhs.dtype() {
+                prove_cooperative(&lhs);
+            }
+            Kernel::Tuned
+        } else {
+            Kernel::Untuned
+        }
+    } else if tracked {
+        Kernel::Burn
+    } else {
+        return lhs.matmul(rhs) + addend;
+    };
+    product_add(lhs, rhs, addend, kernel)
+}
+
 /// `l` applied to `x`, in `x`'s dtype: one `[rows, d_in] x [d_in, d_out]` product by
-/// [`matmul`], as burn's `Linear` folds it (bigger tiles), where the shaders may run or `x`
-/// carries gradients; elsewhere burn's `Linear` (on the CPU, its folded product).
+/// [`matmul_add`] (the bias its addend), as burn's `Linear` folds it (bigger tiles), where the
+/// shaders may run or `x` carries gradients; elsewhere burn's `Linear` (on the CPU, its
+/// folded product).
 pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     let [d_in, d_out] = l.weight.dims();
     let rows: usize = x.dims()[..D - 1].iter().product();
@@ -102,10 +152,10 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     // Under autodiff the product widens a frozen f16 weight itself (see `matmul`).
     let weight = if tracked { l.weight.val() } else { cast(l.weight.val(), dtype) };
     let mut dims = x.dims();
-    let y = matmul(x.reshape([rows, d_in]), weight);
+    let x = x.reshape([rows, d_in]);
     let y = match &l.bias {
-        Some(bias) => y + cast(bias.val(), dtype).unsqueeze(),
-        None => y,
+        Some(bias) => matmul_add(x, weight, cast(bias.val(), dtype).unsqueeze()),
+        None => matmul(x, weight),
     };
     dims[D - 1] = d_out;
     y.reshape(dims)
@@ -131,6 +181,20 @@ fn tracked<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>) -> bool {
 
 fn product<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Tensor<D> {
     Tensor::from_dispatch(burn::backend::Dispatch::sdw_matmul(lhs.into_dispatch(), rhs.into_dispatch(), kernel))
+}
+
+fn product_add<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, addend: Tensor<D>, kernel: Kernel) -> Tensor<D> {
+    let (lhs, rhs, addend) = (lhs.into_dispatch(), rhs.into_dispatch(), addend.into_dispatch());
+    Tensor::from_dispatch(burn::backend::Dispatch::sdw_matmul_add(lhs, rhs, addend, kernel))
+}
+
+/// [`matmul_add`] by `kernel`, to test it, as [`matmul_with`] does the product.
+pub fn matmul_add_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, addend: Tensor<D>, kernel: Kernel) -> Tensor<D> {
+    if tracked(&lhs, &rhs) || addend.device().is_autodiff() || shader_may_run(&lhs, &rhs, false) {
+        product_add(lhs, rhs, addend, kernel)
+    } else {
+        lhs.matmul(rhs) + addend
+    }
 }
 
 /// f32/f16 tensors of one dtype on a cubecl device, or under autodiff (`tracked`) on one,
@@ -230,49 +294,67 @@ impl MatmulOps for Flex {}
 
 impl MatmulOps for CubeBackend {
     fn sdw_matmul(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> CubeTensor {
-        if !super::compiles_wgsl(&lhs) || kernel == Kernel::Burn {
-            return burns(lhs, rhs);
-        }
-        if kernel != Kernel::Tuned {
-            // Asked for by tests and `sdw doctor`: a kernel that cannot run must not pass as one.
-            return ours(lhs, rhs, kernel).unwrap_or_else(|why| panic!("{kernel:?} cannot run this product: {why}"));
-        }
-        static TUNER: LocalTuner<String, CubeTuneId> = local_tuner!("matmul");
-        let client = lhs.client.clone();
-        let id = CubeTuneId::new(&lhs.client, &lhs.device);
-        let set = TUNER.init(&id, || {
-            let candidate = |name: &str, kernel: Kernel| {
-                Tunable::new(name, move |(l, r): (CubeTensor, CubeTensor)| match kernel {
-                    Kernel::Cooperative(_) | Kernel::CooperativeDirect(_) if !cooperative_proven() => {
-                        Err("the tensor-core shader is left out".into())
-                    }
-                    // A choice is replayed for every product of its key, and the key does not
-                    // see alignment (a query chunk's offset, say): there it reads through
-                    // workgroup memory instead.
-                    Kernel::CooperativeDirect(tile) => {
-                        ours(l.clone(), r.clone(), kernel).or_else(|_| ours(l, r, Kernel::Cooperative(tile)))
-                    }
-                    _ => ours(l, r, kernel),
-                })
-            };
-            // burn's kernel first: where tuning cannot finish at once (wasm), the first runs.
-            // A shader that cannot run a product (cooperative matrices on f32, say) says so,
-            // and the tuner passes over it.
-            TunableSet::new(key, |_: &String, (l, r): &(CubeTensor, CubeTensor)| (l.clone(), r.clone()))
-                .with(Tunable::new("burn", |(l, r): (CubeTensor, CubeTensor)| Ok::<_, String>(burns(l, r))))
-                .with(candidate("sdw_wgsl", Kernel::Tiled(128)))
-                .with(candidate("sdw_wgsl_64", Kernel::Tiled(64)))
-                .with(candidate("sdw_coop", Kernel::Cooperative(128)))
-                .with(candidate("sdw_coop_64", Kernel::Cooperative(64)))
-                .with(candidate("sdw_coop_direct", Kernel::CooperativeDirect(128)))
-                .with(candidate("sdw_coop_direct_64", Kernel::CooperativeDirect(64)))
-        });
-        TUNER.execute(&id, &client, set, (lhs, rhs))
+        dispatch((lhs, rhs, None), kernel)
+    }
+
+    fn sdw_matmul_add(lhs: CubeTensor, rhs: CubeTensor, addend: CubeTensor, kernel: Kernel) -> CubeTensor {
+        dispatch((lhs, rhs, Some(addend)), kernel)
     }
 }
 
-fn burns(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
-    float_matmul::<CubeBackend>(lhs, rhs)
+/// A product's operands and its addend, if any.
+type Inputs = (CubeTensor, CubeTensor, Option<CubeTensor>);
+
+/// The product (plus the addend) by `kernel`, or by the tuner's choice.
+fn dispatch(inputs: Inputs, kernel: Kernel) -> CubeTensor {
+    if !super::compiles_wgsl(&inputs.0) || kernel == Kernel::Burn {
+        return burns(inputs);
+    }
+    let kernel = if kernel == Kernel::Untuned { Kernel::Tiled(TILES[1]) } else { kernel };
+    if kernel != Kernel::Tuned {
+        // Asked for by tests and `sdw doctor`: a kernel that cannot run must not pass as one.
+        return ours(inputs, kernel).unwrap_or_else(|why| panic!("{kernel:?} cannot run this product: {why}"));
+    }
+    static TUNER: LocalTuner<String, CubeTuneId> = local_tuner!("matmul");
+    let client = inputs.0.client.clone();
+    let id = CubeTuneId::new(&inputs.0.client, &inputs.0.device);
+    let set = TUNER.init(&id, || {
+        let candidate = |name: &str, kernel: Kernel| {
+            Tunable::new(name, move |inputs: Inputs| match kernel {
+                Kernel::Cooperative(_) | Kernel::CooperativeDirect(_) if !cooperative_proven() => {
+                    Err("the tensor-core shader is left out".into())
+                }
+                // A choice is replayed for every product of its key, and the key does not
+                // see alignment (a query chunk's offset, say): there it reads through
+                // workgroup memory instead.
+                Kernel::CooperativeDirect(tile) => {
+                    ours(inputs.clone(), kernel).or_else(|_| ours(inputs, Kernel::Cooperative(tile)))
+                }
+                _ => ours(inputs, kernel),
+            })
+        };
+        // burn's kernel first: where tuning cannot finish at once (wasm), the first runs.
+        // A shader that cannot run a product (cooperative matrices on f32, say) says so,
+        // and the tuner passes over it.
+        TunableSet::new(key, |_: &String, inputs: &Inputs| inputs.clone())
+            .with(Tunable::new("burn", |inputs: Inputs| Ok::<_, String>(burns(inputs))))
+            .with(candidate("sdw_wgsl", Kernel::Tiled(128)))
+            .with(candidate("sdw_wgsl_64", Kernel::Tiled(64)))
+            .with(candidate("sdw_coop", Kernel::Cooperative(128)))
+            .with(candidate("sdw_coop_64", Kernel::Cooperative(64)))
+            .with(candidate("sdw_coop_direct", Kernel::CooperativeDirect(128)))
+            .with(candidate("sdw_coop_direct_64", Kernel::CooperativeDirect(64)))
+    });
+    TUNER.execute(&id, &client, set, inputs)
+}
+
+/// burn's matmul, then burn's sum with the addend.
+fn burns((lhs, rhs, addend): Inputs) -> CubeTensor {
+    let product = float_matmul::<CubeBackend>(lhs, rhs);
+    match addend {
+        Some(addend) => CubeBackend::float_add(product, addend),
+        None => product,
+    }
 }
 
 fn float_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
@@ -283,9 +365,10 @@ fn float_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTe
 /// them too), the operands' layouts, which decide how the shaders read them, the shaders'
 /// hashes, so that a user's edited shader (`--shader-dir`) is measured anew, and the
 /// cooperative matrices the tensor-core shader would use (none where it is left out, e.g. with
-/// `SDW_COOPERATIVE=off`: a choice of it must not be replayed then), and whether their
-/// fragments tile the product (where its direct loads apply).
-fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
+/// `SDW_COOPERATIVE=off`: a choice of it must not be replayed then), whether their
+/// fragments tile the product (where its direct loads apply), and whether it has an addend
+/// (burn's candidate then takes a kernel more).
+fn key((lhs, rhs, addend): &Inputs) -> String {
     let (l, r) = (lhs.meta.shape(), rhs.meta.shape());
     let rank = l.num_dims();
     let bucket = |n: usize| n.next_power_of_two();
@@ -302,7 +385,7 @@ fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
     };
     let proven = COOPERATIVE.get().and_then(|r| r.as_ref().ok());
     format!(
-        "{:?} batch {} m {} k {} n {} lhs {} rhs {} shaders {:016x} {:016x} cooperative {}{}",
+        "{:?} batch {} m {} k {} n {} lhs {} rhs {} shaders {:016x} {:016x} cooperative {}{}{}",
         lhs.dtype,
         bucket(batch),
         bucket(l[rank - 2]),
@@ -316,7 +399,8 @@ fn key((lhs, rhs): &(CubeTensor, CubeTensor)) -> String {
         match proven {
             Some(c) if fragments_tile([l[rank - 2], l[rank - 1], r[rank - 1]], *c) => " tiled",
             _ => "",
-        }
+        },
+        if addend.is_some() { " addend" } else { "" }
     )
 }
 
@@ -337,7 +421,7 @@ struct Operand {
 }
 
 /// Runs one of the shaders, or says why it cannot (the tuner then skips it).
-fn ours(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> Result<CubeTensor, String> {
+fn ours((lhs, rhs, addend): Inputs, kernel: Kernel) -> Result<CubeTensor, String> {
     let out_shape = output_shape(lhs.meta.shape(), rhs.meta.shape());
     let rank = out_shape.num_dims();
     let batch: usize = out_shape.iter().take(rank - 2).product();
@@ -347,12 +431,14 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> Result<CubeTensor, 
         return Err("empty product".into());
     }
     let (a, b) = (operand(lhs, &out_shape)?, operand(rhs, &out_shape)?);
+    let d = addend.map(|d| addend_operand(d, &out_shape, a.tensor.dtype)).transpose()?;
     let inner = if rank > 2 { out_shape[rank - 3] } else { 1 };
     let fits = |o: &Operand, rows: usize, cols: usize| {
         let [os, is, rs, cs] = o.strides;
         (batch / inner - 1) * os + (inner - 1) * is + (rows - 1) * rs + (cols - 1) * cs < u32::MAX as usize
     };
-    if batch * m * n >= u32::MAX as usize || !fits(&a, m, k) || !fits(&b, k, n) {
+    let d_fits = d.as_ref().is_none_or(|d| fits(d, m, n));
+    if batch * m * n >= u32::MAX as usize || !fits(&a, m, k) || !fits(&b, k, n) || !d_fits {
         return Err("indices beyond u32".into());
     }
     let (tile, task) = kernel_task(kernel, &a, &b, [m, k, n])?;
@@ -370,16 +456,30 @@ fn ours(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> Result<CubeTensor, 
     );
     let [aos, ais, ars, acs] = a.strides;
     let [bos, bis, brs, bcs] = b.strides;
-    let info = [m, n, k, aos, ars, acs, bos, brs, bcs, inner, ais, bis].map(|v| v as u32);
+    let [dos, dis, drs, dcs] = d.as_ref().map_or([0; 4], |d| d.strides);
+    let given = d.is_some() as usize;
+    let info = [m, n, k, aos, ars, acs, bos, brs, bcs, inner, ais, bis, given, dos, dis, drs, dcs].map(|v| v as u32);
+    // Without an addend the output is bound in its place; the shader does not read it.
+    let d_handle = d.as_ref().map_or(&out.handle, |d| &d.tensor.handle).clone();
+    let buffers = [&a.tensor.handle, &b.tensor.handle, &out.handle].map(|h| h.clone().binding());
     client.launch(
         task,
         CubeCount::Static(n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, batch as u32),
-        super::arguments(
-            vec![a.tensor.handle.clone().binding(), b.tensor.handle.clone().binding(), out.handle.clone().binding()],
-            &info,
-        ),
+        super::arguments([buffers.to_vec(), vec![d_handle.binding()]].concat(), &info),
     );
     Ok(out)
+}
+
+/// The addend as the shaders read it: seen at the product's shape (broadcast dims with
+/// stride 0, no copy), in the product's dtype.
+fn addend_operand(d: CubeTensor, out: &Shape, dtype: DType) -> Result<Operand, String> {
+    if d.dtype != dtype {
+        return Err("an addend in another dtype".into());
+    }
+    if d.meta.shape().num_dims() != out.num_dims() {
+        return Err("an addend of another rank".into());
+    }
+    operand(CubeBackend::float_expand(d, out.clone()), out)
 }
 
 /// The shader that `kernel` names, ready for these operands, and its tile; or why it cannot
@@ -392,7 +492,7 @@ fn kernel_task(
 ) -> Result<(usize, Box<dyn CubeKernel>), String> {
     let dtype = a.tensor.dtype;
     let (tile, direct) = match kernel {
-        Kernel::Tuned | Kernel::Burn => return Err("not a shader".into()),
+        Kernel::Tuned | Kernel::Burn | Kernel::Untuned => return Err("not a shader".into()),
         Kernel::Tiled(tile) => {
             let source = Tiled { dtype, tile, template: tiled().clone() };
             return Ok((tile, Box::new(SourceKernel::new(source, CubeDim::new_1d(256)))));

@@ -8,9 +8,10 @@
 //! in another dtype as it is, widens it where it multiplies and again in the backward pass,
 //! and keeps only the f16 original, which the model holds anyway.
 //!
-//! For `C = A · B`:  dA = dC · Bᵀ,  dB = Aᵀ · dC, each summed over the batch dims its operand
-//! was broadcast along.
+//! For `C = A · B (+ D)`:  dA = dC · Bᵀ,  dB = Aᵀ · dC,  dD = dC, each summed over the dims
+//! its operand was broadcast along.
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -27,40 +28,100 @@ impl<B: Backend + MatmulOps, C: CheckpointStrategy> MatmulOps for Autodiff<B, C>
         struct Product;
 
         impl<B: Backend + MatmulOps> Backward<B, 2> for Product {
-            /// The operand each gradient needs (lhs for rhs's, rhs for lhs's) as it was given,
-            /// the operands' shapes, and the forward's kernel.
-            type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>, [Shape; 2], Kernel);
+            type State = Operands<B>;
 
             fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
                 let dout = grads.consume::<B>(&ops.node);
-                let (lhs, rhs, [lhs_shape, rhs_shape], kernel) = ops.state;
-                let [lhs_node, rhs_node] = ops.parents;
-                if let (Some(node), Some(rhs)) = (lhs_node, rhs) {
-                    let rhs = B::float_transpose(widen::<B>(rhs, dout.dtype()));
-                    let grad = product::<B>(dout.clone(), rhs, kernel);
-                    grads.register::<B>(node.id, unbroadcast::<B>(grad, &lhs_shape));
-                }
-                if let (Some(node), Some(lhs)) = (rhs_node, lhs) {
-                    let lhs = B::float_transpose(widen::<B>(lhs, dout.dtype()));
-                    let grad = product::<B>(lhs, dout, kernel);
-                    grads.register::<B>(node.id, unbroadcast::<B>(grad, &rhs_shape));
-                }
+                ops.state.register(dout, ops.parents.map(|p| p.map(|n| n.id)), grads);
             }
         }
 
         let parents = [lhs.node(), rhs.node()];
+        let (state, [lhs, rhs]) = Operands::<B>::new::<C>(lhs, rhs, kernel);
+        let out = B::sdw_matmul(lhs, rhs, kernel);
+        match Product.prepare::<C>(parents).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(state, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn sdw_matmul_add(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        addend: FloatTensor<Self>,
+        kernel: Kernel,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ProductSum;
+
+        impl<B: Backend + MatmulOps> Backward<B, 3> for ProductSum {
+            /// The product's operands, and the addend's shape.
+            type State = (Operands<B>, Shape);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let dout = grads.consume::<B>(&ops.node);
+                let [lhs, rhs, addend] = ops.parents.map(|p| p.map(|n| n.id));
+                let (operands, addend_shape) = ops.state;
+                if let Some(id) = addend {
+                    grads.register::<B>(id, unbroadcast::<B>(dout.clone(), &addend_shape, addend_shape.num_dims()));
+                }
+                operands.register(dout, [lhs, rhs], grads);
+            }
+        }
+
+        let parents = [lhs.node(), rhs.node(), addend.node()];
+        let (state, [lhs, rhs]) = Operands::<B>::new::<C>(lhs, rhs, kernel);
+        let addend = addend.into_primitive();
+        let addend_shape = addend.shape();
+        // A frozen bias in f16 widens to the product, as a frozen weight does.
+        let dtype = lhs.dtype();
+        let out = B::sdw_matmul_add(lhs, rhs, widen::<B>(addend, dtype), kernel);
+        match ProductSum.prepare::<C>(parents).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((state, addend_shape), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+/// What a product's backward pass keeps: the operand each gradient needs (lhs for rhs's, rhs
+/// for lhs's) as it was given, the operands' shapes, and the forward's kernel.
+#[derive(Clone, Debug)]
+struct Operands<B: Backend> {
+    lhs: Option<FloatTensor<B>>,
+    rhs: Option<FloatTensor<B>>,
+    shapes: [Shape; 2],
+    kernel: Kernel,
+}
+
+impl<B: Backend + MatmulOps> Operands<B> {
+    /// The state for `lhs · rhs`, and the operands to multiply: both in the tracked operand's
+    /// dtype (a frozen weight widens to it).
+    fn new<C: CheckpointStrategy>(
+        lhs: FloatTensor<Autodiff<B, C>>,
+        rhs: FloatTensor<Autodiff<B, C>>,
+        kernel: Kernel,
+    ) -> (Self, [FloatTensor<B>; 2]) {
         let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
         let (lhs, rhs) = (lhs.into_primitive(), rhs.into_primitive());
-        // The product's dtype is the tracked operand's: a frozen weight widens to it.
         let dtype = if rhs_tracked && !lhs_tracked { rhs.dtype() } else { lhs.dtype() };
         let shapes = [lhs.shape(), rhs.shape()];
-        let out = B::sdw_matmul(widen::<B>(lhs.clone(), dtype), widen::<B>(rhs.clone(), dtype), kernel);
-        match Product.prepare::<C>(parents).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let state = (rhs_tracked.then_some(lhs), lhs_tracked.then_some(rhs), shapes, kernel);
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(out),
+        let operands = [widen::<B>(lhs.clone(), dtype), widen::<B>(rhs.clone(), dtype)];
+        let state = Self { lhs: rhs_tracked.then_some(lhs), rhs: lhs_tracked.then_some(rhs), shapes, kernel };
+        (state, operands)
+    }
+
+    /// Registers the operands' gradients from the product's, `dout`.
+    fn register(self, dout: FloatTensor<B>, [lhs_id, rhs_id]: [Option<NodeId>; 2], grads: &mut Gradients) {
+        let [lhs_shape, rhs_shape] = self.shapes;
+        if let (Some(id), Some(rhs)) = (lhs_id, self.rhs) {
+            let rhs = B::float_transpose(widen::<B>(rhs, dout.dtype()));
+            let grad = product::<B>(dout.clone(), rhs, self.kernel);
+            grads.register::<B>(id, unbroadcast::<B>(grad, &lhs_shape, lhs_shape.num_dims() - 2));
+        }
+        if let (Some(id), Some(lhs)) = (rhs_id, self.lhs) {
+            let lhs = B::float_transpose(widen::<B>(lhs, dout.dtype()));
+            let grad = product::<B>(lhs, dout, self.kernel);
+            grads.register::<B>(id, unbroadcast::<B>(grad, &rhs_shape, rhs_shape.num_dims() - 2));
         }
     }
 }
@@ -74,9 +135,9 @@ fn product<B: Backend + MatmulOps>(lhs: FloatTensor<B>, rhs: FloatTensor<B>, for
     }
 }
 
-/// `grad` summed over the batch dims along which an operand of `shape` was broadcast.
-fn unbroadcast<B: Backend>(grad: FloatTensor<B>, shape: &Shape) -> FloatTensor<B> {
-    let rank = shape.num_dims();
+/// `grad` summed over the first `dims` dims along which an operand of `shape` was broadcast
+/// (a product's batch dims; any of an addend's).
+fn unbroadcast<B: Backend>(grad: FloatTensor<B>, shape: &Shape, dims: usize) -> FloatTensor<B> {
     let grad_shape = grad.shape();
-    (0..rank - 2).filter(|&d| shape[d] == 1 && grad_shape[d] != 1).fold(grad, |g, d| B::float_sum_dim(g, d))
+    (0..dims).filter(|&d| shape[d] == 1 && grad_shape[d] != 1).fold(grad, |g, d| B::float_sum_dim(g, d))
 }

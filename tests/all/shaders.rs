@@ -688,6 +688,146 @@ fn check_product(kernel: Kernel, dtype: DType, d: &burn::tensor::Device) {
     check("q[64..128] x k^T".into(), got, want);
 }
 
+/// `matmul_add`: the product plus an addend, which the shaders add as they write the product,
+/// against the host's product and sum, for every kernel that takes it (the shaders with each
+/// tile and dtype, the small products' route, the tuned choice, burn's on the CPU): a linear
+/// layer's bias (broadcast over the rows), a convolution's (over the columns, the weight
+/// broadcast over the batch), a LoRA's base output (a full addend), one broadcast over the
+/// batch, and one read through transposed strides.
+#[test]
+fn matmul_add_matches_the_product_and_sum() {
+    let mut kernels: Vec<(Option<Kernel>, DType)> = vec![(None, DType::F32)];
+    if let Some(gpu) = wgpu() {
+        let d = &gpu.device;
+        kernels
+            .extend(matmul::TILES.iter().flat_map(|&t| [DType::F32, DType::F16].map(|f| (Some(Kernel::Tiled(t)), f))));
+        kernels.extend([(Some(Kernel::Untuned), DType::F32), (Some(Kernel::Tuned), DType::F32), (None, DType::F16)]);
+        if matmul::cooperative_status(d).is_ok() {
+            kernels.extend(matmul::TILES.map(|t| (Some(Kernel::Cooperative(t)), DType::F16)));
+        }
+        for (kernel, dtype) in kernels.drain(..) {
+            check_product_add(kernel, dtype, d);
+        }
+    }
+    let cpu = burn::tensor::Device::flex();
+    check_product_add(None, DType::F32, &cpu);
+    check_product_add(Some(Kernel::Burn), DType::F32, &cpu);
+}
+
+/// One kernel's cases of [`matmul_add_matches_the_product_and_sum`] (`None`: `matmul_add`'s
+/// own choice).
+fn check_product_add(kernel: Option<Kernel>, dtype: DType, d: &burn::tensor::Device) {
+    let f16 = dtype == DType::F16;
+    let values = |n: usize, seed: u64| {
+        let v = sdw::sampling::Philox::new(seed).randn(n);
+        if f16 { f16_exact(v) } else { v }
+    };
+    let bound = if f16 { 1e-3 } else { 1e-5 };
+    let on = |v: &[f32], shape: [usize; 3]| to_device(v.to_vec(), shape, d).cast(dtype);
+    let run = |a: Tensor<3>, b: Tensor<3>, addend: Tensor<3>| match kernel {
+        Some(kernel) => matmul::matmul_add_with(a, b, addend, kernel),
+        None => matmul::matmul_add(a, b, addend),
+    };
+    // [batch, m, k, n], lhs broadcast over the batch, the addend's shape.
+    let cases: [([usize; 4], bool, [usize; 3]); 5] = [
+        ([1, 300, 200, 150], false, [1, 1, 150]),
+        ([3, 70, 36, 260], true, [1, 70, 1]),
+        ([2, 129, 4, 131], false, [2, 129, 131]),
+        ([2, 65, 40, 70], false, [1, 65, 70]),
+        ([1, 1, 5, 1], false, [1, 1, 1]),
+    ];
+    for ([batch, m, k, n], lhs_broadcast, addend_shape) in cases {
+        let lb = if lhs_broadcast { 1 } else { batch };
+        let (a, b) = (values(lb * m * k, 1), values(batch * k * n, 2));
+        let addend = values(addend_shape.iter().product(), 3);
+        let a_full: Vec<f32> =
+            (0..batch).flat_map(|i| a[if lhs_broadcast { 0 } else { i * m * k }..][..m * k].to_vec()).collect();
+        let mut want = host_product(&a_full, &b, [batch, m, k, n], true);
+        let [ab, am, an] = addend_shape;
+        for (i, w) in want.iter_mut().enumerate() {
+            let (z, r, c) = (i / (m * n), i / n % m, i % n);
+            *w += addend[(z % ab) * am * an + (r % am) * an + c % an];
+        }
+        let want = HostTensor::new(vec![batch, m, n], want);
+        let what = format!("{kernel:?} {dtype:?} [{lb},{m},{k}] x [{batch},{k},{n}] + {addend_shape:?}");
+        let got = run(on(&a, [lb, m, k]), on(&b, [batch, k, n]), on(&addend, addend_shape));
+        assert_close(&what, &to_host(got), &want, bound);
+        if addend_shape == [batch, m, n] {
+            // The addend read through strides: stored [B, N, M], seen as [B, M, N].
+            let transposed = stored_swapped(on(&addend, addend_shape), (1, 2));
+            let got = run(on(&a, [lb, m, k]), on(&b, [batch, k, n]), transposed);
+            assert_close(&format!("{what} (transposed)"), &to_host(got), &want, bound);
+        }
+    }
+}
+
+/// `matmul_add`'s gradients under autodiff, on each device: `loss = sum((A·B + D) ⊙ G)`, so
+/// dA = G·Bᵀ, dB = Aᵀ·G, dD = G summed over the dims D is broadcast along: a trainable
+/// full addend (a LoRA's base output), a trainable bias, and a frozen f16 bias with f32
+/// activations (widened by the product, as a frozen weight is).
+#[test]
+fn matmul_add_gradients_match() {
+    for c in devices() {
+        let d = &c.device;
+        let values = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
+        let (m, k, n) = (130, 24, 70);
+        let (a, b, g) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
+        for (addend_shape, frozen) in [([m, n], None), ([1, n], None), ([1, n], Some(DType::F16))] {
+            let addend = f16_exact(values(addend_shape.iter().product(), 4));
+            let what = format!("[{m},{k}] x [{k},{n}] + {addend_shape:?} frozen {frozen:?} [{}]", c.description);
+            let tensor = |v: &[f32], shape: [usize; 2]| to_device(v.to_vec(), shape, d);
+            let (lhs, rhs) =
+                (tensor(&a, [m, k]).autodiff().require_grad(), tensor(&b, [k, n]).autodiff().require_grad());
+            let dt = tensor(&addend, addend_shape);
+            let dt = match frozen {
+                Some(dtype) => dt.cast(dtype).autodiff(),
+                None => dt.autodiff().require_grad(),
+            };
+            let out = matmul::matmul_add(lhs.clone(), rhs.clone(), dt.clone());
+            let mut want = host_product(&a, &b, [1, m, k, n], true);
+            for (i, w) in want.iter_mut().enumerate() {
+                *w += addend[if addend_shape[0] == 1 { i % n } else { i }];
+            }
+            assert_close(
+                &format!("{what}: sum"),
+                &to_host(out.clone().inner()),
+                &HostTensor::new(vec![m, n], want),
+                1e-5,
+            );
+            let grads = (out * tensor(&g, [m, n]).autodiff()).sum().backward();
+            let transpose = |v: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+                (0..rows * cols).map(|i| v[(i % rows) * cols + i / rows]).collect()
+            };
+            let da = host_product(&g, &transpose(&b, k, n), [1, m, n, k], true);
+            let db = host_product(&transpose(&a, m, k), &g, [1, k, m, n], true);
+            assert_close(
+                &format!("{what}: dA"),
+                &to_host(lhs.grad(&grads).unwrap()),
+                &HostTensor::new(vec![m, k], da),
+                1e-5,
+            );
+            assert_close(
+                &format!("{what}: dB"),
+                &to_host(rhs.grad(&grads).unwrap()),
+                &HostTensor::new(vec![k, n], db),
+                1e-5,
+            );
+            match frozen {
+                Some(_) => assert!(dt.grad(&grads).is_none(), "{what}: a frozen addend has no gradient"),
+                None => {
+                    let dd: Vec<f32> = if addend_shape[0] == 1 {
+                        (0..n).map(|j| (0..m).map(|i| g[i * n + j] as f64).sum::<f64>() as f32).collect()
+                    } else {
+                        g.clone()
+                    };
+                    let got = to_host(dt.grad(&grads).expect("D's gradient"));
+                    assert_close(&format!("{what}: dD"), &got, &HostTensor::new(addend_shape.to_vec(), dd), 1e-5);
+                }
+            }
+        }
+    }
+}
+
 /// Attention as two products around a softmax (what `model::attention_tuned` may choose on a
 /// WGSL device), in one chunk and in chunks that do not divide the queries, in f16, and
 /// attention as the model calls it (tuned), against burn's attention on the CPU:
