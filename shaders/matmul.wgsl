@@ -97,7 +97,7 @@ fn place(slot: u32, k_contiguous: bool) -> vec2<u32> {
     return vec2<u32>(slot / LANES, slot % LANES);
 }
 
-// D[m, n .. n + 3] from the batch item at `base`, zero where there is no D.
+// D[m, n .. n + 3] from the batch item at `base`, zero where there is no D: read_b's twin.
 fn read_d(base: u32, m: u32, n: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
     if (ADDEND) {

@@ -99,13 +99,8 @@ pub fn output_shape(lhs: &Shape, rhs: &Shape) -> Shape {
 /// backward pass (`matmul_grad`).
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     let tracked = tracked(&lhs, &rhs);
-    let tuned =
-        shader_may_run(&lhs, &rhs, tracked) && worth_tuning(lhs.dims()[D - 2], lhs.dims()[D - 1], rhs.dims()[D - 1]);
-    // A frozen f16 weight times f32 activations is an f32 product: no tensor cores.
-    if tuned && lhs.dtype() == rhs.dtype() {
-        prove_cooperative(&lhs);
-    }
-    match (tuned, tracked) {
+    let shaders = shader_may_run(&lhs, &rhs, tracked);
+    match (shaders && tuned(&lhs, &rhs), tracked) {
         (true, _) => product(lhs, rhs, Kernel::Tuned),
         (false, true) => product(lhs, rhs, Kernel::Burn),
         (false, false) => lhs.matmul(rhs),
@@ -119,22 +114,25 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
 /// and a sum.
 pub fn matmul_add<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, addend: Tensor<D>) -> Tensor<D> {
     let tracked = tracked(&lhs, &rhs) || addend.device().is_autodiff();
-    let kernel = if shader_may_run(&lhs, &rhs, tracked) && super::takes(&addend) {
-        let (m, k, n) = (lhs.dims()[D - 2], lhs.dims()[D - 1], rhs.dims()[D - 1]);
-        if worth_tuning(m, k, n) {
-            if lhs.dtype() == rhs.dtype() {
-                prove_cooperative(&lhs);
-            }
-            Kernel::Tuned
-        } else {
-            Kernel::Untuned
-        }
-    } else if tracked {
-        Kernel::Burn
-    } else {
-        return lhs.matmul(rhs) + addend;
+    let shaders = shader_may_run(&lhs, &rhs, tracked) && super::takes(&addend);
+    let kernel = match (shaders, tracked) {
+        (true, _) if tuned(&lhs, &rhs) => Kernel::Tuned,
+        (true, _) => Kernel::Untuned,
+        (false, true) => Kernel::Burn,
+        (false, false) => return lhs.matmul(rhs) + addend,
     };
     product_add(lhs, rhs, addend, kernel)
+}
+
+/// Whether a product the shaders may run is worth tuning; if so, the tensor-core shader is
+/// tried first (once per process), so that the tuner may offer it.
+fn tuned<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>) -> bool {
+    let worth = worth_tuning(lhs.dims()[D - 2], lhs.dims()[D - 1], rhs.dims()[D - 1]);
+    // A frozen f16 weight times f32 activations is an f32 product: no tensor cores.
+    if worth && lhs.dtype() == rhs.dtype() {
+        prove_cooperative(lhs);
+    }
+    worth
 }
 
 /// `l` applied to `x`, in `x`'s dtype: one `[rows, d_in] x [d_in, d_out]` product by
