@@ -1,9 +1,10 @@
-// interface: matmul 4 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
-// Matrix product C = A B (+ D) for a batch of matrices, summed in f32: A is M x K, B is K x N,
-// both read through strides (a transposed or broadcast operand, or attention's heads, need
-// no copy), C is written contiguous. D, where given, is added as C is written: a bias or a
-// LoRA's base output, read through its strides (a bias is broadcast over the rows or the
-// columns with stride 0), so the sum costs no kernel and no pass over C of its own. Replaces burn's matmul where the shader compiler
+// interface: matmul 6 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// Matrix product C = s A B (+ D (+ E)) for a batch of matrices, summed in f32, where s is a
+// scale (attention's 1/√d on its scores, 1 elsewhere): A is M x K, B is K x N, both read through strides (a transposed or broadcast operand, or attention's heads,
+// need no copy), C is written contiguous. D and E, where given, are added as C is written:
+// a bias, a residual, a LoRA's base output, each read through its strides (a bias is
+// broadcast over the rows or the columns with stride 0), so the sums cost no kernel and no
+// pass over C of their own. Replaces burn's matmul where the shader compiler
 // offers no cooperative matrices (WGSL): burn's best kernel there reached 6 TFLOP/s on an
 // H200, a tenth of the card's f32 rate.
 //
@@ -27,13 +28,15 @@
 @group(0) @binding(0) var<storage, read_write> a: array<{{ elem }}>;
 @group(0) @binding(1) var<storage, read_write> b: array<{{ elem }}>;
 @group(0) @binding(2) var<storage, read_write> c: array<{{ elem }}>;
-// The addend D (C itself where there is none: it is not read then).
+// The addends D and E (C itself where there is none: it is not read then).
 @group(0) @binding(3) var<storage, read_write> d: array<{{ elem }}>;
+@group(0) @binding(4) var<storage, read_write> e: array<{{ elem }}>;
 // M, N, K; A's outer batch, row and column strides; B's likewise; the inner batch size;
 // A's and B's inner batch strides (elements). Batch item z is (z / inner, z % inner):
 // attention's heads are read in place from the [B, S, H, D] projections. Then whether D is
-// given (1) or not (0), and its outer batch, inner batch, row and column strides.
-@group(0) @binding(4) var<uniform> info: array<vec4<u32>, 5>;
+// given (1) or not (0), and its outer batch, inner batch, row and column strides; then E's
+// likewise; then the scale s (an f32's bits).
+@group(0) @binding(5) var<uniform> info: array<vec4<u32>, 6>;
 // The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
 fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
@@ -60,6 +63,10 @@ var<private> B_COL: u32;
 var<private> ADDEND: bool;
 var<private> D_ROW: u32;
 var<private> D_COL: u32;
+var<private> SECOND: bool;
+var<private> E_ROW: u32;
+var<private> E_COL: u32;
+var<private> SCALE: f32;
 
 // A[m .. m + 3, k] from the batch item at `base`, zero outside the matrix.
 fn read_a(base: u32, m: u32, k: u32) -> vec4<f32> {
@@ -110,11 +117,25 @@ fn read_d(base: u32, m: u32, n: u32) -> vec4<f32> {
     return v;
 }
 
-// C[m, n .. n + 3] = v + D[m, n .. n + 3], where inside the matrix.
-fn write_c(base: u32, d_base: u32, m: u32, n: u32, sum: vec4<f32>) {
+// E[m, n .. n + 3] from the batch item at `base`, zero where there is no E: read_d's twin.
+fn read_e(base: u32, m: u32, n: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (SECOND) {
+        let at = base + m * E_ROW + n * E_COL;
+        if (n < N) { v.x = f32(e[at]); }
+        if (n + 1u < N) { v.y = f32(e[at + E_COL]); }
+        if (n + 2u < N) { v.z = f32(e[at + 2u * E_COL]); }
+        if (n + 3u < N) { v.w = f32(e[at + 3u * E_COL]); }
+    }
+    return v;
+}
+
+// C[m, n .. n + 3] = s v + D[m, n .. n + 3] + E[m, n .. n + 3], where inside the matrix; the
+// bases are the batch item's in C, D and E.
+fn write_c(base: vec3<u32>, m: u32, n: u32, sum: vec4<f32>) {
     if (m < M) {
-        let v = sum + read_d(d_base, m, n);
-        let at = base + m * N + n;
+        let v = SCALE * sum + read_d(base.y, m, n) + read_e(base.z, m, n);
+        let at = base.x + m * N + n;
         if (n < N) { c[at] = {{ elem }}(v.x); }
         if (n + 1u < N) { c[at + 1u] = {{ elem }}(v.y); }
         if (n + 2u < N) { c[at + 2u] = {{ elem }}(v.z); }
@@ -134,6 +155,10 @@ fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index
     ADDEND = word(12) == 1u;
     D_ROW = word(15);
     D_COL = word(16);
+    SECOND = word(17) == 1u;
+    E_ROW = word(20);
+    E_COL = word(21);
+    SCALE = bitcast<f32>(word(22));
     let m0 = group.y * TILE;
     let n0 = group.x * TILE;
     let outer = group.z / word(9);
@@ -141,6 +166,7 @@ fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index
     let a_base = outer * word(3) + inner * word(10);
     let b_base = outer * word(6) + inner * word(11);
     let d_base = outer * word(13) + inner * word(14);
+    let e_base = outer * word(18) + inner * word(19);
 
     // This thread's slots of each slice: two at TILE 128, one at 64 (the second unused).
     let pa0 = place(t, A_COL == 1u);
@@ -215,21 +241,21 @@ fn main(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index
         }
     }
 
-    let base = group.z * M * N;
+    let base = vec3<u32>(group.z * M * N, d_base, e_base);
     let m = m0 + 4u * ty;
     let n = n0 + 4u * tx;
-    write_c(base, d_base, m, n, c00);
-    write_c(base, d_base, m + 1u, n, c10);
-    write_c(base, d_base, m + 2u, n, c20);
-    write_c(base, d_base, m + 3u, n, c30);
+    write_c(base, m, n, c00);
+    write_c(base, m + 1u, n, c10);
+    write_c(base, m + 2u, n, c20);
+    write_c(base, m + 3u, n, c30);
     if (WIDE) {
-        write_c(base, d_base, m, n + 64u, c01);
-        write_c(base, d_base, m + 1u, n + 64u, c11);
-        write_c(base, d_base, m + 2u, n + 64u, c21);
-        write_c(base, d_base, m + 3u, n + 64u, c31);
-        write_c(base, d_base, m + 64u, n, c40); write_c(base, d_base, m + 64u, n + 64u, c41);
-        write_c(base, d_base, m + 65u, n, c50); write_c(base, d_base, m + 65u, n + 64u, c51);
-        write_c(base, d_base, m + 66u, n, c60); write_c(base, d_base, m + 66u, n + 64u, c61);
-        write_c(base, d_base, m + 67u, n, c70); write_c(base, d_base, m + 67u, n + 64u, c71);
+        write_c(base, m, n + 64u, c01);
+        write_c(base, m + 1u, n + 64u, c11);
+        write_c(base, m + 2u, n + 64u, c21);
+        write_c(base, m + 3u, n + 64u, c31);
+        write_c(base, m + 64u, n, c40); write_c(base, m + 64u, n + 64u, c41);
+        write_c(base, m + 65u, n, c50); write_c(base, m + 65u, n + 64u, c51);
+        write_c(base, m + 66u, n, c60); write_c(base, m + 66u, n + 64u, c61);
+        write_c(base, m + 67u, n, c70); write_c(base, m + 67u, n + 64u, c71);
     }
 }

@@ -1,9 +1,9 @@
-// interface: matmul_coop 4 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
-// Matrix product C = A B for a batch of f16 matrices on cooperative matrices (tensor cores,
+// interface: matmul_coop 6 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// Matrix product C = s A B for a batch of f16 matrices (s a scale) on cooperative matrices (tensor cores,
 // through Vulkan's VK_KHR_cooperative_matrix or Metal's simdgroup matrices), summed in f32:
 // A is M x K, B is K x N, both read through strides (a transposed or broadcast operand, or
-// attention's heads, need no copy), C is written contiguous, plus the addend D where given
-// (read through its strides, added in f32 as C is written). Same contract as matmul.wgsl, which
+// attention's heads, need no copy), C is written contiguous, plus the addends D and E where
+// given (read through their strides, added in f32 as C is written). Same contract as matmul.wgsl, which
 // sums on the ordinary ALUs: burn's best WGSL product reached 6 TFLOP/s on an H200, whose
 // tensor cores do ~900 TFLOP/s in f16.
 //
@@ -36,13 +36,15 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(0) var<storage, read_write> a: array<f16>;
 @group(0) @binding(1) var<storage, read_write> b: array<f16>;
 @group(0) @binding(2) var<storage, read_write> c: array<f16>;
-// The addend D (C itself where there is none: it is not read then).
+// The addends D and E (C itself where there is none: it is not read then).
 @group(0) @binding(3) var<storage, read_write> d: array<f16>;
+@group(0) @binding(4) var<storage, read_write> e: array<f16>;
 // M, N, K; A's outer batch, row and column strides; B's likewise; the inner batch size;
 // A's and B's inner batch strides (elements). Batch item z is (z / inner, z % inner):
 // attention's heads are read in place from the [B, S, H, D] projections. Then whether D is
-// given (1) or not (0), and its outer batch, inner batch, row and column strides.
-@group(0) @binding(4) var<uniform> info: array<vec4<u32>, 5>;
+// given (1) or not (0), and its outer batch, inner batch, row and column strides; then E's
+// likewise; then the scale s (an f32's bits).
+@group(0) @binding(5) var<uniform> info: array<vec4<u32>, 6>;
 // The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
 fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
@@ -174,18 +176,24 @@ fn main(
     let d_base = outer * word(13) + inner * word(14);
     let d_row = word(15);
     let d_col = word(16);
+    let second = word(17) == 1u;
+    let e_base = outer * word(18) + inner * word(19);
+    let e_row = word(20);
+    let e_col = word(21);
+    let scale = bitcast<f32>(word(22));
     for (var f = 0u; f < FRAGS * FRAGS; f++) {
         let at = subgroup * FRAG * FRAG;
         coopStoreT(sums[f], &staged[at], FRAG);
         workgroupBarrier();
         let m = m0 + qm + FRAG * (f / FRAGS);
         let n = n0 + qn + FRAG * (f % FRAGS);
-        for (var e = lane; e < FRAG * FRAG; e += SUBGROUP) {
-            let row = m + e / FRAG;
-            let col = n + e % FRAG;
+        for (var x = lane; x < FRAG * FRAG; x += SUBGROUP) {
+            let row = m + x / FRAG;
+            let col = n + x % FRAG;
             if (row < M && col < N) {
-                var v = staged[at + e];
+                var v = scale * staged[at + x];
                 if (addend) { v += f32(d[d_base + row * d_row + col * d_col]); }
+                if (second) { v += f32(e[e_base + row * e_row + col * e_col]); }
                 c[c_base + row * N + col] = f16(v);
             }
         }

@@ -1,6 +1,7 @@
-// interface: winograd_output 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// interface: winograd_output 3 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // winograd_output: the output transform of Winograd's F(m x m, 3x3), m = {{ out }} (see
-// winograd_input.wgsl), plus the bias. The n² products m[n k + l, o, t] =
+// winograd_input.wgsl), plus the bias and an addend where given (a residual, or a term per
+// channel: read through its strides, with stride 0 along broadcast dims). The n² products m[n k + l, o, t] =
 // Σ_c u[n k + l, o, c] v[n k + l, c, t] of a tile t and output channel o (n = m + 2), as an
 // n x n block M, become its m x m output pixels Aᵀ M A, with Aᵀ of F(2x2, 3x3) and of
 // F(4x4, 3x3) in at_2 and at_4, written into y = [batch, O, rows_out, w_out], the band's
@@ -15,8 +16,12 @@
 @group(0) @binding(0) var<storage, read_write> m: array<{{ elem }}>;
 @group(0) @binding(1) var<storage, read_write> bias: array<{{ elem }}>;
 @group(0) @binding(2) var<storage, read_write> y: array<{{ elem }}>;
-// batch, channels (O), rows (of tiles), tiles_w, rows_out, w_out
-@group(0) @binding(3) var<uniform> info: array<vec4<u32>, 2>;
+// The addend (y itself where there is none: it is not read then).
+@group(0) @binding(3) var<storage, read_write> addend: array<{{ elem }}>;
+// batch, channels (O), rows (of tiles), tiles_w, rows_out, w_out, the band's first row in
+// the whole output, whether the addend is given (1) or not (0), and its batch, channel, row
+// and column strides over the whole output.
+@group(0) @binding(4) var<uniform> info: array<vec4<u32>, 3>;
 // The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
 fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
@@ -81,13 +86,20 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     let offset = f32(bias[o]);
     let plane = (b * channels + o) * rows_out;
+    let first = word(6);
+    let given = word(7) == 1u;
+    let addend_plane = b * word(8) + o * word(9);
     for (var a = 0u; a < OUT; a = a + 1u) {
         let row = OUT * r + a;
         var pixels = at_{{ out }}(am[a]);
         for (var e = 0u; e < OUT; e = e + 1u) {
             let column = OUT * q + e;
             if (row < rows_out && column < w_out) {
-                y[(plane + row) * w_out + column] = {{ elem }}(pixels[e] + offset);
+                var extra = 0.0;
+                if (given) {
+                    extra = f32(addend[addend_plane + (first + row) * word(10) + column * word(11)]);
+                }
+                y[(plane + row) * w_out + column] = {{ elem }}(pixels[e] + offset + extra);
             }
         }
     }

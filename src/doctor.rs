@@ -80,9 +80,9 @@ impl CheckResult {
 /// A GroupNorm(+SiLU) implementation: burn's ops or sdw's shader.
 type GroupNormFn = fn(&GroupNorm, Tensor<4>, bool) -> Tensor<4>;
 
-/// A matrix product of `[B, M, K]` and `[B, K, N]` tensors: burn's or sdw's shader.
-/// `x · w + bias`.
-type MatmulFn = fn(Tensor<3>, Tensor<3>, Tensor<3>) -> Tensor<3>;
+/// A matrix product of `[B, M, K]` and `[B, K, N]` tensors plus two addends: burn's or sdw's
+/// shader. `x · w + bias + residual`.
+type MatmulFn = fn(Tensor<3>, Tensor<3>, Tensor<3>, Tensor<3>) -> Tensor<3>;
 
 /// What a check computes, on whichever device it is given.
 pub type Op = Box<dyn Fn(&Device) -> HostTensor>;
@@ -101,21 +101,22 @@ pub fn checks(size: usize) -> Vec<Check> {
     }
     let mut add = |name: String, op: Op| list.push(Check { name, op, bound: BOUND });
 
-    // Linear layers: token projections and the feed-forward widths, by burn's matmul and sum
-    // and by sdw's shader, which adds the bias as it writes the product (autotune may choose
-    // it on a WGSL device).
+    // Linear layers with their residual sums: token projections and the feed-forward widths,
+    // by burn's matmul and sums and by sdw's shader, which adds the bias and the residual as it
+    // writes the product (autotune may choose it on a WGSL device).
     let products: [(&str, MatmulFn); 2] = [
-        ("", |x, w, b| x.matmul(w) + b),
-        (" (sdw shader, tile 128)", |x, w, b| matmul::matmul_add_with(x, w, b, Kernel::Tiled(128))),
+        ("", |x, w, b, r| x.matmul(w) + b + r),
+        (" (sdw shader, tile 128)", |x, w, b, r| matmul::matmul_add_with(x, w, b, Some(r), Kernel::Tiled(128))),
     ];
     for (label, product) in products {
         add(
-            format!("matmul {}x320 @ 320x1280 + bias{label}", 2 * s * s),
+            format!("matmul {}x320 @ 320x1280 + bias + res.{label}", 2 * s * s),
             Box::new(move |d| {
                 let x = input([2, s * s, 320], 1, d);
                 let w = input([320, 1280], 2, d).mul_scalar(320f32.powf(-0.5));
                 let b = input([1280], 3, d);
-                to_host(product(x, w.unsqueeze(), b.unsqueeze()))
+                let r = input([2, s * s, 1280], 8, d);
+                to_host(product(x, w.unsqueeze(), b.unsqueeze(), r))
             }),
         );
     }
@@ -145,7 +146,7 @@ pub fn checks(size: usize) -> Vec<Check> {
     for tile in [Tile::F2, Tile::F4] {
         for (label, portable) in [("sdw shaders", false), ("sdw cube kernels", true)] {
             add(
-                format!("conv 3x3 320->320 at {s}x{s} by Winograd's {tile} ({label})"),
+                format!("conv 3x3 320->320 + res. at {s}x{s} by Winograd's {tile} ({label})"),
                 winograd_check(s, tile, portable),
             );
         }
@@ -424,19 +425,21 @@ fn conv_check(cin: usize, cout: usize, k: usize, stride: usize, side: usize, see
     Box::new(move |d| to_host(conv(&conv2d(cin, cout, k, stride, seed, d), input([2, cin, side, side], seed + 100, d))))
 }
 
-/// [`conv_check`]'s 3x3 320 -> 320 convolution by Winograd's kernels where they run (a GPU),
-/// by the `#[cube]` ones when `portable`; elsewhere the device's own.
+/// [`conv_check`]'s 3x3 320 -> 320 convolution plus a residual (a ResNet's second
+/// convolution) by Winograd's kernels where they run (a GPU), by the `#[cube]` ones when
+/// `portable`; elsewhere the device's own convolution and sum.
 fn winograd_check(side: usize, tile: Tile, portable: bool) -> Op {
     Box::new(move |d| {
         let c = conv2d(320, 320, 3, 1, 10, d);
         let x = input([2, 320, side, side], 110, d);
+        let residual = input([2, 320, side, side], 119, d);
         if !crate::shaders::applies(&x) {
-            return to_host(conv(&c, x));
+            return to_host(conv(&c, x) + residual);
         }
         let run = if portable { winograd::conv3x3_portable } else { winograd::conv3x3 };
         let bias = c.bias.as_ref().expect("a bias").val();
         let plan = winograd::Plan { tile, padding: [1; 4], budget: crate::model::budget::bytes() };
-        to_host(run(x, c.weight.val(), bias, plan))
+        to_host(run(x, c.weight.val(), bias, Some(residual), plan))
     })
 }
 

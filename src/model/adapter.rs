@@ -45,7 +45,7 @@ impl LowRank {
         let [b, s, _] = x.dims();
         let (down, up) = (self.down(&x), self.up());
         let d_out = up.dims()[1];
-        matmul_add(down, up, base.reshape([b * s, d_out])).reshape([b, s, d_out])
+        matmul_add(down, up, base.reshape([b * s, d_out]), None).reshape([b, s, d_out])
     }
 
     /// `x`'s rows `[B·S, in]` times the down factor: `[B·S, rank]`.

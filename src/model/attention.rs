@@ -24,7 +24,7 @@ use super::Loader;
 use super::adapter::{Adaptable, AttentionAdapters, Projection};
 use super::attention_grad::AttentionGradOps;
 use super::attention_tuned::{Route, TunedAttentionOps};
-use super::layers::linear;
+use super::layers::{linear, linear_add};
 
 /// Query rows per chunk so that `batch * heads * rows * keys` scores of `score_bytes` each
 /// (the queries' dtype: f16 scores take half the room) fit `budget` bytes.
@@ -176,15 +176,16 @@ impl CrossAttention {
         })
     }
 
-    /// Self-attention when `context` is `None`.
-    pub fn forward(&self, x: Tensor<3>, context: Option<&Tensor<3>>) -> Tensor<3> {
+    /// Self-attention when `context` is `None`, plus `residual` (the block's input), which
+    /// the output projection adds as it writes its product (`linear_add`).
+    pub fn forward(&self, x: Tensor<3>, context: Option<&Tensor<3>>, residual: Tensor<3>) -> Tensor<3> {
         let ctx = context.cloned().unwrap_or_else(|| x.clone());
         let a = &self.adapters;
         let q = a.apply(Projection::Q, linear(&self.to_q, x.clone()), x);
         let k = a.apply(Projection::K, linear(&self.to_k, ctx.clone()), ctx.clone());
         let v = a.apply(Projection::V, linear(&self.to_v, ctx.clone()), ctx);
         let h = attention(q, k, v, self.heads, false);
-        a.apply(Projection::Out, linear(&self.to_out, h.clone()), h)
+        a.apply(Projection::Out, linear_add(&self.to_out, h.clone(), residual), h)
     }
 
     fn linear(&self, p: Projection) -> &Linear {

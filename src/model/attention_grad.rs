@@ -32,7 +32,7 @@ use burn_flex::FlexTensor;
 use super::attention::{options, rows, slice};
 use super::attention_tuned::{Route, TunedAttentionOps};
 use crate::cpu::{self, CpuOps, dims, f32s};
-use crate::shaders::matmul::{Kernel, MIN_WORK, MatmulOps, TILES, tuned_or_burns};
+use crate::shaders::matmul::{Kernel, MIN_WORK, MatmulOps, TILES, tuned_or_burn};
 use crate::shaders::softmax::{self, SoftmaxOps};
 
 #[backend_extension(Cube, Fusion, Flex, Autodiff)]
@@ -176,17 +176,18 @@ impl<B: Backend + AttentionGradOps + MatmulOps, C: CheckpointStrategy> Attention
     }
 }
 
-/// A product of the backward pass. Where the forward pass took sdw's attention (`route`), sdw's
-/// shaders, which read the heads' `[B, H, S, D]` views in place: tuned where the product is
-/// worth it, the tiled shader for small ones (as the forward pass takes them); burn's matmul
-/// copies each such view first, seven copies per chunk. Elsewhere the tuned choice or burn's.
-fn product<B: MatmulOps>(lhs: FloatTensor<B>, rhs: FloatTensor<B>, route: Option<Route>) -> FloatTensor<B> {
-    if route.is_none() {
-        return tuned_or_burns::<B>(lhs, rhs);
-    }
+/// The kernel of a product of the backward pass. Where the forward pass took sdw's attention
+/// (`route`), sdw's shaders, which read the heads' `[B, H, S, D]` views in place: tuned where
+/// the product is worth it, the tiled shader for small ones (as the forward pass takes them);
+/// burn's matmul copies each such view first, seven copies per chunk. Elsewhere the tuned
+/// choice or burn's.
+fn kernel<B: Backend>(lhs: &FloatTensor<B>, rhs: &FloatTensor<B>, route: Option<Route>) -> Kernel {
     let (l, r) = (lhs.shape(), rhs.shape());
-    let work = l[2] * l[3] * r[3];
-    B::sdw_matmul(lhs, rhs, if work >= MIN_WORK { Kernel::Tuned } else { Kernel::Tiled(TILES[1]) })
+    match route {
+        None => tuned_or_burn(&l, &r),
+        Some(_) if l[2] * l[3] * r[3] >= MIN_WORK => Kernel::Tuned,
+        Some(_) => Kernel::Tiled(TILES[1]),
+    }
 }
 
 /// The output, `chunk` query rows at a time through the backend's own attention (its flash
@@ -210,23 +211,28 @@ fn backward<B: AttentionGradOps + MatmulOps>(
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let scale = 1.0 / (q.shape()[3] as f64).sqrt();
     let (kt, vt) = (B::float_swap_dims(k.clone(), 2, 3), B::float_swap_dims(v.clone(), 2, 3));
-    let product = |lhs, rhs| product::<B>(lhs, rhs, route);
-    let sum = |acc: Option<FloatTensor<B>>, t| {
+    let product = |lhs: FloatTensor<B>, rhs: FloatTensor<B>| {
+        let kernel = kernel::<B>(&lhs, &rhs, route);
+        B::sdw_matmul(lhs, rhs, kernel)
+    };
+    // dk and dv sum over the chunks: each chunk's product adds the sum so far as it is written.
+    let sum = |acc: Option<FloatTensor<B>>, lhs: FloatTensor<B>, rhs: FloatTensor<B>| {
+        let kernel = kernel::<B>(&lhs, &rhs, route);
         Some(match acc {
-            Some(a) => B::float_add(a, t),
-            None => t,
+            Some(acc) => B::sdw_matmul_add(lhs, rhs, acc, kernel),
+            None => B::sdw_matmul(lhs, rhs, kernel),
         })
     };
     let (mut dq, mut dk, mut dv) = (Vec::new(), None, None);
     for r in rows(q.shape()[2], chunk) {
         let (qc, doc) = (slice::<B>(&q, &r), slice::<B>(&dout, &r));
-        // The scale goes on the chunk of queries, the smaller operand.
-        let scaled = B::float_mul_scalar(qc.clone(), scale.into());
-        let p = B::scores_softmax(product(scaled, kt.clone()));
-        dv = sum(dv, product(B::float_swap_dims(p.clone(), 2, 3), doc.clone()));
+        // The scores scaled as the product writes them.
+        let kernel = kernel::<B>(&qc, &kt, route);
+        let p = B::scores_softmax(B::sdw_matmul_scaled(qc.clone(), kt.clone(), scale as f32, kernel));
+        dv = sum(dv, B::float_swap_dims(p.clone(), 2, 3), doc.clone());
         let ds = B::scores_grad(p, product(doc, vt.clone()), scale);
         dq.push(product(ds.clone(), k.clone()));
-        dk = sum(dk, product(B::float_swap_dims(ds, 2, 3), qc));
+        dk = sum(dk, B::float_swap_dims(ds, 2, 3), qc);
     }
     let (dk, dv) = (dk.expect("at least one query"), dv.expect("at least one query"));
     let dq = if dq.len() == 1 { dq.pop().expect("one chunk") } else { B::float_cat(dq, 2) };

@@ -97,7 +97,8 @@ fn flash<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>) ->
 }
 
 /// Q K^T and P V as matrix products by `kernel`, `chunk` query rows at a time, around sdw's
-/// softmax (in place on the scores); the scale goes on the queries (S x D values, not S x S).
+/// softmax (in place on the scores); the first product scales the scores as it writes them
+/// (burn's matmul, where it wins, scales the queries first: S x D values, not S x S).
 fn products<B: Backend + MatmulOps + SoftmaxOps>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
@@ -105,12 +106,11 @@ fn products<B: Backend + MatmulOps + SoftmaxOps>(
     chunk: usize,
     kernel: Kernel,
 ) -> FloatTensor<B> {
-    let scale = 1.0 / (q.shape()[3] as f64).sqrt();
+    let scale = 1.0 / (q.shape()[3] as f32).sqrt();
     let kt = B::float_swap_dims(k, 2, 3);
-    let q = B::float_mul_scalar(q, scale.into());
     let mut parts = rows(q.shape()[2], chunk)
         .map(|r| {
-            let p = B::sdw_softmax(B::sdw_matmul(slice::<B>(&q, &r), kt.clone(), kernel), false);
+            let p = B::sdw_softmax(B::sdw_matmul_scaled(slice::<B>(&q, &r), kt.clone(), scale, kernel), false);
             B::sdw_matmul(p, v.clone(), kernel)
         })
         .collect::<Vec<_>>();

@@ -10,7 +10,7 @@ use crate::weights::{HostTensor, WeightsError};
 
 use super::adapter::{Adaptable, AttentionAdapters, Projection};
 use super::attention::attention;
-use super::layers::{Loader, layer_norm, linear, to_device};
+use super::layers::{Loader, layer_norm, linear, linear_add, to_device};
 
 /// CLIP heads are 64 wide in every SD checkpoint.
 const HEAD_DIM: usize = 64;
@@ -59,10 +59,10 @@ impl EncoderLayer {
         let k = a.apply(Projection::K, linear(&self.k_proj, h.clone()), h.clone());
         let v = a.apply(Projection::V, linear(&self.v_proj, h.clone()), h);
         let o = attention(q, k, v, self.heads, true);
-        let x = x + a.apply(Projection::Out, linear(&self.out_proj, o.clone()), o);
+        let x = a.apply(Projection::Out, linear_add(&self.out_proj, o.clone(), x), o);
         let h = linear(&self.fc1, layer_norm(&self.layer_norm2, x.clone()));
         let h = h.clone() * sigmoid(h.mul_scalar(1.702)); // quick GELU
-        x + linear(&self.fc2, h)
+        linear_add(&self.fc2, h, x)
     }
 }
 

@@ -39,12 +39,24 @@ use crate::shaders::winograd;
 
 /// `c` applied to `x`, summed in f32 and returned in `x`'s dtype.
 pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    conv_add(c, x, None)
+}
+
+/// `c(x) + addend`, the addend broadcast to the output (a residual of its shape, or a term per
+/// channel `[B, O, 1, 1]`, a ResNet's time embedding), summed in f32 and returned in `x`'s
+/// dtype. Where the convolution is a matrix product ([`as_product`]) its shader adds the
+/// addend as it writes the output: no kernel and no pass over the output of its own.
+pub fn conv_add(c: &Conv2d, x: Tensor<4>, addend: Option<Tensor<4>>) -> Tensor<4> {
+    let plus = |y: Tensor<4>, addend: Option<Tensor<4>>| match addend {
+        Some(a) => y + a,
+        None => y,
+    };
     let tracked = x.device().is_autodiff();
     // Training on the CPU: sdw's kernel both ways, the frozen weights kept as they are.
     if let Some((weight, bias, padding)) =
         ours(c).filter(|(w, _, p)| crate::cpu::conv_grad::applies(&x, w, *p, c.stride))
     {
-        return crate::cpu::conv_grad::conv2d(x, weight, bias, padding);
+        return plus(crate::cpu::conv_grad::conv2d(x, weight, bias, padding), addend);
     }
     // Elsewhere under autodiff the product widens frozen f16 weights itself and keeps only
     // them for the backward pass (`shaders::matmul`), where burn's convolution would keep f32
@@ -55,9 +67,9 @@ pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         if let Some((weight, bias, padding)) = ours(&c) {
             let budget = super::budget::bytes();
             if let Some(plan) = winograd::plan(&x, &weight, &bias, padding, c.stride, budget) {
-                return winograd::conv3x3(x, weight, bias, plan);
+                return winograd::conv3x3(x, weight, bias, addend, plan);
             }
-            return as_product(x, weight, bias, padding, c.stride, budget);
+            return as_product(x, weight, bias, padding, c.stride, budget, addend);
         }
     }
     let dtype = x.dtype();
@@ -69,7 +81,7 @@ pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         }
         _ => c.forward(x),
     };
-    y.cast(dtype)
+    plus(y.cast(dtype), addend)
 }
 
 /// The weight, bias and (top, left, bottom, right) padding of a convolution sdw computes
@@ -87,15 +99,63 @@ fn ours(c: &Conv2d) -> Option<(Tensor<4>, Tensor<1>, [usize; 4])> {
 static GPU_CONV: LazyLock<bool> = LazyLock::new(|| std::env::var("SDW_GPU_CONV").as_deref() != Ok("burn"));
 
 /// A wgpu tensor, with or without gradients.
-fn on_gpu(x: &Tensor<4>) -> bool {
+fn on_gpu<const D: usize>(x: &Tensor<D>) -> bool {
     *GPU_CONV && crate::device::on_cube(&x.device())
+}
+
+/// A 1x1 convolution `c` of `x` `[B, C, H, W]`, written as tokens `[B, H·W, O]`: SD 1.x's
+/// transformers' `proj_in`. On a GPU one product reads `x` as tokens in place (`[B, H·W, C]`
+/// through strides) and writes them contiguous, so that the layer norm after it and the
+/// residual sums need no copy; elsewhere the convolution, seen as tokens.
+pub fn pointwise_to_tokens(c: &Conv2d, x: Tensor<4>) -> Tensor<3> {
+    let [b, _, h, w] = x.dims();
+    let tokens = |t: Tensor<4>| {
+        let channels = t.dims()[1];
+        t.reshape([b, channels, h * w]).swap_dims(1, 2)
+    };
+    match pointwise(c, &x) {
+        Some((weight, bias)) => matmul_add(tokens(x), weight.transpose().unsqueeze(), bias.unsqueeze(), None),
+        None => tokens(conv(c, x)),
+    }
+}
+
+/// Tokens `t` `[B, H·W, C]` through a 1x1 convolution `c`, as the image `[B, O, H, W]`, plus
+/// `addend` of that shape: SD 1.x's transformers' `proj_out` and their residual. On a GPU one
+/// product reads the tokens as an image in place and adds the bias and the addend as it
+/// writes; elsewhere the convolution of the tokens seen as an image, and the sum.
+pub fn pointwise_from_tokens(c: &Conv2d, t: Tensor<3>, [h, w]: [usize; 2], addend: Tensor<4>) -> Tensor<4> {
+    let [b, _, channels] = t.dims();
+    let image = t.swap_dims(1, 2);
+    match pointwise(c, &image) {
+        Some((weight, bias)) => {
+            let o = weight.dims()[0];
+            let addend = addend.reshape([b, o, h * w]);
+            matmul_add(weight.unsqueeze(), image, bias.reshape([1, o, 1]), Some(addend)).reshape([b, o, h, w])
+        }
+        None => conv_add(c, image.reshape([b, channels, h, w]), Some(addend)),
+    }
+}
+
+/// The weight `[O, C]` and bias of `c`, a 1x1 convolution at stride 1 without padding, for
+/// the product over `x`'s channels on a GPU: in `x`'s dtype (under autodiff a frozen weight as
+/// it is: the product widens it, as in [`conv`]). None elsewhere, or for another convolution.
+fn pointwise<const D: usize>(c: &Conv2d, x: &Tensor<D>) -> Option<(Tensor<2>, Tensor<1>)> {
+    let (weight, bias, padding) = ours(c).filter(|_| on_gpu(x) && c.stride == [1, 1])?;
+    let [o, channels, kh, kw] = weight.dims();
+    if kh * kw != 1 || padding != [0; 4] {
+        return None;
+    }
+    let dtype = x.dtype();
+    let weight = if x.device().is_autodiff() { weight } else { crate::cpu::cast(weight, dtype) };
+    Some((weight.reshape([o, channels]), crate::cpu::cast(bias, dtype)))
 }
 
 /// The convolution as matrix products: for a band of output rows, the `kh x kw` shifted
 /// (strided) views of the padded input are stacked into `[B, C·kh·kw, rows·W_out]` columns,
 /// in the order of the weight's `[O, C, kh, kw]` layout, and multiplied by the weight seen
 /// as `[O, C·kh·kw]`. Bands keep each block of columns within `budget` bytes. The columns
-/// come from our kernel where it applies (`shaders::im2col`), else from burn's ops.
+/// come from our kernel where it applies (`shaders::im2col`), else from burn's ops. Each
+/// band's product adds the bias and the `addend` (as in [`conv_add`]) as it is written.
 pub fn as_product(
     x: Tensor<4>,
     weight: Tensor<4>,
@@ -103,6 +163,7 @@ pub fn as_product(
     [top, left, bottom, right]: [usize; 4],
     stride: [usize; 2],
     budget: usize,
+    addend: Option<Tensor<4>>,
 ) -> Tensor<4> {
     let [o, c, kh, kw] = weight.dims();
     let [b, _, h, w] = x.dims();
@@ -110,13 +171,17 @@ pub fn as_product(
     let [sh, sw] = stride;
     let (ho, wo) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
     let k = c * kh * kw;
+    // An addend of another shape than `band_of` takes is added after.
+    if let Some(a) = addend.as_ref().filter(|a| !matches!(a.dims(), [_, _, 1, 1]) && a.dims()[2..] != [ho, wo]) {
+        let a = a.clone();
+        return as_product(x, weight, bias, [top, left, bottom, right], stride, budget, None) + a;
+    }
     let weight = weight.reshape([1, o, k]);
     let band = (budget / (b * k * wo * x.dtype().size()).max(1)).clamp(1, ho);
     let unpadded = top + left + bottom + right == 0;
     let ours = im2col::applies(&x);
     // burn's ops take the views of a padded copy; our kernel reads the padding as zeros.
     let padded = if ours || unpadded { x.clone() } else { x.clone().pad([(top, bottom), (left, right)], 0.0) };
-    // Each band's product adds the bias as it is written (`matmul_add`).
     let bias = crate::cpu::cast(bias, x.dtype()).reshape([1, o, 1]);
     let mut outs = Vec::with_capacity(ho.div_ceil(band));
     for y0 in (0..ho).step_by(band) {
@@ -129,9 +194,21 @@ pub fn as_product(
         } else {
             stacked_columns(&padded, [kh, kw], stride, y0, rows, wo)
         };
-        outs.push(matmul_add(weight.clone(), columns, bias.clone()).reshape([b, o, rows, wo]));
+        let addend = addend.as_ref().map(|a| band_of(a, y0, rows));
+        outs.push(matmul_add(weight.clone(), columns, bias.clone(), addend).reshape([b, o, rows, wo]));
     }
     if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) }
+}
+
+/// The part of an addend `[B, O, H, W]` (or `[B, O, 1, 1]`, one value per channel) that the
+/// band of `rows` output rows from `y0` adds to, as `[B, O, pixels]` (`[B, O, 1]`).
+fn band_of(addend: &Tensor<4>, y0: usize, rows: usize) -> Tensor<3> {
+    let [b, o, h, w] = addend.dims();
+    if h * w == 1 {
+        return addend.clone().reshape([b, o, 1]);
+    }
+    let band = if rows == h { addend.clone() } else { addend.clone().slice([0..b, 0..o, y0..y0 + rows]) };
+    band.reshape([b, o, rows * w])
 }
 
 /// The columns of a band of `rows` output rows from `y0`, `w_out` wide, by burn's ops: the
@@ -217,7 +294,8 @@ mod tests {
 
     /// `as_product` against burn's convolution on the CPU backend, for the kinds SD uses
     /// (3x3 same, 1x1, stride 2 with diffusers' asymmetric VAE padding) and with a budget
-    /// small enough to split the output into bands.
+    /// small enough to split the output into bands; with no addend, a residual and a term per
+    /// channel.
     #[test]
     fn matches_burns_convolution() {
         let device = Device::flex();
@@ -236,13 +314,19 @@ mod tests {
                 .init(&device);
             c.weight = Param::from_tensor(Tensor::random(c.weight.dims(), Distribution::Normal(0.0, 1.0), &device));
             let x = Tensor::<4>::random([2, 6, 9, 7], Distribution::Normal(0.0, 1.0), &device);
-            let want = c.forward(x.clone());
-            let bias = c.bias.as_ref().unwrap().val();
-            let got = as_product(x, c.weight.val(), bias, padding, [stride, stride], budget);
-            assert_eq!(got.dims(), want.dims(), "k{kernel} s{stride} {padding:?}");
-            let err = (got - want.clone()).abs().max().into_scalar::<f32>();
-            let scale = want.abs().max().into_scalar::<f32>();
-            assert!(err <= 1e-5 * scale, "k{kernel} s{stride} {padding:?} budget {budget}: {err} of {scale}");
+            let plain = c.forward(x.clone());
+            let [b, o, h, w] = plain.dims();
+            let residual = Tensor::<4>::random([b, o, h, w], Distribution::Normal(0.0, 1.0), &device);
+            let per_channel = Tensor::<4>::random([b, o, 1, 1], Distribution::Normal(0.0, 1.0), &device);
+            for addend in [None, Some(residual), Some(per_channel)] {
+                let want = addend.clone().map_or(plain.clone(), |a| plain.clone() + a);
+                let bias = c.bias.as_ref().unwrap().val();
+                let got = as_product(x.clone(), c.weight.val(), bias, padding, [stride, stride], budget, addend);
+                assert_eq!(got.dims(), want.dims(), "k{kernel} s{stride} {padding:?}");
+                let err = (got - want.clone()).abs().max().into_scalar::<f32>();
+                let scale = want.abs().max().into_scalar::<f32>();
+                assert!(err <= 1e-5 * scale, "k{kernel} s{stride} {padding:?} budget {budget}: {err} of {scale}");
+            }
         }
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::rc::Rc;
 
-use super::conv::conv;
+use super::conv::{conv, conv_add};
 use crate::device::Dtypes;
 use crate::shaders::group_norm;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -263,6 +263,12 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     crate::shaders::matmul::linear(l, x)
 }
 
+/// `l(x) + residual`, in `x`'s dtype: on a GPU the sums are made as the product is written
+/// (`shaders::matmul::linear_add`).
+pub fn linear_add<const D: usize>(l: &Linear, x: Tensor<D>, residual: Tensor<D>) -> Tensor<D> {
+    crate::shaders::matmul::linear_add(l, x, Some(residual))
+}
+
 /// The epsilon of every LayerNorm in SD 1.x, CLIP's and the UNet's (burn's `LayerNorm` keeps
 /// its own private, so our kernel is told it here).
 pub const LAYER_NORM_EPS: f64 = 1e-5;
@@ -337,19 +343,24 @@ impl ResnetBlock {
         })
     }
 
-    /// `temb` is the SiLU-activated time embedding `[B, T]` (UNet only).
+    /// `temb` is the SiLU-activated time embedding `[B, T]` (UNet only). Its projection, one
+    /// value per channel, and the skip connection are added as the convolutions write their
+    /// outputs (`conv_add`).
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let mut h = conv(&self.conv1, group_norm::forward(&self.norm1, x.clone(), true));
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let [b, c] = [h.dims()[0], h.dims()[1]];
-            h = h + linear(proj, t.clone()).reshape([b, c, 1, 1]);
-        }
-        let h = conv(&self.conv2, group_norm::forward(&self.norm2, h, true));
+        let time = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => {
+                let t = linear(proj, t.clone());
+                let [b, c] = t.dims();
+                Some(t.reshape([b, c, 1, 1]))
+            }
+            _ => None,
+        };
+        let h = conv_add(&self.conv1, group_norm::forward(&self.norm1, x.clone(), true), time);
         let skip = match &self.conv_shortcut {
             Some(shortcut) => conv(shortcut, x),
             None => x,
         };
-        skip + h
+        conv_add(&self.conv2, group_norm::forward(&self.norm2, h, true), Some(skip))
     }
 }
 

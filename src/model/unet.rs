@@ -11,9 +11,9 @@ use crate::weights::WeightsError;
 
 use super::adapter::Adaptable;
 use super::attention::CrossAttention;
-use super::conv::conv;
+use super::conv::{conv, pointwise_from_tokens, pointwise_to_tokens};
 use super::graph::Warmed;
-use super::layers::{Loader, ResnetBlock, geglu, layer_norm, linear, to_device, upsample_nearest_to};
+use super::layers::{Loader, ResnetBlock, geglu, layer_norm, linear, linear_add, to_device, upsample_nearest_to};
 
 /// SD 1.x `num_heads: 8` (the head width varies per level); SD 2.x uses 64-wide heads.
 const SD1_HEADS: usize = 8;
@@ -58,8 +58,9 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        linear(&self.out, geglu(linear(&self.proj, x)))
+    /// The feed-forward of `x`, plus `residual` (added as the last product is written).
+    fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+        linear_add(&self.out, geglu(linear(&self.proj, x)), residual)
     }
 }
 
@@ -85,14 +86,12 @@ impl TransformerBlock {
         })
     }
 
-    /// Each sublayer's output is the left operand of its residual sum: burn adds into the left
-    /// operand where it can, keeping its layout, and the residual stream comes in as a strided
-    /// view of the image (`Transformer::forward`). So it is contiguous after the first sum,
-    /// and the later layer norms need no copy of it (two copies per block before).
+    /// Each sublayer's last product adds the residual stream as it writes its output: no
+    /// kernel for the sums.
     fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
-        let x = self.attn1.forward(layer_norm(&self.norm1, x.clone()), None) + x;
-        let x = self.attn2.forward(layer_norm(&self.norm2, x.clone()), Some(context)) + x;
-        self.ff.forward(layer_norm(&self.norm3, x.clone())) + x
+        let x = self.attn1.forward(layer_norm(&self.norm1, x.clone()), None, x);
+        let x = self.attn2.forward(layer_norm(&self.norm2, x.clone()), Some(context), x);
+        self.ff.forward(layer_norm(&self.norm3, x.clone()), x)
     }
 }
 
@@ -140,18 +139,16 @@ impl SpatialTransformer {
         let hs = group_norm::forward(&self.norm, x.clone(), false);
         let to_tokens = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut t = match &self.proj_in {
-            Proj::Conv(c) => to_tokens(conv(c, hs)),
+            Proj::Conv(c) => pointwise_to_tokens(c, hs),
             Proj::Linear(lin) => linear(lin, to_tokens(hs)),
         };
         for block in &self.blocks {
             t = block.forward(t, context);
         }
-        let to_image = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
-        let out = match &self.proj_out {
-            Proj::Conv(c) => conv(c, to_image(t)),
-            Proj::Linear(lin) => to_image(linear(lin, t)),
-        };
-        out + x
+        match &self.proj_out {
+            Proj::Conv(c) => pointwise_from_tokens(c, t, [h, w], x),
+            Proj::Linear(lin) => linear(lin, t).swap_dims(1, 2).reshape([b, c, h, w]) + x,
+        }
     }
 }
 

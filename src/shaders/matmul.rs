@@ -12,11 +12,14 @@
 //! burn's matmul. Training takes the same kernels, forward and backward, through
 //! `matmul_grad`. `SDW_SHADERS=off` turns the shaders off.
 //!
-//! [`matmul_add`] adds a tensor to the product (a linear layer's or a convolution's bias, a
-//! LoRA's base output): the shaders add it as they write the product, where burn's matmul
-//! takes a sum of its own, one kernel and one pass over the product more.
+//! [`matmul_add`] adds one or two tensors to the product (a linear layer's or a convolution's
+//! bias, a residual, a LoRA's base output): the shaders add them as they write the product,
+//! where burn's matmul takes a sum of its own for each, one kernel and one pass over the
+//! product more. Attention's scores are scaled likewise as they are written
+//! ([`MatmulOps::sdw_matmul_scaled`]).
+//! `SDW_MATMUL=burn|tiled` takes one kernel wherever autotune would choose.
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
@@ -70,6 +73,19 @@ pub trait MatmulOps: Backend {
         Self::float_matmul(lhs, rhs)
     }
 
+    /// `scale · lhs · rhs` (attention's scores: `1/√d · q kᵀ`): sdw's shaders scale the product
+    /// as they write it; burn's matmul gets `lhs` scaled first (the smaller operand there).
+    #[fusion(dtype = lhs, shape = output_shape(lhs, rhs))]
+    fn sdw_matmul_scaled(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        scale: f32,
+        kernel: Kernel,
+    ) -> FloatTensor<Self> {
+        let _ = kernel;
+        Self::float_matmul(Self::float_mul_scalar(lhs, scale.into()), rhs)
+    }
+
     /// `lhs · rhs + addend`, the addend of the product's rank and broadcast to its shape (a
     /// bias, a LoRA's base output): sdw's shaders add it as they write the product, so the
     /// sum takes no kernel of its own; burn's matmul is followed by burn's sum.
@@ -82,6 +98,20 @@ pub trait MatmulOps: Backend {
     ) -> FloatTensor<Self> {
         let _ = kernel;
         Self::float_add(Self::float_matmul(lhs, rhs), addend)
+    }
+
+    /// `lhs · rhs + addend + second`, as [`Self::sdw_matmul_add`] with a second addend (a bias
+    /// and a residual, say). (A separate op: burn's fusion backend takes no optional tensor.)
+    #[fusion(dtype = lhs, shape = output_shape(lhs, rhs))]
+    fn sdw_matmul_add2(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        addend: FloatTensor<Self>,
+        second: FloatTensor<Self>,
+        kernel: Kernel,
+    ) -> FloatTensor<Self> {
+        let _ = kernel;
+        Self::float_add(Self::float_add(Self::float_matmul(lhs, rhs), addend), second)
     }
 }
 
@@ -107,21 +137,36 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     }
 }
 
-/// `lhs · rhs + addend` (`addend` of the product's rank, broadcast to its shape): on a WGSL
-/// device one kernel, the fastest of sdw's shaders and burn's matmul and sum where the product
-/// is worth tuning, else sdw's tiled shader (one kernel where burn takes two; the sum
-/// dominates such a product, e.g. a LoRA's up factor of rank 4); elsewhere the product
-/// and a sum.
-pub fn matmul_add<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, addend: Tensor<D>) -> Tensor<D> {
-    let tracked = tracked(&lhs, &rhs) || addend.device().is_autodiff();
-    let shaders = shader_may_run(&lhs, &rhs, tracked) && super::takes(&addend);
+/// `lhs · rhs + addend (+ second)` (each addend of the product's rank, broadcast to its
+/// shape: a bias, then a residual, say): on a WGSL device one kernel, the fastest of sdw's
+/// shaders and burn's matmul and sums where the product is worth tuning, else sdw's tiled
+/// shader (one kernel where burn takes two or three; the sums dominate such a product, e.g. a
+/// LoRA's up factor of rank 4); elsewhere the product and the sums.
+pub fn matmul_add<const D: usize>(
+    lhs: Tensor<D>,
+    rhs: Tensor<D>,
+    addend: Tensor<D>,
+    second: Option<Tensor<D>>,
+) -> Tensor<D> {
+    let addends = || std::iter::once(&addend).chain(second.as_ref());
+    let tracked = tracked(&lhs, &rhs) || addends().any(|t| t.device().is_autodiff());
+    let shaders = shader_may_run(&lhs, &rhs, tracked) && addends().all(super::takes);
     let kernel = match (shaders, tracked) {
         (true, _) if tuned(&lhs, &rhs) => Kernel::Tuned,
         (true, _) => Kernel::Untuned,
         (false, true) => Kernel::Burn,
-        (false, false) => return lhs.matmul(rhs) + addend,
+        (false, false) => return sums(lhs.matmul(rhs), addend, second),
     };
-    product_add(lhs, rhs, addend, kernel)
+    product_add(lhs, rhs, addend, second, kernel)
+}
+
+/// `product + addend (+ second)` by burn's sums.
+fn sums<const D: usize>(product: Tensor<D>, addend: Tensor<D>, second: Option<Tensor<D>>) -> Tensor<D> {
+    let sum = product + addend;
+    match second {
+        Some(second) => sum + second,
+        None => sum,
+    }
 }
 
 /// Whether a product the shaders may run is worth tuning; if so, the tensor-core shader is
@@ -135,27 +180,39 @@ fn tuned<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>) -> bool {
     worth
 }
 
-/// `l` applied to `x`, in `x`'s dtype: one `[rows, d_in] x [d_in, d_out]` product by
-/// [`matmul_add`] (the bias its addend), as burn's `Linear` folds it (bigger tiles), where the
-/// shaders may run or `x` carries gradients; elsewhere burn's `Linear` (on the CPU, its
-/// folded product).
+/// `l` applied to `x`, in `x`'s dtype (see [`linear_add`]).
 pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
+    linear_add(l, x, None)
+}
+
+/// `l(x) + residual`, in `x`'s dtype: one `[rows, d_in] x [d_in, d_out]` product by
+/// [`matmul_add`] (the bias and the residual its addends: no kernel for either sum), as
+/// burn's `Linear` folds it (bigger tiles), where the shaders may run or `x` carries
+/// gradients; elsewhere burn's `Linear` (on the CPU, its folded product) and a sum. The
+/// residual has the output's shape (a view that does not fold into rows is copied).
+pub fn linear_add<const D: usize>(l: &Linear, x: Tensor<D>, residual: Option<Tensor<D>>) -> Tensor<D> {
     let [d_in, d_out] = l.weight.dims();
     let rows: usize = x.dims()[..D - 1].iter().product();
     let tracked = x.device().is_autodiff();
     if D < 2 || !(tracked || shader_may_run(&x, &x, false) && worth_tuning(rows, d_in, d_out)) {
-        return in_dtype(l, x.dtype()).forward(x);
+        let y = in_dtype(l, x.dtype()).forward(x);
+        return match residual {
+            Some(r) => y + r,
+            None => y,
+        };
     }
     let dtype = x.dtype();
     // Under autodiff the product widens a frozen f16 weight itself (see `matmul`).
     let weight = if tracked { l.weight.val() } else { cast(l.weight.val(), dtype) };
     let mut dims = x.dims();
-    let x = x.reshape([rows, d_in]);
-    let y = match &l.bias {
-        Some(bias) => matmul_add(x, weight, cast(bias.val(), dtype).unsqueeze()),
-        None => matmul(x, weight),
-    };
     dims[D - 1] = d_out;
+    let x = x.reshape([rows, d_in]);
+    let residual = residual.map(|r| r.reshape([rows, d_out]));
+    let y = match (&l.bias, residual) {
+        (Some(bias), residual) => matmul_add(x, weight, cast(bias.val(), dtype).unsqueeze(), residual),
+        (None, Some(residual)) => matmul_add(x, weight, residual, None),
+        (None, None) => matmul(x, weight),
+    };
     y.reshape(dims)
 }
 
@@ -181,17 +238,44 @@ fn product<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Te
     Tensor::from_dispatch(burn::backend::Dispatch::sdw_matmul(lhs.into_dispatch(), rhs.into_dispatch(), kernel))
 }
 
-fn product_add<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, addend: Tensor<D>, kernel: Kernel) -> Tensor<D> {
+fn product_add<const D: usize>(
+    lhs: Tensor<D>,
+    rhs: Tensor<D>,
+    addend: Tensor<D>,
+    second: Option<Tensor<D>>,
+    kernel: Kernel,
+) -> Tensor<D> {
     let (lhs, rhs, addend) = (lhs.into_dispatch(), rhs.into_dispatch(), addend.into_dispatch());
-    Tensor::from_dispatch(burn::backend::Dispatch::sdw_matmul_add(lhs, rhs, addend, kernel))
+    Tensor::from_dispatch(match second {
+        None => burn::backend::Dispatch::sdw_matmul_add(lhs, rhs, addend, kernel),
+        Some(second) => burn::backend::Dispatch::sdw_matmul_add2(lhs, rhs, addend, second.into_dispatch(), kernel),
+    })
 }
 
 /// [`matmul_add`] by `kernel`, to test it, as [`matmul_with`] does the product.
-pub fn matmul_add_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, addend: Tensor<D>, kernel: Kernel) -> Tensor<D> {
-    if tracked(&lhs, &rhs) || addend.device().is_autodiff() || shader_may_run(&lhs, &rhs, false) {
-        product_add(lhs, rhs, addend, kernel)
+pub fn matmul_add_with<const D: usize>(
+    lhs: Tensor<D>,
+    rhs: Tensor<D>,
+    addend: Tensor<D>,
+    second: Option<Tensor<D>>,
+    kernel: Kernel,
+) -> Tensor<D> {
+    let autodiff = addend.device().is_autodiff() || second.as_ref().is_some_and(|t| t.device().is_autodiff());
+    if tracked(&lhs, &rhs) || autodiff || shader_may_run(&lhs, &rhs, false) {
+        product_add(lhs, rhs, addend, second, kernel)
     } else {
-        lhs.matmul(rhs) + addend
+        sums(lhs.matmul(rhs), addend, second)
+    }
+}
+
+/// `scale · lhs · rhs` by `kernel`, to test it, as [`matmul_with`] does the product (attention
+/// takes it at the backend's level, `MatmulOps::sdw_matmul_scaled`).
+pub fn matmul_scaled_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, scale: f32, kernel: Kernel) -> Tensor<D> {
+    if tracked(&lhs, &rhs) || shader_may_run(&lhs, &rhs, false) {
+        let (lhs, rhs) = (lhs.into_dispatch(), rhs.into_dispatch());
+        Tensor::from_dispatch(burn::backend::Dispatch::sdw_matmul_scaled(lhs, rhs, scale, kernel))
+    } else {
+        lhs.mul_scalar(scale).matmul(rhs)
     }
 }
 
@@ -211,10 +295,14 @@ pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
 /// `lhs · rhs` at the backend's level (inside an op of ours): the tuned choice where the
 /// product is worth tuning, else burn's matmul.
 pub fn tuned_or_burns<B: Backend + MatmulOps>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
-    let (l, r) = (lhs.shape(), rhs.shape());
-    let rank = l.num_dims();
-    let kernel = if worth_tuning(l[rank - 2], l[rank - 1], r[rank - 1]) { Kernel::Tuned } else { Kernel::Burn };
+    let kernel = tuned_or_burn(&lhs.shape(), &rhs.shape());
     B::sdw_matmul(lhs, rhs, kernel)
+}
+
+/// The kernel [`tuned_or_burns`] takes for a product of operands of these shapes.
+pub fn tuned_or_burn(lhs: &Shape, rhs: &Shape) -> Kernel {
+    let rank = lhs.num_dims();
+    if worth_tuning(lhs[rank - 2], lhs[rank - 1], rhs[rank - 1]) { Kernel::Tuned } else { Kernel::Burn }
 }
 
 /// Whether the product is worth a tuning run: enough work, and rows and columns for at least
@@ -292,21 +380,51 @@ impl MatmulOps for Flex {}
 
 impl MatmulOps for CubeBackend {
     fn sdw_matmul(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> CubeTensor {
-        dispatch((lhs, rhs, None), kernel)
+        dispatch((lhs, rhs, vec![], 1.0), kernel)
+    }
+
+    fn sdw_matmul_scaled(lhs: CubeTensor, rhs: CubeTensor, scale: f32, kernel: Kernel) -> CubeTensor {
+        dispatch((lhs, rhs, vec![], scale), kernel)
     }
 
     fn sdw_matmul_add(lhs: CubeTensor, rhs: CubeTensor, addend: CubeTensor, kernel: Kernel) -> CubeTensor {
-        dispatch((lhs, rhs, Some(addend)), kernel)
+        dispatch((lhs, rhs, vec![addend], 1.0), kernel)
+    }
+
+    fn sdw_matmul_add2(
+        lhs: CubeTensor,
+        rhs: CubeTensor,
+        addend: CubeTensor,
+        second: CubeTensor,
+        kernel: Kernel,
+    ) -> CubeTensor {
+        dispatch((lhs, rhs, vec![addend, second], 1.0), kernel)
     }
 }
 
-/// A product's operands and its addend, if any.
-type Inputs = (CubeTensor, CubeTensor, Option<CubeTensor>);
+/// A product's operands, its addends (none, one or two) and the product's scale.
+type Inputs = (CubeTensor, CubeTensor, Vec<CubeTensor>, f32);
 
-/// The product (plus the addend) by `kernel`, or by the tuner's choice.
+/// `SDW_MATMUL=burn` or `tiled`: every product that would be tuned is burn's matmul, or
+/// `matmul.wgsl` with tiles of 128 (burn's where the shader cannot run it), with no tuning
+/// run: to tell a shader's bug from another's, and to see what a device that prefers one
+/// kernel runs (the kernels of a step on lavapipe, where burn's matmul wins the tuning).
+static FORCED: LazyLock<Option<Kernel>> = LazyLock::new(|| match std::env::var("SDW_MATMUL").as_deref() {
+    Ok("burn") => Some(Kernel::Burn),
+    Ok("tiled") => Some(Kernel::Tiled(TILES[0])),
+    _ => None,
+});
+
+/// The product (plus the addends) by `kernel`, or by the tuner's choice.
 fn dispatch(inputs: Inputs, kernel: Kernel) -> CubeTensor {
-    if !super::compiles_wgsl(&inputs.0) || kernel == Kernel::Burn {
+    if !super::compiles_wgsl(&inputs.0)
+        || kernel == Kernel::Burn
+        || kernel == Kernel::Tuned && *FORCED == Some(Kernel::Burn)
+    {
         return burns(inputs);
+    }
+    if let (Kernel::Tuned, Some(forced)) = (kernel, *FORCED) {
+        return ours(inputs.clone(), forced).unwrap_or_else(|_| burns(inputs));
     }
     let kernel = if kernel == Kernel::Untuned { Kernel::Tiled(TILES[1]) } else { kernel };
     if kernel != Kernel::Tuned {
@@ -346,13 +464,11 @@ fn dispatch(inputs: Inputs, kernel: Kernel) -> CubeTensor {
     TUNER.execute(&id, &client, set, inputs)
 }
 
-/// burn's matmul, then burn's sum with the addend.
-fn burns((lhs, rhs, addend): Inputs) -> CubeTensor {
+/// burn's matmul, then burn's sum with each addend.
+fn burns((lhs, rhs, addends, scale): Inputs) -> CubeTensor {
+    let lhs = if scale == 1.0 { lhs } else { CubeBackend::float_mul_scalar(lhs, scale.into()) };
     let product = float_matmul::<CubeBackend>(lhs, rhs);
-    match addend {
-        Some(addend) => CubeBackend::float_add(product, addend),
-        None => product,
-    }
+    addends.into_iter().fold(product, CubeBackend::float_add)
 }
 
 fn float_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
@@ -364,9 +480,9 @@ fn float_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTe
 /// hashes, so that a user's edited shader (`--shader-dir`) is measured anew, and the
 /// cooperative matrices the tensor-core shader would use (none where it is left out, e.g. with
 /// `SDW_COOPERATIVE=off`: a choice of it must not be replayed then), whether their
-/// fragments tile the product (where its direct loads apply), and whether it has an addend
-/// (burn's candidate then takes a kernel more).
-fn key((lhs, rhs, addend): &Inputs) -> String {
+/// fragments tile the product (where its direct loads apply), how many addends it has
+/// (burn's candidate takes a kernel more for each) and whether it is scaled (a kernel more).
+fn key((lhs, rhs, addends, scale): &Inputs) -> String {
     let (l, r) = (lhs.meta.shape(), rhs.meta.shape());
     let rank = l.num_dims();
     let bucket = |n: usize| n.next_power_of_two();
@@ -383,7 +499,7 @@ fn key((lhs, rhs, addend): &Inputs) -> String {
     };
     let proven = COOPERATIVE.get().and_then(|r| r.as_ref().ok());
     format!(
-        "{:?} batch {} m {} k {} n {} lhs {} rhs {} shaders {:016x} {:016x} cooperative {}{}{}",
+        "{:?} batch {} m {} k {} n {} lhs {} rhs {} shaders {:016x} {:016x} cooperative {}{}{}{}",
         lhs.dtype,
         bucket(batch),
         bucket(l[rank - 2]),
@@ -398,7 +514,12 @@ fn key((lhs, rhs, addend): &Inputs) -> String {
             Some(c) if fragments_tile([l[rank - 2], l[rank - 1], r[rank - 1]], *c) => " tiled",
             _ => "",
         },
-        if addend.is_some() { " addend" } else { "" }
+        match addends.len() {
+            0 => String::new(),
+            1 => " addend".into(),
+            n => format!(" addends {n}"),
+        },
+        if *scale == 1.0 { "" } else { " scaled" }
     )
 }
 
@@ -419,7 +540,7 @@ struct Operand {
 }
 
 /// Runs one of the shaders, or says why it cannot (the tuner then skips it).
-fn ours((lhs, rhs, addend): Inputs, kernel: Kernel) -> Result<CubeTensor, String> {
+fn ours((lhs, rhs, addends, scale): Inputs, kernel: Kernel) -> Result<CubeTensor, String> {
     let out_shape = output_shape(lhs.meta.shape(), rhs.meta.shape());
     let rank = out_shape.num_dims();
     let batch: usize = out_shape.iter().take(rank - 2).product();
@@ -429,14 +550,15 @@ fn ours((lhs, rhs, addend): Inputs, kernel: Kernel) -> Result<CubeTensor, String
         return Err("empty product".into());
     }
     let (a, b) = (operand(lhs, &out_shape)?, operand(rhs, &out_shape)?);
-    let d = addend.map(|d| addend_operand(d, &out_shape, a.tensor.dtype)).transpose()?;
+    let addends: Vec<Operand> =
+        addends.into_iter().map(|d| addend_operand(d, &out_shape, a.tensor.dtype)).collect::<Result<_, _>>()?;
     let inner = if rank > 2 { out_shape[rank - 3] } else { 1 };
     let fits = |o: &Operand, rows: usize, cols: usize| {
         let [os, is, rs, cs] = o.strides;
         (batch / inner - 1) * os + (inner - 1) * is + (rows - 1) * rs + (cols - 1) * cs < u32::MAX as usize
     };
-    let d_fits = d.as_ref().is_none_or(|d| fits(d, m, n));
-    if batch * m * n >= u32::MAX as usize || !fits(&a, m, k) || !fits(&b, k, n) || !d_fits {
+    let addends_fit = addends.iter().all(|d| fits(d, m, n));
+    if batch * m * n >= u32::MAX as usize || !fits(&a, m, k) || !fits(&b, k, n) || !addends_fit {
         return Err("indices beyond u32".into());
     }
     let (tile, task) = kernel_task(kernel, &a, &b, [m, k, n])?;
@@ -454,16 +576,21 @@ fn ours((lhs, rhs, addend): Inputs, kernel: Kernel) -> Result<CubeTensor, String
     );
     let [aos, ais, ars, acs] = a.strides;
     let [bos, bis, brs, bcs] = b.strides;
-    let [dos, dis, drs, dcs] = d.as_ref().map_or([0; 4], |d| d.strides);
-    let given = d.is_some() as usize;
-    let info = [m, n, k, aos, ars, acs, bos, brs, bcs, inner, ais, bis, given, dos, dis, drs, dcs].map(|v| v as u32);
-    // Without an addend the output is bound in its place; the shader does not read it.
-    let d_handle = d.as_ref().map_or(&out.handle, |d| &d.tensor.handle).clone();
-    let buffers = [&a.tensor.handle, &b.tensor.handle, &out.handle].map(|h| h.clone().binding());
+    let mut info = vec![m, n, k, aos, ars, acs, bos, brs, bcs, inner, ais, bis];
+    let mut buffers: Vec<_> = [&a.tensor.handle, &b.tensor.handle, &out.handle].map(|h| h.clone().binding()).into();
+    // Each addend slot: whether it is given, then its strides. An empty slot binds the output,
+    // which the shader does not read then.
+    for slot in 0..2 {
+        let d = addends.get(slot);
+        info.extend([d.is_some() as usize].into_iter().chain(d.map_or([0; 4], |d| d.strides)));
+        buffers.push(d.map_or(&out.handle, |d| &d.tensor.handle).clone().binding());
+    }
+    let mut info = info.into_iter().map(|v| v as u32).collect::<Vec<_>>();
+    info.push(scale.to_bits());
     client.launch(
         task,
         CubeCount::Static(n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, batch as u32),
-        super::arguments([buffers.to_vec(), vec![d_handle.binding()]].concat(), &info),
+        super::arguments(buffers, &info),
     );
     Ok(out)
 }

@@ -8,7 +8,7 @@
 //! in another dtype as it is, widens it where it multiplies and again in the backward pass,
 //! and keeps only the f16 original, which the model holds anyway.
 //!
-//! For `C = A · B (+ D)`:  dA = dC · Bᵀ,  dB = Aᵀ · dC,  dD = dC, each summed over the dims
+//! For `C = A · B (+ D (+ E))`:  dA = dC · Bᵀ,  dB = Aᵀ · dC,  dD = dE = dC, each summed over the dims
 //! its operand was broadcast along.
 
 use burn::backend::autodiff::NodeId;
@@ -16,6 +16,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::{Autodiff, Backend, TensorMetadata, tensor::FloatTensor};
 use burn::tensor::Shape;
 
@@ -45,41 +46,80 @@ impl<B: Backend + MatmulOps, C: CheckpointStrategy> MatmulOps for Autodiff<B, C>
         }
     }
 
+    fn sdw_matmul_scaled(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        scale: f32,
+        kernel: Kernel,
+    ) -> FloatTensor<Self> {
+        // Two ops here, each with its backward pass: nothing trains through a scaled product yet.
+        Self::sdw_matmul(Self::float_mul_scalar(lhs, scale.into()), rhs, kernel)
+    }
+
     fn sdw_matmul_add(
         lhs: FloatTensor<Self>,
         rhs: FloatTensor<Self>,
         addend: FloatTensor<Self>,
         kernel: Kernel,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct ProductSum;
+        product_sum::<B, C, 3>(lhs, rhs, vec![addend], kernel)
+    }
 
-        impl<B: Backend + MatmulOps> Backward<B, 3> for ProductSum {
-            /// The product's operands, and the addend's shape.
-            type State = (Operands<B>, Shape);
+    fn sdw_matmul_add2(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        addend: FloatTensor<Self>,
+        second: FloatTensor<Self>,
+        kernel: Kernel,
+    ) -> FloatTensor<Self> {
+        product_sum::<B, C, 4>(lhs, rhs, vec![addend, second], kernel)
+    }
+}
 
-            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-                let dout = grads.consume::<B>(&ops.node);
-                let [lhs, rhs, addend] = ops.parents.map(|p| p.map(|n| n.id));
-                let (operands, addend_shape) = ops.state;
-                if let Some(id) = addend {
-                    grads.register::<B>(id, unbroadcast::<B>(dout.clone(), &addend_shape, addend_shape.num_dims()));
+/// `lhs · rhs` plus one or two `addends` under autodiff, with `P` parents: the operands, then
+/// the addends.
+fn product_sum<B: Backend + MatmulOps, C: CheckpointStrategy, const P: usize>(
+    lhs: FloatTensor<Autodiff<B, C>>,
+    rhs: FloatTensor<Autodiff<B, C>>,
+    addends: Vec<FloatTensor<Autodiff<B, C>>>,
+    kernel: Kernel,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct ProductSum;
+
+    impl<B: Backend + MatmulOps, const P: usize> Backward<B, P> for ProductSum {
+        /// The product's operands, and the addends' shapes.
+        type State = (Operands<B>, Vec<Shape>);
+
+        fn backward(self, ops: Ops<Self::State, P>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let dout = grads.consume::<B>(&ops.node);
+            let ids = ops.parents.map(|p| p.map(|n| n.id));
+            let (operands, shapes) = ops.state;
+            for (id, shape) in ids[2..].iter().zip(&shapes) {
+                if let Some(id) = *id {
+                    grads.register::<B>(id, unbroadcast::<B>(dout.clone(), shape, shape.num_dims()));
                 }
-                operands.register(dout, [lhs, rhs], grads);
             }
+            operands.register(dout, [ids[0], ids[1]], grads);
         }
+    }
 
-        let parents = [lhs.node(), rhs.node(), addend.node()];
-        let (state, [lhs, rhs]) = Operands::<B>::new::<C>(lhs, rhs, kernel);
-        let addend = addend.into_primitive();
-        let addend_shape = addend.shape();
-        // A frozen bias in f16 widens to the product, as a frozen weight does.
-        let dtype = lhs.dtype();
-        let out = B::sdw_matmul_add(lhs, rhs, widen::<B>(addend, dtype), kernel);
-        match ProductSum.prepare::<C>(parents).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((state, addend_shape), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+    let nodes: Vec<_> = [lhs.node(), rhs.node()].into_iter().chain(addends.iter().map(|a| a.node())).collect();
+    let parents: [_; P] = nodes.try_into().unwrap_or_else(|_| unreachable!("two operands and P - 2 addends"));
+    let (state, [lhs, rhs]) = Operands::<B>::new::<C>(lhs, rhs, kernel);
+    let addends: Vec<FloatTensor<B>> = addends.into_iter().map(|a| a.into_primitive()).collect();
+    let shapes = addends.iter().map(|a| a.shape()).collect();
+    // A frozen bias in f16 widens to the product, as a frozen weight does.
+    let dtype = lhs.dtype();
+    let mut addends = addends.into_iter().map(|a| widen::<B>(a, dtype));
+    let first = addends.next().expect("an addend");
+    let out = match addends.next() {
+        None => B::sdw_matmul_add(lhs, rhs, first, kernel),
+        Some(second) => B::sdw_matmul_add2(lhs, rhs, first, second, kernel),
+    };
+    match ProductSum.prepare::<C>(parents).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((state, shapes), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
 
@@ -137,7 +177,7 @@ fn product<B: Backend + MatmulOps>(lhs: FloatTensor<B>, rhs: FloatTensor<B>, for
 
 /// `grad` summed over the first `dims` dims along which an operand of `shape` was broadcast
 /// (a product's batch dims; any of an addend's).
-fn unbroadcast<B: Backend>(grad: FloatTensor<B>, shape: &Shape, dims: usize) -> FloatTensor<B> {
+pub(super) fn unbroadcast<B: Backend>(grad: FloatTensor<B>, shape: &Shape, dims: usize) -> FloatTensor<B> {
     let grad_shape = grad.shape();
     (0..dims).filter(|&d| shape[d] == 1 && grad_shape[d] != 1).fold(grad, |g, d| B::float_sum_dim(g, d))
 }

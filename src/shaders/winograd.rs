@@ -24,8 +24,9 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
-use burn::backend::{Autodiff, Backend, TensorMetadata, backend_extension, tensor::FloatTensor};
+use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Shape, Tensor};
 
 use super::matmul::tuned_or_burns;
@@ -98,6 +99,21 @@ pub trait WinogradOps: Backend {
         flipped: bool,
         portable: bool,
     ) -> FloatTensor<Self>;
+
+    /// [`Self::winograd_conv3x3`] plus `addend`, broadcast to the output (a residual, or a term
+    /// per channel `[B, O, 1, 1]`), which the output kernel adds as it writes. Under autodiff
+    /// the addend may carry gradients. (An op of its own: burn's fusion backend takes no
+    /// optional tensor.)
+    #[fusion(dtype = x, shape = output_shape(x, weight, plan, flipped))]
+    fn winograd_conv3x3_add(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        addend: FloatTensor<Self>,
+        plan: Plan,
+        flipped: bool,
+        portable: bool,
+    ) -> FloatTensor<Self>;
 }
 
 /// `[B, O, H_out, W_out]` (`O` the weight's second axis when `flipped`).
@@ -136,28 +152,40 @@ pub fn plan(
     [best, Tile::F2].into_iter().find(fits).filter(|_| takes).map(|tile| Plan { tile, padding, budget })
 }
 
-/// `conv(x, weight) + bias` for a 3x3 `weight` at stride 1 as `plan` (from [`plan`]) says.
-pub fn conv3x3(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, plan: Plan) -> Tensor<4> {
-    dispatch(x, weight, bias, plan, false)
+/// `conv(x, weight) + bias (+ addend)` for a 3x3 `weight` at stride 1 as `plan` (from
+/// [`plan`]) says; the addend broadcast to the output (a residual, or a term per channel
+/// `[B, O, 1, 1]`) is added as the output is written.
+pub fn conv3x3(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, addend: Option<Tensor<4>>, plan: Plan) -> Tensor<4> {
+    dispatch(x, weight, bias, addend, plan, false)
 }
 
 /// [`conv3x3`] by the `#[cube]` kernels also where the WGSL shaders would run: what a SPIR-V
 /// device runs, testable on any adapter.
-pub fn conv3x3_portable(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, plan: Plan) -> Tensor<4> {
-    dispatch(x, weight, bias, plan, true)
+pub fn conv3x3_portable(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    addend: Option<Tensor<4>>,
+    plan: Plan,
+) -> Tensor<4> {
+    dispatch(x, weight, bias, addend, plan, true)
 }
 
-fn dispatch(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, plan: Plan, portable: bool) -> Tensor<4> {
+fn dispatch(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    addend: Option<Tensor<4>>,
+    plan: Plan,
+    portable: bool,
+) -> Tensor<4> {
     // The weight widens to `x`'s dtype, which is the products'.
     crate::shaders::matmul::prove_cooperative(&x);
-    Tensor::from_dispatch(burn::backend::Dispatch::winograd_conv3x3(
-        x.into_dispatch(),
-        weight.into_dispatch(),
-        bias.into_dispatch(),
-        plan,
-        false,
-        portable,
-    ))
+    let (x, weight, bias) = (x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch());
+    Tensor::from_dispatch(match addend {
+        None => Dispatch::winograd_conv3x3(x, weight, bias, plan, false, portable),
+        Some(a) => Dispatch::winograd_conv3x3_add(x, weight, bias, a.into_dispatch(), plan, false, portable),
+    })
 }
 
 impl WinogradOps for CubeBackend {
@@ -165,39 +193,60 @@ impl WinogradOps for CubeBackend {
         x: CubeTensor,
         weight: CubeTensor,
         bias: CubeTensor,
-        plan @ Plan { tile, padding: [top, left, ..], budget }: Plan,
+        plan: Plan,
         flipped: bool,
         portable: bool,
     ) -> CubeTensor {
-        let x = into_contiguous(x);
-        let (weight, bias) = (widen::<CubeBackend>(weight, x.dtype), widen::<CubeBackend>(bias, x.dtype));
-        let bias = into_contiguous(bias);
-        let out_shape = output_shape(x.meta.shape(), weight.meta.shape(), &plan, &flipped);
-        let ([batch, channels_in, ..], [_, channels_out, height_out, width_out]) =
-            (dims(x.meta.shape()), dims(&out_shape));
-        let whole = [height_out, width_out];
-        let m = tile.out();
-        let grid_rows = height_out.div_ceil(m);
-        let per_row = tile.positions() * channels_in.max(channels_out) * batch * width_out.div_ceil(m) * x.dtype.size();
-        let band = (budget / per_row.max(1)).clamp(1, grid_rows);
-        let u = weights(weight, tile, flipped, portable);
-        let mut outs: Vec<CubeTensor> = (0..grid_rows)
-            .step_by(band)
-            .map(|first| {
-                let band = Band {
-                    tile,
-                    batch,
-                    top_left: [top, left],
-                    output: whole,
-                    first,
-                    rows: band.min(grid_rows - first),
-                };
-                let m = tuned_or_burns::<CubeBackend>(u.clone(), input(&x, band, portable));
-                output(m, &bias, band, portable)
-            })
-            .collect();
-        if outs.len() == 1 { outs.pop().unwrap() } else { cat::<CubeBackend>(outs, 2) }
+        convolve(x, weight, bias, None, plan, flipped, portable)
     }
+
+    fn winograd_conv3x3_add(
+        x: CubeTensor,
+        weight: CubeTensor,
+        bias: CubeTensor,
+        addend: CubeTensor,
+        plan: Plan,
+        flipped: bool,
+        portable: bool,
+    ) -> CubeTensor {
+        convolve(x, weight, bias, Some(addend), plan, flipped, portable)
+    }
+}
+
+/// The convolution band by band: the weights' transform once, then for each band the input's
+/// transform, the product and the output's transform (which adds the bias and the addend).
+fn convolve(
+    x: CubeTensor,
+    weight: CubeTensor,
+    bias: CubeTensor,
+    addend: Option<CubeTensor>,
+    plan @ Plan { tile, padding: [top, left, ..], budget }: Plan,
+    flipped: bool,
+    portable: bool,
+) -> CubeTensor {
+    let x = into_contiguous(x);
+    let (weight, bias) = (widen::<CubeBackend>(weight, x.dtype), widen::<CubeBackend>(bias, x.dtype));
+    let bias = into_contiguous(bias);
+    let out_shape = output_shape(x.meta.shape(), weight.meta.shape(), &plan, &flipped);
+    // Seen at the output's shape: broadcast dims with stride 0, no copy.
+    let addend = addend.map(|a| CubeBackend::float_expand(widen::<CubeBackend>(a, x.dtype), out_shape.clone()));
+    let ([batch, channels_in, ..], [_, channels_out, height_out, width_out]) = (dims(x.meta.shape()), dims(&out_shape));
+    let whole = [height_out, width_out];
+    let m = tile.out();
+    let grid_rows = height_out.div_ceil(m);
+    let per_row = tile.positions() * channels_in.max(channels_out) * batch * width_out.div_ceil(m) * x.dtype.size();
+    let band = (budget / per_row.max(1)).clamp(1, grid_rows);
+    let u = weights(weight, tile, flipped, portable);
+    let mut outs: Vec<CubeTensor> = (0..grid_rows)
+        .step_by(band)
+        .map(|first| {
+            let band =
+                Band { tile, batch, top_left: [top, left], output: whole, first, rows: band.min(grid_rows - first) };
+            let m = tuned_or_burns::<CubeBackend>(u.clone(), input(&x, band, portable));
+            output(m, &bias, addend.as_ref(), band, portable)
+        })
+        .collect();
+    if outs.len() == 1 { outs.pop().unwrap() } else { cat::<CubeBackend>(outs, 2) }
 }
 
 impl<B: WinogradOps, C: CheckpointStrategy> WinogradOps for Autodiff<B, C> {
@@ -209,37 +258,75 @@ impl<B: WinogradOps, C: CheckpointStrategy> WinogradOps for Autodiff<B, C> {
         flipped: bool,
         portable: bool,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct InputGrad;
+        tracked::<B, C, 1>(x, weight, bias, None, plan, flipped, portable)
+    }
 
-        impl<B: WinogradOps> Backward<B, 1> for InputGrad {
-            /// The weight as it was given, and the forward's plan, flip and kernels.
-            type State = (FloatTensor<B>, Plan, bool, bool);
+    fn winograd_conv3x3_add(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        addend: FloatTensor<Self>,
+        plan: Plan,
+        flipped: bool,
+        portable: bool,
+    ) -> FloatTensor<Self> {
+        tracked::<B, C, 2>(x, weight, bias, Some(addend), plan, flipped, portable)
+    }
+}
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-                let grad = grads.consume::<B>(&ops.node);
-                let (weight, plan, flipped, portable) = ops.state;
-                if let [Some(node)] = ops.parents {
-                    // The input's gradient is the output's convolved by the weight flipped and
-                    // transposed (as on the CPU: `cpu::conv_grad`), padded by what is left of the
-                    // kernel; flipping twice gives the weight back.
-                    let shape = weight.shape();
-                    let channels = if flipped { shape[0] } else { shape[1] };
-                    let zeros = B::float_zeros([channels].into(), &grad.device(), grad.dtype().into());
-                    let padding = crate::cpu::conv_grad::transposed_padding([3, 3], plan.padding);
-                    let dx = B::winograd_conv3x3(grad, weight, zeros, Plan { padding, ..plan }, !flipped, portable);
-                    grads.register::<B>(node.id, dx);
-                }
+/// The convolution under autodiff, with `P` parents: `x`, then the addend if any. The
+/// weight and bias are frozen; the addend's gradient is the output's, summed over the dims it
+/// was broadcast along.
+fn tracked<B: WinogradOps, C: CheckpointStrategy, const P: usize>(
+    x: FloatTensor<Autodiff<B, C>>,
+    weight: FloatTensor<Autodiff<B, C>>,
+    bias: FloatTensor<Autodiff<B, C>>,
+    addend: Option<FloatTensor<Autodiff<B, C>>>,
+    plan: Plan,
+    flipped: bool,
+    portable: bool,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct Grads;
+
+    impl<B: WinogradOps, const P: usize> Backward<B, P> for Grads {
+        /// The weight as it was given, the forward's plan, flip and kernels, and the addend's
+        /// shape.
+        type State = (FloatTensor<B>, Plan, bool, bool, Option<Shape>);
+
+        fn backward(self, ops: Ops<Self::State, P>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let grad = grads.consume::<B>(&ops.node);
+            let (weight, plan, flipped, portable, addend_shape) = ops.state;
+            if let (Some(shape), Some(Some(node))) = (addend_shape, ops.parents.get(1)) {
+                let dims = shape.num_dims();
+                grads.register::<B>(node.id, super::matmul_grad::unbroadcast::<B>(grad.clone(), &shape, dims));
+            }
+            if let Some(node) = &ops.parents[0] {
+                // The input's gradient is the output's convolved by the weight flipped and
+                // transposed (as on the CPU: `cpu::conv_grad`), padded by what is left of the
+                // kernel; flipping twice gives the weight back.
+                let shape = weight.shape();
+                let channels = if flipped { shape[0] } else { shape[1] };
+                let zeros = B::float_zeros([channels].into(), &grad.device(), grad.dtype().into());
+                let padding = crate::cpu::conv_grad::transposed_padding([3, 3], plan.padding);
+                let dx = B::winograd_conv3x3(grad, weight, zeros, Plan { padding, ..plan }, !flipped, portable);
+                grads.register::<B>(node.id, dx);
             }
         }
+    }
 
-        let parents = [x.node()];
-        let (x, weight, bias) = (x.into_primitive(), weight.into_primitive(), bias.into_primitive());
-        let out = B::winograd_conv3x3(x, weight.clone(), bias, plan, flipped, portable);
-        match InputGrad.prepare::<C>(parents).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((weight, plan, flipped, portable), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+    let nodes: Vec<_> = std::iter::once(x.node()).chain(addend.iter().map(|a| a.node())).collect();
+    let parents: [_; P] = nodes.try_into().unwrap_or_else(|_| unreachable!("x and P - 1 addends"));
+    let (x, weight, bias) = (x.into_primitive(), weight.into_primitive(), bias.into_primitive());
+    let addend = addend.map(|a| a.into_primitive());
+    let addend_shape = addend.as_ref().map(|a| a.shape());
+    let out = match addend {
+        None => B::winograd_conv3x3(x, weight.clone(), bias, plan, flipped, portable),
+        Some(a) => B::winograd_conv3x3_add(x, weight.clone(), bias, a, plan, flipped, portable),
+    };
+    match Grads.prepare::<C>(parents).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((weight, plan, flipped, portable, addend_shape), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
 
@@ -285,18 +372,28 @@ fn input(x: &CubeTensor, band: Band, portable: bool) -> CubeTensor {
     out
 }
 
-/// `[n², O, tiles]` plus the (contiguous) bias -> `[B, O, rows_out, W_out]`, the band's
-/// output rows.
-fn output(m: CubeTensor, bias: &CubeTensor, band: Band, portable: bool) -> CubeTensor {
+/// `[n², O, tiles]` plus the (contiguous) bias and the addend (seen at the whole output's
+/// shape) -> `[B, O, rows_out, W_out]`, the band's output rows.
+fn output(m: CubeTensor, bias: &CubeTensor, addend: Option<&CubeTensor>, band: Band, portable: bool) -> CubeTensor {
     let m = into_contiguous(m);
     let channels = m.meta.shape()[1];
     let out = super::empty_like(&m, Shape::from([band.batch, channels, band.rows_out(), band.output[1]]));
-    let info = [band.batch, channels, band.rows, band.columns(), band.rows_out(), band.output[1]].map(index);
+    let strides = addend.map_or([0; 4], |a| {
+        let s = a.meta.strides();
+        [s[0], s[1], s[2], s[3]]
+    });
+    let [rows_out, first_row] = [band.rows_out(), band.first * band.tile.out()];
+    let (given, [sb, so, sy, sx]) = (addend.is_some() as usize, strides);
+    let info =
+        [band.batch, channels, band.rows, band.columns(), rows_out, band.output[1], first_row, given, sb, so, sy, sx]
+            .map(index);
     let threads = channels * band.count();
+    // Without an addend the bias takes its place: bound, not read.
+    let addend = addend.unwrap_or(bias);
     if portable || !super::compiles_wgsl(&m) {
-        portable::output(&m, bias, &out, info, band.tile, threads);
+        portable::output(&m, bias, addend, &out, info, band.tile, threads);
     } else {
-        let buffers = [&m, bias, &out].map(|t| t.handle.clone().binding());
+        let buffers = [&m, bias, &out, addend].map(|t| t.handle.clone().binding());
         let (values, count) = (template_values(band.tile), workgroups(threads));
         super::launch_shader_with("winograd_output.wgsl", values, &m, count, buffers.into(), &info);
     }
@@ -345,22 +442,46 @@ mod portable {
         );
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn output(
         m: &CubeTensor,
         bias: &CubeTensor,
+        addend: &CubeTensor,
         y: &CubeTensor,
-        info: [u32; 6],
+        info: [u32; 12],
         tile: Tile,
         threads: usize,
     ) {
-        let [batch, channels, rows, tiles_w, rows_out, w_out] = info;
+        let [batch, channels, rows, tiles_w, rows_out, w_out, first, given, sb, so, sy, sx] = info;
         let (count, dim) = (workgroups(threads), CubeDim::new_1d(WORKGROUP));
         let (client, dtype) = (&m.client, dtype_to_storage_type(m.dtype));
         let (m, bias, y) = (m.clone().into_tensor_arg(), bias.clone().into_tensor_arg(), y.clone().into_tensor_arg());
+        let addend = addend.clone().into_tensor_arg();
         let out = tile.out() as u32;
-        winograd_output::launch(
-            client, count, dim, m, bias, y, batch, channels, rows, tiles_w, rows_out, w_out, out, dtype,
-        );
+        let band = BandLaunch::new(rows, tiles_w, rows_out, w_out, first);
+        let strides = StridesLaunch::new(given, sb, so, sy, sx);
+        winograd_output::launch(client, count, dim, m, bias, addend, y, batch, channels, band, strides, out, dtype);
+    }
+
+    /// The band an output kernel writes: its rows of tiles, tiles per row, output rows and
+    /// columns, and its first output row in the whole output.
+    #[derive(CubeLaunch, CubeType)]
+    struct Band {
+        rows: u32,
+        tiles_w: u32,
+        rows_out: u32,
+        w_out: u32,
+        first: u32,
+    }
+
+    /// The addend's strides over the whole output, and whether it is given (1) or not (0).
+    #[derive(CubeLaunch, CubeType)]
+    struct Strides {
+        given: u32,
+        batch: u32,
+        channel: u32,
+        row: u32,
+        column: u32,
     }
 
     /// A row or column of a block held in a local array: its elements `first + i * step`.
@@ -576,16 +697,16 @@ mod portable {
     fn winograd_output<F: Float>(
         m: &Tensor<F>,
         bias: &Tensor<F>,
+        addend: &Tensor<F>,
         y: &mut Tensor<F>,
         batch: u32,
         channels: u32,
-        rows: u32,
-        tiles_w: u32,
-        rows_out: u32,
-        w_out: u32,
+        band: Band,
+        strides: Strides,
         #[comptime] out: u32,
         #[define(F)] _dtype: ElemType,
     ) {
+        let (rows, tiles_w, rows_out, w_out) = (band.rows, band.tiles_w, band.rows_out, band.w_out);
         let n = comptime![out as usize + 2];
         let side = comptime![out as usize];
         let thread = crate::shaders::dispatch::thread();
@@ -612,6 +733,7 @@ mod portable {
         let mut pixels = Array::<f32>::new(side);
         let offset = f32::cast_from(bias[o as usize]);
         let plane = (b * channels + o) * rows_out;
+        let addend_plane = b * strides.batch + o * strides.channel;
         #[unroll]
         for a in 0..side {
             at(&am, comptime![Line::new(n * a, 1)], &mut pixels, comptime![Line::new(0, 1)], out);
@@ -620,7 +742,12 @@ mod portable {
             for e in 0..side {
                 let column = out * q + e as u32;
                 if row < rows_out && column < w_out {
-                    store(y, (plane + row) * w_out + column, pixels[e] + offset);
+                    let mut extra = 0.0f32;
+                    if strides.given == 1 {
+                        let at = addend_plane + (band.first + row) * strides.row + column * strides.column;
+                        extra = f32::cast_from(addend[at as usize]);
+                    }
+                    store(y, (plane + row) * w_out + column, pixels[e] + offset + extra);
                 }
             }
         }

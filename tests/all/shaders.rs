@@ -422,17 +422,27 @@ fn winograd_kernels_match_burns_convolution() {
             .init(d);
         conv.weight = Param::from_tensor(weight.clone());
         conv.bias = Some(Param::from_tensor(bias.clone()));
-        let want = to_host(conv.forward(x.clone()));
+        let plain = conv.forward(x.clone());
+        let want = to_host(plain.clone());
+        let [b, o, h, w] = plain.dims();
+        // Addends the output kernel adds as it writes: a residual, and a term per channel.
+        let residual = to_device(scaled_noise(b * o * h * w, 8, 1.0), [b, o, h, w], d);
+        let per_channel = to_device(scaled_noise(b * o, 9, 1.0), [b, o, 1, 1], d);
         for (kernel, tile, run) in winograd_kernels() {
             let what = format!("winograd {tile} {kernel} {shape:?} -> {cout} {padding:?} budget {budget}");
             let plan = winograd::Plan { tile, padding, budget };
-            let got = to_host(run(x.clone(), weight.clone(), bias.clone(), plan));
+            let got = to_host(run(x.clone(), weight.clone(), bias.clone(), None, plan));
             assert_within_scale(&what, &got, &want, 1e-5);
+            for (name, addend) in [("residual", &residual), ("per channel", &per_channel)] {
+                let got = to_host(run(x.clone(), weight.clone(), bias.clone(), Some(addend.clone()), plan));
+                let want = to_host(plain.clone() + addend.clone());
+                assert_within_scale(&format!("{what} + {name}"), &got, &want, 1e-5);
+            }
             // f16 convolutions take F(2x2, 3x3) only (`winograd::plan`).
             if tile == winograd::Tile::F2 {
                 let (x, weight, bias) =
                     (x.clone().cast(DType::F16), weight.clone().cast(DType::F16), bias.clone().cast(DType::F16));
-                let got = to_host(run(x, weight, bias, plan).cast(DType::F32));
+                let got = to_host(run(x, weight, bias, None, plan).cast(DType::F32));
                 assert_close(&format!("{what} f16"), &got, &want, 1e-2);
             }
         }
@@ -442,8 +452,9 @@ fn winograd_kernels_match_burns_convolution() {
 /// In training (frozen weights, `x` tracked) Winograd's op gives the output and the input's
 /// gradient burn's autodiff convolution gives on the same device: "same" and uneven padding,
 /// a budget that splits the tiles into bands (the backward's too), frozen f16 weights under f32
-/// activations (`sdw train --precision f16`), by both tiles, by the shaders and by their cube twins. Within
-/// 1e-5 of each result's scale, as the forward test.
+/// activations (`sdw train --precision f16`), a ResNet's residual (the input added to the
+/// output: its gradient flows both ways), by both tiles, by the shaders and by their cube
+/// twins. Within 1e-5 of each result's scale, as the forward test.
 #[test]
 fn winograd_gradients_match_burns() {
     use burn::tensor::module::conv2d;
@@ -451,14 +462,16 @@ fn winograd_gradients_match_burns() {
     use sdw::shaders::winograd;
     let Some(gpu) = wgpu() else { return };
     let tracked = gpu.device.clone().autodiff();
-    // (x's shape, output channels, padding, budget, the weight's dtype)
+    // (x's shape, output channels, padding, budget, the weight's dtype, x added to the output)
     let cases = [
-        ([2, 5, 9, 7], 6, [1, 1, 1, 1], 1 << 30, DType::F32),
-        ([1, 3, 6, 8], 4, [0, 2, 1, 0], 1 << 30, DType::F32),
-        ([2, 40, 17, 16], 36, [1, 1, 1, 1], 96 << 10, DType::F32),
-        ([2, 5, 9, 7], 6, [1, 1, 1, 1], 1 << 30, DType::F16),
+        ([2, 5, 9, 7], 6, [1, 1, 1, 1], 1 << 30, DType::F32, false),
+        ([1, 3, 6, 8], 4, [0, 2, 1, 0], 1 << 30, DType::F32, false),
+        ([2, 40, 17, 16], 36, [1, 1, 1, 1], 96 << 10, DType::F32, false),
+        ([2, 5, 9, 7], 6, [1, 1, 1, 1], 1 << 30, DType::F16, false),
+        ([2, 6, 9, 7], 6, [1, 1, 1, 1], 1 << 30, DType::F32, true),
+        ([2, 36, 17, 16], 36, [1, 1, 1, 1], 96 << 10, DType::F32, true),
     ];
-    for (shape, cout, padding, budget, dtype) in cases {
+    for (shape, cout, padding, budget, dtype, residual) in cases {
         let cin = shape[1];
         let [top, left, bottom, right] = padding;
         // burn's convolution gets the f32 values an f16 weight holds.
@@ -468,19 +481,49 @@ fn winograd_gradients_match_burns() {
         let bias = to_device(scaled_noise(cout, 7, 1.0), [cout], &tracked);
         let x = to_device(scaled_noise(shape.iter().product(), 5, 1.0), shape, &tracked);
         let burns = |x: Tensor<4>| {
-            let padded = x.pad([(top, bottom), (left, right)], 0.0);
-            conv2d(padded, weight.clone(), Some(bias.clone()), ConvOptions::new([1, 1], [0, 0], [1, 1], 1))
+            let padded = x.clone().pad([(top, bottom), (left, right)], 0.0);
+            let out = conv2d(padded, weight.clone(), Some(bias.clone()), ConvOptions::new([1, 1], [0, 0], [1, 1], 1));
+            if residual { out + x } else { out }
         };
         for (kernel, tile, conv) in winograd_kernels() {
             let plan = winograd::Plan { tile, padding, budget };
-            let ours = |x| conv(x, weight.clone().cast(dtype), bias.clone(), plan);
-            let what = format!("winograd {tile} {kernel} {shape:?} -> {cout} {padding:?} budget {budget} {dtype:?}");
+            let ours =
+                |x: Tensor<4>| conv(x.clone(), weight.clone().cast(dtype), bias.clone(), residual.then_some(x), plan);
+            let what = format!(
+                "winograd {tile} {kernel} {shape:?} -> {cout} {padding:?} budget {budget} {dtype:?} residual {residual}"
+            );
             assert_gradients_match(&what, x.clone(), &ours, &burns);
         }
     }
 }
 
-type WinogradFn = fn(Tensor<4>, Tensor<4>, Tensor<1>, sdw::shaders::winograd::Plan) -> Tensor<4>;
+/// SD 1.x transformers' 1x1 projections on a GPU (`model::conv::pointwise_to_tokens` and
+/// `pointwise_from_tokens`: one product that reads the image as tokens, or the tokens as an
+/// image, in place, the latter adding the residual as it writes) against burn's convolution and
+/// sum on the same device, within 1e-5 of the result's scale.
+#[test]
+fn pointwise_projections_match_burns_convolution() {
+    use burn::nn::conv::Conv2dConfig;
+    use sdw::model::conv::{pointwise_from_tokens, pointwise_to_tokens};
+    let Some(gpu) = wgpu() else { return };
+    let d = &gpu.device;
+    let [b, cin, cout, h, w] = [2, 40, 36, 9, 7];
+    let mut c = Conv2dConfig::new([cin, cout], [1, 1]).init(d);
+    c.weight = Param::from_tensor(to_device(scaled_noise(cout * cin, 6, 0.2), [cout, cin, 1, 1], d));
+    c.bias = Some(Param::from_tensor(to_device(scaled_noise(cout, 7, 1.0), [cout], d)));
+    let x = to_device(scaled_noise(b * cin * h * w, 5, 1.0), [b, cin, h, w], d);
+    let want = c.forward(x.clone()).reshape([b, cout, h * w]).swap_dims(1, 2);
+    let got = pointwise_to_tokens(&c, x.clone());
+    assert_within_scale("1x1 convolution as tokens", &to_host(got), &to_host(want), 1e-5);
+    let tokens = x.clone().reshape([b, cin, h * w]).swap_dims(1, 2).into_data();
+    let tokens = Tensor::<3>::from_data(tokens, d);
+    let residual = to_device(scaled_noise(b * cout * h * w, 8, 1.0), [b, cout, h, w], d);
+    let want = c.forward(x) + residual.clone();
+    let got = pointwise_from_tokens(&c, tokens, [h, w], residual);
+    assert_within_scale("tokens through a 1x1 convolution + residual", &to_host(got), &to_host(want), 1e-5);
+}
+
+type WinogradFn = fn(Tensor<4>, Tensor<4>, Tensor<1>, Option<Tensor<4>>, sdw::shaders::winograd::Plan) -> Tensor<4>;
 
 /// Winograd's convolution by each tile size, by the WGSL shaders and by their cube twins.
 fn winograd_kernels() -> Vec<(&'static str, sdw::shaders::winograd::Tile, WinogradFn)> {
@@ -693,7 +736,8 @@ fn check_product(kernel: Kernel, dtype: DType, d: &burn::tensor::Device) {
 /// tile and dtype, the small products' route, the tuned choice, burn's on the CPU): a linear
 /// layer's bias (broadcast over the rows), a convolution's (over the columns, the weight
 /// broadcast over the batch), a LoRA's base output (a full addend), one broadcast over the
-/// batch, and one read through transposed strides.
+/// batch, and one read through transposed strides; and each of them with a second, full
+/// addend (a residual). And the product scaled as it is written (attention's scores).
 #[test]
 fn matmul_add_matches_the_product_and_sum() {
     let mut kernels: Vec<(Option<Kernel>, DType)> = vec![(None, DType::F32)];
@@ -724,9 +768,9 @@ fn check_product_add(kernel: Option<Kernel>, dtype: DType, d: &burn::tensor::Dev
     };
     let bound = if f16 { 1e-3 } else { 1e-5 };
     let on = |v: &[f32], shape: [usize; 3]| to_device(v.to_vec(), shape, d).cast(dtype);
-    let run = |a: Tensor<3>, b: Tensor<3>, addend: Tensor<3>| match kernel {
-        Some(kernel) => matmul::matmul_add_with(a, b, addend, kernel),
-        None => matmul::matmul_add(a, b, addend),
+    let run = |a: Tensor<3>, b: Tensor<3>, addend: Tensor<3>, second: Option<Tensor<3>>| match kernel {
+        Some(kernel) => matmul::matmul_add_with(a, b, addend, second, kernel),
+        None => matmul::matmul_add(a, b, addend, second),
     };
     // [batch, m, k, n], lhs broadcast over the batch, the addend's shape.
     let cases: [([usize; 4], bool, [usize; 3]); 5] = [
@@ -750,21 +794,43 @@ fn check_product_add(kernel: Option<Kernel>, dtype: DType, d: &burn::tensor::Dev
         }
         let want = HostTensor::new(vec![batch, m, n], want);
         let what = format!("{kernel:?} {dtype:?} [{lb},{m},{k}] x [{batch},{k},{n}] + {addend_shape:?}");
-        let got = run(on(&a, [lb, m, k]), on(&b, [batch, k, n]), on(&addend, addend_shape));
+        let got = run(on(&a, [lb, m, k]), on(&b, [batch, k, n]), on(&addend, addend_shape), None);
         assert_close(&what, &to_host(got), &want, bound);
         if addend_shape == [batch, m, n] {
             // The addend read through strides: stored [B, N, M], seen as [B, M, N].
             let transposed = stored_swapped(on(&addend, addend_shape), (1, 2));
-            let got = run(on(&a, [lb, m, k]), on(&b, [batch, k, n]), transposed);
+            let got = run(on(&a, [lb, m, k]), on(&b, [batch, k, n]), transposed, None);
             assert_close(&format!("{what} (transposed)"), &to_host(got), &want, bound);
         }
+        // A second addend, the output's shape: a residual after a bias.
+        let second = values(batch * m * n, 4);
+        let want2 = HostTensor::new(vec![batch, m, n], want.data.iter().zip(&second).map(|(w, e)| w + e).collect());
+        let got =
+            run(on(&a, [lb, m, k]), on(&b, [batch, k, n]), on(&addend, addend_shape), Some(on(&second, [batch, m, n])));
+        assert_close(&format!("{what} + [{batch},{m},{n}]"), &to_host(got), &want2, bound);
+        // Scaled by a power of two, so that the f16 product is the host's scaled exactly.
+        let scaled = HostTensor::new(
+            vec![batch, m, n],
+            host_product(&a_full, &b, [batch, m, k, n], true).iter().map(|v| v * 0.125).collect(),
+        );
+        let got = match kernel {
+            Some(kernel) => matmul::matmul_scaled_with(on(&a, [lb, m, k]), on(&b, [batch, k, n]), 0.125, kernel),
+            None => on(&a, [lb, m, k]).mul_scalar(0.125).matmul(on(&b, [batch, k, n])),
+        };
+        assert_close(
+            &format!("{kernel:?} {dtype:?} 0.125 · [{lb},{m},{k}] x [{batch},{k},{n}]"),
+            &to_host(got),
+            &scaled,
+            bound,
+        );
     }
 }
 
-/// `matmul_add`'s gradients under autodiff, on each device: `loss = sum((A·B + D) ⊙ G)`, so
-/// dA = G·Bᵀ, dB = Aᵀ·G, dD = G summed over the dims D is broadcast along: a trainable
-/// full addend (a LoRA's base output), a trainable bias, and a frozen f16 bias with f32
-/// activations (widened by the product, as a frozen weight is).
+/// `matmul_add`'s gradients under autodiff, on each device: `loss = sum((A·B + D (+ E)) ⊙ G)`,
+/// so dA = G·Bᵀ, dB = Aᵀ·G, dD = G summed over the dims D is broadcast along (dE likewise): a
+/// trainable full addend (a LoRA's base output), a trainable bias, a frozen f16 bias with f32
+/// activations (widened by the product, as a frozen weight is), and a trainable bias with a
+/// trainable full second addend (a residual).
 #[test]
 fn matmul_add_gradients_match() {
     for c in devices() {
@@ -772,9 +838,15 @@ fn matmul_add_gradients_match() {
         let values = |n: usize, seed: u64| sdw::sampling::Philox::new(seed).randn(n);
         let (m, k, n) = (130, 24, 70);
         let (a, b, g) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
-        for (addend_shape, frozen) in [([m, n], None), ([1, n], None), ([1, n], Some(DType::F16))] {
+        let cases =
+            [([m, n], None, false), ([1, n], None, false), ([1, n], Some(DType::F16), false), ([1, n], None, true)];
+        for (addend_shape, frozen, residual) in cases {
             let addend = f16_exact(values(addend_shape.iter().product(), 4));
-            let what = format!("[{m},{k}] x [{k},{n}] + {addend_shape:?} frozen {frozen:?} [{}]", c.description);
+            let second = values(m * n, 5);
+            let what = format!(
+                "[{m},{k}] x [{k},{n}] + {addend_shape:?} frozen {frozen:?} residual {residual} [{}]",
+                c.description
+            );
             let tensor = |v: &[f32], shape: [usize; 2]| to_device(v.to_vec(), shape, d);
             let (lhs, rhs) =
                 (tensor(&a, [m, k]).autodiff().require_grad(), tensor(&b, [k, n]).autodiff().require_grad());
@@ -783,10 +855,11 @@ fn matmul_add_gradients_match() {
                 Some(dtype) => dt.cast(dtype).autodiff(),
                 None => dt.autodiff().require_grad(),
             };
-            let out = matmul::matmul_add(lhs.clone(), rhs.clone(), dt.clone());
+            let et = residual.then(|| tensor(&second, [m, n]).autodiff().require_grad());
+            let out = matmul::matmul_add(lhs.clone(), rhs.clone(), dt.clone(), et.clone());
             let mut want = host_product(&a, &b, [1, m, k, n], true);
             for (i, w) in want.iter_mut().enumerate() {
-                *w += addend[if addend_shape[0] == 1 { i % n } else { i }];
+                *w += addend[if addend_shape[0] == 1 { i % n } else { i }] + if residual { second[i] } else { 0.0 };
             }
             assert_close(
                 &format!("{what}: sum"),
@@ -823,6 +896,10 @@ fn matmul_add_gradients_match() {
                     let got = to_host(dt.grad(&grads).expect("D's gradient"));
                     assert_close(&format!("{what}: dD"), &got, &HostTensor::new(addend_shape.to_vec(), dd), 1e-5);
                 }
+            }
+            if let Some(et) = et {
+                let got = to_host(et.grad(&grads).expect("E's gradient"));
+                assert_close(&format!("{what}: dE"), &got, &HostTensor::new(vec![m, n], g.clone()), 1e-5);
             }
         }
     }
