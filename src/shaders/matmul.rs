@@ -150,7 +150,10 @@ pub fn matmul_add<const D: usize>(
 ) -> Tensor<D> {
     let addends = || std::iter::once(&addend).chain(second.as_ref());
     let tracked = tracked(&lhs, &rhs) || addends().any(|t| t.device().is_autodiff());
-    let shaders = shader_may_run(&lhs, &rhs, tracked) && addends().all(super::takes);
+    // Outside autodiff (which widens a frozen f16 bias) the shaders add addends of the
+    // product's dtype.
+    let shaders = shader_may_run(&lhs, &rhs, tracked)
+        && addends().all(|t| super::takes(t) && (tracked || t.dtype() == lhs.dtype()));
     let kernel = match (shaders, tracked) {
         (true, _) if tuned(&lhs, &rhs) => Kernel::Tuned,
         (true, _) => Kernel::Untuned,
