@@ -133,18 +133,30 @@ pub(super) fn slice<B: Backend>(t: &FloatTensor<B>, r: &std::ops::Range<usize>) 
     )
 }
 
-/// `true` where key `j` comes after query `i` (hidden), for query rows `rows`.
+/// `true` where key `j` comes after query `i` (hidden), for query rows `rows`. Each mask is
+/// uploaded once per device and shape and kept for the process (CLIP's are 77 x 77): an upload
+/// cannot be recorded, and a training step that trains the text encoder is (`train::recorded`).
 fn causal_mask(
     rows: std::ops::Range<usize>,
     keys: usize,
     [b, h]: [usize; 2],
     device: &burn::tensor::Device,
 ) -> Tensor<4, Bool> {
+    type Masks = Vec<((burn::tensor::Device, std::ops::Range<usize>, usize), Tensor<2, Bool>)>;
+    static MASKS: std::sync::Mutex<Masks> = std::sync::Mutex::new(Vec::new());
     let n = rows.len();
-    let data: Vec<bool> = rows.flat_map(|i| (0..keys).map(move |j| j > i)).collect();
-    Tensor::<2, Bool>::from_data(TensorData::new(data, [n, keys]), device)
-        .reshape([1, 1, n, keys])
-        .expand([b, h, n, keys])
+    let key = (device.clone(), rows, keys);
+    let mut masks = MASKS.lock().unwrap_or_else(|e| e.into_inner());
+    let mask = match masks.iter().find(|(k, _)| *k == key) {
+        Some((_, mask)) => mask.clone(),
+        None => {
+            let data: Vec<bool> = key.1.clone().flat_map(|i| (0..keys).map(move |j| j > i)).collect();
+            let mask = Tensor::<2, Bool>::from_data(TensorData::new(data, [n, keys]), device);
+            masks.push((key, mask.clone()));
+            mask
+        }
+    };
+    mask.reshape([1, 1, n, keys]).expand([b, h, n, keys])
 }
 
 /// The diffusers `Attention` block: q/k/v projections, attention, output projection.

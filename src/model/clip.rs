@@ -170,25 +170,18 @@ impl ClipTextModel {
     /// Hidden states for `ids` (`[B, S]`), after the final layer norm.
     /// `clip_skip` = 1 is the last layer, 2 the penultimate (A1111's "Clip skip: 2").
     pub fn forward(&self, ids: &[Vec<u32>], clip_skip: usize, device: &Device) -> Tensor<3> {
-        let embeds = self.embed_tokens(ids);
-        self.forward_embeds(embeds, ids.len(), ids[0].len(), clip_skip, device)
+        let embeds = to_device(self.embed_tokens(ids), [ids.len(), ids[0].len(), self.hidden_size()], device);
+        self.forward_embeds(embeds, clip_skip)
     }
 
-    /// Same as [`Self::forward`] from token embeddings (textual inversion splices its vectors in here).
-    pub fn forward_embeds(
-        &self,
-        embeds: Vec<f32>,
-        batch: usize,
-        seq: usize,
-        clip_skip: usize,
-        device: &Device,
-    ) -> Tensor<3> {
-        let hidden = self.hidden_size();
+    /// Same as [`Self::forward`] from token embeddings `[B, S, hidden]` (textual inversion
+    /// splices its vectors in here).
+    pub fn forward_embeds(&self, embeds: Tensor<3>, clip_skip: usize) -> Tensor<3> {
+        let [_, seq, hidden] = embeds.dims();
         // The layers compute in the model's own dtype (f16 or f32); what comes out is f32.
         let dtype = self.activations;
         let pos = self.position_embedding.val().narrow(0, 0, seq).reshape([1, seq, hidden]).cast(dtype);
-        let x = to_device(embeds, [batch, seq, hidden], device).cast(dtype);
-        let mut x = x + pos;
+        let mut x = embeds.cast(dtype) + pos;
         let run = self.layers.len() + 1 - clip_skip.clamp(1, self.layers.len());
         for layer in &self.layers[..run] {
             x = layer.forward(x);

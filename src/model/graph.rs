@@ -87,7 +87,7 @@ pub struct Graph {
 /// the device runs kernel by kernel as before.
 pub fn run_then_record<T, R>(
     device: &Device,
-    f: impl Fn() -> T,
+    mut f: impl FnMut() -> T,
     read: impl FnOnce(T) -> R,
 ) -> (R, Result<(Graph, T), String>) {
     let dispatch = device.as_dispatch();

@@ -168,6 +168,12 @@ impl StableDiffusion {
         )
     }
 
+    /// `prompt` as CLIP reads it, on the device, for [`conditioning::PromptTokens::encode`]
+    /// (what training encodes at every step when it trains the text encoder).
+    pub fn prompt_tokens(&self, prompt: &str) -> conditioning::PromptTokens {
+        conditioning::PromptTokens::new(&self.tokenizer, &self.clip, &self.embeddings, prompt, &self.compute.device)
+    }
+
     /// Makes the textual-inversion embeddings in `dir` (A1111's `embeddings` folder)
     /// available to prompts. Files that fail to load or do not fit this model are kept
     /// by name: a prompt that uses one is refused (see [`Self::embeddings_used`]).

@@ -6,6 +6,11 @@
 //! a factor's gradient, which comes back transposed (the forward pass multiplies by the
 //! transposed factor), needs no copy.
 //!
+//! On a GPU the kernel writes the parameter and its moments over their own buffers, and reads
+//! the step's settings (learning rate, bias corrections) from a tensor: a training step then
+//! reads and writes the same buffers every time, with nothing baked in that changes from one
+//! step to the next, so it can be recorded once and replayed (`train::recorded`).
+//!
 //! The arithmetic is burn's `AdamW` (torch's, with ε outside the square root), op for op, which
 //! the kernels are tested against; other dtypes and `SDW_SHADERS=off` take [`reference`], the
 //! same formula in burn's ops.
@@ -13,11 +18,12 @@
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous};
 use burn::backend::{Backend, Flex, backend_extension, tensor::FloatTensor};
 use burn::cubecl::CubeDim;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Device, Tensor};
 use burn_flex::FlexTensor;
 
 use super::{WORKGROUP, workgroups};
 use crate::cpu::{self, f32_tensor, f32s};
+use crate::model::layers::to_device;
 
 /// One step's settings, as the kernels take them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -49,6 +55,17 @@ impl Update {
         }
     }
 
+    /// The values as the kernels read them from the device, in this order.
+    fn values(&self) -> [f32; 7] {
+        [self.lr, self.beta_1, self.beta_2, self.epsilon, self.decay, self.correction_1, self.correction_2]
+    }
+
+    fn from_values(v: &[f32]) -> Self {
+        let [lr, beta_1, beta_2, epsilon, decay, correction_1, correction_2] =
+            v.try_into().expect("seven AdamW settings");
+        Self { lr, beta_1, beta_2, epsilon, decay, correction_1, correction_2 }
+    }
+
     /// One element: the parameter, the first and the second moment after the step. The CPU's
     /// kernel; the GPU's computes the same, line for line.
     fn element(&self, param: f32, grad: f32, m: f32, v: f32) -> (f32, f32, f32) {
@@ -59,31 +76,66 @@ impl Update {
     }
 }
 
+/// A step's [`Update`] on the host and on the device (`[7]` f32, as the kernels read it), shared
+/// by every factor's kernel of the step.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub update: Update,
+    pub values: Tensor<1>,
+}
+
+impl Settings {
+    pub fn new(update: Update, device: &Device) -> Self {
+        Self { update, values: to_device(update.values().to_vec(), [7], device) }
+    }
+
+    /// `update` written over the values' own buffer, which a recorded step reads
+    /// (`model::graph::overwrite`, on a GPU).
+    pub fn rewritten(self, update: Update) -> Self {
+        Self { update, values: crate::model::graph::overwrite(self.values, &update.values()) }
+    }
+}
+
 #[backend_extension(Cube, Fusion, Flex)]
 pub trait AdamWOps: Backend {
     /// The parameter (`[R, C]`) and its moments (`[2, R, C]`: the first, then the second) after
-    /// one step on `grad` (`[R, C]`, any strides).
-    #[fusion(meta = |param, _grad, moments, _update| (param.clone(), moments.clone()))]
+    /// one step on `grad` (`[R, C]`, any strides), with the step's [`Update`] values in
+    /// `settings` (`[7]`, f32). The GPU's kernel writes them over the parameter's and the moments'
+    /// own buffers.
+    #[fusion(meta = |param, _grad, moments, _settings| (param.clone(), moments.clone()))]
     fn adamw(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         moments: FloatTensor<Self>,
-        update: Update,
+        settings: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// One AdamW step of `param` on `grad`, with its moments `[2, R, C]` (zeros before the first
 /// step): the new parameter and moments. Our kernel where it takes the parameter (f32/f16 on a
 /// GPU, f32 on the CPU), [`reference`] otherwise.
-pub fn step(param: Tensor<2>, grad: Tensor<2>, moments: Tensor<3>, update: Update) -> (Tensor<2>, Tensor<3>) {
+///
+/// `param` and `moments` are consumed: on a GPU the new values are written over their buffers
+/// (see the module's comment), so a clone of either kept by the caller may show the new values.
+pub fn step(param: Tensor<2>, grad: Tensor<2>, moments: Tensor<3>, settings: &Settings) -> (Tensor<2>, Tensor<3>) {
     assert_eq!(param.dims(), grad.dims(), "a gradient has its parameter's shape");
-    if !(super::takes(&param) || cpu::takes(&param)) || param.device().is_autodiff() {
-        return reference(param, grad, moments, update);
+    if !in_kernel(&param) {
+        return reference(param, grad, moments, settings.update);
     }
     let grad = if grad.dtype() == param.dtype() { grad } else { grad.cast(param.dtype()) };
-    let (param, moments) =
-        burn::backend::Dispatch::adamw(param.into_dispatch(), grad.into_dispatch(), moments.into_dispatch(), update);
+    let (param, moments) = burn::backend::Dispatch::adamw(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        moments.into_dispatch(),
+        settings.values.clone().into_dispatch(),
+    );
     (Tensor::from_dispatch(param), Tensor::from_dispatch(moments))
+}
+
+/// Whether [`step`] updates `param` by the kernel, which reads its settings from the device and,
+/// on a GPU, writes in place: what a recorded step needs.
+pub fn in_kernel(param: &Tensor<2>) -> bool {
+    (super::takes(param) || cpu::takes(param)) && !param.device().is_autodiff()
 }
 
 /// What the kernels replace, in burn's ops: burn's `AdamW` step (`burn_optim::AdamW`) on the
@@ -98,37 +150,47 @@ pub fn reference(param: Tensor<2>, grad: Tensor<2>, moments: Tensor<3>, u: Updat
 }
 
 impl AdamWOps for CubeBackend {
-    fn adamw(param: CubeTensor, grad: CubeTensor, moments: CubeTensor, u: Update) -> (CubeTensor, CubeTensor) {
+    fn adamw(
+        param: CubeTensor,
+        grad: CubeTensor,
+        moments: CubeTensor,
+        settings: CubeTensor,
+    ) -> (CubeTensor, CubeTensor) {
+        // Contiguous already (sdw makes factors and moments so), these are the caller's buffers.
         let (param, moments) = (into_contiguous(param), into_contiguous(moments));
+        assert_eq!(settings.dtype, DType::F32, "AdamW's settings are f32");
+        let settings = into_contiguous(settings);
         let shape = param.meta.shape().clone();
         let (rows, cols) = (shape[0], shape[1]);
         let strides = grad.meta.strides();
         let index = |v: usize| u32::try_from(v).expect("a factor too large for 32-bit indices");
         let [rows, cols, row_stride, col_stride] = [rows, cols, strides[0], strides[1]].map(index);
-        let param_out = super::empty_like(&param, shape);
-        let moments_out = super::empty_like(&moments, moments.meta.shape().clone());
         portable::adamw::launch(
             &param.client,
             workgroups((rows * cols) as usize),
             CubeDim::new_1d(WORKGROUP),
-            param.clone().into_tensor_arg(),
             grad.clone().into_tensor_arg(),
+            settings.into_tensor_arg(),
+            param.clone().into_tensor_arg(),
             moments.clone().into_tensor_arg(),
-            param_out.clone().into_tensor_arg(),
-            moments_out.clone().into_tensor_arg(),
             portable::SizesLaunch::new(rows, cols, row_stride, col_stride),
-            portable::SettingsLaunch::new(u.lr, u.beta_1, u.beta_2, u.epsilon, u.decay, u.correction_1, u.correction_2),
             burn::backend::cubecl::dtype_to_storage_type(param.dtype),
         );
-        (param_out, moments_out)
+        (param, moments)
     }
 }
 
 /// The CPU backend: [`Update::element`] over the factor (a few thousand elements).
 impl AdamWOps for Flex {
-    fn adamw(param: FlexTensor, grad: FlexTensor, moments: FlexTensor, u: Update) -> (FlexTensor, FlexTensor) {
+    fn adamw(
+        param: FlexTensor,
+        grad: FlexTensor,
+        moments: FlexTensor,
+        settings: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
         let [rows, cols] = cpu::dims::<2>(&param);
         let (param, grad, moments) = (param.to_contiguous(), grad.to_contiguous(), moments.to_contiguous());
+        let u = Update::from_values(f32s(&settings.to_contiguous()));
         let n = rows * cols;
         let (mut p, mut mv) = (f32s(&param).to_vec(), f32s(&moments).to_vec());
         let (m, v) = mv.split_at_mut(n);
@@ -153,27 +215,13 @@ mod portable {
         col_stride: u32,
     }
 
-    /// [`super::Update`].
-    #[derive(CubeLaunch, CubeType)]
-    pub(super) struct Settings {
-        lr: f32,
-        beta_1: f32,
-        beta_2: f32,
-        epsilon: f32,
-        decay: f32,
-        correction_1: f32,
-        correction_2: f32,
-    }
-
     #[cube(launch)]
     pub(super) fn adamw<F: Float>(
-        param: &Tensor<F>,
         grad: &Tensor<F>,
-        moments: &Tensor<F>,
-        param_out: &mut Tensor<F>,
-        moments_out: &mut Tensor<F>,
+        update: &Tensor<f32>,
+        param: &mut Tensor<F>,
+        moments: &mut Tensor<F>,
         sizes: Sizes,
-        u: Settings,
         #[define(F)] _dtype: ElemType,
     ) {
         let i = crate::shaders::dispatch::thread();
@@ -181,13 +229,21 @@ mod portable {
         if i >= n {
             terminate!();
         }
+        // [`super::Update::values`]' order.
+        let lr = update[0];
+        let beta_1 = update[1];
+        let beta_2 = update[2];
+        let epsilon = update[3];
+        let decay = update[4];
+        let correction_1 = update[5];
+        let correction_2 = update[6];
         let g =
             f32::cast_from(grad[((i / sizes.cols) * sizes.row_stride + (i % sizes.cols) * sizes.col_stride) as usize]);
-        let m = f32::cast_from(moments[i as usize]) * u.beta_1 + g * (1.0f32 - u.beta_1);
-        let v = f32::cast_from(moments[(n + i) as usize]) * u.beta_2 + g * g * (1.0f32 - u.beta_2);
-        let step = (m / u.correction_1) / ((v / u.correction_2).sqrt() + u.epsilon);
-        param_out[i as usize] = F::cast_from(f32::cast_from(param[i as usize]) * u.decay - step * u.lr);
-        moments_out[i as usize] = F::cast_from(m);
-        moments_out[(n + i) as usize] = F::cast_from(v);
+        let m = f32::cast_from(moments[i as usize]) * beta_1 + g * (1.0f32 - beta_1);
+        let v = f32::cast_from(moments[(n + i) as usize]) * beta_2 + g * g * (1.0f32 - beta_2);
+        let step = (m / correction_1) / ((v / correction_2).sqrt() + epsilon);
+        param[i as usize] = F::cast_from(f32::cast_from(param[i as usize]) * decay - step * lr);
+        moments[i as usize] = F::cast_from(m);
+        moments[(n + i) as usize] = F::cast_from(v);
     }
 }

@@ -2,11 +2,12 @@
 //!
 //! [`adapters`] attaches LoRA factors to the attention projections and names them as kohya
 //! does; [`step`] is the loss, gradients and AdamW update; [`data`] reads and encodes the
-//! photos once; [`state`] writes the LoRA and resumable checkpoints; [`run`] drives it all.
+//! photos once; [`recorded`] replays steps recorded on a GPU; [`state`] writes the LoRA and resumable checkpoints; [`run`] drives it all.
 
 pub mod adapters;
 pub mod data;
 pub mod options;
+pub mod recorded;
 pub mod report;
 pub mod run;
 pub mod schedule;

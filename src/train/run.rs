@@ -4,15 +4,15 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_distr::StandardNormal;
 
 use crate::model::adapter::LowRank;
-use crate::model::layers::to_device;
 use crate::pipeline::StableDiffusion;
+use crate::pipeline::conditioning::PromptTokens;
 use crate::sampling::NoProgress;
 use crate::sampling::schedule::alphas_cumprod;
 use crate::weights::HostTensor;
@@ -21,8 +21,9 @@ use super::TrainError;
 use super::adapters::{self, TEXT_PREFIX, UNET_PREFIX};
 use super::data::{self, CachedLatent};
 use super::options::TrainOptions;
+use super::recorded::Steps;
 use super::state::{self, Checkpoint};
-use super::step::{self, AdamWOptimizer, Batch};
+use super::step::{self, AdamWOptimizer, Batch, Conditioning, Draws, Trainable};
 
 /// DDPM training timesteps.
 const TIMESTEPS: usize = 1000;
@@ -41,10 +42,13 @@ pub struct Trainer {
     pub opts: TrainOptions,
     instances: Vec<Vec<CachedLatent>>,
     classes: Vec<Vec<CachedLatent>>,
-    /// Prompt embeddings, computed once when the text encoder is frozen.
-    instance_context: Option<Tensor<3>>,
-    class_context: Option<Tensor<3>>,
+    /// A batch's conditioning: computed once while the text encoder is frozen.
+    conditioning: Conditioning,
+    /// The instance prompt as CLIP reads it (the fixed-set evaluation's conditioning).
+    instance_prompt: PromptTokens,
     optim: AdamWOptimizer,
+    /// Runs the steps, recorded as a graph on a GPU.
+    steps: Steps,
     /// Optimiser steps done.
     pub step: usize,
     acp: Vec<f32>,
@@ -100,60 +104,71 @@ impl Trainer {
         if let Some(ck) = resume {
             ck.restore_optimizer(&mut optim, &device);
         }
-        let (instance_context, class_context) = if opts.train_text_encoder {
-            (None, None)
-        } else {
-            (
-                Some(sd.encode_prompt(&opts.instance_prompt, 1)),
-                opts.class_prompt.as_ref().map(|p| sd.encode_prompt(p, 1)),
-            )
-        };
         let step = resume.map_or(0, |c| c.step);
+        // A step's inputs are then its draws and AdamW's settings: it can be recorded.
+        let in_kernel = adapters_mut(&mut sd, false)
+            .first()
+            .is_some_and(|(_, a)| crate::shaders::adamw::in_kernel(&a.down.val().inner()));
+        let steps = Steps::new(&device, in_kernel);
+        // The instance prompt per instance image, then the class prompt per class image.
+        let instance_prompt = sd.prompt_tokens(&opts.instance_prompt);
+        let mut prompts = vec![(instance_prompt.clone(), opts.batch_size)];
+        if opts.prior_preservation() && !classes.is_empty() {
+            let class_prompt = opts.class_prompt.as_ref().expect("prior preservation has a class prompt");
+            prompts.push((sd.prompt_tokens(class_prompt), opts.batch_size));
+        }
+        let conditioning = if opts.train_text_encoder {
+            Conditioning::Encoded(prompts)
+        } else {
+            Conditioning::Fixed(Box::new(Conditioning::Encoded(prompts).context(Some(&sd.clip))))
+        };
         Ok(Self {
             sd,
             opts,
             instances,
             classes,
-            instance_context,
-            class_context,
+            conditioning,
+            instance_prompt,
             optim,
+            steps,
             step,
             acp: alphas_cumprod(),
             peak_device_bytes: 0,
         })
     }
 
-    fn device(&self) -> Device {
-        self.sd.compute.device.clone()
-    }
-
     /// One optimiser step (over `gradient_accumulation_steps` micro-batches).
     pub fn train_step(&mut self) -> StepLoss {
         let accum = self.opts.gradient_accumulation_steps;
-        let mut grads = HashMap::new();
-        let (mut inst, mut prior, mut total) = (0.0, 0.0, 0.0);
-        for micro in 0..accum {
-            let batch = self.batch(micro);
-            let l = step::losses(&self.sd.unet, &batch, &self.acp, self.opts.prior_loss_weight);
-            let g = step::factor_grads(&self.adapters(), &l.total.backward());
-            step::accumulate(&mut grads, g);
-            if let Some(usage) = self.sd.compute.device.memory_pool_usage() {
-                self.peak_device_bytes = self.peak_device_bytes.max(usage.bytes_reserved);
-            }
-            inst += l.instance / accum as f32;
-            prior += l.prior / accum as f32;
-            total += (l.instance + self.opts.prior_loss_weight * l.prior) / accum as f32;
-        }
-        if accum > 1 {
-            // The loss is a mean over the accumulated batches, as accelerate divides it.
-            grads = grads.into_iter().map(|(k, g)| (k, g.div_scalar(accum as f32))).collect();
-        }
+        let draws: Vec<Draws> = (0..accum).map(|m| self.draws(m)).collect();
         let o = &self.opts;
         let lr = o.lr_scheduler.lr(o.learning_rate, self.step, o.lr_warmup_steps, o.max_train_steps);
-        let adapters = adapters_mut(&mut self.sd, o.train_text_encoder);
-        self.optim.step(lr, adapters, &grads);
+        let (prior_weight, train_te) = (o.prior_loss_weight, o.train_text_encoder);
+        let update = self.optim.next(lr);
+        let mut model =
+            Trainable { unet: &mut self.sd.unet, text_encoder: if train_te { Some(&mut self.sd.clip) } else { None } };
+        let (optim, conditioning) = (&mut self.optim, &self.conditioning);
+        let losses = self.steps.run(&draws, self.opts.batch_size, update, &mut |batches, settings| {
+            step::optimiser_step(&mut model, batches, conditioning, prior_weight, optim, settings)
+        });
+        if let Some(usage) = self.sd.compute.device.memory_pool_usage() {
+            self.peak_device_bytes = self.peak_device_bytes.max(usage.bytes_reserved);
+        }
         self.step += 1;
-        StepLoss { loss: total, instance: inst, prior, lr }
+        let mean = |i: usize| losses.iter().map(|l| l[i]).sum::<f32>() / accum as f32;
+        let (instance, prior) = (mean(0), mean(1));
+        StepLoss { loss: instance + prior_weight * prior, instance, prior, lr }
+    }
+
+    /// Steps replayed from their recording as a graph (on a GPU).
+    pub fn replayed_steps(&self) -> usize {
+        self.steps.replays
+    }
+
+    /// Every later step kernel by kernel, never recorded (what replayed steps are checked
+    /// against).
+    pub fn kernel_by_kernel(&mut self) {
+        self.steps = Steps::new(&self.sd.compute.device, false);
     }
 
     /// The adapters being trained, by kohya name.
@@ -166,7 +181,7 @@ impl Trainer {
     /// Micro-batch `micro` of the current step: its images, latent draws, noise and
     /// timesteps all come from generators seeded by (seed, step, micro), so a resumed run
     /// draws exactly what an uninterrupted one would.
-    fn batch(&self, micro: usize) -> Batch {
+    fn draws(&self, micro: usize) -> Draws {
         let o = &self.opts;
         let bs = o.batch_size;
         let first = (self.step * o.gradient_accumulation_steps + micro) * bs;
@@ -174,8 +189,7 @@ impl Trainer {
         let mut latents = Vec::new();
         let mut picks: Vec<&[CachedLatent]> =
             (0..bs).map(|i| self.instances[epoch_index(o.seed, self.instances.len(), first + i)].as_slice()).collect();
-        let with_prior = o.prior_preservation() && !self.classes.is_empty();
-        if with_prior {
+        if self.opts.prior_preservation() && !self.classes.is_empty() {
             picks.extend(
                 (0..bs).map(|i| self.classes[epoch_index(o.seed ^ 1, self.classes.len(), first + i)].as_slice()),
             );
@@ -188,34 +202,8 @@ impl Trainer {
         let n = picks.len();
         let side = o.resolution / 8;
         let noise = normal(&mut rng, latents.len());
-        let timesteps = (0..n).map(|_| rng.random_range(0..TIMESTEPS)).collect();
-        let device = self.device();
-        let mut contexts = vec![self.context(true); bs];
-        if with_prior {
-            contexts.extend(vec![self.context(false); bs]);
-        }
-        Batch {
-            latents: to_device(latents, [n, 4, side, side], &device),
-            noise: to_device(noise, [n, 4, side, side], &device),
-            timesteps,
-            context: Tensor::cat(contexts, 0),
-            instances: bs,
-        }
-    }
-
-    fn context(&self, instance: bool) -> Tensor<3> {
-        let cached = if instance { &self.instance_context } else { &self.class_context };
-        match cached {
-            Some(c) => c.clone(),
-            None => {
-                let prompt = if instance {
-                    &self.opts.instance_prompt
-                } else {
-                    self.opts.class_prompt.as_ref().expect("class prompt")
-                };
-                self.sd.encode_prompt(prompt, 1)
-            }
-        }
+        let timesteps: Vec<usize> = (0..n).map(|_| rng.random_range(0..TIMESTEPS)).collect();
+        Draws::new([n, 4, side, side], latents, noise, &timesteps, &self.acp, &self.sd.unet)
     }
 
     /// Instance loss on a fixed evaluation set: every instance image (encoder mean) under the
@@ -232,18 +220,14 @@ impl Trainer {
         let n = self.instances.len() * draws;
         let side = self.opts.resolution / 8;
         let noise = normal(&mut rng, latents.len());
-        let timesteps = (0..n).map(|_| rng.random_range(0..TIMESTEPS)).collect();
-        let device = self.device();
+        let timesteps: Vec<usize> = (0..n).map(|_| rng.random_range(0..TIMESTEPS)).collect();
+        let draws = Draws::new([n, 4, side, side], latents, noise, &timesteps, &self.acp, &self.sd.unet);
+        self.steps.pause();
         let train_te = self.opts.train_text_encoder;
         adapters::set_trainable(adapters_mut(&mut self.sd, train_te), false);
-        let batch = Batch {
-            latents: to_device(latents, [n, 4, side, side], &device),
-            noise: to_device(noise, [n, 4, side, side], &device),
-            timesteps,
-            context: Tensor::cat(vec![self.context(true); n], 0),
-            instances: n,
-        };
-        let loss = step::losses(&self.sd.unet, &batch, &self.acp, 0.0).instance;
+        let batch = Batch::upload(&draws, n, &self.sd.compute.device);
+        let context = Tensor::cat(vec![self.instance_prompt.encode(&self.sd.clip, 1); n], 0);
+        let [loss, _] = step::losses(&self.sd.unet, &batch, &context, 0.0).read();
         adapters::set_trainable(adapters_mut(&mut self.sd, train_te), true);
         loss
     }
@@ -295,6 +279,7 @@ impl Trainer {
 
     /// Images from the prompt with the LoRA as trained so far (fixed seeds), `[n][3*s*s]`.
     pub fn sample_images(&mut self, prompt: &str, count: usize) -> Result<Vec<Vec<f32>>, TrainError> {
+        self.steps.pause();
         let train_te = self.opts.train_text_encoder;
         adapters::set_trainable(adapters_mut(&mut self.sd, train_te), false);
         let result = (0..count)

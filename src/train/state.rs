@@ -12,7 +12,7 @@ use crate::output::write_atomic;
 use crate::weights::{HostTensor, SafetensorsFile};
 
 use super::TrainError;
-use super::step::{AdamWOptimizer, Moments};
+use super::step::AdamWOptimizer;
 
 /// Writes f32 tensors and string metadata as one `.safetensors` file, atomically.
 pub fn write_safetensors(
@@ -60,15 +60,13 @@ pub fn save_checkpoint(
     mut metadata: HashMap<String, String>,
 ) -> Result<(), TrainError> {
     let mut tensors = lora;
-    let mut time = 0;
-    for (key, s) in &optim.states {
-        time = s.time;
-        let [m, v] = s.split();
+    for key in optim.moments.keys() {
+        let [m, v] = optim.moments_of(key).expect("a factor's moments");
         tensors.push((format!("{M}{key}"), to_host(m)));
         tensors.push((format!("{V}{key}"), to_host(v)));
     }
     metadata.insert("sdw_step".into(), step.to_string());
-    metadata.insert("sdw_adam_time".into(), time.to_string());
+    metadata.insert("sdw_adam_time".into(), optim.time.to_string());
     write_safetensors(path, &tensors, metadata)
 }
 
@@ -102,11 +100,10 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, TrainError> {
 impl Checkpoint {
     /// Puts the saved AdamW moments back into `optim`, on `device`.
     pub fn restore_optimizer(&self, optim: &mut AdamWOptimizer, device: &Device) {
+        optim.time = self.adam_time;
         for (key, (m, v)) in &self.moments {
-            let [a, b] = [m.shape[0], m.shape[1]];
-            let m = to_device(m.data.clone(), [a, b], device);
-            let v = to_device(v.data.clone(), [a, b], device);
-            optim.states.insert(key.clone(), Moments::new(self.adam_time, m, v));
+            let both = m.data.iter().chain(&v.data).copied().collect();
+            optim.moments.insert(key.clone(), to_device(both, [2, m.shape[0], m.shape[1]], device));
         }
     }
 }

@@ -189,11 +189,12 @@ fn attention_gradients_match_burns() {
 /// Three AdamW steps by sdw's kernel (`shaders::adamw`) and by its fallback in burn's ops give
 /// the parameters and moments that burn's `AdamW` (torch's update) gives, on the CPU and on
 /// wgpu: adapter factors' shapes and an uneven one, gradients stored as they come back from the
-/// backward pass (transposed) and contiguous, weight decay on.
+/// backward pass (transposed) and contiguous, weight decay on. On wgpu the kernel writes over
+/// the parameter's and the moments' own buffers (what a recorded training step relies on).
 #[test]
 fn adamw_matches_burns() {
     use burn::optim::{AdamWConfig, Optimizer};
-    use sdw::shaders::adamw::{self, Update};
+    use sdw::shaders::adamw::{self, Settings, Update};
     let (lr, wd) = (1e-2, 0.5);
     let burns = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(wd).build();
     for compute in devices() {
@@ -207,14 +208,16 @@ fn adamw_matches_burns() {
                     to_device(noise, [rows, cols], d)
                 }
             };
-            let start = to_device(scaled_noise(rows * cols, 10, 1.0), [rows, cols], d);
-            let zeros = Tensor::<3>::zeros([2, rows, cols], d);
-            let (mut ours, mut fallback, mut want) = ((start.clone(), zeros.clone()), (start.clone(), zeros), start);
+            // Each its own buffers: the kernel writes over its inputs'.
+            let start = || to_device(scaled_noise(rows * cols, 10, 1.0), [rows, cols], d);
+            let zeros = || Tensor::<3>::zeros([2, rows, cols], d);
+            let (mut ours, mut fallback, mut want) = ((start(), zeros()), (start(), zeros()), start());
+            let (first_param, first_moments) = (ours.0.clone(), ours.1.clone());
             let mut state = None;
             for time in 1..=3 {
                 let g = grad(time as u64);
                 let update = Update::new(lr, 0.9, 0.999, 1e-8, wd, time);
-                ours = adamw::step(ours.0, g.clone(), ours.1, update);
+                ours = adamw::step(ours.0, g.clone(), ours.1, &Settings::new(update, d));
                 fallback = adamw::reference(fallback.0, g.clone(), fallback.1, update);
                 let s;
                 (want, s) = burns.step(lr, want, g, state);
@@ -222,6 +225,11 @@ fn adamw_matches_burns() {
             }
             let m = state.expect("AdamW keeps its moments").momentum;
             let want_moments = to_host(Tensor::stack::<3>(vec![m.moment_1, m.moment_2], 0));
+            if sdw::device::on_cube(d) {
+                let what = format!("AdamW's kernel on {}: updates in place", compute.description);
+                assert_eq!(to_host(first_param).data, to_host(ours.0.clone()).data, "{what}");
+                assert_eq!(to_host(first_moments).data, to_host(ours.1.clone()).data, "{what}");
+            }
             for (name, (param, moments)) in [("kernel", ours), ("fallback", fallback)] {
                 let what = format!(
                     "AdamW's {name}, {:?}, transposed gradient {transposed}, on {}",

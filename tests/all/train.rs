@@ -14,7 +14,7 @@ use sdw::model::layers::{Loader, to_device};
 use sdw::model::unet::Unet;
 use sdw::sampling::schedule::alphas_cumprod;
 use sdw::train::adapters::{UNET_PREFIX, attach_from, named, named_mut, read_tensors, to_kohya};
-use sdw::train::step::{AdamWOptimizer, Batch, factor_grads, losses};
+use sdw::train::step::{AdamWOptimizer, Batch, Draws, factor_grads, losses};
 use sdw::weights::{Checkpoint, Component};
 
 const GRAD_TOL: f64 = 1e-4;
@@ -38,17 +38,21 @@ fn three_adamw_steps_match_the_reference() {
         let dev = &c.device;
         let mut unet = Unet::load(&Loader::with_dtypes(&ckpt, Component::Unet, dev, dtypes)).unwrap();
         attach_from(unet.attentions_mut(), UNET_PREFIX, &init, &dev.clone().autodiff()).unwrap();
-        let batch = Batch {
-            latents: to_device(golden("train.latents").data, [2, 4, 32, 32], dev),
-            noise: to_device(golden("train.noise").data, [2, 4, 32, 32], dev),
-            timesteps: golden("train.timesteps").data.iter().map(|&t| t as usize).collect(),
-            context: to_device(golden("train.context").data, [2, 77, 128], dev),
-            instances: 1,
-        };
+        let timesteps: Vec<usize> = golden("train.timesteps").data.iter().map(|&t| t as usize).collect();
+        let draws = Draws::new(
+            [2, 4, 32, 32],
+            golden("train.latents").data,
+            golden("train.noise").data,
+            &timesteps,
+            &acp,
+            &unet,
+        );
+        let batch = Batch::upload(&draws, 1, dev);
+        let context = to_device(golden("train.context").data, [2, 77, 128], dev);
         let mut opt = AdamWOptimizer::new(1e-2);
         for (step, want) in want_losses.iter().enumerate() {
-            let l = losses(&unet, &batch, &acp, 1.0);
-            let total = l.instance + l.prior;
+            let l = losses(&unet, &batch, &context, 1.0);
+            let total = l.read().iter().sum::<f32>();
             let e = ((total - want) / want).abs() as f64;
             eprintln!("[{}] step {step}: loss {total} (reference {want}, rel. error {e:.1e})", c.description);
             assert!(e < LOSS_TOL, "loss of step {step}: {total} vs {want}");
@@ -101,14 +105,10 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         let mut unet = Unet::load(&Loader::new(&ckpt, Component::Unet, dev)).unwrap();
         let ad = if checkpointing { dev.clone().autodiff().gradient_checkpointing() } else { dev.clone().autodiff() };
         attach_from(unet.attentions_mut(), UNET_PREFIX, &init, &ad).unwrap();
-        let batch = Batch {
-            latents: to_device(golden("train.latents").data, [2, 4, 32, 32], dev),
-            noise: to_device(golden("train.noise").data, [2, 4, 32, 32], dev),
-            timesteps: vec![10, 700],
-            context: to_device(golden("train.context").data, [2, 77, 128], dev),
-            instances: 1,
-        };
-        let l = losses(&unet, &batch, &alphas_cumprod(), 1.0);
+        let (latents, noise) = (golden("train.latents").data, golden("train.noise").data);
+        let draws = Draws::new([2, 4, 32, 32], latents, noise, &[10, 700], &alphas_cumprod(), &unet);
+        let batch = Batch::upload(&draws, 1, dev);
+        let l = losses(&unet, &batch, &to_device(golden("train.context").data, [2, 77, 128], dev), 1.0);
         let g = factor_grads(&named(unet.attentions(), UNET_PREFIX), &l.total.backward());
         g.into_iter()
             .map(|(k, t)| (k, sdw::model::layers::to_host(t).data))
