@@ -283,10 +283,7 @@ fn train_step<'a>(sd: &'a StableDiffusion, s: &BenchSettings) -> (impl FnMut() +
     let context = Conditioning::Fixed(Box::new(Tensor::cat(prompts.map(|c| c.repeat_dim(0, s.batch)).to_vec(), 0)));
     let acp = crate::sampling::schedule::alphas_cumprod();
     let mut optim = AdamWOptimizer::new(1e-2); // torch's default weight decay, as the reference's
-    let in_kernel = named(unet.attentions(), UNET_PREFIX)
-        .first()
-        .is_some_and(|(_, a)| crate::shaders::adamw::in_kernel(&a.down.val().inner()));
-    let mut steps = Steps::new(&dev, in_kernel);
+    let mut steps = Steps::for_adapters(&dev, &named(unet.attentions(), UNET_PREFIX));
     let recorded = steps.recording();
     let step = move || {
         let (latents, noise) = (noise(shape).data, noise(shape).data);

@@ -34,7 +34,7 @@ use burn::tensor::{DType, Shape, Slice, Tensor};
 
 use super::layers::in_dtype;
 use crate::shaders::im2col::{self, Band};
-use crate::shaders::matmul::matmul_add;
+use crate::shaders::matmul::{matmul_add, plus};
 use crate::shaders::winograd;
 
 /// `c` applied to `x`, summed in f32 and returned in `x`'s dtype.
@@ -47,10 +47,6 @@ pub fn conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 /// dtype. Where the convolution is a matrix product ([`as_product`]) its shader adds the
 /// addend as it writes the output: no kernel and no pass over the output of its own.
 pub fn conv_add(c: &Conv2d, x: Tensor<4>, addend: Option<Tensor<4>>) -> Tensor<4> {
-    let plus = |y: Tensor<4>, addend: Option<Tensor<4>>| match addend {
-        Some(a) => y + a,
-        None => y,
-    };
     let tracked = x.device().is_autodiff();
     // Training on the CPU: sdw's kernel both ways, the frozen weights kept as they are.
     if let Some((weight, bias, padding)) =

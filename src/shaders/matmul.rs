@@ -158,17 +158,16 @@ pub fn matmul_add<const D: usize>(
         (true, _) if tuned(&lhs, &rhs) => Kernel::Tuned,
         (true, _) => Kernel::Untuned,
         (false, true) => Kernel::Burn,
-        (false, false) => return sums(lhs.matmul(rhs), addend, second),
+        (false, false) => return plus(lhs.matmul(rhs) + addend, second),
     };
     product_add(lhs, rhs, addend, second, kernel)
 }
 
-/// `product + addend (+ second)` by burn's sums.
-fn sums<const D: usize>(product: Tensor<D>, addend: Tensor<D>, second: Option<Tensor<D>>) -> Tensor<D> {
-    let sum = product + addend;
-    match second {
-        Some(second) => sum + second,
-        None => sum,
+/// `y + addend` by burn's sum, or `y` without one: where no shader adds it as it writes `y`.
+pub fn plus<const D: usize>(y: Tensor<D>, addend: Option<Tensor<D>>) -> Tensor<D> {
+    match addend {
+        Some(addend) => y + addend,
+        None => y,
     }
 }
 
@@ -198,11 +197,7 @@ pub fn linear_add<const D: usize>(l: &Linear, x: Tensor<D>, residual: Option<Ten
     let rows: usize = x.dims()[..D - 1].iter().product();
     let tracked = x.device().is_autodiff();
     if D < 2 || !(tracked || shader_may_run(&x, &x, false) && worth_tuning(rows, d_in, d_out)) {
-        let y = in_dtype(l, x.dtype()).forward(x);
-        return match residual {
-            Some(r) => y + r,
-            None => y,
-        };
+        return plus(in_dtype(l, x.dtype()).forward(x), residual);
     }
     let dtype = x.dtype();
     // Under autodiff the product widens a frozen f16 weight itself (see `matmul`).
@@ -267,7 +262,7 @@ pub fn matmul_add_with<const D: usize>(
     if tracked(&lhs, &rhs) || autodiff || shader_may_run(&lhs, &rhs, false) {
         product_add(lhs, rhs, addend, second, kernel)
     } else {
-        sums(lhs.matmul(rhs), addend, second)
+        plus(lhs.matmul(rhs) + addend, second)
     }
 }
 

@@ -12,9 +12,10 @@
 
 use burn::tensor::{Device, Tensor};
 
+use crate::model::adapter::LowRank;
 use crate::model::graph::{self, Graph};
 use crate::model::layers::to_host;
-use crate::shaders::adamw::{Settings, Update};
+use crate::shaders::adamw::{self, Settings, Update};
 
 use super::step::{Batch, Draws};
 
@@ -46,11 +47,22 @@ struct Replay {
 }
 
 impl Steps {
-    /// Steps on `device`; `recordable` says that AdamW updates in place
-    /// (`shaders::adamw::in_kernel`), so that every step's inputs are its draws and AdamW's
-    /// settings.
-    pub fn new(device: &Device, recordable: bool) -> Self {
-        let recording = if recordable && graph::enabled(device) { Recording::Cold } else { Recording::Off };
+    /// Steps on `device` that train `adapters`: recorded where AdamW updates their factors in
+    /// place (`shaders::adamw::in_kernel`), so that every step's inputs are its draws and
+    /// AdamW's settings.
+    pub fn for_adapters(device: &Device, adapters: &[(String, &LowRank)]) -> Self {
+        let in_place = adapters.first().is_some_and(|(_, a)| adamw::in_kernel(&a.down.val().inner()));
+        Self::new(device, in_place && graph::enabled(device))
+    }
+
+    /// Steps on `device`, each run kernel by kernel, never recorded (what replayed steps are
+    /// checked against).
+    pub fn kernel_by_kernel(device: &Device) -> Self {
+        Self::new(device, false)
+    }
+
+    fn new(device: &Device, recorded: bool) -> Self {
+        let recording = if recorded { Recording::Cold } else { Recording::Off };
         Self { device: device.clone(), recording, replays: 0 }
     }
 

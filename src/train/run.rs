@@ -105,11 +105,7 @@ impl Trainer {
             ck.restore_optimizer(&mut optim, &device);
         }
         let step = resume.map_or(0, |c| c.step);
-        // A step's inputs are then its draws and AdamW's settings: it can be recorded.
-        let in_kernel = adapters_mut(&mut sd, false)
-            .first()
-            .is_some_and(|(_, a)| crate::shaders::adamw::in_kernel(&a.down.val().inner()));
-        let steps = Steps::new(&device, in_kernel);
+        let steps = Steps::for_adapters(&device, &adapters::named(sd.unet.attentions(), UNET_PREFIX));
         // The instance prompt per instance image, then the class prompt per class image.
         let instance_prompt = sd.prompt_tokens(&opts.instance_prompt);
         let mut prompts = vec![(instance_prompt.clone(), opts.batch_size)];
@@ -145,8 +141,7 @@ impl Trainer {
         let lr = o.lr_scheduler.lr(o.learning_rate, self.step, o.lr_warmup_steps, o.max_train_steps);
         let (prior_weight, train_te) = (o.prior_loss_weight, o.train_text_encoder);
         let update = self.optim.next(lr);
-        let mut model =
-            Trainable { unet: &mut self.sd.unet, text_encoder: if train_te { Some(&mut self.sd.clip) } else { None } };
+        let mut model = trainable(&mut self.sd, train_te);
         let (optim, conditioning) = (&mut self.optim, &self.conditioning);
         let losses = self.steps.run(&draws, self.opts.batch_size, update, &mut |batches, settings| {
             step::optimiser_step(&mut model, batches, conditioning, prior_weight, optim, settings)
@@ -168,7 +163,7 @@ impl Trainer {
     /// Every later step kernel by kernel, never recorded (what replayed steps are checked
     /// against).
     pub fn kernel_by_kernel(&mut self) {
-        self.steps = Steps::new(&self.sd.compute.device, false);
+        self.steps = Steps::kernel_by_kernel(&self.sd.compute.device);
     }
 
     /// The adapters being trained, by kohya name.
@@ -224,11 +219,11 @@ impl Trainer {
         let draws = Draws::new([n, 4, side, side], latents, noise, &timesteps, &self.acp, &self.sd.unet);
         self.steps.pause();
         let train_te = self.opts.train_text_encoder;
-        adapters::set_trainable(adapters_mut(&mut self.sd, train_te), false);
+        adapters::set_trainable(trainable(&mut self.sd, train_te).adapters_mut(), false);
         let batch = Batch::upload(&draws, n, &self.sd.compute.device);
         let context = Tensor::cat(vec![self.instance_prompt.encode(&self.sd.clip, 1); n], 0);
         let [loss, _] = step::losses(&self.sd.unet, &batch, &context, 0.0).read();
-        adapters::set_trainable(adapters_mut(&mut self.sd, train_te), true);
+        adapters::set_trainable(trainable(&mut self.sd, train_te).adapters_mut(), true);
         loss
     }
 
@@ -281,24 +276,21 @@ impl Trainer {
     pub fn sample_images(&mut self, prompt: &str, count: usize) -> Result<Vec<Vec<f32>>, TrainError> {
         self.steps.pause();
         let train_te = self.opts.train_text_encoder;
-        adapters::set_trainable(adapters_mut(&mut self.sd, train_te), false);
+        adapters::set_trainable(trainable(&mut self.sd, train_te).adapters_mut(), false);
         let result = (0..count)
             .map(|i| {
                 let p = self.opts.sample_params(prompt, self.opts.seed + i as u64);
                 self.sd.txt2img(&p, &mut NoProgress).map(|g| g.image.data).map_err(|e| TrainError::Model(e.to_string()))
             })
             .collect();
-        adapters::set_trainable(adapters_mut(&mut self.sd, train_te), true);
+        adapters::set_trainable(trainable(&mut self.sd, train_te).adapters_mut(), true);
         result
     }
 }
 
-fn adapters_mut(sd: &mut StableDiffusion, text_encoder: bool) -> Vec<(String, &mut LowRank)> {
-    let mut v = adapters::named_mut(sd.unet.attentions_mut(), UNET_PREFIX);
-    if text_encoder {
-        v.extend(adapters::named_mut(sd.clip.attentions_mut(), TEXT_PREFIX));
-    }
-    v
+/// What `sd`'s steps train: the UNet's adapters, and the text encoder's with `text_encoder`.
+fn trainable(sd: &mut StableDiffusion, text_encoder: bool) -> Trainable<'_> {
+    Trainable { unet: &mut sd.unet, text_encoder: if text_encoder { Some(&mut sd.clip) } else { None } }
 }
 
 /// Sample `k` of an endless sequence of shuffled epochs over `n` items.

@@ -167,7 +167,8 @@ impl Trainable<'_> {
         v
     }
 
-    fn adapters_mut(&mut self) -> Vec<(String, &mut LowRank)> {
+    /// The adapters being trained, mutably, by kohya name.
+    pub fn adapters_mut(&mut self) -> Vec<(String, &mut LowRank)> {
         let mut v = adapters::named_mut(self.unet.attentions_mut(), UNET_PREFIX);
         if let Some(clip) = &mut self.text_encoder {
             v.extend(adapters::named_mut(clip.attentions_mut(), TEXT_PREFIX));
