@@ -6,7 +6,6 @@ use std::time::Instant;
 use anyhow::Context;
 
 use crate::bench::{self, BenchSettings, Part};
-use crate::device::{self, DeviceChoice, Precision};
 use crate::pipeline::StableDiffusion;
 use crate::weights::synthetic::Architecture;
 
@@ -15,16 +14,8 @@ pub struct BenchArgs {
     /// A checkpoint to time; default: random weights with the exact SD 1.5 shapes (no file).
     #[arg(long)]
     model: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "auto")]
-    device: DeviceChoice,
-    /// What the networks compute in: `auto` is f16 on a GPU with f16 shaders (the VAE too,
-    /// redone in f32 where it overflows). The `--train` step computes in f32 with these weights, as `sdw train --precision` does.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    precision: Precision,
-    /// Keep the VAE in f32 under f16 (A1111's `--no-half-vae`): for a VAE that overflows in f16,
-    /// which would otherwise decode twice before sdw switches it.
-    #[arg(long)]
-    no_half_vae: bool,
+    #[command(flatten)]
+    compute: super::ComputeArgs,
     /// Image side in pixels (a multiple of 8).
     #[arg(long, default_value_t = 512)]
     size: usize,
@@ -58,7 +49,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.steps == 0 || a.batch == 0 {
         anyhow::bail!("--steps and --batch must be at least 1");
     }
-    let compute = device::select(a.device)?.with_precision(a.precision)?.with_vae_in_f32(a.no_half_vae);
+    let compute = a.compute.select()?;
     eprintln!("device: {}", compute.summary());
     let start = Instant::now();
     let sd = match &a.model {

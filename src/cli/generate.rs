@@ -9,7 +9,6 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use crate::device::{self, DeviceChoice, Precision};
 use crate::hub;
 use crate::lora::{self, Lora, Strength};
 use crate::models_dir::ModelsDir;
@@ -83,16 +82,8 @@ pub struct GenerateArgs {
     /// A separate VAE (.safetensors / .ckpt / .pt, LDM or diffusers names).
     #[arg(long)]
     vae: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
-    /// What the networks compute in: `auto` is f16 on a GPU with f16 shaders (the VAE too,
-    /// redone in f32 where it overflows).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    precision: Precision,
-    /// Keep the VAE in f32 under f16 (A1111's `--no-half-vae`): for a VAE that overflows in f16,
-    /// which would otherwise decode twice before sdw switches it.
-    #[arg(long)]
-    no_half_vae: bool,
+    #[command(flatten)]
+    compute: super::ComputeArgs,
     /// Write to this file (a fresh name is chosen if it exists; batches add -2, -3, ...).
     #[arg(long, short = 'o', conflicts_with = "outdir")]
     output: Option<PathBuf>,
@@ -375,7 +366,7 @@ fn hires(a: &GenerateArgs, png: Option<HiresFix>) -> Option<HiresFix> {
 /// Loads the checkpoint with the LoRAs, the VAE override and the embeddings.
 fn load_model(a: &GenerateArgs, loras: &[(Lora, Strength)]) -> anyhow::Result<StableDiffusion> {
     let model = hub::resolve(a.model.as_deref(), &ModelsDir::new(&a.models_dir))?;
-    let compute = device::select(a.device)?.with_precision(a.precision)?.with_vae_in_f32(a.no_half_vae);
+    let compute = a.compute.select()?;
     eprintln!("device: {}", compute.summary());
     let t0 = Instant::now();
     let mut sd = StableDiffusion::load_with_loras(&model, compute, loras)

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::device::{self, Compute, DeviceChoice, Precision};
 use crate::{embeddings, lora, output, sampling};
 
 #[derive(Parser, Debug)]
@@ -68,6 +69,29 @@ enum Command {
         #[command(subcommand)]
         action: ShadersAction,
     },
+}
+
+/// Where and in what the networks compute: the options txt2img, img2img, serve and bench share.
+#[derive(clap::Args, Debug)]
+struct ComputeArgs {
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// What the networks compute in: `auto` is f16 on a GPU with f16 shaders (the VAE too,
+    /// redone in f32 where it overflows). Training (`sdw train`, the web UI's, `bench --train`)
+    /// keeps its frozen weights in it and computes in f32.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
+    /// Keep the VAE in f32 under f16 (A1111's `--no-half-vae`): for a VAE that overflows in f16,
+    /// which would otherwise decode twice before sdw switches it.
+    #[arg(long)]
+    no_half_vae: bool,
+}
+
+impl ComputeArgs {
+    /// The device these options pick, set up as they ask.
+    fn select(&self) -> anyhow::Result<Compute> {
+        Ok(device::select(self.device)?.with_precision(self.precision)?.with_vae_in_f32(self.no_half_vae))
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 
-use crate::device::{self, DeviceChoice, Precision};
 use crate::models_dir::ModelsDir;
 use crate::server::{ServeOptions, TrainDevice, serve};
 
@@ -26,16 +25,8 @@ pub struct ServeArgs {
     /// Origins whose pages may call the API (CORS), comma-separated.
     #[arg(long, value_delimiter = ',')]
     cors_allow_origins: Vec<String>,
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
-    /// What the networks compute in: `auto` is f16 on a GPU with f16 shaders (the VAE too,
-    /// redone in f32 where it overflows). Training runs keep their frozen weights in it and compute in f32 (`sdw train --precision`).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    precision: Precision,
-    /// Keep the VAE in f32 under f16 (A1111's `--no-half-vae`): for a VAE that overflows in f16,
-    /// which would otherwise decode twice before sdw switches it.
-    #[arg(long)]
-    no_half_vae: bool,
+    #[command(flatten)]
+    compute: super::ComputeArgs,
     /// Where `save_images` (and the web UI) write images: txt2img/, img2img/ below it.
     #[arg(long, default_value = "outputs")]
     outdir: PathBuf,
@@ -49,7 +40,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if a.listen && auth.is_empty() {
         eprintln!("note: --listen without --api-auth: anyone on the network can use this server");
     }
-    let compute = device::select(a.device)?.with_precision(a.precision)?.with_vae_in_f32(a.no_half_vae);
+    let compute = a.compute.select()?;
     let opts = ServeOptions {
         models: ModelsDir::new(&a.models_dir),
         port: a.port,
@@ -57,7 +48,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         auth,
         cors_origins: a.cors_allow_origins,
         outdir: a.outdir,
-        training: TrainDevice { device: a.device, precision: a.precision },
+        training: TrainDevice { device: a.compute.device, precision: a.compute.precision },
     };
     if opts.models.checkpoints().is_empty() {
         eprintln!(

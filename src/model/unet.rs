@@ -152,11 +152,11 @@ impl SpatialTransformer {
     }
 }
 
-/// One down or up level: resnets, each followed by its attention on attention levels, then
-/// (on all levels but the last) a downsampler or an upsampler.
 /// Where [`Unet::forward_traced`] shows each layer's output.
 pub type Trace<'a> = &'a mut dyn FnMut(&str, &Tensor<4>);
 
+/// One down or up level: resnets, each followed by its attention on attention levels, then
+/// (on all levels but the last) a downsampler or an upsampler.
 #[derive(Module, Debug)]
 struct Level {
     resnets: Vec<ResnetBlock>,
