@@ -67,6 +67,11 @@ pub trait CpuOps: Backend {
     ) -> FloatTensor<Self>;
 }
 
+/// Whether sdw's CPU kernels are on (`SDW_CPU_KERNELS` is not `off`).
+pub fn enabled() -> bool {
+    *ENABLED
+}
+
 /// Whether our kernels take tensors like `x`: f32 on the flex device, no autodiff.
 pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
     on_flex(x) && x.dtype() == DType::F32
@@ -86,7 +91,7 @@ fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
 /// Whether sdw's kernels run on `device`: the flex device, with or without autodiff, unless
 /// `SDW_CPU_KERNELS=off`.
 fn kernels_on(device: &burn::tensor::Device) -> bool {
-    *ENABLED && matches!(device.clone().without_autodiff().as_dispatch(), DispatchDevice::Flex(_))
+    enabled() && matches!(device.clone().without_autodiff().as_dispatch(), DispatchDevice::Flex(_))
 }
 
 /// `x` in `dtype`. On the CPU an f16 tensor widens to f32 on every core with F16C: flex

@@ -318,10 +318,17 @@ fn rows_mut<const N: usize>(buffer: &mut [f32], len: usize) -> [&mut [f32]; N] {
 fn lanewise<const I: usize, const O: usize>(outs: [&mut [f32]; O], ins: [&[f32]; I], f: impl Fn([f32; I]) -> [f32; O]) {
     let n = outs.iter().map(|o| o.len()).chain(ins.iter().map(|i| i.len())).min().unwrap_or(0);
     let ins = ins.map(|i| &i[..n]);
-    let mut outs = outs.map(|o| &mut o[..n]);
+    let outs = outs.map(|o| &mut o[..n]);
+    // Index loops, not `array::map`: whether LLVM inlines `map` here varies from build to
+    // build, and a call per lane (`try_map`) made a VAE decode 1.3x slower.
+    let mut lane = [0f32; I];
     for i in 0..n {
-        for (out, value) in outs.iter_mut().zip(f(ins.map(|x| x[i]))) {
-            out[i] = value;
+        for j in 0..I {
+            lane[j] = ins[j][i];
+        }
+        let values = f(lane);
+        for j in 0..O {
+            outs[j][i] = values[j];
         }
     }
 }

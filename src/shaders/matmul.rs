@@ -30,6 +30,7 @@ use burn::cubecl::tune::{LocalTuner, Tunable, TunableSet, local_tuner};
 use burn::cubecl::{CubeCount, CubeDim, CubeKernel};
 use burn::nn::Linear;
 use burn::tensor::{DType, Shape, Tensor};
+use burn_flex::FlexTensor;
 
 use crate::cpu::cast;
 use crate::device::{CooperativeF16, f16_cooperative};
@@ -123,14 +124,14 @@ pub fn output_shape(lhs: &Shape, rhs: &Shape) -> Shape {
     Shape::from(dims)
 }
 
-/// `lhs · rhs`: on a WGSL device the fastest of sdw's shaders and burn's matmul, else burn's.
-/// Under autodiff (training) an untracked operand, a frozen weight, may be f16 while the
-/// tracked one is f32: it widens where it is used, and only the f16 original is kept for the
-/// backward pass (`matmul_grad`).
+/// `lhs · rhs`: on a WGSL device the fastest of sdw's shaders and burn's matmul, on the CPU
+/// sdw's product, else burn's. Under autodiff (training) an untracked operand, a frozen weight,
+/// may be f16 while the tracked one is f32: it widens where it is used, and only the f16
+/// original is kept for the backward pass (`matmul_grad`).
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     let tracked = tracked(&lhs, &rhs);
     let shaders = shader_may_run(&lhs, &rhs, tracked);
-    match (shaders && tuned(&lhs, &rhs), tracked) {
+    match (shaders && tuned(&lhs, &rhs), tracked || on_cpu(&lhs, &rhs)) {
         (true, _) => product(lhs, rhs, Kernel::Tuned),
         (false, true) => product(lhs, rhs, Kernel::Burn),
         (false, false) => lhs.matmul(rhs),
@@ -141,7 +142,7 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
 /// shape: a bias, then a residual, say): on a WGSL device one kernel, the fastest of sdw's
 /// shaders and burn's matmul and sums where the product is worth tuning, else sdw's tiled
 /// shader (one kernel where burn takes two or three; the sums dominate such a product, e.g. a
-/// LoRA's up factor of rank 4); elsewhere the product and the sums.
+/// LoRA's up factor of rank 4); elsewhere the product (on the CPU sdw's) and the sums.
 pub fn matmul_add<const D: usize>(
     lhs: Tensor<D>,
     rhs: Tensor<D>,
@@ -154,7 +155,7 @@ pub fn matmul_add<const D: usize>(
     // product's dtype.
     let shaders = shader_may_run(&lhs, &rhs, tracked)
         && addends().all(|t| super::takes(t) && (tracked || t.dtype() == lhs.dtype()));
-    let kernel = match (shaders, tracked) {
+    let kernel = match (shaders, tracked || on_cpu(&lhs, &rhs)) {
         (true, _) if tuned(&lhs, &rhs) => Kernel::Tuned,
         (true, _) => Kernel::Untuned,
         (false, true) => Kernel::Burn,
@@ -189,14 +190,15 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
 
 /// `l(x) + residual`, in `x`'s dtype: one `[rows, d_in] x [d_in, d_out]` product by
 /// [`matmul_add`] (the bias and the residual its addends: no kernel for either sum), as
-/// burn's `Linear` folds it (bigger tiles), where the shaders may run or `x` carries
-/// gradients; elsewhere burn's `Linear` (on the CPU, its folded product) and a sum. The
+/// burn's `Linear` folds it (bigger tiles), where the shaders may run, on the CPU (sdw's
+/// product) or where `x` carries gradients; elsewhere burn's `Linear` and a sum. The
 /// residual has the output's shape (a view that does not fold into rows is copied).
 pub fn linear_add<const D: usize>(l: &Linear, x: Tensor<D>, residual: Option<Tensor<D>>) -> Tensor<D> {
     let [d_in, d_out] = l.weight.dims();
     let rows: usize = x.dims()[..D - 1].iter().product();
     let tracked = x.device().is_autodiff();
-    if D < 2 || !(tracked || shader_may_run(&x, &x, false) && worth_tuning(rows, d_in, d_out)) {
+    let shaders = shader_may_run(&x, &x, false) && worth_tuning(rows, d_in, d_out);
+    if D < 2 || !(tracked || shaders || crate::cpu::applies(&x)) {
         return plus(in_dtype(l, x.dtype()).forward(x), residual);
     }
     let dtype = x.dtype();
@@ -224,6 +226,12 @@ pub fn matmul_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kerne
         assert!(TILES.contains(&tile), "the shaders have no {tile} x {tile} tile");
     }
     if tracked(&lhs, &rhs) || shader_may_run(&lhs, &rhs, false) { product(lhs, rhs, kernel) } else { lhs.matmul(rhs) }
+}
+
+/// Whether sdw's CPU product takes both operands (f32, untracked): it writes its output once,
+/// where burn-flex's matmul zeroes and copies it first (`cpu::product::matmul`).
+fn on_cpu<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>) -> bool {
+    D >= 2 && crate::cpu::applies(lhs) && crate::cpu::applies(rhs)
 }
 
 /// Whether either operand is on an autodiff device: the product then goes through sdw's op,
@@ -374,7 +382,39 @@ fn first_cause(e: &impl std::fmt::Display) -> String {
     text.lines().rev().find(useful).or(text.lines().next()).unwrap_or_default().trim().to_owned()
 }
 
-impl MatmulOps for Flex {}
+/// The CPU: sdw's product (`cpu::product::matmul`) for f32 operands, else burn's.
+impl MatmulOps for Flex {
+    fn sdw_matmul(lhs: FlexTensor, rhs: FlexTensor, _: Kernel) -> FlexTensor {
+        cpu_product(lhs, rhs, 1.0)
+    }
+
+    fn sdw_matmul_scaled(lhs: FlexTensor, rhs: FlexTensor, scale: f32, _: Kernel) -> FlexTensor {
+        cpu_product(lhs, rhs, scale)
+    }
+
+    fn sdw_matmul_add(lhs: FlexTensor, rhs: FlexTensor, addend: FlexTensor, _: Kernel) -> FlexTensor {
+        Flex::float_add(cpu_product(lhs, rhs, 1.0), addend)
+    }
+
+    fn sdw_matmul_add2(
+        lhs: FlexTensor,
+        rhs: FlexTensor,
+        addend: FlexTensor,
+        second: FlexTensor,
+        _: Kernel,
+    ) -> FlexTensor {
+        Flex::float_add(Flex::float_add(cpu_product(lhs, rhs, 1.0), addend), second)
+    }
+}
+
+/// `scale · lhs · rhs` on the CPU: sdw's product where it applies, else burn's.
+fn cpu_product(lhs: FlexTensor, rhs: FlexTensor, scale: f32) -> FlexTensor {
+    let ours = crate::cpu::enabled().then(|| crate::cpu::product::matmul(&lhs, &rhs, scale)).flatten();
+    ours.unwrap_or_else(|| {
+        let lhs = if scale == 1.0 { lhs } else { Flex::float_mul_scalar(lhs, scale.into()) };
+        Flex::float_matmul(lhs, rhs)
+    })
+}
 
 impl MatmulOps for CubeBackend {
     fn sdw_matmul(lhs: CubeTensor, rhs: CubeTensor, kernel: Kernel) -> CubeTensor {
