@@ -218,14 +218,20 @@ pub fn linear_add<const D: usize>(l: &Linear, x: Tensor<D>, residual: Option<Ten
 
 /// `lhs · rhs` by `kernel`, to test it: on a WGSL device it panics where the kernel cannot run
 /// the product ([`Kernel::Cooperative`] needs f16 and cooperative matrices, and
-/// [`Kernel::CooperativeDirect`] aligned operands that the fragments tile); elsewhere (the CPU,
-/// SPIR-V) it is burn's matmul. Under autodiff the gradients' products take the same shader
+/// [`Kernel::CooperativeDirect`] aligned operands that the fragments tile); on the CPU it is
+/// sdw's product, elsewhere (SPIR-V) burn's matmul. Under autodiff the gradients' products take the same shader
 /// (`Kernel::Tiled`) or the tuned choice.
 pub fn matmul_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Tensor<D> {
     if let Kernel::Tiled(tile) | Kernel::Cooperative(tile) | Kernel::CooperativeDirect(tile) = kernel {
         assert!(TILES.contains(&tile), "the shaders have no {tile} x {tile} tile");
     }
-    if tracked(&lhs, &rhs) || shader_may_run(&lhs, &rhs, false) { product(lhs, rhs, kernel) } else { lhs.matmul(rhs) }
+    if through_op(&lhs, &rhs) { product(lhs, rhs, kernel) } else { lhs.matmul(rhs) }
+}
+
+/// Whether the `*_with` products go through sdw's op, where the kernel they name applies:
+/// under autodiff, on a cubecl device, or on the CPU (sdw's product).
+fn through_op<const D: usize>(lhs: &Tensor<D>, rhs: &Tensor<D>) -> bool {
+    tracked(lhs, rhs) || shader_may_run(lhs, rhs, false) || on_cpu(lhs, rhs)
 }
 
 /// Whether sdw's CPU product takes both operands (f32, untracked): it writes its output once,
@@ -267,7 +273,7 @@ pub fn matmul_add_with<const D: usize>(
     kernel: Kernel,
 ) -> Tensor<D> {
     let autodiff = addend.device().is_autodiff() || second.as_ref().is_some_and(|t| t.device().is_autodiff());
-    if tracked(&lhs, &rhs) || autodiff || shader_may_run(&lhs, &rhs, false) {
+    if autodiff || through_op(&lhs, &rhs) {
         product_add(lhs, rhs, addend, second, kernel)
     } else {
         plus(lhs.matmul(rhs) + addend, second)
@@ -277,7 +283,7 @@ pub fn matmul_add_with<const D: usize>(
 /// `scale · lhs · rhs` by `kernel`, to test it, as [`matmul_with`] does the product (attention
 /// takes it at the backend's level, `MatmulOps::sdw_matmul_scaled`).
 pub fn matmul_scaled_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, scale: f32, kernel: Kernel) -> Tensor<D> {
-    if tracked(&lhs, &rhs) || shader_may_run(&lhs, &rhs, false) {
+    if through_op(&lhs, &rhs) {
         let (lhs, rhs) = (lhs.into_dispatch(), rhs.into_dispatch());
         Tensor::from_dispatch(burn::backend::Dispatch::sdw_matmul_scaled(lhs, rhs, scale, kernel))
     } else {
