@@ -1,11 +1,12 @@
-// interface: winograd_output 3 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// interface: winograd_output 4 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // winograd_output: the output transform of Winograd's F(m x m, 3x3), m = {{ out }} (see
 // winograd_input.wgsl), plus the bias and an addend where given (a residual, or a term per
 // channel: read through its strides, with stride 0 along broadcast dims). The n² products m[n k + l, o, t] =
 // Σ_c u[n k + l, o, c] v[n k + l, c, t] of a tile t and output channel o (n = m + 2), as an
 // n x n block M, become its m x m output pixels Aᵀ M A, with Aᵀ of F(2x2, 3x3) and of
-// F(4x4, 3x3) in at_2 and at_4, written into y = [batch, O, rows_out, w_out], the band's
-// output rows; pixels of a tile past the output's last row or column are dropped.
+// F(4x4, 3x3) in at_2 and at_4, written into the band's rows of y = [batch, O, height, w_out],
+// the whole output (each band writes its own rows: no band is copied into place after);
+// pixels of a tile past the output's last row or column are dropped.
 //
 // One thread per (o, t): neighbouring threads read neighbouring tiles. Arithmetic in f32.
 //
@@ -18,10 +19,10 @@
 @group(0) @binding(2) var<storage, read_write> y: array<{{ elem }}>;
 // The addend (y itself where there is none: it is not read then).
 @group(0) @binding(3) var<storage, read_write> addend: array<{{ elem }}>;
-// batch, channels (O), rows (of tiles), tiles_w, rows_out, w_out, the band's first row in
-// the whole output, whether the addend is given (1) or not (0), and its batch, channel, row
-// and column strides over the whole output.
-@group(0) @binding(4) var<uniform> info: array<vec4<u32>, 3>;
+// batch, channels (O), rows (of tiles), tiles_w, rows_out (the band's output rows), w_out,
+// the band's first row in the whole output, whether the addend is given (1) or not (0), and
+// its batch, channel, row and column strides over the whole output; the whole output's height.
+@group(0) @binding(4) var<uniform> info: array<vec4<u32>, 4>;
 // The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
 fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
@@ -85,8 +86,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         }
     }
     let offset = f32(bias[o]);
-    let plane = (b * channels + o) * rows_out;
     let first = word(6);
+    let plane = (b * channels + o) * word(12) + first;
     let given = word(7) == 1u;
     let addend_plane = b * word(8) + o * word(9);
     for (var a = 0u; a < OUT; a = a + 1u) {

@@ -130,13 +130,16 @@ pub fn output_shape(x: &Shape, weight: &Shape, plan: &Plan, flipped: &bool) -> S
 /// the CPU, the GPU's own thresholds are owed to a GPU run; not under `SDW_WINOGRAD=off`);
 /// under autodiff (training) a frozen weight and bias, which may be f16 where `x` is f32.
 /// F(4x4, 3x3) where the products are f32 (unless `SDW_WINOGRAD=2x2`), else F(2x2, 3x3), each
-/// only where its weights' transform fits one binding (`budget`).
+/// only where its weights' transform, built whole, fits `whole` bytes; the transforms of the
+/// input and the products are built in bands of at most `budget` bytes.
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     x: &Tensor<4>,
     weight: &Tensor<4>,
     bias: &Tensor<1>,
     padding: [usize; 4],
     stride: [usize; 2],
+    whole: usize,
     budget: usize,
 ) -> Option<Plan> {
     let ([batch, channels_in, height, width], [channels_out, _, kh, kw]) = (x.dims(), weight.dims());
@@ -148,7 +151,7 @@ pub fn plan(
         && frozen
         && crate::cpu::winograd::applies(&shape);
     let best = if x.dtype() == DType::F32 { crate::cpu::winograd::f32_tile() } else { Tile::F2 };
-    let fits = |tile: &Tile| tile.positions() * channels_in * channels_out * x.dtype().size() <= budget;
+    let fits = |tile: &Tile| tile.positions() * channels_in * channels_out * x.dtype().size() <= whole;
     [best, Tile::F2].into_iter().find(fits).filter(|_| takes).map(|tile| Plan { tile, padding, budget })
 }
 
@@ -237,16 +240,14 @@ fn convolve(
     let per_row = tile.positions() * channels_in.max(channels_out) * batch * width_out.div_ceil(m) * x.dtype.size();
     let band = (budget / per_row.max(1)).clamp(1, grid_rows);
     let u = weights(weight, tile, flipped, portable);
-    let mut outs: Vec<CubeTensor> = (0..grid_rows)
-        .step_by(band)
-        .map(|first| {
-            let band =
-                Band { tile, batch, top_left: [top, left], output: whole, first, rows: band.min(grid_rows - first) };
-            let m = tuned_or_burns::<CubeBackend>(u.clone(), input(&x, band, portable));
-            output(m, &bias, addend.as_ref(), band, portable)
-        })
-        .collect();
-    if outs.len() == 1 { outs.pop().unwrap() } else { cat::<CubeBackend>(outs, 2) }
+    // Each band writes its rows of the whole output: bands are never copied into place.
+    let out = super::empty_like(&x, out_shape);
+    for first in (0..grid_rows).step_by(band) {
+        let band = Band { tile, batch, top_left: [top, left], output: whole, first, rows: band.min(grid_rows - first) };
+        let m = tuned_or_burns::<CubeBackend>(u.clone(), input(&x, band, portable));
+        output(m, &bias, addend.as_ref(), &out, band, portable);
+    }
+    out
 }
 
 impl<B: WinogradOps, C: CheckpointStrategy> WinogradOps for Autodiff<B, C> {
@@ -334,10 +335,6 @@ fn dims(shape: &Shape) -> [usize; 4] {
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
-fn cat<B: Backend>(tensors: Vec<FloatTensor<B>>, dim: usize) -> FloatTensor<B> {
-    B::float_cat(tensors, dim)
-}
-
 /// `[O, C, 3, 3]` -> `[n², O, C]`, or `[n², C, O]` for the flipped, transposed weight.
 fn weights(weight: CubeTensor, tile: Tile, flipped: bool, portable: bool) -> CubeTensor {
     let weight = into_contiguous(weight);
@@ -373,31 +370,30 @@ fn input(x: &CubeTensor, band: Band, portable: bool) -> CubeTensor {
 }
 
 /// `[n², O, tiles]` plus the (contiguous) bias and the addend (seen at the whole output's
-/// shape) -> `[B, O, rows_out, W_out]`, the band's output rows.
-fn output(m: CubeTensor, bias: &CubeTensor, addend: Option<&CubeTensor>, band: Band, portable: bool) -> CubeTensor {
+/// shape) -> the band's output rows of `out`, the whole output `[B, O, H_out, W_out]`.
+fn output(m: CubeTensor, bias: &CubeTensor, addend: Option<&CubeTensor>, out: &CubeTensor, band: Band, portable: bool) {
     let m = into_contiguous(m);
     let channels = m.meta.shape()[1];
-    let out = super::empty_like(&m, Shape::from([band.batch, channels, band.rows_out(), band.output[1]]));
     let strides = addend.map_or([0; 4], |a| {
         let s = a.meta.strides();
         [s[0], s[1], s[2], s[3]]
     });
     let [rows_out, first_row] = [band.rows_out(), band.first * band.tile.out()];
     let (given, [sb, so, sy, sx]) = (addend.is_some() as usize, strides);
+    let [height, width] = band.output;
     let info =
-        [band.batch, channels, band.rows, band.columns(), rows_out, band.output[1], first_row, given, sb, so, sy, sx]
+        [band.batch, channels, band.rows, band.columns(), rows_out, width, first_row, given, sb, so, sy, sx, height]
             .map(index);
     let threads = channels * band.count();
     // Without an addend the bias takes its place: bound, not read.
     let addend = addend.unwrap_or(bias);
     if portable || !super::compiles_wgsl(&m) {
-        portable::output(&m, bias, addend, &out, info, band.tile, threads);
+        portable::output(&m, bias, addend, out, info, band.tile, threads);
     } else {
-        let buffers = [&m, bias, &out, addend].map(|t| t.handle.clone().binding());
+        let buffers = [&m, bias, out, addend].map(|t| t.handle.clone().binding());
         let (values, count) = (template_values(band.tile), workgroups(threads));
         super::launch_shader_with("winograd_output.wgsl", values, &m, count, buffers.into(), &info);
     }
-    out
 }
 
 /// A size or index as the kernels take it.
@@ -448,23 +444,23 @@ mod portable {
         bias: &CubeTensor,
         addend: &CubeTensor,
         y: &CubeTensor,
-        info: [u32; 12],
+        info: [u32; 13],
         tile: Tile,
         threads: usize,
     ) {
-        let [batch, channels, rows, tiles_w, rows_out, w_out, first, given, sb, so, sy, sx] = info;
+        let [batch, channels, rows, tiles_w, rows_out, w_out, first, given, sb, so, sy, sx, height] = info;
         let (count, dim) = (workgroups(threads), CubeDim::new_1d(WORKGROUP));
         let (client, dtype) = (&m.client, dtype_to_storage_type(m.dtype));
         let (m, bias, y) = (m.clone().into_tensor_arg(), bias.clone().into_tensor_arg(), y.clone().into_tensor_arg());
         let addend = addend.clone().into_tensor_arg();
         let out = tile.out() as u32;
-        let band = BandLaunch::new(rows, tiles_w, rows_out, w_out, first);
+        let band = BandLaunch::new(rows, tiles_w, rows_out, w_out, first, height);
         let strides = StridesLaunch::new(given, sb, so, sy, sx);
         winograd_output::launch(client, count, dim, m, bias, addend, y, batch, channels, band, strides, out, dtype);
     }
 
     /// The band an output kernel writes: its rows of tiles, tiles per row, output rows and
-    /// columns, and its first output row in the whole output.
+    /// columns, its first output row in the whole output, and the whole output's height.
     #[derive(CubeLaunch, CubeType)]
     struct Band {
         rows: u32,
@@ -472,6 +468,7 @@ mod portable {
         rows_out: u32,
         w_out: u32,
         first: u32,
+        height: u32,
     }
 
     /// The addend's strides over the whole output, and whether it is given (1) or not (0).
@@ -732,7 +729,7 @@ mod portable {
         }
         let mut pixels = Array::<f32>::new(side);
         let offset = f32::cast_from(bias[o as usize]);
-        let plane = (b * channels + o) * rows_out;
+        let plane = (b * channels + o) * band.height + band.first;
         let addend_plane = b * strides.batch + o * strides.channel;
         #[unroll]
         for a in 0..side {
