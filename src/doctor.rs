@@ -438,7 +438,7 @@ fn winograd_check(side: usize, tile: Tile, portable: bool) -> Op {
         }
         let run = if portable { winograd::conv3x3_portable } else { winograd::conv3x3 };
         let bias = c.bias.as_ref().expect("a bias").val();
-        let plan = winograd::Plan { tile, padding: [1; 4], budget: crate::model::budget::bytes() };
+        let plan = winograd::Plan { tile, padding: [1; 4], budget: crate::model::budget::current().part };
         to_host(run(x, c.weight.val(), bias, Some(residual), plan))
     })
 }

@@ -38,7 +38,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, causal:
     if !causal && !*NAIVE && crate::cpu::applies(&q) {
         return crate::cpu::attention(q, k, v, heads);
     }
-    attention_with_budget(q, k, v, heads, causal, super::budget::bytes())
+    attention_with_budget(q, k, v, heads, causal, super::budget::current().part)
 }
 
 /// burn's attention op with an explicit score budget in bytes (the CPU kernel has none: it

@@ -3,8 +3,8 @@
 //! single storage binding is capped (128 MiB on lavapipe and many iGPUs, where SD 1.5
 //! self-attention at 64x64 latents would need 512 MiB of scores per image), and every
 //! temporary adds to the GPU memory a step or a decode peaks at, so ops split what they
-//! build (query chunks, bands of output rows) into parts of at most [`bytes`]. What an op
-//! must build whole (Winograd's weights' transform) may take up to [`whole_bytes`].
+//! build (query chunks, bands of output rows) into parts of at most [`Budget::part`]. What an
+//! op must build whole (Winograd's weights' transform) may take up to [`Budget::whole`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -44,14 +44,18 @@ fn on_gpu(binding: usize, band_mib: Option<usize>) -> (usize, usize) {
     (part.clamp(1 << 20, whole), whole)
 }
 
-/// The bytes one part of a temporary (a chunk of scores, a band of columns) may take.
-pub fn bytes() -> usize {
-    PART.load(Ordering::Relaxed)
+/// The bytes one op's temporaries may take on the current device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// One part of a temporary built in parts (a chunk of scores, a band of columns).
+    pub part: usize,
+    /// A temporary built whole (Winograd's weights' transform).
+    pub whole: usize,
 }
 
-/// The bytes a temporary built whole (Winograd's weights' transform) may take.
-pub fn whole_bytes() -> usize {
-    WHOLE.load(Ordering::Relaxed)
+/// The budget [`fit`] set (the CPU's where it never ran).
+pub fn current() -> Budget {
+    Budget { part: PART.load(Ordering::Relaxed), whole: WHOLE.load(Ordering::Relaxed) }
 }
 
 #[cfg(test)]

@@ -61,11 +61,11 @@ pub fn conv_add(c: &Conv2d, x: Tensor<4>, addend: Option<Tensor<4>>) -> Tensor<4
         // burn's matmul sums f16 products in f32, so f16 stays f16 on the GPU.
         let c = if tracked { Cow::Borrowed(c) } else { in_dtype(c, x.dtype()) };
         if let Some((weight, bias, padding)) = ours(&c) {
-            let (whole, budget) = (super::budget::whole_bytes(), super::budget::bytes());
-            if let Some(plan) = winograd::plan(&x, &weight, &bias, padding, c.stride, whole, budget) {
+            let budget = super::budget::current();
+            if let Some(plan) = winograd::plan(&x, &weight, &bias, padding, c.stride, budget) {
                 return winograd::conv3x3(x, weight, bias, addend, plan);
             }
-            return as_product(x, weight, bias, padding, c.stride, budget, addend);
+            return as_product(x, weight, bias, padding, c.stride, budget.part, addend);
         }
     }
     let dtype = x.dtype();

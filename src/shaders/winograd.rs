@@ -33,6 +33,7 @@ use super::matmul::tuned_or_burns;
 use super::widen;
 use super::{WORKGROUP, workgroups};
 pub use crate::cpu::winograd::Tile;
+use crate::model::budget::Budget;
 
 /// The shaders' `{{ out }}` for `tile`.
 fn template_values(tile: Tile) -> &'static [(&'static str, &'static str)] {
@@ -130,17 +131,15 @@ pub fn output_shape(x: &Shape, weight: &Shape, plan: &Plan, flipped: &bool) -> S
 /// the CPU, the GPU's own thresholds are owed to a GPU run; not under `SDW_WINOGRAD=off`);
 /// under autodiff (training) a frozen weight and bias, which may be f16 where `x` is f32.
 /// F(4x4, 3x3) where the products are f32 (unless `SDW_WINOGRAD=2x2`), else F(2x2, 3x3), each
-/// only where its weights' transform, built whole, fits `whole` bytes; the transforms of the
-/// input and the products are built in bands of at most `budget` bytes.
-#[allow(clippy::too_many_arguments)]
+/// only where its weights' transform, built whole, fits `budget.whole`; the transforms of the
+/// input and the products are built in bands of at most `budget.part` bytes.
 pub fn plan(
     x: &Tensor<4>,
     weight: &Tensor<4>,
     bias: &Tensor<1>,
     padding: [usize; 4],
     stride: [usize; 2],
-    whole: usize,
-    budget: usize,
+    budget: Budget,
 ) -> Option<Plan> {
     let ([batch, channels_in, height, width], [channels_out, _, kh, kw]) = (x.dims(), weight.dims());
     let shape =
@@ -151,7 +150,8 @@ pub fn plan(
         && frozen
         && crate::cpu::winograd::applies(&shape);
     let best = if x.dtype() == DType::F32 { crate::cpu::winograd::f32_tile() } else { Tile::F2 };
-    let fits = |tile: &Tile| tile.positions() * channels_in * channels_out * x.dtype().size() <= whole;
+    let fits = |tile: &Tile| tile.positions() * channels_in * channels_out * x.dtype().size() <= budget.whole;
+    let budget = budget.part;
     [best, Tile::F2].into_iter().find(fits).filter(|_| takes).map(|tile| Plan { tile, padding, budget })
 }
 
