@@ -30,18 +30,18 @@ static WHOLE: AtomicUsize = AtomicUsize::new(CPU);
 pub fn fit(max_binding: Option<usize>) {
     if let Some(binding) = max_binding {
         let band_mib = std::env::var("SDW_BAND_MIB").ok().and_then(|m| m.parse().ok());
-        let (part, whole) = on_gpu(binding, band_mib);
-        WHOLE.store(whole, Ordering::Relaxed);
-        PART.store(part, Ordering::Relaxed);
+        let budget = on_gpu(binding, band_mib);
+        WHOLE.store(budget.whole, Ordering::Relaxed);
+        PART.store(budget.part, Ordering::Relaxed);
     }
 }
 
-/// (part, whole) in bytes for a GPU whose largest binding is `binding` bytes, with parts of
-/// `band_mib` MiB where given.
-fn on_gpu(binding: usize, band_mib: Option<usize>) -> (usize, usize) {
+/// The budget of a GPU whose largest binding is `binding` bytes, with parts of `band_mib` MiB
+/// where given.
+fn on_gpu(binding: usize, band_mib: Option<usize>) -> Budget {
     let whole = (binding / 2).clamp(1 << 20, 256 << 20);
-    let part = band_mib.map_or(GPU_PART, |m| m << 20);
-    (part.clamp(1 << 20, whole), whole)
+    let part = band_mib.map_or(GPU_PART, |m| m << 20).clamp(1 << 20, whole);
+    Budget { part, whole }
 }
 
 /// The bytes one op's temporaries may take on the current device.
@@ -60,20 +60,24 @@ pub fn current() -> Budget {
 
 #[cfg(test)]
 mod tests {
-    use super::on_gpu;
+    use super::{Budget, on_gpu};
 
     const MIB: usize = 1 << 20;
+
+    fn mib(part: usize, whole: usize) -> Budget {
+        Budget { part: part * MIB, whole: whole * MIB }
+    }
 
     #[test]
     fn parts_stay_within_a_binding_and_the_gpu_part() {
         // lavapipe binds 128 MiB: whole temporaries up to half of it.
-        assert_eq!(on_gpu(128 * MIB, None), (32 * MIB, 64 * MIB));
-        assert_eq!(on_gpu(32 * MIB, None), (16 * MIB, 16 * MIB));
+        assert_eq!(on_gpu(128 * MIB, None), mib(32, 64));
+        assert_eq!(on_gpu(32 * MIB, None), mib(16, 16));
         // A large GPU: whole temporaries up to 256 MiB, parts of 32 MiB unless asked otherwise.
-        assert_eq!(on_gpu(4096 * MIB, None), (32 * MIB, 256 * MIB));
-        assert_eq!(on_gpu(4096 * MIB, Some(256)), (256 * MIB, 256 * MIB));
+        assert_eq!(on_gpu(4096 * MIB, None), mib(32, 256));
+        assert_eq!(on_gpu(4096 * MIB, Some(256)), mib(256, 256));
         // A part never exceeds half a binding, nor falls under 1 MiB.
-        assert_eq!(on_gpu(128 * MIB, Some(256)), (64 * MIB, 64 * MIB));
-        assert_eq!(on_gpu(4096 * MIB, Some(0)), (MIB, 256 * MIB));
+        assert_eq!(on_gpu(128 * MIB, Some(256)), mib(64, 64));
+        assert_eq!(on_gpu(4096 * MIB, Some(0)), mib(1, 256));
     }
 }

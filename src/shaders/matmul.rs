@@ -219,8 +219,8 @@ pub fn linear_add<const D: usize>(l: &Linear, x: Tensor<D>, residual: Option<Ten
 /// `lhs · rhs` by `kernel`, to test it: on a WGSL device it panics where the kernel cannot run
 /// the product ([`Kernel::Cooperative`] needs f16 and cooperative matrices, and
 /// [`Kernel::CooperativeDirect`] aligned operands that the fragments tile); on the CPU it is
-/// sdw's product, elsewhere (SPIR-V) burn's matmul. Under autodiff the gradients' products take the same shader
-/// (`Kernel::Tiled`) or the tuned choice.
+/// sdw's product, elsewhere (SPIR-V) burn's matmul. Under autodiff the gradients' products
+/// take the same shader (`Kernel::Tiled`) or the tuned choice.
 pub fn matmul_with<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>, kernel: Kernel) -> Tensor<D> {
     if let Kernel::Tiled(tile) | Kernel::Cooperative(tile) | Kernel::CooperativeDirect(tile) = kernel {
         assert!(TILES.contains(&tile), "the shaders have no {tile} x {tile} tile");

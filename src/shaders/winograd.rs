@@ -234,7 +234,7 @@ fn convolve(
     // Seen at the output's shape: broadcast dims with stride 0, no copy.
     let addend = addend.map(|a| CubeBackend::float_expand(widen::<CubeBackend>(a, x.dtype), out_shape.clone()));
     let ([batch, channels_in, ..], [_, channels_out, height_out, width_out]) = (dims(x.meta.shape()), dims(&out_shape));
-    let whole = [height_out, width_out];
+    let size = [height_out, width_out];
     let m = tile.out();
     let grid_rows = height_out.div_ceil(m);
     let per_row = tile.positions() * channels_in.max(channels_out) * batch * width_out.div_ceil(m) * x.dtype.size();
@@ -243,7 +243,7 @@ fn convolve(
     // Each band writes its rows of the whole output: bands are never copied into place.
     let out = super::empty_like(&x, out_shape);
     for first in (0..grid_rows).step_by(band) {
-        let band = Band { tile, batch, top_left: [top, left], output: whole, first, rows: band.min(grid_rows - first) };
+        let band = Band { tile, batch, top_left: [top, left], output: size, first, rows: band.min(grid_rows - first) };
         let m = tuned_or_burns::<CubeBackend>(u.clone(), input(&x, band, portable));
         output(m, &bias, addend.as_ref(), &out, band, portable);
     }
