@@ -1,8 +1,13 @@
-// interface: group_norm 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// interface: group_norm 3 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // GroupNorm (+ SiLU): y = (x - mean) / sqrt(var + eps) * gamma[c] + beta[c], then
 // optionally y * sigmoid(y). Replaces burn's group_norm (mean, var, affine) followed by
 // silu: one kernel, one read of statistics per group instead of several passes of
 // separate kernels.
+// Or, told to (`maps`), the normalization as one affine map per (batch item, channel) instead
+// of y: a = gamma[c] / sqrt(var + eps) and s = beta[c] - mean a, as f32 pairs (a, s) into
+// `affine` ([B, C, 2]; y is not written). A kernel that reads x through them
+// (winograd_input.wgsl) then normalizes as it reads, and y is never stored. The pairs are
+// f32: in f16, s would lose several roundings where the mean is large against the spread.
 //
 // One workgroup per (batch item, group); its threads stride over the group's
 // channels x pixels (contiguous in NCHW). Mean first, then the variance of (x - mean):
@@ -16,8 +21,9 @@
 @group(0) @binding(1) var<storage, read_write> gamma: array<{{ elem }}>;
 @group(0) @binding(2) var<storage, read_write> beta: array<{{ elem }}>;
 @group(0) @binding(3) var<storage, read_write> y: array<{{ elem }}>;
-// channels, pixels per channel, groups, apply SiLU (0/1), bits of eps as f32
-@group(0) @binding(4) var<uniform> info: array<vec4<u32>, 2>;
+@group(0) @binding(4) var<storage, read_write> affine: array<f32>;
+// channels, pixels per channel, groups, apply SiLU (0/1), bits of eps as f32, maps (0/1)
+@group(0) @binding(5) var<uniform> info: array<vec4<u32>, 2>;
 // The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
 fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
@@ -64,6 +70,17 @@ fn main(@builtin(workgroup_id) group_id: vec3<u32>, @builtin(local_invocation_in
     }
     let variance = workgroup_sum(local, squares) / f32(count);
     let inv_std = inverseSqrt(variance + bitcast<f32>(word(4)));
+
+    if (word(5) != 0u) {
+        for (var i = local; i < per_group; i = i + WORKGROUP) {
+            let c = group * per_group + i;
+            let a = inv_std * f32(gamma[c]);
+            let at = 2u * (item * channels + c);
+            affine[at] = a;
+            affine[at + 1u] = f32(beta[c]) - mean * a;
+        }
+        return;
+    }
 
     for (var i = local; i < count; i = i + WORKGROUP) {
         let c = group * per_group + i / pixels;

@@ -1,10 +1,15 @@
-// interface: winograd_input 2 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
+// interface: winograd_input 3 (the bindings and sizes sdw passes; a --shader-dir file must name the same)
 // winograd_input: the input transform of Winograd's F(m x m, 3x3) (Lavin & Gray, 2015),
 // m = {{ out }}, for a 3x3 convolution at stride 1, over one band of tile rows. A tile is an
 // m x m block of output pixels; the n x n block of input under it (n = m + 2), d, becomes
 // V = Bᵀ d B, with Bᵀ of F(2x2, 3x3) and of F(4x4, 3x3) in bt_2 and bt_4, and
 // v[n k + l, c, t] = V[k][l] of channel c under tile t = (b * rows + r) * tiles_w + q
 // (tile row ty0 + r and column q of item b). d is zero in the padding and past the input.
+// What d holds of x may first go through what the layer before the convolution would have
+// written, so that its output is never stored: a nearest-neighbour 2x upsampling (x is read
+// at half the size; an upsampler's convolution), then a GroupNorm as the affine map of its
+// channel (`affine`: a, s per (item, channel) from group_norm.wgsl) and SiLU (a ResNet's
+// convolutions).
 // With winograd_weights.wgsl and winograd_output.wgsl it replaces im2col.wgsl and the product
 // over its columns (9x the input) by n² products over V: F(2x2, 3x3) does 4/9 of the
 // multiplications over 4x the input, F(4x4, 3x3) 1/4 of them over 2.25x the input.
@@ -16,9 +21,11 @@
 {{ extensions }}
 
 @group(0) @binding(0) var<storage, read_write> x: array<{{ elem }}>;
-@group(0) @binding(1) var<storage, read_write> v: array<{{ elem }}>;
-// batch, channels, height, width, top, left, ty0, rows, tiles_w
-@group(0) @binding(2) var<uniform> info: array<vec4<u32>, 3>;
+@group(0) @binding(1) var<storage, read_write> affine: array<f32>;
+@group(0) @binding(2) var<storage, read_write> v: array<{{ elem }}>;
+// batch, channels, height, width (the convolution's input: twice x's when upsampling), top,
+// left, ty0, rows, tiles_w, upsample (0/1), normalize (0/1: the affine map, then SiLU)
+@group(0) @binding(3) var<uniform> info: array<vec4<u32>, 3>;
 // The i-th value of `info`: cubecl's info uniform, bound after the buffers, packs them four to a row.
 fn word(i: u32) -> u32 { return info[i / 4u][i % 4u]; }
 
@@ -58,6 +65,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let ty0 = word(6);
     let rows = word(7);
     let tiles_w = word(8);
+    let upsample = word(9);
+    let normalize = word(10) != 0u;
 
     // Workgroups beyond 65535 spill over into y.
     let thread = gid.x + gid.y * groups.x * WORKGROUP;
@@ -73,7 +82,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 
     // The n x n block in padded coordinates, column by column: rows m (ty0 + r) + i, columns
     // m q + j; the padding is `top` rows and `left` columns of zeros.
-    let plane = (b * channels + c) * height * width;
+    // x's plane of channel c, and its own width (half the input's when upsampling).
+    let x_width = width >> upsample;
+    let plane = (b * channels + c) * (height >> upsample) * x_width;
+    var scale = 0.0;
+    var shift = 0.0;
+    if (normalize) {
+        scale = affine[2u * (b * channels + c)];
+        shift = affine[2u * (b * channels + c) + 1u];
+    }
     let y_first = OUT * (ty0 + r);
     let x_first = OUT * q;
     var d: array<array<f32, IN>, IN>;
@@ -83,7 +100,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             let y = y_first + i;
             var value = 0.0;
             if (y >= top && y - top < height && xx >= left && xx - left < width) {
-                value = f32(x[plane + (y - top) * width + (xx - left)]);
+                value = f32(x[plane + ((y - top) >> upsample) * x_width + ((xx - left) >> upsample)]);
+                if (normalize) {
+                    value = value * scale + shift;
+                    value = value / (1.0 + exp(-value));
+                }
             }
             d[j][i] = value;
         }

@@ -22,7 +22,7 @@ use rand_distr::{Distribution, Normal};
 use crate::device::{Compute, Dtypes};
 use crate::model::attention::attention;
 use crate::model::attention_tuned;
-use crate::model::conv::conv;
+use crate::model::conv::{conv, normalized_conv_add, upsampled_conv};
 use crate::model::layers::{geglu, gelu, layer_norm, to_host, upsample_nearest_2x, upsample_nearest_to};
 use crate::model::unet::Trace;
 use crate::pipeline::StableDiffusion;
@@ -151,6 +151,24 @@ pub fn checks(size: usize) -> Vec<Check> {
             );
         }
     }
+    // The layers a GPU's Winograd input kernel does as it reads (`model::conv`), and the CPU
+    // as layers of their own: a ResNet's GroupNorm and SiLU, an upsampler's 2x upsampling.
+    // At 16x16 or more, so that Winograd's kernels take the convolution (512 output pixels).
+    let t = s.max(16);
+    add(
+        format!("group norm + SiLU, conv 3x3 320->320 + res. at {t}x{t} (a ResNet's)"),
+        Box::new(move |d| {
+            let x = input([2, 320, t, t], 24, d).mul_scalar(3.0).add_scalar(1.0);
+            let residual = input([2, 320, t, t], 119, d);
+            to_host(normalized_conv_add(&conv2d(320, 320, 3, 1, 10, d), &norm(320, 25, d), x, Some(residual)))
+        }),
+    );
+    add(
+        format!("upsample 2x, conv 3x3 320->320 at {0}x{0} -> {t}x{t} (an upsampler's)", t / 2),
+        Box::new(move |d| {
+            to_host(upsampled_conv(&conv2d(320, 320, 3, 1, 10, d), input([2, 320, t / 2, t / 2], 26, d)))
+        }),
+    );
     // burn's ops and sdw's kernels (the WGSL shader or, on a SPIR-V device, its cube twin;
     // the cube twin forced; the CPU kernel) on the same input: each must agree.
     let group_norms: [(&str, GroupNormFn); 3] = [
@@ -438,7 +456,8 @@ fn winograd_check(side: usize, tile: Tile, portable: bool) -> Op {
         }
         let run = if portable { winograd::conv3x3_portable } else { winograd::conv3x3 };
         let bias = c.bias.as_ref().expect("a bias").val();
-        let plan = winograd::Plan { tile, padding: [1; 4], budget: crate::model::budget::current().part };
+        let plan =
+            winograd::Plan { tile, padding: [1; 4], budget: crate::model::budget::current().part, upsample: false };
         to_host(run(x, c.weight.val(), bias, Some(residual), plan))
     })
 }

@@ -33,12 +33,44 @@ pub fn group_norm_silu(
         let (mean, rstd) = statistics(x, epsilon);
         let first = (i % groups) * per_group;
         for (c, (x, out)) in x.chunks_exact(pixels).zip(out.chunks_exact_mut(pixels)).enumerate() {
-            // (x - mean) * rstd * gamma + beta, as x * scale + shift.
-            let scale = rstd * gamma[first + c] as f64;
-            let shift = beta[first + c] as f64 - mean * scale;
-            affine(x, out, scale as f32, shift as f32, with_silu);
+            let (scale, shift) = channel_map(mean, rstd, gamma[first + c], beta[first + c]);
+            affine(x, out, scale, shift, with_silu);
         }
     });
+}
+
+/// [`group_norm_silu`]'s normalization as one affine map (scale, shift) per (batch item,
+/// channel), `[batch, channels, 2]` row-major: the norm's output is `x * scale + shift`.
+pub fn affine_maps(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    [batch, channels, pixels]: [usize; 3],
+    groups: usize,
+    epsilon: f32,
+) -> Vec<f32> {
+    assert!(groups > 0 && channels.is_multiple_of(groups), "{channels} channels in {groups} groups");
+    assert_eq!((gamma.len(), beta.len(), x.len()), (channels, channels, batch * channels * pixels));
+    let per_group = channels / groups;
+    let mut maps = vec![0f32; 2 * batch * channels];
+    if pixels == 0 {
+        return maps;
+    }
+    x.par_chunks(per_group * pixels).zip(maps.par_chunks_mut(2 * per_group)).enumerate().for_each(|(i, (x, maps))| {
+        let (mean, rstd) = statistics(x, epsilon);
+        let first = (i % groups) * per_group;
+        for (c, map) in maps.chunks_exact_mut(2).enumerate() {
+            let (scale, shift) = channel_map(mean, rstd, gamma[first + c], beta[first + c]);
+            map.copy_from_slice(&[scale, shift]);
+        }
+    });
+    maps
+}
+
+/// (x - mean) * rstd * gamma + beta as x * scale + shift: (scale, shift).
+fn channel_map(mean: f64, rstd: f64, gamma: f32, beta: f32) -> (f32, f32) {
+    let scale = rstd * gamma as f64;
+    (scale as f32, (beta as f64 - mean * scale) as f32)
 }
 
 /// The gradient of [`group_norm_silu`]'s input from its output's gradient `grad`, for `gamma`

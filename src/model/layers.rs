@@ -6,9 +6,8 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::rc::Rc;
 
-use super::conv::{conv, conv_add};
+use super::conv::{conv, normalized_conv_add};
 use crate::device::Dtypes;
-use crate::shaders::group_norm;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, PaddingConfig2d};
@@ -355,12 +354,12 @@ impl ResnetBlock {
             }
             _ => None,
         };
-        let h = conv_add(&self.conv1, group_norm::forward(&self.norm1, x.clone(), true), time);
+        let h = normalized_conv_add(&self.conv1, &self.norm1, x.clone(), time);
         let skip = match &self.conv_shortcut {
             Some(shortcut) => conv(shortcut, x),
             None => x,
         };
-        conv_add(&self.conv2, group_norm::forward(&self.norm2, h, true), Some(skip))
+        normalized_conv_add(&self.conv2, &self.norm2, h, Some(skip))
     }
 }
 

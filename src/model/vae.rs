@@ -11,8 +11,8 @@ use crate::shaders::group_norm;
 use crate::weights::WeightsError;
 
 use super::attention::attention;
-use super::conv::conv;
-use super::layers::{Loader, ResnetBlock, upsample_nearest_2x};
+use super::conv::{conv, upsampled_conv};
+use super::layers::{Loader, ResnetBlock};
 
 const EPS: f64 = 1e-6;
 /// Latents are scaled by this before the UNet sees them (SD 1.x `scaling_factor`).
@@ -135,7 +135,7 @@ impl Coder {
                 h = conv(downsampler, h);
             }
             if let Some(upsampler) = &level.upsampler {
-                h = conv(upsampler, upsample_nearest_2x(h));
+                h = upsampled_conv(upsampler, h);
             }
         }
         h

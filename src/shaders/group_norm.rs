@@ -7,6 +7,11 @@
 //! autodiff of its GroupNorm, SiLU and LayerNorm took ~35 kernels per norm, about a quarter of
 //! a LoRA step's 11,600 kernels (BENCHMARKS.md). Elsewhere — other dtypes, trainable γ or β — it
 //! is burn's `GroupNorm` and `silu`, which all the kernels are tested against.
+//!
+//! A norm can also hand its statistics to the kernel that reads its output, as one affine map
+//! per (batch item, channel) ([`affine`], the same shader told to): Winograd's input
+//! kernel then normalizes as it reads (`shaders::winograd::normalized_conv3x3`), and the norm's
+//! output is never stored.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -17,8 +22,8 @@ use burn::backend::{Autodiff, Backend, Flex, backend_extension, tensor::FloatTen
 use burn::cubecl::CubeCount;
 use burn::module::Param;
 use burn::nn::{GroupNorm, LayerNorm};
-use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
+use burn::tensor::{DType, Tensor};
 use burn_flex::FlexTensor;
 
 use crate::cpu::{self, f32_tensor, f32s};
@@ -49,6 +54,23 @@ pub trait GroupNormOps: Backend {
         epsilon: f64,
         with_silu: bool,
     ) -> FloatTensor<Self>;
+
+    /// `group_norm_silu`'s normalization of `x` `[B, C, ..]` as one affine map per (item,
+    /// channel), `[B, C, 2]` in f32: (a, s) such that the norm's output is `a x + s`.
+    #[fusion(dtype = DType::F32, shape = affine_shape(x))]
+    fn group_norm_affine(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        portable: bool,
+    ) -> FloatTensor<Self>;
+}
+
+/// `[B, C, 2]` for `x` `[B, C, ..]`.
+fn affine_shape(x: &burn::tensor::Shape) -> burn::tensor::Shape {
+    burn::tensor::Shape::from([x[0], x[1], 2])
 }
 
 /// `norm(x)`, then SiLU when `with_silu`: our kernel where it applies, burn's ops otherwise.
@@ -78,6 +100,32 @@ fn ours(norm: &GroupNorm, x: Tensor<4>, with_silu: bool, portable: bool) -> Tens
         }
         _ => reference(&norm, x, with_silu),
     }
+}
+
+/// The affine maps of `norm` over `x`, `[B, C, 2]` f32 (see [`GroupNormOps::group_norm_affine`]),
+/// where our kernels take `x` (a GPU's, the CPU backend's) and `norm` has γ and β.
+pub fn affine(norm: &GroupNorm, x: &Tensor<4>) -> Option<Tensor<3>> {
+    maps(norm, x, false)
+}
+
+/// [`affine`] by the `#[cube]` kernel on every wgpu device, as [`forward_portable`].
+pub fn affine_portable(norm: &GroupNorm, x: &Tensor<4>) -> Option<Tensor<3>> {
+    maps(norm, x, true)
+}
+
+fn maps(norm: &GroupNorm, x: &Tensor<4>, portable: bool) -> Option<Tensor<3>> {
+    let norm = in_dtype(norm, x.dtype());
+    let (gamma, beta) = (norm.gamma.as_ref()?, norm.beta.as_ref()?);
+    uses_kernel(x, gamma, beta).then(|| {
+        Tensor::from_dispatch(burn::backend::Dispatch::group_norm_affine(
+            x.clone().into_dispatch(),
+            gamma.val().into_dispatch(),
+            beta.val().into_dispatch(),
+            norm.num_groups,
+            norm.epsilon,
+            portable,
+        ))
+    })
 }
 
 /// `n` with this `epsilon` (burn's `LayerNorm` keeps its own private) applied to `x`
@@ -138,7 +186,7 @@ impl GroupNormOps for CubeBackend {
         if portable || !super::compiles_wgsl(&x) {
             portable::launch(&x, &gamma, &beta, &out, &problem, count);
         } else {
-            launch_wgsl(&x, &gamma, &beta, &out, &problem, count);
+            launch_wgsl([&x, &gamma, &beta, &out, &super::f32_stand_in(&x)], false, &problem, count);
         }
         out
     }
@@ -157,6 +205,26 @@ impl GroupNormOps for CubeBackend {
         let dx = super::empty_like(&x, x.meta.shape().clone());
         portable::launch_grad(&x, &gamma, &beta, &grad, &dx, &problem, count);
         dx
+    }
+
+    fn group_norm_affine(
+        x: CubeTensor,
+        gamma: CubeTensor,
+        beta: CubeTensor,
+        groups: usize,
+        epsilon: f64,
+        portable: bool,
+    ) -> CubeTensor {
+        let (x, gamma, beta) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta));
+        let (problem, count) = problem(&x, groups, epsilon, false);
+        let out = super::empty_f32(&x, affine_shape(x.meta.shape()));
+        if portable || !super::compiles_wgsl(&x) {
+            portable::launch_affine(&x, &gamma, &beta, &out, &problem, count);
+        } else {
+            // `y` is not written: `x` stands in for it.
+            launch_wgsl([&x, &gamma, &beta, &x, &out], true, &problem, count);
+        }
+        out
     }
 }
 
@@ -183,10 +251,12 @@ fn problem(x: &CubeTensor, groups: usize, epsilon: f64, with_silu: bool) -> (Pro
     (problem, CubeCount::Static((dims[0] * groups) as u32, 1, 1))
 }
 
-fn launch_wgsl(x: &CubeTensor, gamma: &CubeTensor, beta: &CubeTensor, out: &CubeTensor, p: &Problem, count: CubeCount) {
-    let info = [p.channels, p.pixels, p.groups, p.with_silu as u32, p.epsilon.to_bits()];
-    let buffers = [x, gamma, beta, out].map(|t| t.handle.clone().binding());
-    super::launch_shader("group_norm.wgsl", x, count, buffers.into(), &info);
+/// `shaders/group_norm.wgsl` on its `[x, gamma, beta, y, affine]`: writing `y`, or the maps
+/// into `affine` when `maps`.
+fn launch_wgsl(tensors: [&CubeTensor; 5], maps: bool, p: &Problem, count: CubeCount) {
+    let info = [p.channels, p.pixels, p.groups, p.with_silu as u32, p.epsilon.to_bits(), maps as u32];
+    let buffers = tensors.map(|t| t.handle.clone().binding());
+    super::launch_shader("group_norm.wgsl", tensors[0], count, buffers.into(), &info);
 }
 
 /// `shaders/group_norm.wgsl` as a `#[cube]` kernel, which cubecl compiles for any runtime
@@ -231,6 +301,29 @@ mod portable {
             out.clone().into_tensor_arg(),
             sizes(p),
             p.with_silu,
+            WORKGROUP as usize,
+            dtype_to_storage_type(x.dtype),
+        );
+    }
+
+    /// The affine maps' kernel, `group_norm_affine`, on the forward kernel's dispatch.
+    pub(super) fn launch_affine(
+        x: &CubeTensor,
+        gamma: &CubeTensor,
+        beta: &CubeTensor,
+        affine: &CubeTensor,
+        p: &Problem,
+        count: CubeCount,
+    ) {
+        group_norm_affine::launch(
+            &x.client,
+            count,
+            CubeDim::new_1d(WORKGROUP),
+            x.clone().into_tensor_arg(),
+            gamma.clone().into_tensor_arg(),
+            beta.clone().into_tensor_arg(),
+            affine.clone().into_tensor_arg(),
+            sizes(p),
             WORKGROUP as usize,
             dtype_to_storage_type(x.dtype),
         );
@@ -289,6 +382,35 @@ mod portable {
                 v /= 1.0f32 + (-v).exp();
             }
             y[base + i] = F::cast_from(v);
+            i += workgroup;
+        }
+    }
+
+    /// `shaders/group_norm.wgsl` told to write the maps: the group's statistics as one map
+    /// (a, s) per channel, a = γ · inv_std and s = β - mean · a, into `affine` `[B, C, 2]`.
+    #[cube(launch)]
+    fn group_norm_affine<F: Float>(
+        x: &Tensor<F>,
+        gamma: &Tensor<F>,
+        beta: &Tensor<F>,
+        affine: &mut Tensor<f32>,
+        s: Sizes,
+        #[comptime] workgroup: usize,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let (base, count, first) = this_group(s.channels, s.pixels, s.groups);
+        let local = UNIT_POS_X as usize;
+        let mut partial = Shared::<[f32]>::new_slice(workgroup);
+        let (mean, inv_std) = statistics(x, base, count, s.epsilon, &mut partial, local);
+        let (channels, per_group) = (s.channels as usize, (s.channels / s.groups) as usize);
+        let item = (CUBE_POS_X / s.groups) as usize;
+        let mut i = local;
+        while i < per_group {
+            let c = first + i;
+            let a = inv_std * f32::cast_from(gamma[c]);
+            let at = 2 * (item * channels + c);
+            affine[at] = a;
+            affine[at + 1] = f32::cast_from(beta[c]) - mean * a;
             i += workgroup;
         }
     }
@@ -467,6 +589,22 @@ impl GroupNormOps for Flex {
         cpu::group_norm::group_norm_silu_grad(x, gamma, beta, grad, &mut dx, shape, groups, eps, silu);
         f32_tensor(dx, dims)
     }
+
+    fn group_norm_affine(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        groups: usize,
+        epsilon: f64,
+        _portable: bool,
+    ) -> FlexTensor {
+        let dims: Vec<usize> = x.layout().shape().iter().copied().collect();
+        let shape = [dims[0], dims[1], dims[2..].iter().product()];
+        let [x, gamma, beta] = [x, gamma, beta].map(|t| t.to_contiguous());
+        let [x, gamma, beta] = [&x, &gamma, &beta].map(f32s);
+        let maps = cpu::group_norm::affine_maps(x, gamma, beta, shape, groups, epsilon as f32);
+        f32_tensor(maps, vec![dims[0], dims[1], 2])
+    }
 }
 
 /// Training: the backend's kernel forward, and its gradient kernel backward. Only `x` takes a
@@ -521,5 +659,18 @@ impl<B: Backend + GroupNormOps, C: CheckpointStrategy> GroupNormOps for Autodiff
     ) -> FloatTensor<Self> {
         let [x, gamma, beta, grad] = [x, gamma, beta, grad].map(|t| t.into_primitive());
         super::untracked::<B, C>(B::group_norm_silu_grad(x, gamma, beta, grad, groups, epsilon, with_silu))
+    }
+
+    /// The maps take no gradient: a kernel that reads through them runs without autodiff.
+    fn group_norm_affine(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+        portable: bool,
+    ) -> FloatTensor<Self> {
+        let [x, gamma, beta] = [x, gamma, beta].map(|t| t.into_primitive());
+        super::untracked::<B, C>(B::group_norm_affine(x, gamma, beta, groups, epsilon, portable))
     }
 }

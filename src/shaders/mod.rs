@@ -176,6 +176,19 @@ fn empty_like(like: &CubeTensor, shape: Shape) -> CubeTensor {
     CubeTensor::new_contiguous(client, like.device.clone(), shape, bytes, like.dtype)
 }
 
+/// An f32 tensor `shape` on `like`'s device, uninitialized.
+fn empty_f32(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    let client = like.client.clone();
+    let bytes = client.empty(shape.num_elements() * DType::F32.size());
+    CubeTensor::new_contiguous(client, like.device.clone(), shape, bytes, DType::F32)
+}
+
+/// A small f32 buffer bound where a kernel declares an f32 array it is told not to read or
+/// write this time (a binding of another element type may be too short for one f32).
+fn f32_stand_in(like: &CubeTensor) -> CubeTensor {
+    empty_f32(like, Shape::from([2]))
+}
+
 /// Runs one of our element-typed shaders (`{{ elem }}` and the `{{ extensions }}` f16 needs,
 /// `{{ workgroup }}` threads per workgroup) on `buffers` and `values` (see [`arguments`]), in
 /// `like`'s dtype.

@@ -15,6 +15,14 @@
 //! transform (n²/9 of the weights) is made on every call, as on the CPU: kept, it would hold
 //! n²/9 of the UNet's 3x3 weights besides them.
 //!
+//! The input's kernel can also compute what the layers before a convolution would have stored
+//! for it to read, as it reads their input: a nearest-neighbour 2x upsampling (an upsampler's
+//! convolution, [`Plan::upsample`]) and a GroupNorm followed by SiLU (a ResNet's convolutions,
+//! [`normalized_conv3x3`], from the norm's per-channel affine maps, `shaders::group_norm::
+//! affine`). Their outputs, up to 4x the input, are then never written: in the VAE's decoder at
+//! 512x512 a 256-channel 512x512 tensor each, 128 MiB in f16. Inference only: under autodiff
+//! the layers run as themselves (`model::conv`).
+//!
 //! In training (frozen weights) the input's gradient is a convolution of the output's by the
 //! weight flipped and transposed: the same kernels, the weights' transform reading the weight
 //! flipped (`flipped`). The op keeps only the weight for the backward pass, where im2col's
@@ -44,13 +52,16 @@ fn template_values(tile: Tile) -> &'static [(&'static str, &'static str)] {
 }
 
 /// How a 3x3 convolution at stride 1 runs by Winograd's kernels: its algorithm, its padding
-/// (top, left, bottom, right), and the bytes each transform may take (bands of tile rows keep
-/// the input's and the products' transforms within it).
+/// (top, left, bottom, right), the bytes each transform may take (bands of tile rows keep
+/// the input's and the products' transforms within it), and whether it convolves its input
+/// upsampled 2x by nearest neighbour, which the input's kernel reads at half the size (an
+/// upsampler's convolution; inference only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Plan {
     pub tile: Tile,
     pub padding: [usize; 4],
     pub budget: usize,
+    pub upsample: bool,
 }
 
 /// A band of the output's tiles of a 3x3 convolution at stride 1: `rows` rows of tiles from
@@ -84,20 +95,42 @@ impl Band {
     }
 }
 
+/// What the input's kernel does to each value of `x` it reads, besides reading it: the
+/// upsampling of [`Plan::upsample`], and when `normalized`, `affine`'s map of its channel
+/// (`[B, C, 2]` f32, `shaders::group_norm::affine`) followed by SiLU.
+struct Reading {
+    upsample: bool,
+    normalized: bool,
+    affine: CubeTensor,
+}
+
+impl Reading {
+    /// `affine` is read only when `normalized`; otherwise a stand-in is bound.
+    fn new(plan: &Plan, affine: CubeTensor, normalized: bool) -> Self {
+        let affine = if normalized { into_contiguous(affine) } else { super::f32_stand_in(&affine) };
+        Reading { upsample: plan.upsample, normalized, affine }
+    }
+}
+
 #[backend_extension(Cube, Fusion, Autodiff)]
 pub trait WinogradOps: Backend {
     /// `conv(x, w) + bias` for a 3x3 weight `[O, C, 3, 3]` at stride 1 as `plan` says, where
     /// `w` is the weight or, when `flipped`, the weight flipped in both spatial axes with its
     /// channel axes swapped (`[C, O, 3, 3]`: the input's gradient of a convolution by the
-    /// weight); by the `#[cube]` kernels when `portable`. Under autodiff the weight and bias
-    /// are frozen.
+    /// weight); by the `#[cube]` kernels when `portable`. When `normalized`, `x` goes through
+    /// `affine` (a GroupNorm's per-channel maps `[B, C, 2]`, f32) and SiLU first, otherwise
+    /// `affine` is not read (any tensor). Under autodiff the weight and bias are frozen, and
+    /// `x` is tracked only with neither `normalized` nor `plan.upsample`.
     #[fusion(dtype = x, shape = output_shape(x, weight, plan, flipped))]
+    #[allow(clippy::too_many_arguments)]
     fn winograd_conv3x3(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        affine: FloatTensor<Self>,
         plan: Plan,
         flipped: bool,
+        normalized: bool,
         portable: bool,
     ) -> FloatTensor<Self>;
 
@@ -106,13 +139,16 @@ pub trait WinogradOps: Backend {
     /// the addend may carry gradients. (An op of its own: burn's fusion backend takes no
     /// optional tensor.)
     #[fusion(dtype = x, shape = output_shape(x, weight, plan, flipped))]
+    #[allow(clippy::too_many_arguments)]
     fn winograd_conv3x3_add(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        affine: FloatTensor<Self>,
         addend: FloatTensor<Self>,
         plan: Plan,
         flipped: bool,
+        normalized: bool,
         portable: bool,
     ) -> FloatTensor<Self>;
 }
@@ -121,7 +157,14 @@ pub trait WinogradOps: Backend {
 pub fn output_shape(x: &Shape, weight: &Shape, plan: &Plan, flipped: &bool) -> Shape {
     let [top, left, bottom, right] = plan.padding;
     let channels = if *flipped { weight[1] } else { weight[0] };
-    Shape::from([x[0], channels, x[2] + top + bottom - 2, x[3] + left + right - 2])
+    let [height, width] = input_size(x, plan);
+    Shape::from([x[0], channels, height + top + bottom - 2, width + left + right - 2])
+}
+
+/// The height and width of the convolution's input: `x`'s, or twice them when upsampled.
+fn input_size(x: &Shape, plan: &Plan) -> [usize; 2] {
+    let scale = if plan.upsample { 2 } else { 1 };
+    [x[2] * scale, x[3] * scale]
 }
 
 /// How a convolution of `weight` and `bias` over `x`, padded `[top, left, bottom, right]`, at
@@ -132,7 +175,8 @@ pub fn output_shape(x: &Shape, weight: &Shape, plan: &Plan, flipped: &bool) -> S
 /// under autodiff (training) a frozen weight and bias, which may be f16 where `x` is f32.
 /// F(4x4, 3x3) where the products are f32 (unless `SDW_WINOGRAD=2x2`), else F(2x2, 3x3), each
 /// only where its weights' transform, built whole, fits `budget.whole`; the transforms of the
-/// input and the products are built in bands of at most `budget.part` bytes.
+/// input and the products are built in bands of at most `budget.part` bytes. When `upsample`,
+/// the convolution's input is `x` upsampled 2x (see [`Plan::upsample`]).
 pub fn plan(
     x: &Tensor<4>,
     weight: &Tensor<4>,
@@ -140,8 +184,11 @@ pub fn plan(
     padding: [usize; 4],
     stride: [usize; 2],
     budget: Budget,
+    upsample: bool,
 ) -> Option<Plan> {
     let ([batch, channels_in, height, width], [channels_out, _, kh, kw]) = (x.dims(), weight.dims());
+    let scale = if upsample { 2 } else { 1 };
+    let (height, width) = (height * scale, width * scale);
     let shape =
         crate::cpu::conv::Shape { batch, channels_in, channels_out, height, width, kernel: [kh, kw], padding, stride };
     let frozen = !weight.is_require_grad() && !bias.is_require_grad();
@@ -152,14 +199,14 @@ pub fn plan(
     let best = if x.dtype() == DType::F32 { crate::cpu::winograd::f32_tile() } else { Tile::F2 };
     let fits = |tile: &Tile| tile.positions() * channels_in * channels_out * x.dtype().size() <= budget.whole;
     let budget = budget.part;
-    [best, Tile::F2].into_iter().find(fits).filter(|_| takes).map(|tile| Plan { tile, padding, budget })
+    [best, Tile::F2].into_iter().find(fits).filter(|_| takes).map(|tile| Plan { tile, padding, budget, upsample })
 }
 
 /// `conv(x, weight) + bias (+ addend)` for a 3x3 `weight` at stride 1 as `plan` (from
 /// [`plan`]) says; the addend broadcast to the output (a residual, or a term per channel
 /// `[B, O, 1, 1]`) is added as the output is written.
 pub fn conv3x3(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, addend: Option<Tensor<4>>, plan: Plan) -> Tensor<4> {
-    dispatch(x, weight, bias, addend, plan, false)
+    dispatch(x, None, weight, bias, addend, plan, false)
 }
 
 /// [`conv3x3`] by the `#[cube]` kernels also where the WGSL shaders would run: what a SPIR-V
@@ -171,11 +218,38 @@ pub fn conv3x3_portable(
     addend: Option<Tensor<4>>,
     plan: Plan,
 ) -> Tensor<4> {
-    dispatch(x, weight, bias, addend, plan, true)
+    dispatch(x, None, weight, bias, addend, plan, true)
+}
+
+/// [`conv3x3`] of `silu(norm(x))`, a ResNet's convolution, for the GroupNorm whose per-channel
+/// maps over `x` are `affine` (`shaders::group_norm::affine`): the input's kernel normalizes
+/// as it reads `x`. Inference only (`x` without gradients).
+pub fn normalized_conv3x3(
+    x: Tensor<4>,
+    affine: Tensor<3>,
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    addend: Option<Tensor<4>>,
+    plan: Plan,
+) -> Tensor<4> {
+    dispatch(x, Some(affine), weight, bias, addend, plan, false)
+}
+
+/// [`normalized_conv3x3`] by the `#[cube]` kernels, as [`conv3x3_portable`].
+pub fn normalized_conv3x3_portable(
+    x: Tensor<4>,
+    affine: Tensor<3>,
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    addend: Option<Tensor<4>>,
+    plan: Plan,
+) -> Tensor<4> {
+    dispatch(x, Some(affine), weight, bias, addend, plan, true)
 }
 
 fn dispatch(
     x: Tensor<4>,
+    affine: Option<Tensor<3>>,
     weight: Tensor<4>,
     bias: Tensor<1>,
     addend: Option<Tensor<4>>,
@@ -184,10 +258,23 @@ fn dispatch(
 ) -> Tensor<4> {
     // The weight widens to `x`'s dtype, which is the products'.
     crate::shaders::matmul::prove_cooperative(&x);
+    let normalized = affine.is_some();
+    // Without a norm the op's `affine` is not read: the bias stands in.
+    let affine = affine.map_or_else(|| bias.clone().into_dispatch(), |a| a.into_dispatch());
     let (x, weight, bias) = (x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch());
     Tensor::from_dispatch(match addend {
-        None => Dispatch::winograd_conv3x3(x, weight, bias, plan, false, portable),
-        Some(a) => Dispatch::winograd_conv3x3_add(x, weight, bias, a.into_dispatch(), plan, false, portable),
+        None => Dispatch::winograd_conv3x3(x, weight, bias, affine, plan, false, normalized, portable),
+        Some(a) => Dispatch::winograd_conv3x3_add(
+            x,
+            weight,
+            bias,
+            affine,
+            a.into_dispatch(),
+            plan,
+            false,
+            normalized,
+            portable,
+        ),
     })
 }
 
@@ -196,34 +283,41 @@ impl WinogradOps for CubeBackend {
         x: CubeTensor,
         weight: CubeTensor,
         bias: CubeTensor,
+        affine: CubeTensor,
         plan: Plan,
         flipped: bool,
+        normalized: bool,
         portable: bool,
     ) -> CubeTensor {
-        convolve(x, weight, bias, None, plan, flipped, portable)
+        convolve(x, weight, bias, None, Reading::new(&plan, affine, normalized), plan, flipped, portable)
     }
 
     fn winograd_conv3x3_add(
         x: CubeTensor,
         weight: CubeTensor,
         bias: CubeTensor,
+        affine: CubeTensor,
         addend: CubeTensor,
         plan: Plan,
         flipped: bool,
+        normalized: bool,
         portable: bool,
     ) -> CubeTensor {
-        convolve(x, weight, bias, Some(addend), plan, flipped, portable)
+        convolve(x, weight, bias, Some(addend), Reading::new(&plan, affine, normalized), plan, flipped, portable)
     }
 }
 
 /// The convolution band by band: the weights' transform once, then for each band the input's
-/// transform, the product and the output's transform (which adds the bias and the addend).
+/// transform (reading `x` as `reading` says), the product and the output's transform (which
+/// adds the bias and the addend).
+#[allow(clippy::too_many_arguments)]
 fn convolve(
     x: CubeTensor,
     weight: CubeTensor,
     bias: CubeTensor,
     addend: Option<CubeTensor>,
-    plan @ Plan { tile, padding: [top, left, ..], budget }: Plan,
+    reading: Reading,
+    plan @ Plan { tile, padding: [top, left, ..], budget, .. }: Plan,
     flipped: bool,
     portable: bool,
 ) -> CubeTensor {
@@ -244,7 +338,7 @@ fn convolve(
     let out = super::empty_like(&x, out_shape);
     for first in (0..grid_rows).step_by(band) {
         let band = Band { tile, batch, top_left: [top, left], output: size, first, rows: band.min(grid_rows - first) };
-        let m = tuned_or_burns::<CubeBackend>(u.clone(), input(&x, band, portable));
+        let m = tuned_or_burns::<CubeBackend>(u.clone(), input(&x, &reading, band, portable));
         output(m, &bias, addend.as_ref(), &out, band, portable);
     }
     out
@@ -255,37 +349,52 @@ impl<B: WinogradOps, C: CheckpointStrategy> WinogradOps for Autodiff<B, C> {
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        affine: FloatTensor<Self>,
         plan: Plan,
         flipped: bool,
+        normalized: bool,
         portable: bool,
     ) -> FloatTensor<Self> {
-        tracked::<B, C, 1>(x, weight, bias, None, plan, flipped, portable)
+        let kernels = Kernels { flipped, normalized, portable };
+        tracked::<B, C, 1>(x, weight, bias, affine, None, plan, kernels)
     }
 
     fn winograd_conv3x3_add(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        affine: FloatTensor<Self>,
         addend: FloatTensor<Self>,
         plan: Plan,
         flipped: bool,
+        normalized: bool,
         portable: bool,
     ) -> FloatTensor<Self> {
-        tracked::<B, C, 2>(x, weight, bias, Some(addend), plan, flipped, portable)
+        let kernels = Kernels { flipped, normalized, portable };
+        tracked::<B, C, 2>(x, weight, bias, affine, Some(addend), plan, kernels)
     }
+}
+
+/// The op's flags: the weight flipped, the input normalized, the `#[cube]` kernels.
+#[derive(Clone, Copy, Debug)]
+struct Kernels {
+    flipped: bool,
+    normalized: bool,
+    portable: bool,
 }
 
 /// The convolution under autodiff, with `P` parents: `x`, then the addend if any. The
 /// weight and bias are frozen; the addend's gradient is the output's, summed over the dims it
-/// was broadcast along.
+/// was broadcast along. `x` must not be tracked through a norm or an upsampling, which the
+/// backward pass does not differentiate (`model::conv` folds them in without autodiff only).
 fn tracked<B: WinogradOps, C: CheckpointStrategy, const P: usize>(
     x: FloatTensor<Autodiff<B, C>>,
     weight: FloatTensor<Autodiff<B, C>>,
     bias: FloatTensor<Autodiff<B, C>>,
+    affine: FloatTensor<Autodiff<B, C>>,
     addend: Option<FloatTensor<Autodiff<B, C>>>,
     plan: Plan,
-    flipped: bool,
-    portable: bool,
+    Kernels { flipped, normalized, portable }: Kernels,
 ) -> FloatTensor<Autodiff<B, C>> {
     #[derive(Debug)]
     struct Grads;
@@ -310,7 +419,8 @@ fn tracked<B: WinogradOps, C: CheckpointStrategy, const P: usize>(
                 let channels = if flipped { shape[0] } else { shape[1] };
                 let zeros = B::float_zeros([channels].into(), &grad.device(), grad.dtype().into());
                 let padding = crate::cpu::conv_grad::transposed_padding([3, 3], plan.padding);
-                let dx = B::winograd_conv3x3(grad, weight, zeros, Plan { padding, ..plan }, !flipped, portable);
+                let plan = Plan { padding, ..plan };
+                let dx = B::winograd_conv3x3(grad, weight, zeros.clone(), zeros, plan, !flipped, false, portable);
                 grads.register::<B>(node.id, dx);
             }
         }
@@ -319,14 +429,20 @@ fn tracked<B: WinogradOps, C: CheckpointStrategy, const P: usize>(
     let nodes: Vec<_> = std::iter::once(x.node()).chain(addend.iter().map(|a| a.node())).collect();
     let parents: [_; P] = nodes.try_into().unwrap_or_else(|_| unreachable!("x and P - 1 addends"));
     let (x, weight, bias) = (x.into_primitive(), weight.into_primitive(), bias.into_primitive());
-    let addend = addend.map(|a| a.into_primitive());
+    let (affine, addend) = (affine.into_primitive(), addend.map(|a| a.into_primitive()));
     let addend_shape = addend.as_ref().map(|a| a.shape());
     let out = match addend {
-        None => B::winograd_conv3x3(x, weight.clone(), bias, plan, flipped, portable),
-        Some(a) => B::winograd_conv3x3_add(x, weight.clone(), bias, a, plan, flipped, portable),
+        None => B::winograd_conv3x3(x, weight.clone(), bias, affine, plan, flipped, normalized, portable),
+        Some(a) => B::winograd_conv3x3_add(x, weight.clone(), bias, affine, a, plan, flipped, normalized, portable),
     };
     match Grads.prepare::<C>(parents).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((weight, plan, flipped, portable, addend_shape), out),
+        OpsKind::Tracked(prep) => {
+            assert!(
+                !normalized && !plan.upsample,
+                "Winograd's convolution has no gradient through a norm or an upsampling"
+            );
+            prep.finish((weight, plan, flipped, portable, addend_shape), out)
+        }
         OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
@@ -352,17 +468,21 @@ fn weights(weight: CubeTensor, tile: Tile, flipped: bool, portable: bool) -> Cub
     out
 }
 
-/// `[B, C, H, W]` -> `[n², C, tiles]` for the band.
-fn input(x: &CubeTensor, band: Band, portable: bool) -> CubeTensor {
+/// `[B, C, H, W]` (or `[B, C, H/2, W/2]` upsampled as it is read) -> `[n², C, tiles]` for the band.
+fn input(x: &CubeTensor, reading: &Reading, band: Band, portable: bool) -> CubeTensor {
     let [batch, channels, height, width] = dims(x.meta.shape());
+    let scale = if reading.upsample { 2 } else { 1 };
     let out = super::empty_like(x, Shape::from([band.tile.positions(), channels, band.count()]));
     let [top, left] = band.top_left;
-    let info = [batch, channels, height, width, top, left, band.first, band.rows, band.columns()].map(index);
+    let (affine, upsample, normalized) = (&reading.affine, reading.upsample as usize, reading.normalized as usize);
+    let (first, rows, columns) = (band.first, band.rows, band.columns());
+    let info = [batch, channels, height * scale, width * scale, top, left, first, rows, columns, upsample, normalized]
+        .map(index);
     let threads = channels * band.count();
     if portable || !super::compiles_wgsl(x) {
-        portable::input(x, &out, info, band.tile, threads);
+        portable::input(x, affine, &out, info, band.tile, threads);
     } else {
-        let buffers = vec![x.handle.clone().binding(), out.handle.clone().binding()];
+        let buffers = [x, affine, &out].map(|t| t.handle.clone().binding()).into();
         let (values, count) = (template_values(band.tile), workgroups(threads));
         super::launch_shader_with("winograd_input.wgsl", values, x, count, buffers, &info);
     }
@@ -427,15 +547,51 @@ mod portable {
         winograd_weights::launch(client, count, dim, w, u, filters, cin, flipped, out, dtype);
     }
 
-    pub(super) fn input(x: &CubeTensor, v: &CubeTensor, info: [u32; 9], tile: Tile, threads: usize) {
-        let [batch, channels, height, width, top, left, ty0, rows, tiles_w] = info;
+    pub(super) fn input(
+        x: &CubeTensor,
+        affine: &CubeTensor,
+        v: &CubeTensor,
+        info: [u32; 11],
+        tile: Tile,
+        threads: usize,
+    ) {
+        let [batch, channels, height, width, top, left, ty0, rows, tiles_w, upsample, normalized] = info;
         let (count, dim) = (workgroups(threads), CubeDim::new_1d(WORKGROUP));
         let (client, dtype) = (&x.client, dtype_to_storage_type(x.dtype));
-        let (x, v) = (x.clone().into_tensor_arg(), v.clone().into_tensor_arg());
+        let [x, affine, v] = [x, affine, v].map(|t| t.clone().into_tensor_arg());
         let out = tile.out() as u32;
-        winograd_input::launch(
-            client, count, dim, x, v, batch, channels, height, width, top, left, ty0, rows, tiles_w, out, dtype,
-        );
+        let sizes = InputSizesLaunch::new(batch, channels, height, width, top, left);
+        let band = InputBandLaunch::new(ty0, rows, tiles_w);
+        let reading = ReadingLaunch::new(upsample, normalized);
+        winograd_input::launch(client, count, dim, x, affine, v, sizes, band, reading, out, dtype);
+    }
+
+    /// The input kernel's sizes: the convolution's input (twice `x`'s height and width when
+    /// upsampling) and its (top, left) padding.
+    #[derive(CubeLaunch, CubeType)]
+    struct InputSizes {
+        batch: u32,
+        channels: u32,
+        height: u32,
+        width: u32,
+        top: u32,
+        left: u32,
+    }
+
+    /// The input kernel's band: its first row of tiles, its rows of tiles, tiles per row.
+    #[derive(CubeLaunch, CubeType)]
+    struct InputBand {
+        ty0: u32,
+        rows: u32,
+        tiles_w: u32,
+    }
+
+    /// How the input kernel reads `x`: upsampled 2x (1) or not (0), through the affine maps
+    /// and SiLU (1) or as it is (0).
+    #[derive(CubeLaunch, CubeType)]
+    struct Reading {
+        upsample: u32,
+        normalized: u32,
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -626,22 +782,19 @@ mod portable {
     #[allow(clippy::too_many_arguments)]
     fn winograd_input<F: Float>(
         x: &Tensor<F>,
+        affine: &Tensor<f32>,
         v: &mut Tensor<F>,
-        batch: u32,
-        channels: u32,
-        height: u32,
-        width: u32,
-        top: u32,
-        left: u32,
-        ty0: u32,
-        rows: u32,
-        tiles_w: u32,
+        sizes: InputSizes,
+        band: InputBand,
+        reading: Reading,
         #[comptime] out: u32,
         #[define(F)] _dtype: ElemType,
     ) {
+        let (channels, height, width, top, left) = (sizes.channels, sizes.height, sizes.width, sizes.top, sizes.left);
+        let (rows, tiles_w) = (band.rows, band.tiles_w);
         let n = comptime![out as usize + 2];
         let thread = crate::shaders::dispatch::thread();
-        let tiles = batch * rows * tiles_w;
+        let tiles = sizes.batch * rows * tiles_w;
         if thread >= channels * tiles {
             terminate!();
         }
@@ -650,9 +803,18 @@ mod portable {
         let (q, r, b) = tile_at(t, tiles_w, rows);
 
         // The n x n block in padded coordinates (`d[n i + j]`: row i, column j); the padding
-        // is `top` rows and `left` columns of zeros.
-        let plane = (b * channels + c) * height * width;
-        let y_first = out * (ty0 + r);
+        // is `top` rows and `left` columns of zeros. x's plane of channel c, and its own width
+        // (half the input's when upsampling).
+        let upsample = reading.upsample;
+        let x_width = width >> upsample;
+        let plane = (b * channels + c) * (height >> upsample) * x_width;
+        let mut scale = 0.0f32;
+        let mut shift = 0.0f32;
+        if reading.normalized == 1 {
+            scale = affine[(2 * (b * channels + c)) as usize];
+            shift = affine[(2 * (b * channels + c) + 1) as usize];
+        }
+        let y_first = out * (band.ty0 + r);
         let x_first = out * q;
         let mut d = Array::<f32>::new(comptime![n * n]);
         #[unroll]
@@ -664,7 +826,12 @@ mod portable {
                 let xx = x_first + j as u32;
                 let mut value = 0.0f32;
                 if row_inside && xx >= left && xx - left < width {
-                    value = f32::cast_from(x[(plane + (y - top) * width + (xx - left)) as usize]);
+                    let at = plane + ((y - top) >> upsample) * x_width + ((xx - left) >> upsample);
+                    value = f32::cast_from(x[at as usize]);
+                    if reading.normalized == 1 {
+                        value = value * scale + shift;
+                        value /= 1.0f32 + (-value).exp();
+                    }
                 }
                 d[comptime![n * i + j]] = value;
             }

@@ -54,6 +54,40 @@ fn group_norm_kernels_match_burn_ops() {
     }
 }
 
+/// A GroupNorm's per-channel affine maps (`group_norm::affine`, what Winograd's input kernel
+/// normalizes by) give burn's GroupNorm as `a x + s`: the CPU kernel, the shader and its cube
+/// twin, 1 to 20 channels per group, a large mean, f32 and f16 inputs (whose maps stay f32).
+#[test]
+fn group_norm_affine_maps_match_burns() {
+    let maps = [
+        ("WGSL shader", group_norm::affine as fn(&GroupNorm, &Tensor<4>) -> _),
+        ("cube kernel", group_norm::affine_portable),
+    ];
+    for compute in devices() {
+        let d = &compute.device;
+        for (b, c, h, w) in [(2, 64, 5, 7), (1, 640, 3, 3), (2, 32, 17, 9)] {
+            let gn = norm(c, d);
+            let x = to_device(scaled_noise(b * c * h * w, 9, 3.0).iter().map(|v| v + 5.0).collect(), [b, c, h, w], d);
+            let want = to_host(group_norm::reference(&gn, x.clone(), false));
+            // The CPU backend has one kernel, for f32; each wgpu one is tried, in f32 and f16.
+            let (kernels, dtypes) = if sdw::device::on_cube(d) { (2, 2) } else { (1, 1) };
+            for (kernel, affine) in &maps[..kernels] {
+                let kernel = if kernels == 1 { "CPU kernel" } else { kernel };
+                let what = format!("group norm maps {kernel} [{b},{c},{h},{w}] on {}", compute.description);
+                for dtype in [DType::F32, DType::F16].into_iter().take(dtypes) {
+                    let x = x.clone().cast(dtype);
+                    let maps = affine(&gn, &x).expect("our kernels take f32 and f16 tensors");
+                    assert_eq!((maps.dims(), maps.dtype()), ([b, c, 2], DType::F32), "{what}");
+                    let [a, s] = [0, 1].map(|i| maps.clone().narrow(2, i, 1).unsqueeze_dim::<4>(3));
+                    let got = to_host(x.cast(DType::F32) * a + s);
+                    let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                    assert_close(&format!("{what} {dtype:?}"), &got, &want, bound);
+                }
+            }
+        }
+    }
+}
+
 /// LayerNorm by the GroupNorm kernel (one group per row) equals burn's LayerNorm on the same
 /// device, for CLIP's and the UNet's widths, with rows fewer and more than a workgroup's
 /// threads and a large mean.
@@ -438,7 +472,7 @@ fn winograd_kernels_match_burns_convolution() {
         let per_channel = to_device(scaled_noise(b * o, 9, 1.0), [b, o, 1, 1], d);
         for (kernel, tile, run) in winograd_kernels() {
             let what = format!("winograd {tile} {kernel} {shape:?} -> {cout} {padding:?} budget {budget}");
-            let plan = winograd::Plan { tile, padding, budget };
+            let plan = winograd::Plan { tile, padding, budget, upsample: false };
             let got = to_host(run(x.clone(), weight.clone(), bias.clone(), None, plan));
             assert_within_scale(&what, &got, &want, 1e-5);
             for (name, addend) in [("residual", &residual), ("per channel", &per_channel)] {
@@ -452,6 +486,87 @@ fn winograd_kernels_match_burns_convolution() {
                     (x.clone().cast(DType::F16), weight.clone().cast(DType::F16), bias.clone().cast(DType::F16));
                 let got = to_host(run(x, weight, bias, None, plan).cast(DType::F32));
                 assert_close(&format!("{what} f16"), &got, &want, 1e-2);
+            }
+        }
+    }
+}
+
+/// Winograd's input kernel doing the layer before the convolution as it reads, by the WGSL
+/// shaders and by their cube twins, with each tile, equals burn's layer and convolution on the
+/// same device: GroupNorm and SiLU (a ResNet's, from `group_norm::affine`'s maps; with and
+/// without a residual, a large mean) and nearest-neighbour 2x upsampling (an upsampler's,
+/// against burn's `interpolate`), odd sizes, a budget that splits the tiles into bands. f32
+/// within 1e-5 of the output's scale and f16 (F(2x2, 3x3)) within one module's f16 bound, as
+/// `winograd_kernels_match_burns_convolution`.
+#[test]
+fn winograd_folds_the_norm_and_the_upsampling() {
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::module::interpolate;
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+    use sdw::shaders::winograd::{self, Tile};
+    type Normalized = fn(Tensor<4>, Tensor<3>, Tensor<4>, Tensor<1>, Option<Tensor<4>>, winograd::Plan) -> Tensor<4>;
+    type Maps = fn(&GroupNorm, &Tensor<4>) -> Option<Tensor<3>>;
+    let kernels: [(&str, Normalized, Maps, WinogradFn); 2] = [
+        ("WGSL shaders", winograd::normalized_conv3x3, group_norm::affine, winograd::conv3x3),
+        (
+            "cube kernels",
+            winograd::normalized_conv3x3_portable,
+            group_norm::affine_portable,
+            winograd::conv3x3_portable,
+        ),
+    ];
+    let Some(gpu) = wgpu() else { return };
+    let d = &gpu.device;
+    // (x's shape, output channels, budget in bytes)
+    for (shape, cout, budget) in [([2, 64, 9, 7], 36, 1 << 30), ([1, 32, 17, 16], 40, 64 << 10)] {
+        let [b, cin, h, w] = shape;
+        let amplitude = ((cin * 9) as f32).sqrt().recip();
+        let x = to_device(scaled_noise(shape.iter().product(), 5, 2.0).iter().map(|v| v + 3.0).collect(), shape, d);
+        let weight = to_device(scaled_noise(cout * cin * 9, 6, amplitude), [cout, cin, 3, 3], d);
+        let bias = to_device(scaled_noise(cout, 7, 1.0), [cout], d);
+        let mut conv =
+            Conv2dConfig::new([cin, cout], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(d);
+        conv.weight = Param::from_tensor(weight.clone());
+        conv.bias = Some(Param::from_tensor(bias.clone()));
+        let gn = norm(cin, d);
+        let residual = to_device(scaled_noise(b * cout * h * w, 8, 1.0), [b, cout, h, w], d);
+        let normalized = conv.forward(group_norm::reference(&gn, x.clone(), true));
+        let nearest = InterpolateOptions::new(InterpolateMode::Nearest);
+        let wants = [
+            ("normalized", to_host(normalized.clone())),
+            ("normalized + residual", to_host(normalized + residual.clone())),
+            ("upsampled", to_host(conv.forward(interpolate(x.clone(), nearest.with_output_size([2 * h, 2 * w]))))),
+        ];
+        for tile in [Tile::F2, Tile::F4] {
+            // f16 convolutions take F(2x2, 3x3) only (`winograd::plan`).
+            let dtypes: &[DType] = if tile == Tile::F2 { &[DType::F32, DType::F16] } else { &[DType::F32] };
+            for ((kernel, normalized_conv, affine, conv), &dtype) in
+                kernels.iter().flat_map(|k| dtypes.iter().map(move |t| (k, t)))
+            {
+                let plan = winograd::Plan { tile, padding: [1; 4], budget, upsample: false };
+                let (x, weight, bias, residual) = (
+                    x.clone().cast(dtype),
+                    weight.clone().cast(dtype),
+                    bias.clone().cast(dtype),
+                    residual.clone().cast(dtype),
+                );
+                let maps = affine(&gn, &x).expect("our kernels take f32 and f16 tensors");
+                let gots = [
+                    normalized_conv(x.clone(), maps.clone(), weight.clone(), bias.clone(), None, plan),
+                    normalized_conv(x.clone(), maps, weight.clone(), bias.clone(), Some(residual), plan),
+                    conv(x, weight, bias, None, winograd::Plan { upsample: true, ..plan }),
+                ];
+                for ((layer, want), got) in wants.iter().zip(gots) {
+                    let what =
+                        format!("winograd {tile} {kernel} {dtype:?} {shape:?} -> {cout} budget {budget}: {layer}");
+                    let got = to_host(got.cast(DType::F32));
+                    if dtype == DType::F32 {
+                        assert_within_scale(&what, &got, want, 1e-5);
+                    } else {
+                        assert_close(&what, &got, want, 1e-2);
+                    }
+                }
             }
         }
     }
@@ -494,7 +609,7 @@ fn winograd_gradients_match_burns() {
             if residual { out + x } else { out }
         };
         for (kernel, tile, conv) in winograd_kernels() {
-            let plan = winograd::Plan { tile, padding, budget };
+            let plan = winograd::Plan { tile, padding, budget, upsample: false };
             let ours =
                 |x: Tensor<4>| conv(x.clone(), weight.clone().cast(dtype), bias.clone(), residual.then_some(x), plan);
             let what = format!(
