@@ -18,8 +18,8 @@
 //! does the layer before it as it reads (`SDW_FOLD=off` keeps the layers apart): a ResNet's
 //! GroupNorm and SiLU ([`normalized_conv_add`]) and an upsampler's nearest-neighbour 2x
 //! upsampling ([`upsampled_conv`]). Their outputs, the size of the convolution's input, are
-//! never stored: one write and read fewer, and in the VAE's decoder at 512x512 up to 128 MiB
-//! (f16) less alive at once.
+//! never stored: one write and one read fewer per convolution, and the tensor not alive beside
+//! it (BENCHMARKS.md has what that saves of the VAE decode's memory).
 //!
 //! Every path sums in f32. burn's matmul does so for f16 inputs too; its direct kernel sums
 //! in the element type, so f16 tensors take it in f32: an f16 sum over `C_in x 3 x 3`
