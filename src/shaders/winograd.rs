@@ -52,8 +52,8 @@ fn template_values(tile: Tile) -> &'static [(&'static str, &'static str)] {
 }
 
 /// How a 3x3 convolution at stride 1 runs by Winograd's kernels: its algorithm, its padding
-/// (top, left, bottom, right), the bytes each transform may take (bands of tile rows keep
-/// the input's and the products' transforms within it), and whether it convolves its input
+/// (top, left, bottom, right), the bytes a band's transforms may take (bands of tile rows
+/// keep the input's and the products' transforms together within it), and whether it convolves its input
 /// upsampled 2x by nearest neighbour, which the input's kernel reads at half the size (an
 /// upsampler's convolution; inference only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -175,7 +175,7 @@ fn input_size(x: &Shape, plan: &Plan) -> [usize; 2] {
 /// under autodiff (training) a frozen weight and bias, which may be f16 where `x` is f32.
 /// F(4x4, 3x3) where the products are f32 (unless `SDW_WINOGRAD=2x2`), else F(2x2, 3x3), each
 /// only where its weights' transform, built whole, fits `budget.whole`; the transforms of the
-/// input and the products are built in bands of at most `budget.part` bytes. When `upsample`,
+/// input and the products are built in bands of at most `budget.part` bytes for the two. When `upsample`,
 /// the convolution's input is `x` upsampled 2x (see [`Plan::upsample`]).
 pub fn plan(
     x: &Tensor<4>,
@@ -331,11 +331,16 @@ fn convolve(
     let size = [height_out, width_out];
     let m = tile.out();
     let grid_rows = height_out.div_ceil(m);
-    let per_row = tile.positions() * channels_in.max(channels_out) * batch * width_out.div_ceil(m) * x.dtype.size();
+    // A band's two transforms, the input's and the products', are alive together: they share
+    // the budget, so that with the output they fit the pool's pages of the largest tensors.
+    let per_row = tile.positions() * (channels_in + channels_out) * batch * width_out.div_ceil(m) * x.dtype.size();
     let band = (budget / per_row.max(1)).clamp(1, grid_rows);
-    let u = weights(weight, tile, flipped, portable);
-    // Each band writes its rows of the whole output: bands are never copied into place.
+    // Each band writes its rows of the whole output: bands are never copied into place. The
+    // output is allocated first, ahead of the temporaries in its pool page: a weights'
+    // transform (1 MiB in the VAE) allocated before it would leave a hole the next large
+    // tensor cannot use, and a page more (BENCHMARKS.md, 2026-11-29).
     let out = super::empty_like(&x, out_shape);
+    let u = weights(weight, tile, flipped, portable);
     for first in (0..grid_rows).step_by(band) {
         let band = Band { tile, batch, top_left: [top, left], output: size, first, rows: band.min(grid_rows - first) };
         let m = tuned_or_burns::<CubeBackend>(u.clone(), input(&x, &reading, band, portable));
