@@ -166,7 +166,7 @@ pub fn checks(size: usize) -> Vec<Check> {
     add(
         format!("upsample 2x, conv 3x3 320->320 at {0}x{0} -> {t}x{t} (an upsampler's)", t / 2),
         Box::new(move |d| {
-            to_host(upsampled_conv(&conv2d(320, 320, 3, 1, 10, d), input([2, 320, t / 2, t / 2], 26, d)))
+            to_host(upsampled_conv(&conv2d(320, 320, 3, 1, 10, d), input([2, 320, t / 2, t / 2], 26, d), [t, t]))
         }),
     );
     // burn's ops and sdw's kernels (the WGSL shader or, on a SPIR-V device, its cube twin;

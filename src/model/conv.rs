@@ -39,7 +39,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, PaddingConfig2d};
 use burn::tensor::{DType, Shape, Slice, Tensor};
 
-use super::layers::{in_dtype, upsample_nearest_2x};
+use super::layers::{in_dtype, upsample_nearest_to};
 use crate::shaders::group_norm;
 use crate::shaders::im2col::{self, Band};
 use crate::shaders::matmul::{matmul_add, plus};
@@ -98,11 +98,14 @@ pub fn normalized_conv_add(c: &Conv2d, norm: &GroupNorm, x: Tensor<4>, addend: O
     conv_add(c, group_norm::forward(norm, x, true), addend)
 }
 
-/// `c(upsample_nearest_2x(x))`: an upsampler's convolution.
-pub fn upsampled_conv(c: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    match folded(c, &x, true) {
+/// `c(upsample_nearest_to(x, size))`: an upsampler's convolution. Only an exact 2x
+/// upsampling is folded into the convolution; other sizes (the UNet's odd latent sides) are
+/// resized first.
+pub fn upsampled_conv(c: &Conv2d, x: Tensor<4>, size @ [height, width]: [usize; 2]) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    match (size == [2 * h, 2 * w]).then(|| folded(c, &x, true)).flatten() {
         Some((weight, bias, plan)) => winograd::conv3x3(x, weight, bias, None, plan),
-        None => conv(c, upsample_nearest_2x(x)),
+        None => conv(c, upsample_nearest_to(x, height, width)),
     }
 }
 

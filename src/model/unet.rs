@@ -13,7 +13,7 @@ use super::adapter::Adaptable;
 use super::attention::CrossAttention;
 use super::conv::{conv, pointwise_from_tokens, pointwise_to_tokens, upsampled_conv};
 use super::graph::Warmed;
-use super::layers::{Loader, ResnetBlock, geglu, layer_norm, linear, linear_add, to_device, upsample_nearest_to};
+use super::layers::{Loader, ResnetBlock, geglu, layer_norm, linear, linear_add, to_device};
 
 /// SD 1.x `num_heads: 8` (the head width varies per level); SD 2.x uses 64-wide heads.
 const SD1_HEADS: usize = 8;
@@ -377,12 +377,7 @@ impl Unet {
             if let Some(upsampler) = &level.upsampler {
                 // Upsample to the next skip's size: odd latent sides round up on the way down.
                 let [_, _, sh, sw] = skips.last().expect("skip below an upsampler").dims();
-                let [_, _, height, width] = h.dims();
-                h = if [sh, sw] == [2 * height, 2 * width] {
-                    upsampled_conv(upsampler, h)
-                } else {
-                    conv(upsampler, upsample_nearest_to(h, sh, sw))
-                };
+                h = upsampled_conv(upsampler, h, [sh, sw]);
                 trace(&format!("up.{i}.upsampler"), &h);
             }
         }

@@ -135,7 +135,8 @@ impl Coder {
                 h = conv(downsampler, h);
             }
             if let Some(upsampler) = &level.upsampler {
-                h = upsampled_conv(upsampler, h);
+                let [_, _, height, width] = h.dims();
+                h = upsampled_conv(upsampler, h, [2 * height, 2 * width]);
             }
         }
         h
