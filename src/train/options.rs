@@ -64,7 +64,8 @@ pub struct TrainOptions {
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
     /// Recompute cheap activations in the backward pass instead of storing them (burn's
-    /// balanced checkpointing): less memory, a little more time.
+    /// balanced checkpointing): a little less memory on the CPU, a little more time. On a GPU
+    /// it holds more memory, not less (BENCHMARKS.md): leave it off there.
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// Also train LoRA adapters on the CLIP text encoder's q/k/v/out projections.

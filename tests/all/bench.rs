@@ -86,3 +86,29 @@ fn bench_rejects_bad_sizes() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 8"));
 }
+
+/// The peak counts memory held only in the middle of a part: pools give pages back within a
+/// part, so a reading before and after it can miss the most it held.
+#[test]
+fn the_device_peak_sees_memory_given_back_within_a_part() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    let reserve = Arc::new(AtomicU64::new(100));
+    let peak = {
+        let reserve = reserve.clone();
+        sdw::bench::PeakDeviceMemory::reading(move || Some(reserve.load(Ordering::Relaxed)))
+    };
+    let answer = peak.during(|| {
+        reserve.store(300, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+        reserve.store(100, Ordering::Relaxed);
+        42
+    });
+    assert_eq!((answer, peak.peak()), (42, Some(300)));
+
+    // No allocator (the CPU backend): no peak, and the part still runs.
+    let none = sdw::bench::PeakDeviceMemory::reading(|| None);
+    assert_eq!((none.during(|| 7), none.peak()), (7, None));
+}
