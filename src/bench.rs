@@ -3,8 +3,7 @@
 //! with peak memory. Without a model file it uses random weights of the exact SD 1.5 shapes,
 //! so any two machines can be compared.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use burn::tensor::{DType, Tensor};
 use rand::{SeedableRng, rngs::StdRng};
@@ -85,7 +84,7 @@ pub fn run(
     load_s: f64,
     say: &mut dyn FnMut(&str),
 ) -> Result<BenchReport, PipelineError> {
-    let peak = PeakDeviceMemory::new(&sd.compute.device);
+    let peak = crate::device::PeakDeviceMemory::new(&sd.compute.device);
     let mut timings = Vec::new();
     let dev = sd.compute.device.clone();
     let seconds = |f: &mut dyn FnMut()| {
@@ -281,63 +280,6 @@ fn train_step<'a>(sd: &'a StableDiffusion, s: &BenchSettings) -> (impl FnMut() +
 fn noise(shape: [usize; 4]) -> HostTensor {
     let n = shape.iter().product();
     HostTensor::new(shape.to_vec(), crate::sampling::Philox::new(1).randn(n))
-}
-
-/// The most a GPU's allocator has held (its reserve), read every millisecond while a part
-/// runs. A reading between parts is not enough: pools that a growth of the page size left
-/// behind give their pages back as they empty, within the part (a 128x128 LoRA step on
-/// lavapipe held 4.06 GiB at most and 3.96 GiB when it ended).
-pub struct PeakDeviceMemory {
-    /// The reserve now; `None` where there is no allocator to read (the CPU backend).
-    reserve: Box<dyn Fn() -> Option<u64> + Send + Sync>,
-    peak: AtomicU64,
-}
-
-/// How often [`PeakDeviceMemory::during`] reads the reserve: a page held for less than this
-/// may be missed.
-const POLL: Duration = Duration::from_millis(1);
-
-impl PeakDeviceMemory {
-    pub fn new(device: &burn::tensor::Device) -> Self {
-        let device = device.clone();
-        Self::reading(move || device.memory_pool_usage().map(|usage| usage.bytes_reserved))
-    }
-
-    /// With `reserve` as the allocator's reading.
-    pub fn reading(reserve: impl Fn() -> Option<u64> + Send + Sync + 'static) -> Self {
-        Self { reserve: Box::new(reserve), peak: AtomicU64::new(0) }
-    }
-
-    /// Runs `f`, reading the reserve before, every [`POLL`] until `f` returns, and after.
-    pub fn during<R>(&self, f: impl FnOnce() -> R) -> R {
-        if !self.sample() {
-            return f();
-        }
-        let done = AtomicBool::new(false);
-        let result = std::thread::scope(|scope| {
-            scope.spawn(|| {
-                while !done.load(Ordering::Relaxed) {
-                    self.sample();
-                    std::thread::sleep(POLL);
-                }
-            });
-            let result = f();
-            done.store(true, Ordering::Relaxed);
-            result
-        });
-        self.sample();
-        result
-    }
-
-    /// Reads the reserve into the peak; false where there is none to read.
-    fn sample(&self) -> bool {
-        (self.reserve)().map(|bytes| self.peak.fetch_max(bytes, Ordering::Relaxed)).is_some()
-    }
-
-    /// The most held in any [`Self::during`] so far (`None` where there is no allocator).
-    pub fn peak(&self) -> Option<u64> {
-        (self.reserve)().map(|_| self.peak.load(Ordering::Relaxed))
-    }
 }
 
 impl BenchReport {

@@ -10,6 +10,7 @@ use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_distr::StandardNormal;
 
+use crate::device::PeakDeviceMemory;
 use crate::model::adapter::LowRank;
 use crate::pipeline::StableDiffusion;
 use crate::pipeline::conditioning::PromptTokens;
@@ -52,8 +53,8 @@ pub struct Trainer {
     /// Optimiser steps done.
     pub step: usize,
     acp: Vec<f32>,
-    /// Largest device memory the allocator held after a backward pass (GPU backends).
-    pub peak_device_bytes: u64,
+    /// The most the GPU's allocator has held during the steps.
+    device_memory: PeakDeviceMemory,
 }
 
 impl Trainer {
@@ -129,7 +130,7 @@ impl Trainer {
             steps,
             step,
             acp: alphas_cumprod(),
-            peak_device_bytes: 0,
+            device_memory: PeakDeviceMemory::new(&device),
         })
     }
 
@@ -143,16 +144,21 @@ impl Trainer {
         let update = self.optim.next(lr);
         let mut model = trainable(&mut self.sd, train_te);
         let (optim, conditioning) = (&mut self.optim, &self.conditioning);
-        let losses = self.steps.run(&draws, self.opts.batch_size, update, &mut |batches, settings| {
-            step::optimiser_step(&mut model, batches, conditioning, prior_weight, optim, settings)
+        let (steps, batch_size) = (&mut self.steps, self.opts.batch_size);
+        let losses = self.device_memory.during(|| {
+            steps.run(&draws, batch_size, update, &mut |batches, settings| {
+                step::optimiser_step(&mut model, batches, conditioning, prior_weight, optim, settings)
+            })
         });
-        if let Some(usage) = self.sd.compute.device.memory_pool_usage() {
-            self.peak_device_bytes = self.peak_device_bytes.max(usage.bytes_reserved);
-        }
         self.step += 1;
         let mean = |i: usize| losses.iter().map(|l| l[i]).sum::<f32>() / accum as f32;
         let (instance, prior) = (mean(0), mean(1));
         StepLoss { loss: instance + prior_weight * prior, instance, prior, lr }
+    }
+
+    /// The most the GPU's allocator has held during the steps so far (`None` on the CPU).
+    pub fn peak_device_bytes(&self) -> Option<u64> {
+        self.device_memory.peak()
     }
 
     /// Steps replayed from their recording as a graph (on a GPU).

@@ -63,8 +63,8 @@ pub fn train_until(opts: TrainOptions, stop: &AtomicBool) -> Result<PathBuf, Tra
     if let Some(peak) = crate::device::peak_host_memory() {
         eprintln!("peak host memory: {:.0} MiB", mib(peak));
     }
-    if t.peak_device_bytes > 0 {
-        eprintln!("peak device memory held by the allocator: {:.0} MiB", mib(t.peak_device_bytes));
+    if let Some(bytes) = t.peak_device_bytes() {
+        eprintln!("peak device memory held by the allocator: {:.0} MiB", mib(bytes));
     }
     Ok(out)
 }

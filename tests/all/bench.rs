@@ -98,7 +98,7 @@ fn the_device_peak_sees_memory_given_back_within_a_part() {
     let reserve = Arc::new(AtomicU64::new(100));
     let peak = {
         let reserve = reserve.clone();
-        sdw::bench::PeakDeviceMemory::reading(move || Some(reserve.load(Ordering::Relaxed)))
+        sdw::device::PeakDeviceMemory::reading(move || Some(reserve.load(Ordering::Relaxed)))
     };
     let answer = peak.during(|| {
         reserve.store(300, Ordering::Relaxed);
@@ -109,6 +109,6 @@ fn the_device_peak_sees_memory_given_back_within_a_part() {
     assert_eq!((answer, peak.peak()), (42, Some(300)));
 
     // No allocator (the CPU backend): no peak, and the part still runs.
-    let none = sdw::bench::PeakDeviceMemory::reading(|| None);
+    let none = sdw::device::PeakDeviceMemory::reading(|| None);
     assert_eq!((none.during(|| 7), none.peak()), (7, None));
 }
