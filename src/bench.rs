@@ -89,21 +89,21 @@ pub fn run(
     let dev = sd.compute.device.clone();
     let seconds = |f: &mut dyn FnMut()| {
         let start = Instant::now();
-        peak.during(|| {
-            f();
-            // Every part reads its result back, so this wait costs nothing; it also closes a
-            // table of cubecl's kernel profile (`[profiling.logger]`) per run.
-            let _ = dev.sync();
-        });
+        f();
+        // Every part reads its result back, so this wait costs nothing; it also closes a
+        // table of cubecl's kernel profile (`[profiling.logger]`) per run.
+        let _ = dev.sync();
         start.elapsed().as_secs_f64()
     };
     let mut time = |part: &str, f: &mut dyn FnMut()| {
         say(&format!("{part}: first run (on a GPU this compiles and tunes kernels)"));
-        let cold = seconds(&mut *f);
+        // The first run allocates what the warm ones take again: it alone is watched.
+        let cold = peak.during(|| seconds(&mut *f));
         say(&format!("{part}: {cold:.3} s cold, {} warm run(s)", s.repeats));
         let cpu_before = crate::device::process_cpu_seconds();
         // NaN (JSON null, "-" in the table) when no warm run was asked for.
         let warm = (0..s.repeats).map(|_| seconds(&mut *f)).sum::<f64>() / s.repeats as f64;
+        peak.read();
         let cpu = cpu_before.zip(crate::device::process_cpu_seconds()).map(|(a, b)| b - a);
         let warm_cpu_percent = cpu.filter(|_| s.repeats > 0).map(|c| 100.0 * c / (warm * s.repeats as f64));
         if s.repeats > 0 {

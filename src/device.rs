@@ -413,10 +413,13 @@ pub fn process_cpu_seconds() -> Option<f64> {
     None
 }
 
-/// The most a GPU's allocator has held (its reserve), read every millisecond while the work
-/// runs (`sdw bench`'s parts, `sdw train`'s steps). A reading after the work is not enough:
-/// pools that a growth of the page size left behind give their pages back as they empty, within
-/// it (a 128x128 LoRA step on lavapipe held 4.06 GiB at most and 3.96 GiB when it ended).
+/// The most a GPU's allocator has held (its reserve). Work that allocates anew (a part's first
+/// run, a step that is not a replay) is watched [`during`](Self::during): a reading after it is
+/// not enough, as pools that a growth of the page size left behind give their pages back as
+/// they empty, within it (a 128x128 LoRA step on lavapipe held 4.06 GiB at most and 3.96 GiB
+/// when it ended). Repeats of work already watched (warm runs, replayed graphs) take the same
+/// pages again and need only a [`read`](Self::read) after them, which keeps the polling
+/// thread and its reads of the device out of the timed and replayed paths.
 pub struct PeakDeviceMemory {
     /// The reserve now; `None` where there is no allocator to read (the CPU backend).
     reserve: Box<dyn Fn() -> Option<u64> + Send + Sync>,
@@ -440,14 +443,14 @@ impl PeakDeviceMemory {
 
     /// Runs `f`, reading the reserve before, every [`POLL`] until `f` returns, and after.
     pub fn during<R>(&self, f: impl FnOnce() -> R) -> R {
-        if !self.sample() {
+        if !self.read() {
             return f();
         }
         let done = AtomicBool::new(false);
         let result = std::thread::scope(|scope| {
             scope.spawn(|| {
                 while !done.load(Ordering::Relaxed) {
-                    self.sample();
+                    self.read();
                     std::thread::sleep(POLL);
                 }
             });
@@ -455,12 +458,12 @@ impl PeakDeviceMemory {
             done.store(true, Ordering::Relaxed);
             result
         });
-        self.sample();
+        self.read();
         result
     }
 
-    /// Reads the reserve into the peak; false where there is none to read.
-    fn sample(&self) -> bool {
+    /// Reads the reserve into the peak now; false where there is none to read.
+    pub fn read(&self) -> bool {
         (self.reserve)().map(|bytes| self.peak.fetch_max(bytes, Ordering::Relaxed)).is_some()
     }
 

@@ -53,9 +53,9 @@ fn template_values(tile: Tile) -> &'static [(&'static str, &'static str)] {
 
 /// How a 3x3 convolution at stride 1 runs by Winograd's kernels: its algorithm, its padding
 /// (top, left, bottom, right), the bytes a band's transforms may take (bands of tile rows
-/// keep the input's and the products' transforms together within it), and whether it convolves its input
-/// upsampled 2x by nearest neighbour, which the input's kernel reads at half the size (an
-/// upsampler's convolution; inference only).
+/// keep the input's and the products' transforms together within it), and whether it
+/// convolves its input upsampled 2x by nearest neighbour, which the input's kernel reads at
+/// half the size (an upsampler's convolution; inference only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Plan {
     pub tile: Tile,
@@ -175,8 +175,8 @@ fn input_size(x: &Shape, plan: &Plan) -> [usize; 2] {
 /// under autodiff (training) a frozen weight and bias, which may be f16 where `x` is f32.
 /// F(4x4, 3x3) where the products are f32 (unless `SDW_WINOGRAD=2x2`), else F(2x2, 3x3), each
 /// only where its weights' transform, built whole, fits `budget.whole`; the transforms of the
-/// input and the products are built in bands of at most `budget.part` bytes for the two. When `upsample`,
-/// the convolution's input is `x` upsampled 2x (see [`Plan::upsample`]).
+/// input and the products are built in bands of at most `budget.part` bytes for the two.
+/// When `upsample`, the convolution's input is `x` upsampled 2x (see [`Plan::upsample`]).
 pub fn plan(
     x: &Tensor<4>,
     weight: &Tensor<4>,

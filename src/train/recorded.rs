@@ -71,6 +71,12 @@ impl Steps {
         !matches!(self.recording, Recording::Off)
     }
 
+    /// Whether the next step replays the recording (its kernels, and its memory, are the
+    /// recorded step's).
+    pub fn replays_next(&self) -> bool {
+        matches!(self.recording, Recording::Ready(_))
+    }
+
     /// One optimiser step on the micro-batches `draws` (with `instances` instance images each):
     /// `step` computes it from their tensors and AdamW's settings for `update`
     /// ([`super::step::optimiser_step`]). Returns each micro-batch's instance and prior losses.

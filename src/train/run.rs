@@ -145,11 +145,20 @@ impl Trainer {
         let mut model = trainable(&mut self.sd, train_te);
         let (optim, conditioning) = (&mut self.optim, &self.conditioning);
         let (steps, batch_size) = (&mut self.steps, self.opts.batch_size);
-        let losses = self.device_memory.during(|| {
+        // A replayed step takes the recording's pages again: only the others are watched.
+        let replayed = steps.replays_next();
+        let mut run = || {
             steps.run(&draws, batch_size, update, &mut |batches, settings| {
                 step::optimiser_step(&mut model, batches, conditioning, prior_weight, optim, settings)
             })
-        });
+        };
+        let losses = if replayed {
+            let losses = run();
+            self.device_memory.read();
+            losses
+        } else {
+            self.device_memory.during(run)
+        };
         self.step += 1;
         let mean = |i: usize| losses.iter().map(|l| l[i]).sum::<f32>() / accum as f32;
         let (instance, prior) = (mean(0), mean(1));
